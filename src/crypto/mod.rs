@@ -1,0 +1,442 @@
+//! RSA and hashing primitives shared by the wire contract and the platform clients.
+//!
+//! Owns: PEM decoding, RSA SHA256withRSA (PKCS#1 v1.5) signing with ring (constant-time),
+//! verification with ring, RSA key generation and public-key parsing with the `rsa` crate,
+//! fingerprints, nonces and base64. It must not sign with the `rsa` crate (RUSTSEC-2023-0071:
+//! its private-key operation is not constant-time); the `rsa` crate only generates keys and
+//! parses public keys here.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use ring::rand::SecureRandom as _;
+use ring::signature;
+use rsa::pkcs1::EncodeRsaPublicKey as _;
+use rsa::pkcs8::{DecodePublicKey as _, EncodePrivateKey as _, EncodePublicKey as _};
+
+/// Standard base64 with padding, the encoding every platform here uses for signatures.
+pub const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Errors of key handling and signing.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("cannot read key file {path}")]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is not PEM: {reason}")]
+    NotPem { what: String, reason: &'static str },
+    #[error("{what} is not a usable RSA private key (PKCS#8 or PKCS#1, 2048 to 4096 bits): {reason}")]
+    BadPrivateKey { what: String, reason: String },
+    #[error("{what} is not a usable RSA public key (SPKI or PKCS#1 PEM): {reason}")]
+    BadPublicKey { what: String, reason: String },
+    #[error("rsa signing failed")]
+    Sign,
+    #[error("rsa key generation failed: {0}")]
+    Generate(String),
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+// === PEM ===
+
+/// One PEM block: its label (`PRIVATE KEY`, `PUBLIC KEY`, ...) and DER contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PemBlock {
+    pub label: String,
+    pub der: Vec<u8>,
+}
+
+/// Decodes every PEM block in `text`, in order. Text outside blocks is ignored (OpenSSL writes
+/// comments there); a block that does not end or whose base64 is bad is an error.
+pub fn pem_blocks(text: &str, what: &str) -> Result<Vec<PemBlock>, CryptoError> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+        else {
+            continue;
+        };
+        let end = format!("-----END {label}-----");
+        let mut body = String::new();
+        let mut ended = false;
+        for line in lines.by_ref() {
+            if line == end {
+                ended = true;
+                break;
+            }
+            body.push_str(line);
+        }
+        if !ended {
+            return Err(CryptoError::NotPem {
+                what: what.to_owned(),
+                reason: "a BEGIN line has no matching END line",
+            });
+        }
+        let der = BASE64.decode(body.as_bytes()).map_err(|_| CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "the block is not valid base64",
+        })?;
+        blocks.push(PemBlock {
+            label: label.to_owned(),
+            der,
+        });
+    }
+    if blocks.is_empty() {
+        return Err(CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "no -----BEGIN ...----- block found",
+        });
+    }
+    Ok(blocks)
+}
+
+/// Encodes DER as a PEM block with 64-column lines.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = BASE64.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+// === impl RsaSigner ===
+
+/// An RSA private key that signs SHA256withRSA (PKCS#1 v1.5) with ring.
+pub struct RsaSigner {
+    key: signature::RsaKeyPair,
+    rng: ring::rand::SystemRandom,
+}
+
+impl fmt::Debug for RsaSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RsaSigner")
+            .field("modulus_bits", &(self.key.public().modulus_len() * 8))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RsaSigner {
+    /// Parses a PEM private key: `PRIVATE KEY` (PKCS#8) or `RSA PRIVATE KEY` (PKCS#1).
+    pub fn from_pem(pem: &str, what: &str) -> Result<Self, CryptoError> {
+        let bad = |reason: String| CryptoError::BadPrivateKey {
+            what: what.to_owned(),
+            reason,
+        };
+        let block = pem_blocks(pem, what)?
+            .into_iter()
+            .find(|b| b.label == "PRIVATE KEY" || b.label == "RSA PRIVATE KEY")
+            .ok_or_else(|| bad("no PRIVATE KEY or RSA PRIVATE KEY block".into()))?;
+        let key = if block.label == "PRIVATE KEY" {
+            signature::RsaKeyPair::from_pkcs8(&block.der)
+        } else {
+            signature::RsaKeyPair::from_der(&block.der)
+        }
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            key,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// Reads and parses a PEM private key file.
+    pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CryptoError::ReadKey {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_pem(&text, &path.display().to_string())
+    }
+
+    /// SHA256withRSA over `message`, raw signature bytes.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let mut sig = vec![0; self.key.public().modulus_len()];
+        self.key
+            .sign(&signature::RSA_PKCS1_SHA256, &self.rng, message, &mut sig)
+            .map_err(|_| CryptoError::Sign)?;
+        Ok(sig)
+    }
+
+    /// SHA256withRSA over `message`, base64.
+    pub fn sign_base64(&self, message: &[u8]) -> Result<String, CryptoError> {
+        Ok(BASE64.encode(self.sign(message)?))
+    }
+
+    /// The public half, for verification and fingerprints.
+    pub fn public_key(&self) -> Result<RsaVerifier, CryptoError> {
+        RsaVerifier::from_pkcs1_der(self.key.public().as_ref(), "the signer's public key")
+    }
+}
+
+// === impl RsaVerifier ===
+
+/// An RSA public key that verifies SHA256withRSA (PKCS#1 v1.5) signatures with ring.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RsaVerifier {
+    /// PKCS#1 `RSAPublicKey` DER, the form ring verifies with.
+    pkcs1: Vec<u8>,
+    /// SubjectPublicKeyInfo DER, the form fingerprints and PEM exports use.
+    spki: Vec<u8>,
+}
+
+impl fmt::Debug for RsaVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RsaVerifier({})", self.fingerprint())
+    }
+}
+
+impl RsaVerifier {
+    /// Parses a PEM public key: `PUBLIC KEY` (SPKI) or `RSA PUBLIC KEY` (PKCS#1).
+    pub fn from_pem(pem: &str, what: &str) -> Result<Self, CryptoError> {
+        let block = pem_blocks(pem, what)?
+            .into_iter()
+            .find(|b| b.label == "PUBLIC KEY" || b.label == "RSA PUBLIC KEY")
+            .ok_or_else(|| CryptoError::BadPublicKey {
+                what: what.to_owned(),
+                reason: "no PUBLIC KEY or RSA PUBLIC KEY block".into(),
+            })?;
+        if block.label == "PUBLIC KEY" {
+            Self::from_spki_der(&block.der, what)
+        } else {
+            Self::from_pkcs1_der(&block.der, what)
+        }
+    }
+
+    /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
+    pub fn from_spki_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
+        let key = rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| {
+            CryptoError::BadPublicKey {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+        Self::from_rsa(&key, what)
+    }
+
+    /// Parses a DER PKCS#1 `RSAPublicKey`.
+    pub fn from_pkcs1_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
+        use rsa::pkcs1::DecodeRsaPublicKey as _;
+        let key =
+            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| CryptoError::BadPublicKey {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Self::from_rsa(&key, what)
+    }
+
+    fn from_rsa(key: &rsa::RsaPublicKey, what: &str) -> Result<Self, CryptoError> {
+        use rsa::traits::PublicKeyParts as _;
+        let bad = |reason: String| CryptoError::BadPublicKey {
+            what: what.to_owned(),
+            reason,
+        };
+        let bits = key.n().bits();
+        if !(2048..=8192).contains(&bits) {
+            return Err(bad(format!("{bits}-bit modulus; 2048 to 8192 bits are accepted")));
+        }
+        let pkcs1 = key.to_pkcs1_der().map_err(|e| bad(e.to_string()))?;
+        let spki = key.to_public_key_der().map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            pkcs1: pkcs1.as_bytes().to_vec(),
+            spki: spki.as_bytes().to_vec(),
+        })
+    }
+
+    /// True when `signature` is a valid SHA256withRSA signature of `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, &self.pkcs1)
+            .verify(message, signature)
+            .is_ok()
+    }
+
+    /// Like [`verify`](Self::verify) with a base64 signature; bad base64 does not verify.
+    pub fn verify_base64(&self, message: &[u8], signature_b64: &str) -> bool {
+        BASE64
+            .decode(signature_b64.trim().as_bytes())
+            .is_ok_and(|sig| self.verify(message, &sig))
+    }
+
+    /// `SHA256:` and the hex SHA-256 of the SubjectPublicKeyInfo DER, the enrolment fingerprint.
+    pub fn fingerprint(&self) -> String {
+        format!("SHA256:{}", sha256_hex(&self.spki))
+    }
+
+    /// The key as a `PUBLIC KEY` (SPKI) PEM.
+    pub fn to_pem(&self) -> String {
+        pem_encode("PUBLIC KEY", &self.spki)
+    }
+}
+
+// === key generation ===
+
+/// A freshly generated RSA key pair, as PEM text.
+pub struct GeneratedKey {
+    /// PKCS#8 `PRIVATE KEY` PEM. A secret: write it 0600, never log it.
+    pub private_pem: String,
+    pub public: RsaVerifier,
+}
+
+impl fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeneratedKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates an RSA key of `bits` bits with the `rsa` crate (generation is not a signing
+/// operation, so RUSTSEC-2023-0071 does not apply) and checks that ring accepts it.
+pub fn generate_rsa_key(bits: usize) -> Result<GeneratedKey, CryptoError> {
+    let mut rng = rsa::rand_core::OsRng;
+    let key = rsa::RsaPrivateKey::new(&mut rng, bits)
+        .map_err(|e| CryptoError::Generate(e.to_string()))?;
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|e| CryptoError::Generate(e.to_string()))?;
+    let private_pem = pem_encode("PRIVATE KEY", der.as_bytes());
+    let public = RsaSigner::from_pem(&private_pem, "the generated key")?.public_key()?;
+    Ok(GeneratedKey {
+        private_pem,
+        public,
+    })
+}
+
+// === hashing and randomness ===
+
+/// Lower-case hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The first 8 hex digits of the SHA-256 of a secret: what logs carry instead of the secret.
+pub fn secret_fingerprint(secret: &[u8]) -> String {
+    let mut h = sha256_hex(secret);
+    h.truncate(8);
+    h
+}
+
+/// `n` random bytes from the operating system.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, CryptoError> {
+    let mut buf = vec![0; n];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| CryptoError::Random)?;
+    Ok(buf)
+}
+
+/// A random request nonce: 32 upper-case alphanumerics (WeChat Pay's own nonce_str shape).
+pub fn nonce() -> Result<String, CryptoError> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let bytes = random_bytes(32)?;
+    Ok(bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect())
+}
+
+/// A uniformly distributed float in [0, 1) from the operating system's generator. Jitter and
+/// backoff use it; a generator failure falls back to 0.5, the middle of the range.
+pub fn random_unit() -> f64 {
+    random_bytes(8)
+        .ok()
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64)
+        .unwrap_or(0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    fn key() -> &'static GeneratedKey {
+        static KEY: OnceLock<GeneratedKey> = OnceLock::new();
+        KEY.get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+    }
+
+    #[test]
+    fn sign_then_verify_roundtrips_and_rejects_tampering() {
+        let signer = RsaSigner::from_pem(&key().private_pem, "test").expect("parse");
+        let sig = signer.sign_base64(b"hello").expect("sign");
+        let public = RsaVerifier::from_pem(&key().public.to_pem(), "pub").expect("pub");
+        assert!(public.verify_base64(b"hello", &sig));
+        assert!(!public.verify_base64(b"hellO", &sig));
+        assert!(!public.verify_base64(b"hello", "not base64!"));
+        assert_eq!(signer.public_key().expect("pub"), public);
+    }
+
+    #[test]
+    fn pkcs1_private_key_pem_is_accepted() {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let k = rsa::RsaPrivateKey::from_pkcs8_pem(&key().private_pem).expect("pkcs8");
+        let pkcs1 = k.to_pkcs1_der().expect("pkcs1");
+        let pem = pem_encode("RSA PRIVATE KEY", pkcs1.as_bytes());
+        let signer = RsaSigner::from_pem(&pem, "pkcs1").expect("parse pkcs1");
+        assert_eq!(signer.public_key().expect("pub"), key().public);
+    }
+
+    #[test]
+    fn pem_errors_say_what_is_wrong() {
+        let err = RsaSigner::from_pem("garbage", "device key").unwrap_err();
+        assert!(err.to_string().contains("device key"), "{err}");
+        let err = pem_blocks("-----BEGIN X-----\nAAAA\n", "k").unwrap_err();
+        assert!(err.to_string().contains("END"), "{err}");
+        let err = pem_blocks("-----BEGIN X-----\n!!!\n-----END X-----\n", "k").unwrap_err();
+        assert!(err.to_string().contains("base64"), "{err}");
+        let pub_only = key().public.to_pem();
+        let err = RsaSigner::from_pem(&pub_only, "k").unwrap_err();
+        assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    }
+
+    #[test]
+    fn small_keys_are_refused() {
+        let mut rng = rsa::rand_core::OsRng;
+        let small = rsa::RsaPrivateKey::new(&mut rng, 1024).expect("keygen");
+        let der = small.to_public_key().to_public_key_der().expect("der");
+        let err = RsaVerifier::from_spki_der(der.as_bytes(), "small").unwrap_err();
+        assert!(err.to_string().contains("1024-bit"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_of_spki() {
+        let pem = key().public.to_pem();
+        let der = &pem_blocks(&pem, "p").expect("pem")[0].der;
+        assert_eq!(key().public.fingerprint(), format!("SHA256:{}", sha256_hex(der)));
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn nonces_differ_and_units_are_in_range() {
+        let a = nonce().expect("nonce");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, nonce().expect("nonce"));
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..1.0).contains(&u));
+        }
+        assert_eq!(secret_fingerprint(b"abc"), "ba7816bf");
+    }
+}

@@ -1,0 +1,44 @@
+//! authinfod keeps a WeChat Pay offline-face authinfo fresh on a face-payment terminal, and
+//! authinfo-proxy signs the terminal's platform calls on the merchant's server.
+//!
+//! # Layout
+//!
+//! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
+//! - [`units`]: durations and timestamps as people write them.
+//! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
+//! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
+//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
+//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync, HTTPS server.
+//! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
+//! - `demo` (feature `merchant`): the whole chain in one process.
+//!
+//! Dependencies point one way: `terminal` and `proxy` use `wire`; `proxy` and `sandbox` use
+//! `platform`; only the binaries and `demo` use `terminal`.
+//!
+//! # Lifecycle
+//!
+//! **Start.** `authinfod run` validates its config (exit 78 listing every bad field), opens the
+//! sled store (a corrupt one is moved aside), loads the held authinfo and binds the Unix socket,
+//! then tells systemd `READY=1`: the face app is served from the store before any network call.
+//!
+//! **Serve.** Every socket connection's peer credentials are checked against the allow-list;
+//! `GET /v1/authinfo` answers from memory.
+//!
+//! **Refresh.** One task refreshes on the monotonic clock every interval (±jitter), at once when
+//! the held authinfo is older than the interval, with exponential backoff on failure. A new
+//! authinfo is written and flushed to sled before it is served. Health checks run beside it.
+//!
+//! **Shutdown.** SIGTERM or SIGINT cancels a token: the socket stops accepting, in-flight
+//! requests finish within a bound, the store is flushed and the socket file removed.
+#![forbid(unsafe_code)]
+
+pub mod crypto;
+pub mod terminal;
+pub mod units;
+pub mod wire;
+pub mod tls;
+
+#[cfg(feature = "merchant")]
+pub mod platform;
+#[cfg(feature = "merchant")]
+pub mod sandbox;

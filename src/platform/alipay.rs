@@ -1,0 +1,1 @@
+//! Alipay OpenAPI client. (to be written)

@@ -1,0 +1,1 @@
+//! Alibaba Cloud RPC client. (to be written)

@@ -1,0 +1,328 @@
+//! Simulated WeChat Pay, Alipay and Alibaba Cloud, for tests and the demo.
+//!
+//! Owns: one HTTPS (or plain HTTP) server that answers the platform endpoints the proxy uses,
+//! with their real request and response formats. It verifies the proxy's signatures with the
+//! public halves of the configured keys exactly as the platforms do (and answers as they do when
+//! a signature is bad), signs its answers with its own platform keys, and injects faults on
+//! request ([`Faults`]). It must not share code paths with the clients it checks beyond the
+//! primitives in [`crate::crypto`]: each simulator rebuilds its platform's signing string on its
+//! own, so a bug in a client's signing code shows up as a refused request.
+//!
+//! - [`wechatpay`]: `/v3/offlineface/authinfo`, `/v3/iotmanage/device-inspections/{sn}`,
+//!   `/v3/iotmanage/devices`.
+//! - [`alipay`]: `/gateway.do` (`alipay.merchant.iot.device.query`).
+//! - [`aliyun`]: `/` (`Action=DescribeDeviceInfo`, version 2019-03-07).
+
+pub mod alipay;
+pub mod aliyun;
+pub mod netcut;
+pub mod wechatpay;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::crypto::{RsaSigner, RsaVerifier};
+use crate::wire::{AlipayBinding, Inspection};
+
+/// Which simulated platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Platform {
+    WechatPay,
+    Alipay,
+    Aliyun,
+}
+
+/// A fault to inject into a platform's next answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fault {
+    /// Wait this long before answering.
+    pub latency: Option<Duration>,
+    /// Answer with this HTTP status and the platform's error body for it (500 SYSTEM_ERROR,
+    /// 429 FREQUENCY_LIMITED, ...) instead of the real answer.
+    pub status: Option<u16>,
+    /// With `status: Some(429)`, the `Retry-After` seconds to send.
+    pub retry_after: Option<u64>,
+    /// Sign the answer with a key that is not the platform's.
+    pub bad_signature: bool,
+    /// Sign the answer with a timestamp this many seconds in the past (WeChat Pay).
+    pub stale_timestamp: Option<u64>,
+    /// Answer 200 with a body that is not the documented shape.
+    pub malformed_body: bool,
+    /// How many answers the fault applies to; `None` for every answer until cleared.
+    pub count: Option<u32>,
+}
+
+/// The faults currently armed, per platform. Cheap to clone; all clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    armed: Arc<Mutex<HashMap<Platform, Fault>>>,
+}
+
+impl Faults {
+    /// Arms `fault` for `platform`, replacing any armed one.
+    pub fn set(&self, platform: Platform, fault: Fault) {
+        lock(&self.armed).insert(platform, fault);
+    }
+
+    /// Disarms `platform`'s fault.
+    pub fn clear(&self, platform: Platform) {
+        lock(&self.armed).remove(&platform);
+    }
+
+    /// The fault that applies to the answer being made now, counting it down.
+    pub fn take(&self, platform: Platform) -> Option<Fault> {
+        let mut armed = lock(&self.armed);
+        let fault = armed.get_mut(&platform)?;
+        let taken = fault.clone();
+        match &mut fault.count {
+            Some(0) => {
+                armed.remove(&platform);
+                return None;
+            }
+            Some(1) => {
+                armed.remove(&platform);
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        Some(taken)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a sandbox lock only happens in a failing test; the data (faults,
+    // counters) stays meaningful, so recover it rather than cascade the panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A device as WeChat Pay's `GET /v3/iotmanage/devices` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListedDevice {
+    pub device_sn: String,
+    pub camera_sn: Option<String>,
+    pub device_category_code: Option<String>,
+    pub device_category: Option<String>,
+    pub device_class_code: Option<String>,
+    pub device_class: Option<String>,
+    pub device_model: Option<String>,
+    pub app_scene_code: Option<String>,
+    pub app_scene: Option<String>,
+    pub operating_system: Option<String>,
+    /// `ACTIVATED` or `INACTIVATED`.
+    pub activation_status: Option<String>,
+    pub activation_time: Option<String>,
+    pub mchid: Option<String>,
+    pub merchant_shortname: Option<String>,
+    pub sub_mchid: Option<String>,
+    pub sub_merchant_shortname: Option<String>,
+}
+
+/// One licence record as Cloudauth `DescribeDeviceInfo` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenceRecord {
+    pub device_id: String,
+    pub user_device_id: Option<String>,
+    pub biz_type: String,
+    /// `YYYYMMDD`.
+    pub begin_day: String,
+    /// `YYYYMMDD`.
+    pub expired_day: String,
+}
+
+/// What the simulated platforms know: the merchant's devices and their facts.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    /// WeChat Pay's device list, in listing order.
+    pub wechat_devices: Vec<ListedDevice>,
+    /// Inspection results by device_sn.
+    pub inspections: BTreeMap<String, Inspection>,
+    /// raw_data values WeChat Pay refuses (400 PARAM_ERROR), to simulate a bad face SDK blob.
+    pub rejected_raw_data: Vec<String>,
+    /// Alipay bindings by `biz_tid`, or by `supplier_id/device_sn` for SN lookups.
+    pub alipay_bindings: BTreeMap<String, AlipayBinding>,
+    /// Cloudauth licence records.
+    pub licences: Vec<LicenceRecord>,
+    /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
+    pub authinfo_expires_in: Option<u64>,
+}
+
+/// The keys the simulated platforms verify with and sign with.
+pub struct SandboxKeys {
+    /// WeChat Pay merchant id the merchant signs as.
+    pub wechat_mchid: String,
+    /// Serial of the merchant's API certificate (`serial_no` in its Authorization).
+    pub wechat_merchant_serial: String,
+    /// The merchant's public key: what WeChat Pay checks requests with.
+    pub wechat_merchant_public: RsaVerifier,
+    /// WeChat Pay's own signing key, and the id it is published under (`PUB_KEY_ID_...`).
+    pub wechat_platform_key: RsaSigner,
+    pub wechat_platform_key_id: String,
+    /// Alipay app id, the app's public key (checks requests), Alipay's own key (signs answers).
+    pub alipay_app_id: String,
+    pub alipay_app_public: RsaVerifier,
+    pub alipay_platform_key: RsaSigner,
+    /// Alibaba Cloud AccessKey pairs the gateway accepts, id to secret.
+    pub aliyun_access_keys: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SandboxKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxKeys")
+            .field("wechat_mchid", &self.wechat_mchid)
+            .field("wechat_platform_key_id", &self.wechat_platform_key_id)
+            .field("alipay_app_id", &self.alipay_app_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request one of the simulators received, for tests to assert on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub platform: Platform,
+    /// `METHOD path?query` as received.
+    pub request: String,
+    /// Whether its signature verified.
+    pub signature_ok: bool,
+}
+
+/// Shared state of the simulators.
+#[derive(Debug)]
+pub struct SandboxState {
+    pub keys: SandboxKeys,
+    pub world: Mutex<World>,
+    pub faults: Faults,
+    received: Mutex<Vec<Received>>,
+    /// Request times of the WeChat Pay device list, for its 20 requests/second limit.
+    pub(crate) list_window: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+}
+
+impl SandboxState {
+    pub fn new(keys: SandboxKeys, world: World) -> Arc<Self> {
+        Arc::new(Self {
+            keys,
+            world: Mutex::new(world),
+            faults: Faults::default(),
+            received: Mutex::new(Vec::new()),
+            list_window: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// Records a received request.
+    pub fn record(&self, platform: Platform, request: String, signature_ok: bool) {
+        lock(&self.received).push(Received {
+            platform,
+            request,
+            signature_ok,
+        });
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.received).clone()
+    }
+
+    /// Requests received by `platform` so far.
+    pub fn received_by(&self, platform: Platform) -> usize {
+        lock(&self.received)
+            .iter()
+            .filter(|r| r.platform == platform)
+            .count()
+    }
+
+    /// A copy of the world, for reading.
+    pub fn world(&self) -> World {
+        lock(&self.world).clone()
+    }
+
+    /// Changes the world.
+    pub fn update_world(&self, f: impl FnOnce(&mut World)) {
+        f(&mut lock(&self.world));
+    }
+}
+
+/// The router answering all three platforms' endpoints.
+pub fn router(state: Arc<SandboxState>) -> axum::Router {
+    wechatpay::router(state.clone())
+        .merge(alipay::router(state.clone()))
+        .merge(aliyun::router(state))
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct RunningSandbox {
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:port` (or `http://` when started without TLS).
+    pub base_url: String,
+    pub state: Arc<SandboxState>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningSandbox {
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the sandbox on `listener`, over HTTPS when `tls` is given.
+pub fn start(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<SandboxState>,
+) -> std::io::Result<RunningSandbox> {
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let app = router(state.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let token = shutdown.clone();
+    let task = match tls {
+        Some(tls) => tokio::spawn(crate::tls::serve_https(listener, tls, app, token)),
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+        }),
+    };
+    Ok(RunningSandbox {
+        addr,
+        base_url: format!("{scheme}://{addr}"),
+        state,
+        shutdown,
+        task,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_faults_expire_and_open_faults_stay() {
+        let faults = Faults::default();
+        faults.set(
+            Platform::Alipay,
+            Fault {
+                status: Some(500),
+                count: Some(2),
+                ..Fault::default()
+            },
+        );
+        assert!(faults.take(Platform::Alipay).is_some());
+        assert!(faults.take(Platform::Alipay).is_some());
+        assert!(faults.take(Platform::Alipay).is_none());
+        assert!(faults.take(Platform::WechatPay).is_none());
+        faults.set(Platform::Aliyun, Fault::default());
+        for _ in 0..5 {
+            assert!(faults.take(Platform::Aliyun).is_some());
+        }
+        faults.clear(Platform::Aliyun);
+        assert!(faults.take(Platform::Aliyun).is_none());
+    }
+}
