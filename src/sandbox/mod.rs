@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::{RsaSigner, RsaVerifier};
-use crate::wire::{AlipayBinding, Inspection};
+use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
 
 /// Which simulated platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,53 +100,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A device as WeChat Pay's `GET /v3/iotmanage/devices` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ListedDevice {
-    pub device_sn: String,
-    pub camera_sn: Option<String>,
-    pub device_category_code: Option<String>,
-    pub device_category: Option<String>,
-    pub device_class_code: Option<String>,
-    pub device_class: Option<String>,
-    pub device_model: Option<String>,
-    pub app_scene_code: Option<String>,
-    pub app_scene: Option<String>,
-    pub operating_system: Option<String>,
-    /// `ACTIVATED` or `INACTIVATED`.
-    pub activation_status: Option<String>,
-    pub activation_time: Option<String>,
-    pub mchid: Option<String>,
-    pub merchant_shortname: Option<String>,
-    pub sub_mchid: Option<String>,
-    pub sub_merchant_shortname: Option<String>,
-}
-
-/// One licence record as Cloudauth `DescribeDeviceInfo` returns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LicenceRecord {
-    pub device_id: String,
-    pub user_device_id: Option<String>,
-    pub biz_type: String,
-    /// `YYYYMMDD`.
-    pub begin_day: String,
-    /// `YYYYMMDD`.
-    pub expired_day: String,
-}
-
 /// What the simulated platforms know: the merchant's devices and their facts.
 #[derive(Debug, Clone, Default)]
 pub struct World {
     /// WeChat Pay's device list, in listing order.
-    pub wechat_devices: Vec<ListedDevice>,
+    pub wechat_devices: Vec<wechatpay_api::Device>,
     /// Inspection results by device_sn.
-    pub inspections: BTreeMap<String, Inspection>,
+    pub inspections: BTreeMap<String, wechatpay_api::DeviceInspection>,
     /// raw_data values WeChat Pay refuses (400 PARAM_ERROR), to simulate a bad face SDK blob.
     pub rejected_raw_data: Vec<String>,
     /// Alipay bindings by `biz_tid`, or by `supplier_id/device_sn` for SN lookups.
-    pub alipay_bindings: BTreeMap<String, AlipayBinding>,
+    pub alipay_bindings: BTreeMap<String, alipay_api::DeviceBinding>,
     /// Cloudauth licence records.
-    pub licences: Vec<LicenceRecord>,
+    pub licences: Vec<aliyun_api::DeviceInfo>,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
 }
