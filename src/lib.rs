@@ -42,3 +42,19 @@ pub mod tls;
 pub mod platform;
 #[cfg(feature = "merchant")]
 pub mod sandbox;
+
+/// An error and its sources, joined with `: ` — the one-line form logs and status carry.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // Some errors repeat their source's text in their own; don't say it twice.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}

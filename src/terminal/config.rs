@@ -1,0 +1,694 @@
+//! The daemon's configuration file (TOML): its raw serde shape, its defaults, and validation
+//! into typed values before anything starts.
+//!
+//! Owns: every default (named constants below) and every check. Validation collects all
+//! problems, so `authinfod check-config` lists every bad field at once (exit 78). It must not
+//! open sockets or the store: it reads the config file, the CA file and the user database only.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::units::HumanDuration;
+
+/// Where `authinfod` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/authinfod/authinfod.toml";
+/// Default state directory (systemd's `StateDirectory=authinfod`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/authinfod";
+/// Default socket path (systemd's `RuntimeDirectory=authinfod`).
+pub const DEFAULT_SOCKET_PATH: &str = "/run/authinfod/authinfod.sock";
+/// Default socket file mode: owner and group read/write.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Default cap on concurrently open socket connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default refresh interval: WeChat Pay asks for a fresh authinfo at least hourly.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default jitter on the interval, as a fraction (±10 %).
+pub const DEFAULT_JITTER: f64 = 0.10;
+/// Default first retry bound after a failure.
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// Default retry bound ceiling.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Default assumed validity of an authinfo when the platform gives no `expires_in`. WeChat
+/// Pay documents none; two hours is twice the refresh interval, so the runway shown to an
+/// operator errs on the short side.
+pub const DEFAULT_ASSUMED_VALIDITY: Duration = Duration::from_secs(2 * 3600);
+/// Default timeout of one call to the proxy.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default timeout of `raw_data_command`.
+pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval of the device health checks.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
+
+/// The config file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    device_id: Option<String>,
+    key_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    proxy: Option<RawProxy>,
+    #[serde(default)]
+    socket: RawSocket,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    url: Option<String>,
+    ca_file: Option<PathBuf>,
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    path: Option<String>,
+    mode: Option<String>,
+    group: Option<String>,
+    allowed_uids: Option<Vec<IdOrName>>,
+    allowed_gids: Option<Vec<IdOrName>>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    interval: Option<HumanDuration>,
+    jitter: Option<f64>,
+    backoff_min: Option<HumanDuration>,
+    backoff_max: Option<HumanDuration>,
+    assumed_validity: Option<HumanDuration>,
+    raw_data_command: Option<Vec<String>>,
+    raw_data_command_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<HumanDuration>,
+    inspection: Option<bool>,
+    alipay_binding: Option<bool>,
+    licence: Option<bool>,
+}
+
+/// A numeric id or a user/group name in an allow-list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum IdOrName {
+    Id(u32),
+    Name(String),
+}
+
+/// Where the socket lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddress {
+    /// A filesystem path.
+    Path(PathBuf),
+    /// A Linux abstract name (written `@name`), for Android where no shared runtime dir exists.
+    Abstract(String),
+}
+
+impl std::fmt::Display for SocketAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
+}
+
+impl SocketAddress {
+    /// Parses `@name` as abstract, anything else as an absolute path.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(name) = text.strip_prefix('@') {
+            if name.is_empty() || name.len() > 100 {
+                return Err("an abstract socket name needs 1 to 100 characters after @".into());
+            }
+            if !cfg!(any(target_os = "linux", target_os = "android")) {
+                return Err("abstract socket names exist only on Linux and Android".into());
+            }
+            return Ok(Self::Abstract(name.to_owned()));
+        }
+        let path = PathBuf::from(text);
+        if !path.is_absolute() {
+            return Err(format!("{text:?} is not an absolute path (or @name)"));
+        }
+        if text.len() > 100 {
+            return Err("socket paths are limited to 100 bytes by the kernel".into());
+        }
+        Ok(Self::Path(path))
+    }
+}
+
+/// The proxy the daemon talks to.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `https://host:port`, without a trailing slash.
+    pub url: String,
+    pub ca_file: PathBuf,
+    /// The CA bundle's PEM text, read at validation.
+    pub ca_pem: String,
+    pub timeout: Duration,
+}
+
+/// The Unix socket the face app talks to.
+#[derive(Debug, Clone)]
+pub struct SocketConfig {
+    pub address: SocketAddress,
+    pub mode: u32,
+    /// Group given ownership of the socket file, resolved to a gid.
+    pub group: Option<(String, u32)>,
+    /// Peers whose uid is listed are served.
+    pub allowed_uids: BTreeSet<u32>,
+    /// Peers whose (primary) gid is listed are served.
+    pub allowed_gids: BTreeSet<u32>,
+    pub max_connections: usize,
+}
+
+/// The refresh schedule.
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    pub interval: Duration,
+    pub jitter: f64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub assumed_validity: Duration,
+    pub raw_data_command: Option<Vec<String>>,
+    pub raw_data_command_timeout: Duration,
+}
+
+/// Which device health checks run, and how often.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub inspection: bool,
+    pub alipay_binding: bool,
+    pub licence: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device_id: String,
+    pub key_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub proxy: ProxyConfig,
+    pub socket: SocketConfig,
+    pub refresh: RefreshConfig,
+    pub health: HealthConfig,
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for authinfod: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text; `path` names it in errors and anchors nothing else.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut problems = Vec::new();
+    let config = validate(raw, &mut problems);
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        }),
+    }
+}
+
+fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
+    let device_id = match raw.device_id {
+        Some(id) if crate::wire::valid_device_id(&id) => Some(id),
+        Some(id) => {
+            problems.push(format!(
+                "device_id: {id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"
+            ));
+            None
+        }
+        None => {
+            problems.push("device_id: missing (the id this terminal is enrolled under at the proxy)".into());
+            None
+        }
+    };
+    let key_file = absolute("key_file", raw.key_file, None, problems);
+    let state_dir = absolute(
+        "state_dir",
+        raw.state_dir,
+        Some(PathBuf::from(DEFAULT_STATE_DIR)),
+        problems,
+    );
+    let proxy = match raw.proxy {
+        Some(p) => validate_proxy(p, problems),
+        None => {
+            problems.push("proxy: missing section [proxy] with url and ca_file".into());
+            None
+        }
+    };
+    let socket = validate_socket(raw.socket, problems);
+    let refresh = validate_refresh(raw.refresh, problems);
+    let health = HealthConfig {
+        interval: positive(
+            "health.interval",
+            raw.health.interval,
+            DEFAULT_HEALTH_INTERVAL,
+            problems,
+        ),
+        inspection: raw.health.inspection.unwrap_or(true),
+        alipay_binding: raw.health.alipay_binding.unwrap_or(true),
+        licence: raw.health.licence.unwrap_or(true),
+    };
+    Some(Config {
+        device_id: device_id?,
+        key_file: key_file?,
+        state_dir: state_dir?,
+        proxy: proxy?,
+        socket: socket?,
+        refresh: refresh?,
+        health,
+    })
+}
+
+fn absolute(
+    field: &str,
+    value: Option<PathBuf>,
+    default: Option<PathBuf>,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    match value.or(default) {
+        Some(p) if p.is_absolute() => Some(p),
+        Some(p) => {
+            problems.push(format!("{field}: {} is not an absolute path", p.display()));
+            None
+        }
+        None => {
+            problems.push(format!("{field}: missing"));
+            None
+        }
+    }
+}
+
+fn positive(
+    field: &str,
+    value: Option<HumanDuration>,
+    default: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    let d = value.map_or(default, |h| h.0);
+    if d.is_zero() {
+        problems.push(format!("{field}: must be more than zero"));
+    }
+    d
+}
+
+fn validate_proxy(raw: RawProxy, problems: &mut Vec<String>) -> Option<ProxyConfig> {
+    let url = match raw.url {
+        Some(u) => match check_https_url(&u) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(format!("proxy.url: {e}"));
+                None
+            }
+        },
+        None => {
+            problems.push("proxy.url: missing".into());
+            None
+        }
+    };
+    let ca_file = absolute("proxy.ca_file", raw.ca_file, None, problems);
+    let ca_pem = ca_file.as_ref().and_then(|path| {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| problems.push(format!("proxy.ca_file: cannot read {}: {e}", path.display())))
+            .ok()?;
+        crate::tls::client_config_pinned(&text, &path.display().to_string())
+            .map_err(|e| problems.push(format!("proxy.ca_file: {e}")))
+            .ok()?;
+        Some(text)
+    });
+    let timeout = positive("proxy.timeout", raw.timeout, DEFAULT_PROXY_TIMEOUT, problems);
+    Some(ProxyConfig {
+        url: url?,
+        ca_file: ca_file?,
+        ca_pem: ca_pem?,
+        timeout,
+    })
+}
+
+/// Accepts `https://host[:port][/]` only: no path, query or credentials (the request paths are
+/// the contract's), since a terminal must never talk to its proxy in clear text.
+pub fn check_https_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if url.scheme() != "https" {
+        return Err(format!("{text:?} must use https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{text:?} must not carry credentials"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must have no path, query or fragment"));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
+}
+
+fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketConfig> {
+    let address = match SocketAddress::parse(raw.path.as_deref().unwrap_or(DEFAULT_SOCKET_PATH)) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            problems.push(format!("socket.path: {e}"));
+            None
+        }
+    };
+    let mode = match raw.mode.as_deref() {
+        None => Some(DEFAULT_SOCKET_MODE),
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(mode) if mode <= 0o777 && mode & 0o007 == 0 => Some(mode),
+            Ok(_) => {
+                problems.push(format!(
+                    "socket.mode: {m:?} must not give others access (use 0660 or tighter)"
+                ));
+                None
+            }
+            Err(_) => {
+                problems.push(format!("socket.mode: {m:?} is not an octal mode like \"0660\""));
+                None
+            }
+        },
+    };
+    let group = raw.group.and_then(|name| match resolve_group(&IdOrName::Name(name.clone())) {
+        Ok(gid) => Some((name, gid)),
+        Err(e) => {
+            problems.push(format!("socket.group: {e}"));
+            None
+        }
+    });
+    let own_uid = nix::unistd::Uid::current().as_raw();
+    let allowed_uids = match raw.allowed_uids {
+        None => Some(BTreeSet::from([0, own_uid])),
+        Some(list) => resolve_all("socket.allowed_uids", &list, resolve_user, problems),
+    };
+    let allowed_gids = match raw.allowed_gids {
+        None => Some(BTreeSet::new()),
+        Some(list) => resolve_all("socket.allowed_gids", &list, resolve_group, problems),
+    };
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=4096).contains(&max_connections) {
+        problems.push("socket.max_connections: must be 1 to 4096".into());
+    }
+    Some(SocketConfig {
+        address: address?,
+        mode: mode?,
+        group,
+        allowed_uids: allowed_uids?,
+        allowed_gids: allowed_gids?,
+        max_connections,
+    })
+}
+
+fn resolve_all(
+    field: &str,
+    list: &[IdOrName],
+    resolve: fn(&IdOrName) -> Result<u32, String>,
+    problems: &mut Vec<String>,
+) -> Option<BTreeSet<u32>> {
+    let mut ids = BTreeSet::new();
+    let mut ok = true;
+    for entry in list {
+        match resolve(entry) {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(e) => {
+                problems.push(format!("{field}: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(ids)
+}
+
+fn resolve_user(entry: &IdOrName) -> Result<u32, String> {
+    match entry {
+        IdOrName::Id(id) => Ok(*id),
+        IdOrName::Name(name) => match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Ok(user.uid.as_raw()),
+            Ok(None) => Err(format!("no user named {name:?} (numeric uids work everywhere)")),
+            Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
+        },
+    }
+}
+
+fn resolve_group(entry: &IdOrName) -> Result<u32, String> {
+    match entry {
+        IdOrName::Id(id) => Ok(*id),
+        IdOrName::Name(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(group.gid.as_raw()),
+            Ok(None) => Err(format!("no group named {name:?} (numeric gids work everywhere)")),
+            Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
+        },
+    }
+}
+
+fn validate_refresh(raw: RawRefresh, problems: &mut Vec<String>) -> Option<RefreshConfig> {
+    let interval = positive("refresh.interval", raw.interval, DEFAULT_INTERVAL, problems);
+    let jitter = raw.jitter.unwrap_or(DEFAULT_JITTER);
+    if !(0.0..=0.5).contains(&jitter) {
+        problems.push(format!("refresh.jitter: {jitter} must be between 0.0 and 0.5"));
+    }
+    let backoff_min = positive("refresh.backoff_min", raw.backoff_min, DEFAULT_BACKOFF_MIN, problems);
+    let backoff_max = positive("refresh.backoff_max", raw.backoff_max, DEFAULT_BACKOFF_MAX, problems);
+    if backoff_max < backoff_min {
+        problems.push("refresh.backoff_max: must not be less than refresh.backoff_min".into());
+    }
+    let assumed_validity = positive(
+        "refresh.assumed_validity",
+        raw.assumed_validity,
+        DEFAULT_ASSUMED_VALIDITY,
+        problems,
+    );
+    let raw_data_command = match raw.raw_data_command {
+        Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
+            problems.push("refresh.raw_data_command: needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]".into());
+            None
+        }
+        Some(cmd) if !Path::new(&cmd[0]).is_absolute() => {
+            problems.push(format!(
+                "refresh.raw_data_command: {:?} must be an absolute path",
+                cmd[0]
+            ));
+            None
+        }
+        other => other,
+    };
+    let raw_data_command_timeout = positive(
+        "refresh.raw_data_command_timeout",
+        raw.raw_data_command_timeout,
+        DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
+        problems,
+    );
+    Some(RefreshConfig {
+        interval,
+        jitter,
+        backoff_min,
+        backoff_max,
+        assumed_validity,
+        raw_data_command,
+        raw_data_command_timeout,
+    })
+}
+
+/// The socket address a client command should use: `--socket`, else the config's, else the
+/// default. Reads the config leniently (only `[socket] path`), so `authinfod status` works for
+/// an operator who cannot read the key file.
+pub fn client_socket(config_path: &Path) -> SocketAddress {
+    #[derive(Deserialize)]
+    struct Lenient {
+        socket: Option<LenientSocket>,
+    }
+    #[derive(Deserialize)]
+    struct LenientSocket {
+        path: Option<String>,
+    }
+    std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|t| toml::from_str::<Lenient>(&t).ok())
+        .and_then(|c| c.socket?.path)
+        .and_then(|p| SocketAddress::parse(&p).ok())
+        .unwrap_or_else(|| SocketAddress::Path(PathBuf::from(DEFAULT_SOCKET_PATH)))
+}
+
+/// A valid config rooted in `dir`, for unit tests (no files are read).
+#[cfg(test)]
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        device_id: "T-TEST".into(),
+        key_file: dir.join("device.key"),
+        state_dir: dir.join("state"),
+        proxy: ProxyConfig {
+            url: "https://127.0.0.1:9".into(),
+            ca_file: dir.join("ca.pem"),
+            ca_pem: String::new(),
+            timeout: DEFAULT_PROXY_TIMEOUT,
+        },
+        socket: SocketConfig {
+            address: SocketAddress::Path(dir.join("authinfod.sock")),
+            mode: DEFAULT_SOCKET_MODE,
+            group: None,
+            allowed_uids: BTreeSet::from([0, nix::unistd::Uid::current().as_raw()]),
+            allowed_gids: BTreeSet::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        },
+        refresh: RefreshConfig {
+            interval: DEFAULT_INTERVAL,
+            jitter: DEFAULT_JITTER,
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            assumed_validity: DEFAULT_ASSUMED_VALIDITY,
+            raw_data_command: None,
+            raw_data_command_timeout: DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
+        },
+        health: HealthConfig {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            inspection: true,
+            alipay_binding: true,
+            licence: true,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "merchant")]
+    fn ca_file(dir: &Path) -> PathBuf {
+        let pki = crate::tls::generate_pki("t", &["localhost"]).expect("pki");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, pki.ca_pem).expect("write");
+        path
+    }
+
+    #[test]
+    #[cfg(feature = "merchant")]
+    fn minimal_config_gets_the_documented_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca_file(dir.path());
+        let text = format!(
+            "device_id = \"T1\"\nkey_file = \"/var/lib/authinfod/device.key\"\n[proxy]\nurl = \"https://proxy.example:8443/\"\nca_file = \"{}\"\n",
+            ca.display()
+        );
+        let c = parse(&text, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.proxy.url, "https://proxy.example:8443");
+        assert_eq!(c.refresh.interval, DEFAULT_INTERVAL);
+        assert_eq!(c.refresh.backoff_max, DEFAULT_BACKOFF_MAX);
+        assert_eq!(c.socket.mode, 0o660);
+        assert_eq!(c.socket.address, SocketAddress::Path(DEFAULT_SOCKET_PATH.into()));
+        assert!(c.socket.allowed_uids.contains(&0));
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(c.health.inspection && c.health.alipay_binding && c.health.licence);
+    }
+
+    #[test]
+    fn every_invalid_field_is_listed_not_just_the_first() {
+        let text = r#"
+device_id = "bad id"
+key_file = "relative.key"
+[proxy]
+url = "http://proxy.example"
+ca_file = "/nonexistent/ca.pem"
+[socket]
+path = "relative.sock"
+mode = "0666"
+allowed_uids = ["no-such-user-xyz", 1000]
+[refresh]
+interval = "0s"
+jitter = 0.9
+backoff_min = "10m"
+backoff_max = "1m"
+raw_data_command = ["rawdata"]
+"#;
+        let err = parse(text, Path::new("bad.toml")).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        for field in [
+            "device_id",
+            "key_file",
+            "proxy.url",
+            "proxy.ca_file",
+            "socket.path",
+            "socket.mode",
+            "socket.allowed_uids",
+            "refresh.interval",
+            "refresh.jitter",
+            "refresh.backoff_max",
+            "refresh.raw_data_command",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(field)),
+                "{field} not reported in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), 11, "{problems:#?}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_parse_errors_naming_them() {
+        let err = parse("device_id = \"a\"\nkey_fle = \"/k\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("key_fle"), "{err}");
+        let err = parse("[refresh]\ninterval = \"1 hour\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn abstract_names_and_numeric_ids_are_accepted() {
+        assert_eq!(
+            SocketAddress::parse("@authinfod"),
+            Ok(SocketAddress::Abstract("authinfod".into()))
+        );
+        assert!(SocketAddress::parse("@").is_err());
+        assert_eq!(resolve_user(&IdOrName::Id(10123)), Ok(10123));
+        assert_eq!(resolve_user(&IdOrName::Name("root".into())), Ok(0));
+        assert_eq!(resolve_group(&IdOrName::Name("root".into())), Ok(0));
+    }
+
+    #[test]
+    fn proxy_url_must_be_bare_https() {
+        assert!(check_https_url("https://p.example:8443").is_ok());
+        assert!(check_https_url("http://p.example").is_err());
+        assert!(check_https_url("https://u:p@p.example").is_err());
+        assert!(check_https_url("https://p.example/api").is_err());
+        assert!(check_https_url("not a url").is_err());
+    }
+}

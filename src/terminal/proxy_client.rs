@@ -1,0 +1,392 @@
+//! The daemon's client of the merchant's proxy: HTTPS with the proxy's CA pinned, every request
+//! signed with the device key per the wire contract, answers checked before anyone sees them.
+//!
+//! Owns: transport, signing, clock-skew learning (a 401 `TIMESTAMP_SKEW` carries the proxy's
+//! `Date`: the offset is learned and the request retried once), and the classification of
+//! failures into "retry later" and "permanent". It must not touch the store or the schedule:
+//! the refresher decides what a result means.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::crypto::CryptoError;
+use crate::units::unix_now;
+use crate::wire::{self, AuthinfoRequest, AuthinfoResponse, ErrorBody, auth::DeviceSigner};
+
+/// A boxed future, for the object-safe [`Upstream`] trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the daemon asks of its upstream. [`ProxyClient`] is the real one; tests of the
+/// schedule use scripted ones.
+pub trait Upstream: Send + Sync + 'static {
+    fn fetch_authinfo<'a>(
+        &'a self,
+        raw_data: &'a str,
+    ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>>;
+
+    /// `GET` one of the device health routes; the JSON answer as is.
+    fn fetch_health<'a>(
+        &'a self,
+        route: &'static str,
+    ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>>;
+
+    /// The proxy's clock minus ours, once learned.
+    fn clock_skew(&self) -> Option<i64>;
+}
+
+/// What to do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again after backing off (and after `after`, when the proxy said).
+    Retry { after: Option<Duration> },
+    /// Do not retry until something changes (new raw_data, config, next interval).
+    Permanent,
+}
+
+/// Why a call to the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach the proxy at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the proxy did not answer within {}", crate::units::format_duration(*timeout))]
+    Timeout { timeout: Duration },
+    #[error("the proxy answered {status} {}: {}", body.code, body.message)]
+    Refused {
+        status: u16,
+        body: ErrorBody,
+        retry_after: Option<Duration>,
+    },
+    #[error("the proxy's answer is malformed: {reason}")]
+    Malformed { reason: String },
+    #[error("the proxy answered an empty authinfo")]
+    EmptyAuthinfo,
+    #[error("cannot sign the request with the device key")]
+    Sign(#[source] CryptoError),
+}
+
+impl UpstreamError {
+    /// A short code for status and metrics.
+    pub fn code(&self) -> String {
+        match self {
+            Self::Unreachable { .. } => "PROXY_UNREACHABLE".into(),
+            Self::Timeout { .. } => "PROXY_TIMEOUT".into(),
+            Self::Refused { body, .. } => body.code.clone(),
+            Self::Malformed { .. } => "MALFORMED_ANSWER".into(),
+            Self::EmptyAuthinfo => "EMPTY_AUTHINFO".into(),
+            Self::Sign(_) => "SIGNING_FAILED".into(),
+        }
+    }
+
+    /// Retry later, or stop until something changes. 429 and 5xx retry (honouring
+    /// `Retry-After`); a 401 after the skew retry is permanent (unknown device, wrong key);
+    /// other 4xx follow the proxy's `retryable` flag; transport trouble and malformed answers
+    /// retry.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Refused {
+                status,
+                body,
+                retry_after,
+            } => {
+                let after = retry_after.or(body.retry_after_seconds.map(Duration::from_secs));
+                if *status == 429 || *status >= 500 || (body.retryable && *status != 401) {
+                    Disposition::Retry { after }
+                } else if *status == 401 && body.code == wire::codes::TIMESTAMP_SKEW {
+                    // Still skewed right after learning the offset: the clock is moving;
+                    // the next attempt learns again.
+                    Disposition::Retry { after }
+                } else {
+                    Disposition::Permanent
+                }
+            }
+            Self::Sign(_) => Disposition::Permanent,
+            _ => Disposition::Retry { after: None },
+        }
+    }
+
+    /// Whether the proxy answered at all.
+    pub fn reached_proxy(&self) -> bool {
+        matches!(self, Self::Refused { .. } | Self::Malformed { .. } | Self::EmptyAuthinfo)
+    }
+}
+
+/// The real upstream: the merchant's proxy over pinned HTTPS.
+#[derive(Debug)]
+pub struct ProxyClient {
+    base_url: String,
+    http: reqwest::Client,
+    signer: DeviceSigner,
+    timeout: Duration,
+    /// The learned offset, seconds (proxy minus local).
+    skew: AtomicI64,
+    skew_known: AtomicBool,
+}
+
+impl ProxyClient {
+    /// A client of `base_url` (`https://host:port`) trusting only `ca_pem`.
+    pub fn new(
+        base_url: &str,
+        ca_pem: &str,
+        signer: DeviceSigner,
+        timeout: Duration,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let tls = crate::tls::client_config_pinned(ca_pem, "proxy.ca_file")?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .https_only(true)
+            .user_agent(concat!("authinfod/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| crate::tls::TlsError::BadCertificate {
+                what: "http client".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            http,
+            signer,
+            timeout,
+            skew: AtomicI64::new(0),
+            skew_known: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
+    /// sends once more.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, UpstreamError> {
+        let bytes = match self.send(&method, path, &body).await {
+            Err(SendError::Skewed { proxy_date, .. }) => {
+                let offset = proxy_date - unix_now();
+                tracing::warn!(
+                    clock_skew_seconds = offset,
+                    "proxy refused our timestamp; learned its clock and retrying once"
+                );
+                self.skew.store(offset, Ordering::Relaxed);
+                self.skew_known.store(true, Ordering::Relaxed);
+                self.send(&method, path, &body).await
+            }
+            other => other,
+        }
+        .map_err(SendError::into_error)?;
+        parse(&bytes)
+    }
+
+    async fn send(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Vec<u8>, SendError> {
+        let timestamp = unix_now() + self.skew.load(Ordering::Relaxed);
+        let authorization = self
+            .signer
+            .authorize(method.as_str(), path, timestamp, body)
+            .map_err(|e| SendError::Other(UpstreamError::Sign(e)))?;
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base_url))
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
+        }
+        let response = request.send().await.map_err(|e| SendError::Other(self.transport(e)))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = read_limited(response, wire::MAX_RESPONSE_BODY)
+            .await
+            .map_err(|e| SendError::Other(self.transport(e)))?
+            .ok_or_else(|| {
+                SendError::Other(UpstreamError::Malformed {
+                    reason: format!("answer larger than {} bytes", wire::MAX_RESPONSE_BODY),
+                })
+            })?;
+        if (200..300).contains(&status) {
+            return Ok(bytes);
+        }
+        let body: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
+            code: format!("HTTP_{status}"),
+            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            retryable: status == 429 || status >= 500,
+            retry_after_seconds: None,
+            upstream: None,
+        });
+        let retry_after = headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let error = UpstreamError::Refused {
+            status,
+            body,
+            retry_after,
+        };
+        if status == 401
+            && let UpstreamError::Refused { body, .. } = &error
+            && body.code == wire::codes::TIMESTAMP_SKEW
+            && let Some(proxy_date) = headers
+                .get(reqwest::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok())
+        {
+            let proxy_date = proxy_date
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            return Err(SendError::Skewed { proxy_date, error });
+        }
+        Err(SendError::Other(error))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> UpstreamError {
+        if e.is_timeout() {
+            UpstreamError::Timeout {
+                timeout: self.timeout,
+            }
+        } else {
+            UpstreamError::Unreachable {
+                url: self.base_url.clone(),
+                source: e,
+            }
+        }
+    }
+}
+
+enum SendError {
+    /// A 401 `TIMESTAMP_SKEW` that carried the proxy's `Date` (Unix seconds).
+    Skewed { proxy_date: i64, error: UpstreamError },
+    Other(UpstreamError),
+}
+
+impl SendError {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            Self::Skewed { error, .. } | Self::Other(error) => error,
+        }
+    }
+}
+
+/// Reads a response body up to `limit` bytes; `None` when it is larger.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if out.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(out))
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, UpstreamError> {
+    serde_json::from_slice(bytes).map_err(|e| UpstreamError::Malformed {
+        reason: e.to_string(),
+    })
+}
+
+impl Upstream for ProxyClient {
+    fn fetch_authinfo<'a>(
+        &'a self,
+        raw_data: &'a str,
+    ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&AuthinfoRequest {
+                raw_data: raw_data.to_owned(),
+            })
+            .map_err(|e| UpstreamError::Malformed {
+                reason: e.to_string(),
+            })?;
+            let answer: AuthinfoResponse = self
+                .call(reqwest::Method::POST, wire::ROUTE_AUTHINFO, body)
+                .await?;
+            if answer.authinfo.trim().is_empty() {
+                return Err(UpstreamError::EmptyAuthinfo);
+            }
+            Ok(answer)
+        })
+    }
+
+    fn fetch_health<'a>(
+        &'a self,
+        route: &'static str,
+    ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
+        Box::pin(self.call(reqwest::Method::GET, route, Vec::new()))
+    }
+
+    fn clock_skew(&self) -> Option<i64> {
+        self.skew_known
+            .load(Ordering::Relaxed)
+            .then(|| self.skew.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: u16, code: &str, retryable: bool) -> UpstreamError {
+        UpstreamError::Refused {
+            status,
+            body: ErrorBody {
+                code: code.into(),
+                message: "m".into(),
+                retryable,
+                retry_after_seconds: None,
+                upstream: None,
+            },
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn dispositions_follow_the_contract() {
+        use Disposition::*;
+        assert_eq!(refused(500, "X", false).disposition(), Retry { after: None });
+        assert_eq!(refused(502, "UPSTREAM_UNAVAILABLE", true).disposition(), Retry { after: None });
+        assert_eq!(refused(400, "BAD_REQUEST", false).disposition(), Permanent);
+        assert_eq!(refused(403, "DEVICE_INACTIVATED", false).disposition(), Permanent);
+        assert_eq!(refused(422, "UPSTREAM_REJECTED", false).disposition(), Permanent);
+        assert_eq!(refused(401, "BAD_SIGNATURE", false).disposition(), Permanent);
+        assert_eq!(refused(401, "TIMESTAMP_SKEW", false).disposition(), Retry { after: None });
+        let limited = UpstreamError::Refused {
+            status: 429,
+            body: ErrorBody {
+                code: "UPSTREAM_RATE_LIMITED".into(),
+                message: "m".into(),
+                retryable: true,
+                retry_after_seconds: Some(7),
+                upstream: None,
+            },
+            retry_after: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(
+            limited.disposition(),
+            Retry {
+                after: Some(Duration::from_secs(30))
+            },
+            "the header wins over the body"
+        );
+        assert_eq!(UpstreamError::EmptyAuthinfo.disposition(), Retry { after: None });
+        assert!(!UpstreamError::Timeout { timeout: Duration::from_secs(1) }.reached_proxy());
+    }
+}

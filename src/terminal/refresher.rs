@@ -1,0 +1,669 @@
+//! The refresh loop: keeps a fresh authinfo, on the monotonic clock.
+//!
+//! Owns: the schedule (every interval ±jitter; at once when the held authinfo is older than the
+//! interval, at start and after a suspend or clock jump), exponential backoff with full jitter
+//! on failure (honouring `Retry-After`), the hold on permanent errors, and the "never worse"
+//! rule: only a good answer reaches the store, and it is flushed before it is served. It must
+//! not serve anything itself; the socket reads what [`State::publish`] made current.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::RefreshConfig;
+use super::proxy_client::{Disposition, Upstream, UpstreamError};
+use super::state::{Heartbeats, State, lock};
+use super::store::{AttemptRecord, HeldAuthinfo, RawData};
+use crate::units::unix_now;
+
+/// The loop wakes at least this often, to report in to the watchdog and to notice a suspend.
+pub const TICK: Duration = Duration::from_secs(10);
+/// A wall-clock advance this much beyond the monotonic one means the machine slept (or the
+/// clock was set forward): the held authinfo's age is checked again.
+const JUMP_THRESHOLD: Duration = Duration::from_secs(30);
+/// Largest raw_data accepted from the face app or the command.
+pub const MAX_RAW_DATA: usize = 48 * 1024;
+
+/// The timing rules, pure so they can be checked exhaustively.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub interval: Duration,
+    pub jitter: f64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Schedule {
+    pub fn from_config(c: &RefreshConfig) -> Self {
+        Self {
+            interval: c.interval,
+            jitter: c.jitter,
+            backoff_min: c.backoff_min,
+            backoff_max: c.backoff_max,
+        }
+    }
+
+    /// The wait until the next scheduled refresh: the interval ±jitter, `unit` in [0, 1).
+    pub fn next_interval(&self, unit: f64) -> Duration {
+        self.interval.mul_f64(1.0 + self.jitter * (2.0 * unit - 1.0))
+    }
+
+    /// The backoff ceiling after `failures` consecutive failures: `backoff_min` doubling per
+    /// failure, capped at `backoff_max`.
+    pub fn backoff_ceiling(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.backoff_min
+            .saturating_mul(1 << doublings)
+            .min(self.backoff_max)
+    }
+
+    /// The wait before retrying: full jitter (uniform in [0, ceiling)), but never less than a
+    /// `Retry-After` the proxy sent (itself capped at one interval, so a confused proxy cannot
+    /// park the terminal past its hourly refresh).
+    pub fn retry_delay(&self, failures: u32, retry_after: Option<Duration>, unit: f64) -> Duration {
+        let jittered = self.backoff_ceiling(failures).mul_f64(unit);
+        match retry_after {
+            Some(after) => jittered.max(after.min(self.interval)),
+            None => jittered,
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new authinfo is stored and served.
+    Fetched,
+    /// Failed; retry after backing off (and not before `after`).
+    Retry { after: Option<Duration> },
+    /// Failed in a way retrying cannot fix; wait for new raw_data or the next interval.
+    Permanent,
+    /// No raw_data to send.
+    NoRawData,
+}
+
+/// The refresh loop and its single attempt.
+pub struct Refresher {
+    state: Arc<State>,
+    upstream: Arc<dyn Upstream>,
+    schedule: Schedule,
+    /// Source of uniform randoms in [0, 1) for jitter (the OS generator in production).
+    random: fn() -> f64,
+}
+
+impl Refresher {
+    pub fn new(state: Arc<State>, upstream: Arc<dyn Upstream>) -> Self {
+        let schedule = Schedule::from_config(&state.config.refresh);
+        Self {
+            state,
+            upstream,
+            schedule,
+            random: crate::crypto::random_unit,
+        }
+    }
+
+    /// Replaces the random source (tests pin the jitter).
+    pub fn with_random(mut self, random: fn() -> f64) -> Self {
+        self.random = random;
+        self
+    }
+
+    /// When the first refresh is due: at once when nothing is held or the held authinfo is
+    /// older than the interval; otherwise when it turns one interval old.
+    fn initial_due(&self, now: Instant) -> Option<Instant> {
+        match self.state.current() {
+            None if self.can_get_raw_data() => Some(now),
+            None => None,
+            Some(served) => {
+                let age = Duration::from_secs(served.age(unix_now()));
+                Some(now + self.schedule.interval.saturating_sub(age))
+            }
+        }
+    }
+
+    fn can_get_raw_data(&self) -> bool {
+        self.state.config.refresh.raw_data_command.is_some()
+            || matches!(self.state.store.raw_data(), Ok(Some(_)))
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut next = self.initial_due(Instant::now());
+        if next.is_none() {
+            self.state.refresh_status().waiting_for = Some("raw_data");
+            tracing::info!("no authinfo and no raw_data yet; waiting for the face app to PUT /v1/raw-data");
+        }
+        let mut last_tick = (Instant::now(), unix_now());
+        loop {
+            let now = Instant::now();
+            Heartbeats::beat(&self.state.heartbeats.refresh, now, self.state.started);
+            self.state.refresh_status().next_attempt_at =
+                next.map(|n| unix_now() + n.saturating_duration_since(now).as_secs() as i64);
+            let wake = next.map_or(now + TICK, |n| n.min(now + TICK));
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.state.refresh_requested() => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            let (mono, wall) = (Instant::now(), unix_now());
+            let slept = wall - last_tick.1 - mono.duration_since(last_tick.0).as_secs() as i64;
+            last_tick = (mono, wall);
+            if slept > JUMP_THRESHOLD.as_secs() as i64 {
+                let stale = self.state.current().is_some_and(|s| {
+                    s.age(wall) >= self.schedule.interval.as_secs()
+                });
+                tracing::info!(
+                    jump_seconds = slept,
+                    stale,
+                    "wall clock moved ahead of the monotonic clock (suspend or clock set)"
+                );
+                if stale && next.is_some() {
+                    next = Some(mono);
+                }
+            }
+            let due = self.state.refresh_pending() || next.is_some_and(|n| n <= mono);
+            if !due {
+                continue;
+            }
+            // Cancelling mid-attempt is safe: the only await points are before anything is
+            // stored, and the waiters are answered here.
+            let outcome = tokio::select! {
+                outcome = self.refresh_once() => outcome,
+                () = shutdown.cancelled() => {
+                    self.state.finish_refresh(None);
+                    break;
+                }
+            };
+            let now = Instant::now();
+            let unit = (self.random)();
+            next = match outcome {
+                Outcome::Fetched | Outcome::Permanent => {
+                    failures = 0;
+                    Some(now + self.schedule.next_interval(unit))
+                }
+                Outcome::Retry { after } => {
+                    failures = failures.saturating_add(1);
+                    let delay = self.schedule.retry_delay(failures, after, unit);
+                    tracing::info!(
+                        attempt = failures,
+                        backoff_ms = delay.as_millis() as u64,
+                        "next refresh attempt scheduled"
+                    );
+                    Some(now + delay)
+                }
+                Outcome::NoRawData if self.state.config.refresh.raw_data_command.is_some() => {
+                    failures = failures.saturating_add(1);
+                    Some(now + self.schedule.retry_delay(failures, None, unit))
+                }
+                Outcome::NoRawData => None,
+            };
+            self.state.refresh_status().consecutive_failures = failures;
+        }
+        tracing::info!("refresh loop stopped");
+    }
+
+    /// One refresh, start to finish: its waiters are answered whatever happens.
+    pub async fn refresh_once(&self) -> Outcome {
+        self.state.begin_refresh();
+        let (outcome, record) = self.attempt().await;
+        if let Err(error) = self.state.store.save_attempt(&record) {
+            tracing::error!(error = %crate::error_chain(&error), "cannot record the refresh attempt in the store");
+        }
+        {
+            let mut status = self.state.refresh_status();
+            status.last_attempt = Some(record.clone());
+            status.clock_skew_seconds = self.upstream.clock_skew();
+            status.waiting_for = match outcome {
+                Outcome::NoRawData => Some("raw_data"),
+                Outcome::Permanent => Some("new raw_data or the next interval"),
+                _ => None,
+            };
+        }
+        self.state.finish_refresh(Some(record));
+        outcome
+    }
+
+    async fn attempt(&self) -> (Outcome, AttemptRecord) {
+        let Some(raw) = self.raw_data().await else {
+            self.state.metrics.count_refresh("no_raw_data");
+            return (
+                Outcome::NoRawData,
+                AttemptRecord {
+                    at: unix_now(),
+                    ok: false,
+                    code: Some("NO_RAW_DATA".into()),
+                    error: Some("no raw_data yet: the face app must PUT /v1/raw-data".into()),
+                    permanent: false,
+                },
+            );
+        };
+        let result = self.upstream.fetch_authinfo(&raw.value).await;
+        let reached = match &result {
+            Ok(_) => true,
+            Err(e) => e.reached_proxy(),
+        };
+        self.state.refresh_status().proxy_reachable = Some(reached);
+        let now = unix_now();
+        let failure = match result {
+            Ok(answer) if answer.expires_in == Some(0) => UpstreamError::Malformed {
+                reason: "expires_in is 0: the authinfo would be expired on arrival".into(),
+            },
+            Ok(answer) => {
+                let validity = answer
+                    .expires_in
+                    .map_or(self.state.config.refresh.assumed_validity, Duration::from_secs);
+                let held = HeldAuthinfo {
+                    authinfo: answer.authinfo,
+                    fetched_at: now,
+                    expires_at: now.saturating_add(validity.as_secs() as i64),
+                    expires_in: answer.expires_in,
+                };
+                if let Err(error) = self.state.store.save_authinfo(&held) {
+                    // Serving the new authinfo from memory is still better for the face app
+                    // than keeping the old one; it just will not survive a restart.
+                    tracing::error!(
+                        error = %crate::error_chain(&error),
+                        "cannot persist the new authinfo; serving it from memory only"
+                    );
+                }
+                let served = self.state.publish(held);
+                self.state.refresh_status().last_success_at = Some(now);
+                self.state.metrics.count_refresh("ok");
+                tracing::info!(
+                    authinfo_fingerprint = %served.fingerprint,
+                    expires_at = %crate::units::rfc3339(served.held.expires_at),
+                    expires_in = ?served.held.expires_in,
+                    "new authinfo fetched, stored and served"
+                );
+                return (
+                    Outcome::Fetched,
+                    AttemptRecord {
+                        at: now,
+                        ok: true,
+                        code: None,
+                        error: None,
+                        permanent: false,
+                    },
+                );
+            }
+            Err(e) => e,
+        };
+        let disposition = failure.disposition();
+        let permanent = disposition == Disposition::Permanent;
+        let error = crate::error_chain(&failure);
+        let held = self.state.current().map(|s| s.fingerprint.clone());
+        let upstream_status = match &failure {
+            UpstreamError::Refused { body, .. } => body.upstream.as_ref().map(|u| u.status),
+            _ => None,
+        };
+        if permanent {
+            self.state.metrics.count_refresh("permanent_error");
+            tracing::error!(
+                code = %failure.code(),
+                %error,
+                upstream_status,
+                held_authinfo_fingerprint = held.as_deref(),
+                "refresh refused permanently; keeping the held authinfo and not retrying until raw_data changes or the next interval"
+            );
+        } else {
+            self.state.metrics.count_refresh("retryable_error");
+            tracing::warn!(
+                code = %failure.code(),
+                %error,
+                upstream_status,
+                held_authinfo_fingerprint = held.as_deref(),
+                "refresh failed; keeping the held authinfo"
+            );
+        }
+        let outcome = match disposition {
+            Disposition::Permanent => Outcome::Permanent,
+            Disposition::Retry { after } => Outcome::Retry { after },
+        };
+        (
+            outcome,
+            AttemptRecord {
+                at: now,
+                ok: false,
+                code: Some(failure.code()),
+                error: Some(error),
+                permanent,
+            },
+        )
+    }
+
+    /// The raw_data to send: from `raw_data_command` when configured (stored when it
+    /// changed), else, or when the command fails, the newest stored.
+    async fn raw_data(&self) -> Option<RawData> {
+        if let Some(command) = &self.state.config.refresh.raw_data_command {
+            match run_raw_data_command(command, self.state.config.refresh.raw_data_command_timeout)
+                .await
+            {
+                Ok(value) => {
+                    let stored = self.state.store.raw_data().ok().flatten();
+                    if stored.as_ref().is_some_and(|s| s.value == value) {
+                        return stored;
+                    }
+                    let raw = RawData {
+                        value,
+                        received_at: unix_now(),
+                        source: "command".into(),
+                    };
+                    if let Err(error) = self.state.store.save_raw_data(&raw) {
+                        tracing::error!(error = %crate::error_chain(&error), "cannot store raw_data");
+                    }
+                    return Some(raw);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "raw_data_command failed; using the stored raw_data if any");
+                }
+            }
+        }
+        self.state.store.raw_data().ok().flatten()
+    }
+}
+
+/// Runs the configured program and returns its trimmed standard output.
+async fn run_raw_data_command(command: &[String], timeout: Duration) -> Result<String, String> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| "raw_data_command is empty".to_owned())?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| format!("{program} did not finish within {}", crate::units::format_duration(timeout)))?
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "{program} exited with {}: {}",
+            output.status,
+            stderr.trim().chars().take(200).collect::<String>()
+        ));
+    }
+    let value = String::from_utf8(output.stdout)
+        .map_err(|_| format!("{program} printed something that is not UTF-8"))?
+        .trim()
+        .to_owned();
+    if value.is_empty() {
+        return Err(format!("{program} printed nothing"));
+    }
+    if value.len() > MAX_RAW_DATA {
+        return Err(format!("{program} printed more than {MAX_RAW_DATA} bytes"));
+    }
+    Ok(value)
+}
+
+/// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is not
+/// fresh (or a permanent error is holding retries, which new raw_data may cure).
+pub fn accept_raw_data(state: &State, value: String) -> Result<bool, super::store::StoreError> {
+    let raw = RawData {
+        value,
+        received_at: unix_now(),
+        source: "socket".into(),
+    };
+    state.store.save_raw_data(&raw)?;
+    let held_fresh = state.freshness() == Some(super::state::Freshness::Fresh);
+    let held_by_error = state
+        .refresh_status()
+        .last_attempt
+        .as_ref()
+        .is_some_and(|a| a.permanent);
+    let refresh = !held_fresh || held_by_error;
+    if refresh {
+        state.request_fresh_refresh();
+    }
+    Ok(refresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terminal::proxy_client::BoxFuture;
+    use crate::wire::{AuthinfoResponse, ErrorBody};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    fn schedule() -> Schedule {
+        Schedule {
+            interval: Duration::from_secs(3600),
+            jitter: 0.1,
+            backoff_min: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn interval_jitter_stays_within_ten_percent() {
+        let s = schedule();
+        assert_eq!(s.next_interval(0.0), Duration::from_secs(3240));
+        assert_eq!(s.next_interval(0.5), Duration::from_secs(3600));
+        assert!(s.next_interval(0.999_999) < Duration::from_secs(3960));
+        for i in 0..1000 {
+            let d = s.next_interval(f64::from(i) / 1000.0);
+            assert!(d >= Duration::from_secs(3240) && d < Duration::from_secs(3960));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_min_to_max_with_full_jitter() {
+        let s = schedule();
+        let ceilings: Vec<u64> = (1..=9).map(|f| s.backoff_ceiling(f).as_secs()).collect();
+        assert_eq!(ceilings, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(s.backoff_ceiling(u32::MAX).as_secs(), 300);
+        assert_eq!(s.retry_delay(3, None, 0.0), Duration::ZERO);
+        assert_eq!(s.retry_delay(3, None, 0.5), Duration::from_secs(10));
+        assert!(s.retry_delay(3, None, 0.999) < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_capped_at_the_interval() {
+        let s = schedule();
+        assert_eq!(s.retry_delay(1, Some(Duration::from_secs(120)), 0.5), Duration::from_secs(120));
+        assert_eq!(s.retry_delay(9, Some(Duration::from_secs(1)), 0.5), Duration::from_secs(150));
+        assert_eq!(s.retry_delay(1, Some(Duration::from_secs(86400)), 0.0), Duration::from_secs(3600));
+    }
+
+    // === the loop, on tokio's paused clock, against a scripted upstream ===
+
+    enum Step {
+        Ok(&'static str),
+        Fail(u16, Option<u64>),
+    }
+
+    struct Scripted {
+        steps: Mutex<VecDeque<Step>>,
+        /// Monotonic times of each call, relative to the test's start.
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl Upstream for Scripted {
+        fn fetch_authinfo<'a>(
+            &'a self,
+            _raw_data: &'a str,
+        ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
+            Box::pin(async move {
+                lock(&self.calls).push(Instant::now());
+                let step = lock(&self.steps).pop_front();
+                match step {
+                    Some(Step::Ok(a)) => Ok(AuthinfoResponse {
+                        authinfo: a.into(),
+                        expires_in: None,
+                    }),
+                    Some(Step::Fail(status, retry_after)) => Err(UpstreamError::Refused {
+                        status,
+                        body: ErrorBody {
+                            code: format!("HTTP_{status}"),
+                            message: "scripted".into(),
+                            retryable: status >= 500 || status == 429,
+                            retry_after_seconds: None,
+                            upstream: None,
+                        },
+                        retry_after: retry_after.map(Duration::from_secs),
+                    }),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+        fn fetch_health<'a>(
+            &'a self,
+            _route: &'static str,
+        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
+            Box::pin(std::future::pending())
+        }
+        fn clock_skew(&self) -> Option<i64> {
+            None
+        }
+    }
+
+    fn state_with_raw_data(dir: &std::path::Path) -> Arc<State> {
+        let config = crate::terminal::config::test_config(dir);
+        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW".into(),
+                received_at: 0,
+                source: "socket".into(),
+            })
+            .expect("raw");
+        State::new(config, store, None)
+    }
+
+    fn max_random() -> f64 {
+        0.999_999
+    }
+
+    /// With the worst-case jitter, each retry waits at most the doubling ceiling and a 429's
+    /// Retry-After is never undercut; after success the next refresh is one interval (+10 %)
+    /// later; failures never replace the served authinfo.
+    #[tokio::test(start_paused = true)]
+    async fn backoff_and_retry_after_bounds_hold_on_the_paused_clock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let upstream = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([
+                Step::Ok("FIRST"),
+                Step::Fail(500, None),
+                Step::Fail(500, None),
+                Step::Fail(500, None),
+                Step::Fail(429, Some(100)),
+                Step::Ok("SECOND"),
+            ])),
+            calls: Mutex::new(Vec::new()),
+        });
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        let start = Instant::now();
+        // Let the schedule play out: 1 h interval (+10 %) then the backoffs.
+        tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+        shutdown.cancel();
+        task.await.expect("join");
+
+        let calls: Vec<Duration> = lock(&upstream.calls).iter().map(|t| t.duration_since(start)).collect();
+        // Six scripted answers, then a seventh call one interval after the second success.
+        assert_eq!(calls.len(), 7, "{calls:?}");
+        assert!(calls[0] < Duration::from_secs(1), "first refresh at once: {calls:?}");
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        // After success: interval + jitter, between 0.9 h and 1.1 h.
+        assert!(gaps[0] >= Duration::from_secs(3240) && gaps[0] < Duration::from_secs(3961), "{gaps:?}");
+        // Failures 1, 2, 3: full jitter under ceilings 5 s, 10 s, 20 s.
+        for (gap, ceiling) in gaps[1..4].iter().zip([5, 10, 20]) {
+            assert!(*gap <= Duration::from_secs(ceiling), "{gap:?} > {ceiling}s in {gaps:?}");
+            assert!(*gap >= Duration::from_secs(ceiling).mul_f64(0.99), "max jitter gives the ceiling: {gaps:?}");
+        }
+        // The 429 said Retry-After: 100, above the 40 s ceiling.
+        assert!(gaps[4] >= Duration::from_secs(100) && gaps[4] < Duration::from_secs(101), "{gaps:?}");
+        assert!(gaps[5] >= Duration::from_secs(3240) && gaps[5] < Duration::from_secs(3961), "{gaps:?}");
+        assert_eq!(state.current().expect("held").held.authinfo, "SECOND");
+        assert_eq!(state.metrics.refreshes("retryable_error"), 4);
+    }
+
+    /// A held authinfo younger than the interval is not refreshed at start; one older is.
+    #[tokio::test(start_paused = true)]
+    async fn start_refreshes_only_a_stale_authinfo() {
+        for (age, expect_immediate) in [(600, false), (4000, true)] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let state = state_with_raw_data(dir.path());
+            state.publish(HeldAuthinfo {
+                authinfo: "OLD".into(),
+                fetched_at: unix_now() - age,
+                expires_at: unix_now() + 3600,
+                expires_in: None,
+            });
+            let upstream = Arc::new(Scripted {
+                steps: Mutex::new(VecDeque::from([Step::Ok("NEW")])),
+                calls: Mutex::new(Vec::new()),
+            });
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(
+                Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()),
+            );
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            assert_eq!(lock(&upstream.calls).len() == 1, expect_immediate, "age {age}");
+            shutdown.cancel();
+            task.await.expect("join");
+        }
+    }
+
+    /// A permanent error (400) is not retried on the backoff schedule; new raw_data is.
+    #[tokio::test(start_paused = true)]
+    async fn permanent_error_holds_until_new_raw_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let upstream = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([Step::Fail(400, None), Step::Ok("GOOD")])),
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(1800)).await;
+        assert_eq!(lock(&upstream.calls).len(), 1, "no retries within the interval");
+        assert!(state.status().refresh.last_error_permanent);
+        assert!(accept_raw_data(&state, "NEWRAW".into()).expect("store"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(lock(&upstream.calls).len(), 2);
+        assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+
+    /// Requests made while a refresh runs join it instead of starting another.
+    #[tokio::test(start_paused = true)]
+    async fn refresh_requests_during_a_refresh_join_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        state.publish(HeldAuthinfo {
+            authinfo: "OLD".into(),
+            fetched_at: unix_now(),
+            expires_at: unix_now() + 7200,
+            expires_in: None,
+        });
+        let upstream = Arc::new(Scripted {
+            // The first call never answers: the refresh stays in flight.
+            steps: Mutex::new(VecDeque::new()),
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let first = state.request_refresh();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(state.refresh_status().in_flight);
+        let joined = state.request_refresh();
+        assert_eq!(first, joined, "a request during a flight waits for that flight");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(lock(&upstream.calls).len(), 1);
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+}
