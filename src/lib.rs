@@ -58,3 +58,6 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+pub mod logging;
+#[cfg(feature = "merchant")]
+pub mod demo;

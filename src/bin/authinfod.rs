@@ -1,1 +1,336 @@
-fn main(){}
+//! `authinfod`: the terminal daemon and its client commands. Parses the command line, reads
+//! the environment, and maps every error to an exit code; the work is in the library.
+
+use std::io::{IsTerminal as _, Read as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use authinfod::terminal::{self, client, config, keygen};
+use clap::{Parser, Subcommand};
+
+/// Exit codes (sysexits.h where one fits).
+mod exit {
+    /// The command failed.
+    pub const FAILURE: u8 = 1;
+    /// `get`: no authinfo is held; `refresh --wait`: the refresh failed.
+    pub const NO_AUTHINFO: u8 = 3;
+    /// EX_UNAVAILABLE: the daemon cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_CONFIG: the configuration (or a file it names) is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "authinfod",
+    version,
+    about = "Keeps a fresh WeChat Pay offline-face authinfo on a face-payment terminal and serves it over a Unix socket.",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 no authinfo / refresh failed, 69 daemon unreachable, 78 bad config."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct SocketArgs {
+    /// The daemon's socket (a path or @abstract-name); default: the config's, else /run/authinfod/authinfod.sock.
+    #[arg(long)]
+    socket: Option<String>,
+    /// Config file to read the socket path from.
+    #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (under systemd: Type=notify).
+    Run {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config file and list every invalid field (exit 78 if any).
+    CheckConfig {
+        #[arg(default_value = config::DEFAULT_CONFIG_PATH)]
+        file: PathBuf,
+    },
+    /// Make the device's RSA-2048 key (mode 0600) and print its public key for enrolment.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing key (its enrolment at the proxy stops working).
+        #[arg(long)]
+        force: bool,
+        /// Device id to put in the printed registry entry.
+        #[arg(long)]
+        device_id: Option<String>,
+    },
+    /// Show the daemon's status: authinfo, refresh, raw_data, proxy, device health.
+    Status {
+        /// Print the raw status JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Print the held authinfo (exit 3 when there is none).
+    Get {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Ask for a refresh now.
+    Refresh {
+        /// Wait for the refresh and report its outcome (exit 3 if it failed).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Hand the daemon the face SDK's raw_data (argument, or standard input when absent).
+    PutRawData {
+        raw_data: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Run the whole chain (sandbox platforms, proxy, daemon) in this process and tell its story.
+    #[cfg(feature = "merchant")]
+    Demo {
+        /// How long to keep running after the story (e.g. 60s, 5m); Ctrl-C stops earlier.
+        #[arg(long, default_value = "60s")]
+        duration: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Keygen {
+            out,
+            force,
+            device_id,
+        } => match keygen::keygen(&out, force) {
+            Ok(public) => {
+                print!("{}", keygen::enrolment_text(&public, device_id.as_deref()));
+                eprintln!("wrote the private key to {} (mode 0600)", out.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => Err(anyhow::Error::new(e)),
+        },
+        Command::Status { json, socket } => client_command(socket, |addr| status(addr, json)),
+        Command::Get { socket } => client_command(socket, get),
+        Command::Refresh { wait, socket } => client_command(socket, move |addr| refresh(addr, wait)),
+        Command::PutRawData { raw_data, socket } => {
+            let raw = match raw_data {
+                Some(r) => r,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!("reading raw_data from standard input (end with Ctrl-D)");
+                    }
+                    let mut s = String::new();
+                    if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+                        eprintln!("authinfod: cannot read standard input: {e}");
+                        return ExitCode::from(exit::FAILURE);
+                    }
+                    s
+                }
+            };
+            client_command(socket, move |addr| put_raw_data(addr, raw))
+        }
+        #[cfg(feature = "merchant")]
+        Command::Demo { duration } => demo(&duration),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("authinfod: {}", authinfod::error_chain(err.as_ref()));
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// The one function from error to exit code.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<config::ConfigError>().is_some() {
+        return exit::CONFIG;
+    }
+    if let Some(e) = err.downcast_ref::<terminal::DaemonError>() {
+        return if e.is_config() { exit::CONFIG } else { exit::FAILURE };
+    }
+    if let Some(client::ClientError::Connect { .. }) = err.downcast_ref::<client::ClientError>() {
+        return exit::UNAVAILABLE;
+    }
+    exit::FAILURE
+}
+
+fn init_logging(identifier: &str) {
+    let journal = std::env::var("JOURNAL_STREAM").ok();
+    let filter = std::env::var("RUST_LOG").ok();
+    authinfod::logging::init(
+        authinfod::logging::detect(journal.as_deref()),
+        filter.as_deref(),
+        "info",
+        identifier,
+    );
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    // Everything the daemon creates (store, socket before its chmod) is private by default.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    init_logging("authinfod");
+    let config = config::load(config_path)?;
+    let options = terminal::RunOptions {
+        notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
+        watchdog: watchdog_period(),
+    };
+    runtime()?.block_on(async {
+        let daemon = terminal::Daemon::start(config, options).await?;
+        daemon.run(shutdown_signal()).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// systemd's watchdog period, when it is enabled for this process.
+fn watchdog_period() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID").ok() {
+        Some(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(std::time::Duration::from_micros(usec)),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, after logging which.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let reason = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = reason, "stopping");
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = config::load(file)?;
+    println!(
+        "{} is valid: device {}, proxy {}, socket {}, refresh every {}",
+        file.display(),
+        config.device_id,
+        config.proxy.url,
+        config.socket.address,
+        authinfod::units::format_duration(config.refresh.interval)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn client_command<F, Fut>(socket: SocketArgs, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(config::SocketAddress) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let address = match socket.socket {
+        Some(s) => config::SocketAddress::parse(&s)
+            .map_err(|e| anyhow::anyhow!("--socket: {e}"))?,
+        None => config::client_socket(&socket.config),
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f(address))
+}
+
+async fn status(address: config::SocketAddress, json: bool) -> anyhow::Result<ExitCode> {
+    let answer = client::request(&address, http::Method::GET, "/v1/status", None)
+        .await?
+        .ok()?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&answer.body));
+    } else {
+        let doc: terminal::state::StatusDoc =
+            serde_json::from_slice(&answer.body).context("the status answer is malformed")?;
+        print!("{}", client::render_status(&doc));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
+    let answer = client::request(&address, http::Method::GET, "/v1/authinfo", None).await?;
+    if answer.status == 503 {
+        eprintln!("authinfod: no authinfo has been fetched yet");
+        return Ok(ExitCode::from(exit::NO_AUTHINFO));
+    }
+    let doc = answer.ok()?.json()?;
+    let authinfo = doc["authinfo"].as_str().context("the answer has no authinfo")?;
+    println!("{authinfo}");
+    if doc["state"] == "expired" {
+        eprintln!("authinfod: warning: this authinfo is expired");
+        return Ok(ExitCode::from(exit::NO_AUTHINFO));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
+    let path = if wait { "/v1/refresh?wait=true" } else { "/v1/refresh" };
+    let answer = client::request(&address, http::Method::POST, path, None).await?;
+    match answer.ok() {
+        Ok(a) if wait => {
+            let doc = a.json()?;
+            println!(
+                "refreshed: authinfo {} ({}), expires {}",
+                doc["fingerprint"].as_str().unwrap_or("?"),
+                doc["state"].as_str().unwrap_or("?"),
+                doc["expires_at"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(_) => {
+            println!("refresh requested");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(client::ClientError::Refused { code, message, .. }) if wait => {
+            eprintln!("authinfod: refresh failed ({code}): {message}");
+            Ok(ExitCode::from(exit::NO_AUTHINFO))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Result<ExitCode> {
+    let body = serde_json::to_vec(&serde_json::json!({ "raw_data": raw.trim() }))?;
+    let doc = client::request(&address, http::Method::PUT, "/v1/raw-data", Some(body))
+        .await?
+        .ok()?
+        .json()?;
+    println!(
+        "raw_data accepted{}",
+        if doc["refresh_triggered"] == true {
+            "; refresh triggered"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "merchant")]
+fn demo(duration: &str) -> anyhow::Result<ExitCode> {
+    let duration = authinfod::units::parse_duration(duration)
+        .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+    init_logging("authinfod-demo");
+    runtime()?.block_on(authinfod::demo::run(duration, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::RefreshConfig;
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
-use super::state::{Heartbeats, State, lock};
+use super::state::{Heartbeats, State};
 use super::store::{AttemptRecord, HeldAuthinfo, RawData};
 use crate::units::unix_now;
 
@@ -430,6 +430,7 @@ pub fn accept_raw_data(state: &State, value: String) -> Result<bool, super::stor
 mod tests {
     use super::*;
     use crate::terminal::proxy_client::BoxFuture;
+    use crate::terminal::state::lock;
     use crate::wire::{AuthinfoResponse, ErrorBody};
     use std::collections::VecDeque;
     use std::sync::Mutex;

@@ -1,0 +1,622 @@
+//! The socket API as a pure function: [`handle`] takes a parsed request and the shared state and
+//! returns a response. The server moves bytes; everything the face app and operators see is
+//! decided here, testable without a socket.
+//!
+//! Owns: routes, query parsing, ETag / If-None-Match / long-poll, the JSON bodies and the one
+//! table from error to status and code ([`ApiError`]). It must not log secrets: the authinfo
+//! leaves only in the body of `GET /v1/authinfo`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::refresher::{self, MAX_RAW_DATA};
+use super::state::{Freshness, Served, State, freshness_name};
+use crate::units::{rfc3339, unix_now};
+
+/// Longest `?wait=` accepted on `GET /v1/authinfo`, seconds.
+pub const MAX_WAIT_SECS: u64 = 300;
+/// Largest request body read from the socket.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// A request, as the server parsed it.
+#[derive(Debug, Clone, Default)]
+pub struct ApiRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub if_none_match: Option<String>,
+    pub body: bytes::Bytes,
+}
+
+/// A response, for the server to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub etag: Option<String>,
+    /// `Allow` on a 405.
+    pub allow: Option<&'static str>,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    fn json<T: Serialize>(status: u16, value: &T) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            etag: None,
+            allow: None,
+            body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+        }
+    }
+
+    fn empty(status: u16) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            etag: None,
+            allow: None,
+            body: Vec::new(),
+        }
+    }
+
+    /// The body as JSON (tests).
+    pub fn json_body(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Every error the API answers, and its status and code: the one table.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no authinfo has been fetched yet")]
+    NoAuthinfo,
+    #[error("no route {0}")]
+    NotFound(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed {
+        method: http::Method,
+        path: String,
+        allow: &'static str,
+    },
+    #[error("bad query: {0}")]
+    BadQuery(String),
+    #[error("bad body: {0}")]
+    BadBody(String),
+    #[error("the body is larger than {MAX_BODY} bytes")]
+    BodyTooLarge,
+    #[error("this peer (uid {uid}, gid {gid}) is not in the allow-list")]
+    PeerDenied { uid: u32, gid: u32 },
+    #[error("the daemon is at its connection limit; retry shortly")]
+    Busy,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("the store failed: {0}")]
+    Store(String),
+    #[error("{message}")]
+    RefreshFailed { code: String, message: String },
+    #[error("the refresh did not finish within {0} s")]
+    RefreshTimeout(u64),
+}
+
+/// The JSON error body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorDoc {
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    /// The HTTP status and the stable code.
+    pub fn status_and_code(&self) -> (u16, &'static str) {
+        match self {
+            Self::NoAuthinfo => (503, "NO_AUTHINFO"),
+            Self::NotFound(_) => (404, "NOT_FOUND"),
+            Self::MethodNotAllowed { .. } => (405, "METHOD_NOT_ALLOWED"),
+            Self::BadQuery(_) => (400, "BAD_QUERY"),
+            Self::BadBody(_) => (400, "BAD_BODY"),
+            Self::BodyTooLarge => (413, "BODY_TOO_LARGE"),
+            Self::PeerDenied { .. } => (403, "PEER_DENIED"),
+            Self::Busy => (503, "BUSY"),
+            Self::ShuttingDown => (503, "SHUTTING_DOWN"),
+            Self::Store(_) => (500, "STORE_FAILED"),
+            Self::RefreshFailed { .. } => (502, "REFRESH_FAILED"),
+            Self::RefreshTimeout(_) => (504, "REFRESH_TIMEOUT"),
+        }
+    }
+
+    pub fn response(&self) -> ApiResponse {
+        let (status, code) = self.status_and_code();
+        let code = match self {
+            Self::RefreshFailed { code, .. } => code.clone(),
+            _ => code.to_owned(),
+        };
+        let mut response = ApiResponse::json(
+            status,
+            &ErrorDoc {
+                code,
+                message: self.to_string(),
+            },
+        );
+        if let Self::MethodNotAllowed { allow, .. } = self {
+            response.allow = Some(allow);
+        }
+        response
+    }
+}
+
+/// `GET /v1/authinfo`'s body.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuthinfoDoc {
+    pub authinfo: String,
+    pub fetched_at: String,
+    pub expires_at: String,
+    pub age_seconds: u64,
+    pub state: String,
+}
+
+/// `PUT /v1/raw-data`'s body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataBody {
+    raw_data: String,
+}
+
+/// The metrics label of a path: its route if known, else `other` (bounded cardinality).
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/authinfo" => "/v1/authinfo",
+        "/v1/raw-data" => "/v1/raw-data",
+        "/v1/refresh" => "/v1/refresh",
+        "/v1/status" => "/v1/status",
+        "/v1/device" => "/v1/device",
+        "/healthz" => "/healthz",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
+
+/// Answers one request.
+pub async fn handle(req: ApiRequest, state: &Arc<State>, shutdown: &CancellationToken) -> ApiResponse {
+    let route = route_label(&req.path);
+    let response = route_request(req, state, shutdown)
+        .await
+        .unwrap_or_else(|e| e.response());
+    state.metrics.count_request(route, response.status);
+    response
+}
+
+async fn route_request(
+    req: ApiRequest,
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<ApiResponse, ApiError> {
+    use http::Method;
+    let allow = |allow: &'static str| ApiError::MethodNotAllowed {
+        method: req.method.clone(),
+        path: req.path.clone(),
+        allow,
+    };
+    match (req.path.as_str(), &req.method) {
+        ("/v1/authinfo", &Method::GET) => get_authinfo(&req, state, shutdown).await,
+        ("/v1/authinfo", _) => Err(allow("GET")),
+        ("/v1/raw-data", &Method::PUT) => put_raw_data(&req, state),
+        ("/v1/raw-data", _) => Err(allow("PUT")),
+        ("/v1/refresh", &Method::POST) => post_refresh(&req, state, shutdown).await,
+        ("/v1/refresh", _) => Err(allow("POST")),
+        ("/v1/status", &Method::GET) => Ok(ApiResponse::json(200, &state.status())),
+        ("/v1/status", _) => Err(allow("GET")),
+        ("/v1/device", &Method::GET) => Ok(ApiResponse::json(
+            200,
+            &super::state::lock(&state.health).to_json(unix_now()),
+        )),
+        ("/v1/device", _) => Err(allow("GET")),
+        ("/healthz", &Method::GET) => Ok(healthz(state)),
+        ("/healthz", _) => Err(allow("GET")),
+        ("/metrics", &Method::GET) => Ok(metrics(state)),
+        ("/metrics", _) => Err(allow("GET")),
+        (path, _) => Err(ApiError::NotFound(path.chars().take(100).collect())),
+    }
+}
+
+/// The value of `key` in a query string (no percent-decoding: the keys and values here are
+/// plain numbers and words).
+fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn authinfo_doc(served: &Served, state: &State) -> AuthinfoDoc {
+    let now = unix_now();
+    AuthinfoDoc {
+        authinfo: served.held.authinfo.clone(),
+        fetched_at: rfc3339(served.held.fetched_at),
+        expires_at: rfc3339(served.held.expires_at),
+        age_seconds: served.age(now),
+        state: freshness_name(served.freshness(now, state.config.refresh.interval)).into(),
+    }
+}
+
+async fn get_authinfo(
+    req: &ApiRequest,
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<ApiResponse, ApiError> {
+    let wait = match query_param(req.query.as_deref(), "wait") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(secs) if secs <= MAX_WAIT_SECS => Some(Duration::from_secs(secs)),
+            _ => {
+                return Err(ApiError::BadQuery(format!(
+                    "wait must be whole seconds from 0 to {MAX_WAIT_SECS}"
+                )));
+            }
+        },
+    };
+    let known = req.if_none_match.as_deref().map(str::trim);
+    // The answer is "unchanged" while the served ETag equals the one the client holds (or,
+    // without If-None-Match, while nothing is held).
+    let unchanged = |current: &Option<Arc<Served>>| match (current, known) {
+        (None, _) => true,
+        (Some(s), Some(tag)) => etag_matches(tag, &s.etag),
+        (Some(_), None) => false,
+    };
+    let mut rx = state.watch_authinfo();
+    if let Some(wait) = wait
+        && unchanged(&rx.borrow())
+    {
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|c| !unchanged(c))) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+    let current = state.current();
+    match current {
+        None => Err(ApiError::NoAuthinfo),
+        Some(served) if known.is_some_and(|tag| etag_matches(tag, &served.etag)) => {
+            let mut r = ApiResponse::empty(304);
+            r.etag = Some(served.etag.clone());
+            Ok(r)
+        }
+        Some(served) => {
+            let mut r = ApiResponse::json(200, &authinfo_doc(&served, state));
+            r.etag = Some(served.etag.clone());
+            Ok(r)
+        }
+    }
+}
+
+/// `If-None-Match` matching: `*`, or any listed tag equal to ours (weak prefixes ignored).
+fn etag_matches(header: &str, etag: &str) -> bool {
+    header.trim() == "*"
+        || header
+            .split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == etag)
+}
+
+fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, ApiError> {
+    let body: RawDataBody = serde_json::from_slice(&req.body).map_err(|e| {
+        ApiError::BadBody(format!("expected {{\"raw_data\": \"...\"}}: {e}"))
+    })?;
+    let value = body.raw_data.trim().to_owned();
+    if value.is_empty() {
+        return Err(ApiError::BadBody("raw_data is empty".into()));
+    }
+    if value.len() > MAX_RAW_DATA {
+        return Err(ApiError::BadBody(format!(
+            "raw_data is longer than {MAX_RAW_DATA} bytes"
+        )));
+    }
+    let fingerprint = crate::crypto::secret_fingerprint(value.as_bytes());
+    let triggered = refresher::accept_raw_data(state, value)
+        .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
+    tracing::info!(raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    Ok(ApiResponse::json(
+        202,
+        &serde_json::json!({ "accepted": true, "refresh_triggered": triggered }),
+    ))
+}
+
+async fn post_refresh(
+    req: &ApiRequest,
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> Result<ApiResponse, ApiError> {
+    let wait = match query_param(req.query.as_deref(), "wait") {
+        None | Some("false") => false,
+        Some("true" | "") => true,
+        Some(other) => {
+            return Err(ApiError::BadQuery(format!(
+                "wait must be true or false, not {other:?}"
+            )));
+        }
+    };
+    let seq = state.request_refresh();
+    if !wait {
+        return Ok(ApiResponse::json(202, &serde_json::json!({ "accepted": true })));
+    }
+    // Bound the wait by what one attempt can take: the command, then the proxy call and its
+    // one skew retry.
+    let config = &state.config;
+    let bound = config.refresh.raw_data_command_timeout + config.proxy.timeout * 2 + Duration::from_secs(5);
+    let completion = tokio::select! {
+        c = tokio::time::timeout(bound, state.wait_completion(seq)) => {
+            c.map_err(|_| ApiError::RefreshTimeout(bound.as_secs()))?
+        }
+        () = shutdown.cancelled() => return Err(ApiError::ShuttingDown),
+    };
+    match completion.record {
+        Some(r) if r.ok => {
+            let current = state.current().ok_or(ApiError::NoAuthinfo)?;
+            let doc = authinfo_doc(&current, state);
+            Ok(ApiResponse::json(
+                200,
+                &serde_json::json!({
+                    "ok": true,
+                    "fingerprint": current.fingerprint,
+                    "fetched_at": doc.fetched_at,
+                    "expires_at": doc.expires_at,
+                    "state": doc.state,
+                }),
+            ))
+        }
+        Some(r) => Err(ApiError::RefreshFailed {
+            code: r.code.unwrap_or_else(|| "REFRESH_FAILED".into()),
+            message: r.error.unwrap_or_else(|| "the refresh failed".into()),
+        }),
+        None => Err(ApiError::ShuttingDown),
+    }
+}
+
+fn healthz(state: &State) -> ApiResponse {
+    let freshness = state.freshness();
+    let ok = matches!(freshness, Some(Freshness::Fresh | Freshness::Stale));
+    ApiResponse::json(
+        if ok { 200 } else { 503 },
+        &serde_json::json!({
+            "status": if ok { "ok" } else { "no_valid_authinfo" },
+            "authinfo_state": freshness.map_or("none", freshness_name),
+        }),
+    )
+}
+
+fn metrics(state: &State) -> ApiResponse {
+    let now = unix_now();
+    let current = state.current();
+    let status = state.refresh_status().clone();
+    let mut gauges = vec![
+        (
+            "authinfod_authinfo_present",
+            "1 while an authinfo is held.",
+            f64::from(u8::from(current.is_some())),
+        ),
+        (
+            "authinfod_refresh_consecutive_failures",
+            "Refresh failures since the last success.",
+            f64::from(status.consecutive_failures),
+        ),
+        (
+            "authinfod_uptime_seconds",
+            "Seconds since the daemon started.",
+            state.uptime().as_secs_f64(),
+        ),
+    ];
+    if let Some(s) = &current {
+        gauges.push((
+            "authinfod_authinfo_age_seconds",
+            "Age of the held authinfo.",
+            s.age(now) as f64,
+        ));
+        gauges.push((
+            "authinfod_authinfo_runway_seconds",
+            "Seconds until the held authinfo expires (offline runway).",
+            (s.held.expires_at - now) as f64,
+        ));
+    }
+    if let Some(skew) = status.clock_skew_seconds {
+        gauges.push((
+            "authinfod_clock_skew_seconds",
+            "The proxy's clock minus ours, as learned.",
+            skew as f64,
+        ));
+    }
+    ApiResponse {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        etag: None,
+        allow: None,
+        body: state.metrics.render(&gauges).into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terminal::store::{HeldAuthinfo, Store};
+
+    fn state(dir: &std::path::Path) -> Arc<State> {
+        let config = crate::terminal::config::test_config(dir);
+        let (store, _) = Store::open(&config.state_dir).expect("store");
+        State::new(config, store, None)
+    }
+
+    fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {
+        ApiRequest {
+            method: http::Method::GET,
+            path: path.into(),
+            query: query.map(str::to_owned),
+            if_none_match: inm.map(str::to_owned),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    fn publish(state: &State, authinfo: &str, fetched_at: i64) -> Arc<Served> {
+        state.publish(HeldAuthinfo {
+            authinfo: authinfo.into(),
+            fetched_at,
+            expires_at: fetched_at + 7200,
+            expires_in: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn authinfo_is_503_before_the_first_success_then_200_with_etag_then_304() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let token = CancellationToken::new();
+        let r = handle(get("/v1/authinfo", None, None), &state, &token).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json_body()["code"], "NO_AUTHINFO");
+        let served = publish(&state, "AUTH", unix_now() - 10);
+        let r = handle(get("/v1/authinfo", None, None), &state, &token).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.etag.as_deref(), Some(served.etag.as_str()));
+        let doc: AuthinfoDoc = serde_json::from_slice(&r.body).expect("doc");
+        assert_eq!(doc.authinfo, "AUTH");
+        assert_eq!(doc.state, "fresh");
+        assert!(doc.age_seconds >= 10);
+        let r = handle(get("/v1/authinfo", None, Some(&served.etag)), &state, &token).await;
+        assert_eq!(r.status, 304);
+        assert!(r.body.is_empty());
+        let r = handle(get("/v1/authinfo", None, Some("\"other\"")), &state, &token).await;
+        assert_eq!(r.status, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_poll_wakes_on_change_and_times_out_with_304() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let token = CancellationToken::new();
+        let first = publish(&state, "A", unix_now());
+        let r = handle(get("/v1/authinfo", Some("wait=5"), Some(&first.etag)), &state, &token).await;
+        assert_eq!(r.status, 304, "nothing changed within 5 s");
+        let poll = {
+            let (state, token, etag) = (state.clone(), token.clone(), first.etag.clone());
+            tokio::spawn(async move {
+                handle(get("/v1/authinfo", Some("wait=60"), Some(&etag)), &state, &token).await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!poll.is_finished());
+        let second = publish(&state, "B", unix_now() + 1);
+        let r = poll.await.expect("join");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.etag.as_deref(), Some(second.etag.as_str()));
+        assert_eq!(r.json_body()["authinfo"], "B");
+    }
+
+    #[tokio::test]
+    async fn bad_queries_bodies_routes_and_methods_get_json_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let token = CancellationToken::new();
+        let cases = [
+            (get("/v1/authinfo", Some("wait=abc"), None), 400, "BAD_QUERY"),
+            (get("/v1/authinfo", Some("wait=301"), None), 400, "BAD_QUERY"),
+            (get("/nope", None, None), 404, "NOT_FOUND"),
+            (get("/v1/raw-data", None, None), 405, "METHOD_NOT_ALLOWED"),
+            (
+                ApiRequest {
+                    method: http::Method::PUT,
+                    path: "/v1/raw-data".into(),
+                    body: bytes::Bytes::from_static(b"{\"raw\":1}"),
+                    ..ApiRequest::default()
+                },
+                400,
+                "BAD_BODY",
+            ),
+            (
+                ApiRequest {
+                    method: http::Method::PUT,
+                    path: "/v1/raw-data".into(),
+                    body: bytes::Bytes::from_static(b"{\"raw_data\":\"  \"}"),
+                    ..ApiRequest::default()
+                },
+                400,
+                "BAD_BODY",
+            ),
+            (
+                ApiRequest {
+                    method: http::Method::POST,
+                    path: "/v1/refresh".into(),
+                    query: Some("wait=maybe".into()),
+                    ..ApiRequest::default()
+                },
+                400,
+                "BAD_QUERY",
+            ),
+        ];
+        for (req, status, code) in cases {
+            let label = format!("{} {}", req.method, req.path);
+            let r = handle(req, &state, &token).await;
+            assert_eq!(r.status, status, "{label}");
+            assert_eq!(r.json_body()["code"], code, "{label}");
+            assert!(r.json_body()["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        let r = handle(get("/v1/raw-data", None, None), &state, &token).await;
+        assert_eq!(r.allow, Some("PUT"));
+    }
+
+    #[tokio::test]
+    async fn raw_data_is_stored_and_triggers_a_refresh_only_without_a_fresh_authinfo() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let token = CancellationToken::new();
+        let put = |raw: &str| ApiRequest {
+            method: http::Method::PUT,
+            path: "/v1/raw-data".into(),
+            body: serde_json::to_vec(&serde_json::json!({ "raw_data": raw })).expect("json").into(),
+            ..ApiRequest::default()
+        };
+        let r = handle(put("R1"), &state, &token).await;
+        assert_eq!(r.status, 202);
+        assert_eq!(r.json_body()["refresh_triggered"], true);
+        assert_eq!(state.store.raw_data().expect("read").expect("stored").value, "R1");
+        assert!(state.refresh_pending());
+        state.begin_refresh();
+        state.finish_refresh(None);
+        publish(&state, "A", unix_now());
+        let r = handle(put("R2"), &state, &token).await;
+        assert_eq!(r.json_body()["refresh_triggered"], false);
+        assert!(!state.refresh_pending());
+        assert_eq!(state.store.raw_data().expect("read").expect("stored").value, "R2");
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_validity_and_metrics_are_prometheus_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state(dir.path());
+        let token = CancellationToken::new();
+        assert_eq!(handle(get("/healthz", None, None), &state, &token).await.status, 503);
+        publish(&state, "A", unix_now() - 5000);
+        let r = handle(get("/healthz", None, None), &state, &token).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json_body()["authinfo_state"], "stale");
+        publish(&state, "B", unix_now() - 8000);
+        assert_eq!(handle(get("/healthz", None, None), &state, &token).await.status, 503);
+        let m = handle(get("/metrics", None, None), &state, &token).await;
+        assert_eq!(m.content_type, "text/plain; version=0.0.4");
+        let text = String::from_utf8(m.body).expect("utf8");
+        assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
+        assert!(text.contains("authinfod_socket_requests_total{route=\"/healthz\",status=\"503\"} 2"), "{text}");
+        assert!(!text.contains("\"B\""), "the secret never appears in metrics");
+    }
+
+    #[test]
+    fn etag_matching_handles_lists_weak_tags_and_star() {
+        assert!(etag_matches("\"a\"", "\"a\""));
+        assert!(etag_matches("\"x\", W/\"a\"", "\"a\""));
+        assert!(etag_matches("*", "\"a\""));
+        assert!(!etag_matches("\"b\"", "\"a\""));
+        assert_eq!(query_param(Some("a=1&wait=5"), "wait"), Some("5"));
+        assert_eq!(query_param(Some("wait"), "wait"), Some(""));
+        assert_eq!(query_param(None, "wait"), None);
+    }
+}

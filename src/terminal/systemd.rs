@@ -1,0 +1,194 @@
+//! systemd integration: `sd_notify` (`READY=1`, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`) and the
+//! watchdog gate.
+//!
+//! Owns: the notify protocol (a datagram to `$NOTIFY_SOCKET`, a path or an `@abstract` name) and
+//! the rule that `WATCHDOG=1` is sent only while both the refresh loop and the socket loop have
+//! reported in recently. The environment is read by the binary and passed in, so tests use their
+//! own notify socket. Without `NOTIFY_SOCKET` (Android, a shell) every call is a no-op.
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::state::{State, freshness_name};
+use crate::units::{format_duration, unix_now};
+
+/// A loop that has not reported in for this long counts as stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+/// How often `STATUS=` is refreshed when no watchdog is configured.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
+/// Sends notifications to the service manager.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    socket: Option<OsString>,
+}
+
+impl Notifier {
+    /// A notifier for `$NOTIFY_SOCKET` (pass `std::env::var_os("NOTIFY_SOCKET")`).
+    pub fn new(notify_socket: Option<OsString>) -> Self {
+        Self {
+            socket: notify_socket.filter(|s| !s.is_empty()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// Sends `state` (newline-separated `KEY=value` lines). Failures are logged at debug
+    /// level: a lost notification must never stop the daemon.
+    pub fn notify(&self, state: &str) {
+        let Some(socket) = &self.socket else {
+            return;
+        };
+        if let Err(error) = send(socket, state.as_bytes()) {
+            tracing::debug!(%error, "sd_notify failed");
+        }
+    }
+}
+
+fn send(socket: &OsString, message: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = socket.as_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        send_abstract(&sock, name, message)
+    } else {
+        sock.send_to(message, std::path::Path::new(socket)).map(drop)
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn send_abstract(
+    sock: &std::os::unix::net::UnixDatagram,
+    name: &[u8],
+    message: &[u8],
+) -> std::io::Result<()> {
+    #[cfg(target_os = "android")]
+    use std::os::android::net::SocketAddrExt as _;
+    #[cfg(target_os = "linux")]
+    use std::os::linux::net::SocketAddrExt as _;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    sock.send_to_addr(message, &addr).map(drop)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn send_abstract(
+    _sock: &std::os::unix::net::UnixDatagram,
+    _name: &[u8],
+    _message: &[u8],
+) -> std::io::Result<()> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract sockets need Linux"))
+}
+
+/// The one-line story for `STATUS=`.
+pub fn status_line(state: &State) -> String {
+    let now = unix_now();
+    let status = state.refresh_status().clone();
+    let authinfo = match state.current() {
+        None => "no authinfo yet".to_owned(),
+        Some(s) => format!(
+            "authinfo {} {} (age {}, {} left)",
+            s.fingerprint,
+            freshness_name(s.freshness(now, state.config.refresh.interval)),
+            format_duration(Duration::from_secs(s.age(now))),
+            format_duration(Duration::from_secs(u64::try_from(s.held.expires_at - now).unwrap_or(0))),
+        ),
+    };
+    let next = match (status.waiting_for, status.next_attempt_at) {
+        (Some(w), _) => format!("waiting for {w}"),
+        (None, Some(t)) => format!(
+            "next refresh in {}",
+            format_duration(Duration::from_secs(u64::try_from(t - now).unwrap_or(0)))
+        ),
+        (None, None) => "refresh pending".to_owned(),
+    };
+    let failing = match (&status.last_attempt, status.consecutive_failures) {
+        (Some(a), n) if !a.ok => format!(
+            "; last refresh failed ({}{})",
+            a.code.as_deref().unwrap_or("error"),
+            if n > 1 { format!(", {n} in a row") } else { String::new() }
+        ),
+        _ => String::new(),
+    };
+    format!("{authinfo}; {next}{failing}")
+}
+
+/// Whether both loops have reported in within [`STUCK_AFTER`].
+pub fn loops_alive(state: &State) -> bool {
+    let now = state.started.elapsed().as_millis() as u64;
+    let fresh = |slot: &std::sync::atomic::AtomicU64| {
+        now.saturating_sub(slot.load(Ordering::Relaxed)) < STUCK_AFTER.as_millis() as u64
+    };
+    fresh(&state.heartbeats.refresh) && fresh(&state.heartbeats.socket)
+}
+
+/// Keeps `STATUS=` current and pets the watchdog (every half `watchdog` period) while both loops
+/// are alive, until `shutdown`.
+pub async fn supervise(
+    state: Arc<State>,
+    notifier: Notifier,
+    watchdog: Option<Duration>,
+    shutdown: CancellationToken,
+) {
+    let period = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+    let mut ticker = tokio::time::interval(period);
+    let mut last_status = String::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let line = status_line(&state);
+        if line != last_status {
+            notifier.notify(&format!("STATUS={line}"));
+            last_status = line;
+        }
+        if watchdog.is_some() {
+            if loops_alive(&state) {
+                notifier.notify("WATCHDOG=1");
+            } else {
+                tracing::error!("a daemon loop has not reported in; withholding WATCHDOG=1 so systemd restarts us");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_reach_the_notify_socket_and_absent_socket_is_a_no_op() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let notifier = Notifier::new(Some(path.into_os_string()));
+        assert!(notifier.enabled());
+        notifier.notify("READY=1\nSTATUS=serving");
+        let mut buf = [0; 64];
+        let n = receiver.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
+        let off = Notifier::new(None);
+        assert!(!off.enabled());
+        off.notify("READY=1");
+        assert!(!Notifier::new(Some(OsString::new())).enabled());
+    }
+
+    #[test]
+    fn abstract_notify_sockets_work() {
+        #[cfg(target_os = "linux")]
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("authinfod-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let receiver = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
+        Notifier::new(Some(format!("@{name}").into())).notify("WATCHDOG=1");
+        let mut buf = [0; 16];
+        let n = receiver.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+    }
+}
