@@ -1,0 +1,182 @@
+//! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
+//! a daemon harness on a temporary directory and a real Unix socket, and a raw socket client.
+
+#![allow(dead_code)]
+
+pub mod fake_proxy;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use authinfod::crypto::{self, GeneratedKey};
+use authinfod::terminal::{Daemon, RunOptions, config, state::State};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+/// One device key for every test in this binary (generation is the slow part).
+pub fn device_key() -> &'static GeneratedKey {
+    static KEY: OnceLock<GeneratedKey> = OnceLock::new();
+    KEY.get_or_init(|| crypto::generate_rsa_key(2048).expect("keygen"))
+}
+
+/// Polls `cond` every 20 ms until it holds, failing the test after 15 s.
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An answer read from the daemon's socket.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    }
+}
+
+/// One HTTP/1.1 request over the Unix socket at `socket`.
+pub async fn socket_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
+    let stream = tokio::net::UnixStream::connect(socket).await.expect("connect to the daemon socket");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", "authinfod");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::copy_from_slice(body.unwrap_or_default())))
+        .expect("request");
+    let response = sender.send_request(req).await.expect("send");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+/// A daemon running in this process on a temporary state directory and socket.
+pub struct TestDaemon {
+    pub dir: Arc<tempfile::TempDir>,
+    pub socket: PathBuf,
+    pub state: Arc<State>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestDaemon {
+    /// Writes a config for `proxy_url` trusting `ca_pem` (plus `extra` TOML appended to the
+    /// sections, e.g. `[refresh]\ninterval = "1h"`) and starts the daemon.
+    pub async fn start(proxy_url: &str, ca_pem: &str, extra: &str) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start_in(dir, proxy_url, ca_pem, extra).await
+    }
+
+    /// Starts a daemon in an existing directory (a restart keeps the store).
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, proxy_url: &str, ca_pem: &str, extra: &str) -> Self {
+        let config = write_config(dir.path(), proxy_url, ca_pem, extra);
+        let config = config::load(&config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
+        let socket = match &config.socket.address {
+            config::SocketAddress::Path(p) => p.clone(),
+            config::SocketAddress::Abstract(_) => PathBuf::new(),
+        };
+        let daemon = Daemon::start(config, RunOptions::default()).await.expect("daemon starts");
+        let state = daemon.state();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
+        Self {
+            dir,
+            socket,
+            state,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        socket_request(&self.socket, "GET", path, &[], None).await
+    }
+
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+        socket_request(&self.socket, method, path, headers, body).await
+    }
+
+    pub async fn put_raw_data(&self, raw: &str) -> Reply {
+        let body = serde_json::to_vec(&serde_json::json!({ "raw_data": raw })).expect("json");
+        self.request("PUT", "/v1/raw-data", &[("content-type", "application/json")], Some(&body)).await
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let r = self.get("/v1/status").await;
+        assert_eq!(r.status, 200);
+        r.json()
+    }
+
+    /// Stops the daemon and waits for it; returns the directory for a restart.
+    pub async fn stop(self) -> Arc<tempfile::TempDir> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("daemon stops within 20 s")
+            .expect("daemon task");
+        self.dir
+    }
+}
+
+/// Writes the device key and a config into `dir`; returns the config path.
+pub fn write_config(dir: &Path, proxy_url: &str, ca_pem: &str, extra: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("device.key");
+    std::fs::write(&key, &device_key().private_pem).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let ca = dir.join("proxy-ca.pem");
+    std::fs::write(&ca, ca_pem).expect("ca");
+    // The socket always lives in the test's directory; an `extra` [socket] section gets the
+    // path line added to it.
+    let path_line = format!("path = \"{}\"\n", dir.join("authinfod.sock").display());
+    let (socket_section, extra) = if extra.contains("[socket]\n") {
+        (String::new(), extra.replacen("[socket]\n", &format!("[socket]\n{path_line}"), 1))
+    } else {
+        (format!("[socket]\n{path_line}"), extra.to_owned())
+    };
+    let text = format!(
+        "device_id = \"T-1001\"\nkey_file = \"{}\"\nstate_dir = \"{}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{}\"\ntimeout = \"2s\"\n\n{socket_section}\n{extra}\n",
+        key.display(),
+        dir.join("state").display(),
+        ca.display(),
+    );
+    let path = dir.join("authinfod.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+/// A URL where nothing listens.
+pub async fn dead_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("https://127.0.0.1:{}", addr.port())
+}
