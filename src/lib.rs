@@ -34,9 +34,9 @@
 
 pub mod crypto;
 pub mod terminal;
+pub mod tls;
 pub mod units;
 pub mod wire;
-pub mod tls;
 
 #[cfg(feature = "merchant")]
 pub mod platform;
@@ -58,6 +58,6 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
-pub mod logging;
 #[cfg(feature = "merchant")]
 pub mod demo;
+pub mod logging;

@@ -26,7 +26,8 @@ pub fn detect(journal_stream: Option<&str>) -> LogTarget {
     let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
         return LogTarget::Stderr;
     };
-    if dev.parse::<u64>().ok() == Some(stat.st_dev as u64) && ino.parse::<u64>().ok() == Some(stat.st_ino as u64) {
+    let (st_dev, st_ino): (u64, u64) = (stat.st_dev, stat.st_ino);
+    if dev.parse::<u64>().ok() == Some(st_dev) && ino.parse::<u64>().ok() == Some(st_ino) {
         LogTarget::Journald
     } else {
         LogTarget::Stderr

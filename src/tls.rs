@@ -150,7 +150,8 @@ mod merchant {
             );
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(error)) => {
                         tracing::debug!(%error, %peer, "tls handshake failed");
@@ -182,7 +183,10 @@ mod merchant {
             });
         }
         tracker.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 open = tracker.len(),
                 "connections still open after the drain timeout; dropping them"
@@ -213,10 +217,14 @@ mod merchant {
 
     /// Makes a CA named `ca_name` and a server certificate for `hosts` (DNS names or IPs).
     pub fn generate_pki(ca_name: &str, hosts: &[&str]) -> Result<GeneratedPki, rcgen::Error> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name.push(DnType::CommonName, ca_name);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, ca_name);
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -224,9 +232,10 @@ mod merchant {
         let key = KeyPair::generate()?;
         let mut params =
             CertificateParams::new(hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, hosts.first().copied().unwrap_or("localhost"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            hosts.first().copied().unwrap_or("localhost"),
+        );
         let cert = params.signed_by(&key, &issuer)?;
         Ok(GeneratedPki {
             ca_pem: ca_cert.pem(),

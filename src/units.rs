@@ -32,7 +32,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("{text:?} is not a duration like 30s, 5m or 1h"));
         }
@@ -40,7 +42,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("{text:?}: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -66,7 +70,7 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1000 != 0 && ms < 10_000 {
+    if !ms.is_multiple_of(1000) && ms < 10_000 {
         return format!("{ms}ms");
     }
     let mut secs = d.as_secs();
@@ -122,7 +126,10 @@ pub fn unix_now() -> i64 {
 pub fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("@{unix}"))
 }
 
@@ -146,7 +153,11 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("h").is_err());
-        assert!(parse_duration("5 minutes").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("5 minutes")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!(parse_duration("-5s").is_err());
     }
 
@@ -169,14 +180,19 @@ mod tests {
         let t: T = toml::from_str("a = \"2m\"\nb = 7").expect("toml");
         assert_eq!(t.a.0, Duration::from_secs(120));
         assert_eq!(t.b.0, Duration::from_secs(7));
-        let err = toml::from_str::<T>("a = \"2 weeks\"\nb = 1").err().expect("error");
+        let err = toml::from_str::<T>("a = \"2 weeks\"\nb = 1")
+            .err()
+            .expect("error");
         assert!(err.to_string().contains("unknown unit"), "{err}");
     }
 
     #[test]
     fn rfc3339_roundtrips() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(parse_rfc3339("2015-05-20T13:29:35.120+08:00"), Some(1432099775));
+        assert_eq!(
+            parse_rfc3339("2015-05-20T13:29:35.120+08:00"),
+            Some(1432099775)
+        );
         assert_eq!(parse_rfc3339(&rfc3339(1_800_000_000)), Some(1_800_000_000));
     }
 }

@@ -46,13 +46,23 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     assert_eq!(doc["state"], "fresh");
     assert!(doc["age_seconds"].as_u64().expect("age") < 5);
     let etag = r.header("etag").expect("etag");
-    assert_eq!(daemon.get("/v1/authinfo").await.header("etag"), Some(etag.clone()), "ETag is stable");
-    let r = daemon.request("GET", "/v1/authinfo", &[("if-none-match", &etag)], None).await;
+    assert_eq!(
+        daemon.get("/v1/authinfo").await.header("etag"),
+        Some(etag.clone()),
+        "ETag is stable"
+    );
+    let r = daemon
+        .request("GET", "/v1/authinfo", &[("if-none-match", &etag)], None)
+        .await;
     assert_eq!(r.status, 304);
     assert_eq!(daemon.get("/healthz").await.status, 200);
 
     // The proxy got the raw_data in the contract's body, signed.
-    let seen: Vec<_> = proxy.seen().into_iter().filter(|s| s.path == "/v1/authinfo").collect();
+    let seen: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v1/authinfo")
+        .collect();
     assert_eq!(seen.len(), 1);
     let body: serde_json::Value = serde_json::from_slice(&seen[0].body).expect("json body");
     assert_eq!(body, serde_json::json!({ "raw_data": "RAW-1" }));
@@ -61,22 +71,39 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     // Validity from the platform's expires_in.
     let status = daemon.status().await;
     assert_eq!(status["authinfo"]["expiry_from_platform"], true);
-    let runway = status["authinfo"]["runway_seconds"].as_i64().expect("runway");
+    let runway = status["authinfo"]["runway_seconds"]
+        .as_i64()
+        .expect("runway");
     assert!((5390..=5400).contains(&runway), "{runway}");
 
     // A long-poll waits for a change and wakes when a refresh brings a new authinfo.
     let poll = {
         let (socket, etag) = (daemon.socket.clone(), etag.clone());
         tokio::spawn(async move {
-            socket_request(&socket, "GET", "/v1/authinfo?wait=30", &[("if-none-match", &etag)], None).await
+            socket_request(
+                &socket,
+                "GET",
+                "/v1/authinfo?wait=30",
+                &[("if-none-match", &etag)],
+                None,
+            )
+            .await
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!poll.is_finished(), "the long-poll waits while nothing changes");
+    assert!(
+        !poll.is_finished(),
+        "the long-poll waits while nothing changes"
+    );
     proxy.script([Script::Authinfo("A2".into(), None)]);
-    let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let woke = tokio::time::timeout(Duration::from_secs(5), poll).await.expect("woke").expect("join");
+    let woke = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("woke")
+        .expect("join");
     assert_eq!(woke.status, 200);
     assert_eq!(woke.json()["authinfo"], "A2");
     assert_ne!(woke.header("etag"), Some(etag));
@@ -91,21 +118,44 @@ async fn every_fault_leaves_the_held_authinfo_untouched_and_shows_in_status() {
     let proxy = proxy().await;
     let (daemon, etag) = daemon_with_authinfo(&proxy).await;
     let cases: Vec<(Script, &str, bool)> = vec![
-        (Script::Error(500, "UPSTREAM_UNAVAILABLE", None), "UPSTREAM_UNAVAILABLE", true),
+        (
+            Script::Error(500, "UPSTREAM_UNAVAILABLE", None),
+            "UPSTREAM_UNAVAILABLE",
+            true,
+        ),
         (Script::Raw("{\"authinfo\": "), "MALFORMED_ANSWER", true),
         (Script::Raw("{\"authinfo\": \"\"}"), "EMPTY_AUTHINFO", true),
-        (Script::Raw("{\"authinfo\": \"X\", \"expires_in\": 0}"), "MALFORMED_ANSWER", true),
-        (Script::Raw("<html>not json</html>"), "MALFORMED_ANSWER", true),
+        (
+            Script::Raw("{\"authinfo\": \"X\", \"expires_in\": 0}"),
+            "MALFORMED_ANSWER",
+            true,
+        ),
+        (
+            Script::Raw("<html>not json</html>"),
+            "MALFORMED_ANSWER",
+            true,
+        ),
         (Script::Hang, "PROXY_TIMEOUT", false),
     ];
     for (script, code, reached) in cases {
         proxy.script([script.clone()]);
-        let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
-        assert_eq!(r.status, 502, "{script:?}: {}", String::from_utf8_lossy(&r.body));
+        let r = daemon
+            .request("POST", "/v1/refresh?wait=true", &[], None)
+            .await;
+        assert_eq!(
+            r.status,
+            502,
+            "{script:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(r.json()["code"], code, "{script:?}");
         let r = daemon.get("/v1/authinfo").await;
         assert_eq!(r.status, 200);
-        assert_eq!(r.json()["authinfo"], "A1", "{script:?} must not replace the authinfo");
+        assert_eq!(
+            r.json()["authinfo"],
+            "A1",
+            "{script:?} must not replace the authinfo"
+        );
         assert_eq!(r.header("etag").as_deref(), Some(etag.as_str()));
         let status = daemon.status().await;
         assert_eq!(status["refresh"]["last_attempt_ok"], false, "{script:?}");
@@ -124,7 +174,9 @@ async fn rate_limit_with_retry_after_delays_the_next_attempt_at_least_that_long(
     let proxy = proxy().await;
     let (daemon, _) = daemon_with_authinfo(&proxy).await;
     proxy.script([Script::Error(429, "UPSTREAM_RATE_LIMITED", Some(120))]);
-    let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["code"], "UPSTREAM_RATE_LIMITED");
     let state = daemon.state.clone();
@@ -133,7 +185,9 @@ async fn rate_limit_with_retry_after_delays_the_next_attempt_at_least_that_long(
     })
     .await;
     let status = daemon.status().await;
-    let next = status["refresh"]["next_attempt_in_seconds"].as_i64().expect("next");
+    let next = status["refresh"]["next_attempt_in_seconds"]
+        .as_i64()
+        .expect("next");
     assert!(next >= 118, "Retry-After: 120 honoured, next in {next} s");
     assert_eq!(daemon.get("/v1/authinfo").await.json()["authinfo"], "A1");
     daemon.stop().await;
@@ -144,11 +198,18 @@ async fn permanent_refusal_stops_retries_and_shows_in_status() {
     let proxy = proxy().await;
     let (daemon, _) = daemon_with_authinfo(&proxy).await;
     proxy.script([Script::Error(422, "UPSTREAM_REJECTED", None)]);
-    let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
     assert_eq!(r.json()["code"], "UPSTREAM_REJECTED");
     let status = daemon.status().await;
     assert_eq!(status["refresh"]["last_error_permanent"], true);
-    assert!(status["refresh"]["next_attempt_in_seconds"].as_i64().expect("next") > 3000);
+    assert!(
+        status["refresh"]["next_attempt_in_seconds"]
+            .as_i64()
+            .expect("next")
+            > 3000
+    );
     daemon.stop().await;
 }
 
@@ -165,12 +226,19 @@ async fn connection_refused_keeps_the_authinfo_and_marks_the_proxy_unreachable()
     };
     // Same store, proxy address where nothing listens.
     let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
-    let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
     assert_eq!(r.json()["code"], "PROXY_UNREACHABLE");
     assert_eq!(daemon.get("/v1/authinfo").await.json()["authinfo"], "A1");
     let status = daemon.status().await;
     assert_eq!(status["proxy"]["reachable"], false);
-    assert!(status["refresh"]["last_error"].as_str().expect("error").contains("Connection refused"));
+    assert!(
+        status["refresh"]["last_error"]
+            .as_str()
+            .expect("error")
+            .contains("Connection refused")
+    );
     daemon.stop().await;
 }
 
@@ -181,12 +249,20 @@ async fn a_proxy_certificate_from_another_ca_is_refused() {
     let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
     let daemon = TestDaemon::start(&proxy.url, &other.ca_pem, "").await;
     daemon.put_raw_data("RAW").await;
-    let r = daemon.request("POST", "/v1/refresh?wait=true", &[], None).await;
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
     assert_eq!(r.json()["code"], "PROXY_UNREACHABLE");
-    assert!(proxy.seen().is_empty(), "no request got through the handshake");
+    assert!(
+        proxy.seen().is_empty(),
+        "no request got through the handshake"
+    );
     assert_eq!(daemon.get("/v1/authinfo").await.status, 503);
     let status = daemon.status().await;
-    let error = status["refresh"]["last_error"].as_str().expect("error").to_lowercase();
+    let error = status["refresh"]["last_error"]
+        .as_str()
+        .expect("error")
+        .to_lowercase();
     assert!(error.contains("certificate"), "{error}");
     daemon.stop().await;
 }
@@ -200,12 +276,21 @@ async fn a_skewed_clock_is_learned_from_the_proxy_date_and_retried_once() {
     daemon.put_raw_data("RAW").await;
     let state = daemon.state.clone();
     wait_until("served", || state.current().is_some()).await;
-    let seen: Vec<_> = proxy.seen().into_iter().filter(|s| s.path == "/v1/authinfo").collect();
+    let seen: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/v1/authinfo")
+        .collect();
     assert_eq!(seen.len(), 2, "one refused attempt, one retry");
     let skew = seen[1].timestamp - seen[0].timestamp;
-    assert!((998..=1002).contains(&skew), "the retry's timestamp moved by the offset: {skew}");
+    assert!(
+        (998..=1002).contains(&skew),
+        "the retry's timestamp moved by the offset: {skew}"
+    );
     let status = daemon.status().await;
-    let learned = status["proxy"]["clock_skew_seconds"].as_i64().expect("skew");
+    let learned = status["proxy"]["clock_skew_seconds"]
+        .as_i64()
+        .expect("skew");
     assert!((998..=1002).contains(&learned), "{learned}");
     proxy.assert_all_requests_valid();
     daemon.stop().await;
@@ -223,7 +308,11 @@ async fn restart_with_the_proxy_down_serves_the_persisted_authinfo_at_once_with_
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["authinfo"], "A1");
     assert!(r.json()["age_seconds"].as_u64().expect("age") >= 1);
-    assert_eq!(r.header("etag"), Some(etag), "same authinfo, same ETag across restarts");
+    assert_eq!(
+        r.header("etag"),
+        Some(etag),
+        "same authinfo, same ETag across restarts"
+    );
     assert_eq!(daemon.get("/healthz").await.status, 200);
     daemon.stop().await;
 }
@@ -244,8 +333,18 @@ async fn a_peer_outside_the_allow_list_gets_403_and_nothing_else() {
     }
     let r = daemon.put_raw_data("RAW").await;
     assert_eq!(r.status, 403);
-    assert!(daemon.state.store.raw_data().expect("store").is_none(), "a denied peer changes nothing");
-    assert_eq!(daemon.state.metrics.peers_denied.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert!(
+        daemon.state.store.raw_data().expect("store").is_none(),
+        "a denied peer changes nothing"
+    );
+    assert_eq!(
+        daemon
+            .state
+            .metrics
+            .peers_denied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
     daemon.stop().await;
 }
 
@@ -257,7 +356,9 @@ async fn garbage_oversized_headers_and_bodies_get_errors_and_the_next_client_is_
     let raw_exchange = |bytes: Vec<u8>| {
         let socket = daemon.socket.clone();
         async move {
-            let mut s = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+            let mut s = tokio::net::UnixStream::connect(&socket)
+                .await
+                .expect("connect");
             let _ = s.write_all(&bytes).await;
             let mut out = Vec::new();
             let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
@@ -272,10 +373,14 @@ async fn garbage_oversized_headers_and_bodies_get_errors_and_the_next_client_is_
     let answer = raw_exchange(big_header).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
     let big_body = vec![b'x'; 100 * 1024];
-    let r = daemon.request("PUT", "/v1/raw-data", &[], Some(&big_body)).await;
+    let r = daemon
+        .request("PUT", "/v1/raw-data", &[], Some(&big_body))
+        .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "BODY_TOO_LARGE");
-    let r = daemon.request("PUT", "/v1/raw-data", &[], Some(b"{not json")).await;
+    let r = daemon
+        .request("PUT", "/v1/raw-data", &[], Some(b"{not json"))
+        .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["code"], "BAD_BODY");
     // Still serving.
@@ -287,7 +392,12 @@ async fn garbage_oversized_headers_and_bodies_get_errors_and_the_next_client_is_
 async fn the_socket_file_has_the_configured_mode_and_is_removed_on_shutdown() {
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let proxy = proxy().await;
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "[socket]\nmode = \"0600\"\ngroup = \"root\"\n").await;
+    let daemon = TestDaemon::start(
+        &proxy.url,
+        &proxy.pki.ca_pem,
+        "[socket]\nmode = \"0600\"\ngroup = \"root\"\n",
+    )
+    .await;
     let meta = std::fs::metadata(&daemon.socket).expect("socket exists");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o777, 0o600);
@@ -300,10 +410,18 @@ async fn the_socket_file_has_the_configured_mode_and_is_removed_on_shutdown() {
 #[tokio::test]
 async fn device_route_answers_with_sections_for_every_check() {
     let proxy = proxy().await;
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "[health]\nalipay_binding = false\n").await;
+    let daemon = TestDaemon::start(
+        &proxy.url,
+        &proxy.pki.ca_pem,
+        "[health]\nalipay_binding = false\n",
+    )
+    .await;
     let state = daemon.state.clone();
     wait_until("the checks ran", || {
-        state.metrics.render(&[]).contains("outcome=\"not_configured\"} 1")
+        state
+            .metrics
+            .render(&[])
+            .contains("outcome=\"not_configured\"} 1")
     })
     .await;
     let doc = daemon.get("/v1/device").await.json();

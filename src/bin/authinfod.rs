@@ -122,7 +122,9 @@ fn main() -> ExitCode {
         },
         Command::Status { json, socket } => client_command(socket, |addr| status(addr, json)),
         Command::Get { socket } => client_command(socket, get),
-        Command::Refresh { wait, socket } => client_command(socket, move |addr| refresh(addr, wait)),
+        Command::Refresh { wait, socket } => {
+            client_command(socket, move |addr| refresh(addr, wait))
+        }
         Command::PutRawData { raw_data, socket } => {
             let raw = match raw_data {
                 Some(r) => r,
@@ -158,7 +160,11 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return exit::CONFIG;
     }
     if let Some(e) = err.downcast_ref::<terminal::DaemonError>() {
-        return if e.is_config() { exit::CONFIG } else { exit::FAILURE };
+        return if e.is_config() {
+            exit::CONFIG
+        } else {
+            exit::FAILURE
+        };
     }
     if let Some(client::ClientError::Connect { .. }) = err.downcast_ref::<client::ClientError>() {
         return exit::UNAVAILABLE;
@@ -212,7 +218,10 @@ fn watchdog_period() -> Option<std::time::Duration> {
 /// Resolves on SIGTERM or SIGINT, after logging which.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -242,8 +251,9 @@ where
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
     let address = match socket.socket {
-        Some(s) => config::SocketAddress::parse(&s)
-            .map_err(|e| anyhow::anyhow!("--socket: {e}"))?,
+        Some(s) => {
+            config::SocketAddress::parse(&s).map_err(|e| anyhow::anyhow!("--socket: {e}"))?
+        }
         None => config::client_socket(&socket.config),
     };
     tokio::runtime::Builder::new_current_thread()
@@ -274,7 +284,9 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(exit::NO_AUTHINFO));
     }
     let doc = answer.ok()?.json()?;
-    let authinfo = doc["authinfo"].as_str().context("the answer has no authinfo")?;
+    let authinfo = doc["authinfo"]
+        .as_str()
+        .context("the answer has no authinfo")?;
     println!("{authinfo}");
     if doc["state"] == "expired" {
         eprintln!("authinfod: warning: this authinfo is expired");
@@ -284,7 +296,11 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
 }
 
 async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
-    let path = if wait { "/v1/refresh?wait=true" } else { "/v1/refresh" };
+    let path = if wait {
+        "/v1/refresh?wait=true"
+    } else {
+        "/v1/refresh"
+    };
     let answer = client::request(&address, http::Method::POST, path, None).await?;
     match answer.ok() {
         Ok(a) if wait => {

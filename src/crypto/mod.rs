@@ -29,7 +29,9 @@ pub enum CryptoError {
     },
     #[error("{what} is not PEM: {reason}")]
     NotPem { what: String, reason: &'static str },
-    #[error("{what} is not a usable RSA private key (PKCS#8 or PKCS#1, 2048 to 4096 bits): {reason}")]
+    #[error(
+        "{what} is not a usable RSA private key (PKCS#8 or PKCS#1, 2048 to 4096 bits): {reason}"
+    )]
     BadPrivateKey { what: String, reason: String },
     #[error("{what} is not a usable RSA public key (SPKI or PKCS#1 PEM): {reason}")]
     BadPublicKey { what: String, reason: String },
@@ -78,10 +80,12 @@ pub fn pem_blocks(text: &str, what: &str) -> Result<Vec<PemBlock>, CryptoError> 
                 reason: "a BEGIN line has no matching END line",
             });
         }
-        let der = BASE64.decode(body.as_bytes()).map_err(|_| CryptoError::NotPem {
-            what: what.to_owned(),
-            reason: "the block is not valid base64",
-        })?;
+        let der = BASE64
+            .decode(body.as_bytes())
+            .map_err(|_| CryptoError::NotPem {
+                what: what.to_owned(),
+                reason: "the block is not valid base64",
+            })?;
         blocks.push(PemBlock {
             label: label.to_owned(),
             der,
@@ -213,12 +217,11 @@ impl RsaVerifier {
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
     pub fn from_spki_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
-        let key = rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| {
-            CryptoError::BadPublicKey {
+        let key =
+            rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| CryptoError::BadPublicKey {
                 what: what.to_owned(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Self::from_rsa(&key, what)
     }
 
@@ -241,7 +244,9 @@ impl RsaVerifier {
         };
         let bits = key.n().bits();
         if !(2048..=8192).contains(&bits) {
-            return Err(bad(format!("{bits}-bit modulus; 2048 to 8192 bits are accepted")));
+            return Err(bad(format!(
+                "{bits}-bit modulus; 2048 to 8192 bits are accepted"
+            )));
         }
         let pkcs1 = key.to_pkcs1_der().map_err(|e| bad(e.to_string()))?;
         let spki = key.to_public_key_der().map_err(|e| bad(e.to_string()))?;
@@ -421,7 +426,10 @@ mod tests {
     fn fingerprint_is_sha256_of_spki() {
         let pem = key().public.to_pem();
         let der = &pem_blocks(&pem, "p").expect("pem")[0].der;
-        assert_eq!(key().public.fingerprint(), format!("SHA256:{}", sha256_hex(der)));
+        assert_eq!(
+            key().public.fingerprint(),
+            format!("SHA256:{}", sha256_hex(der))
+        );
         assert_eq!(
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -180,7 +180,11 @@ pub fn route_label(path: &str) -> &'static str {
 }
 
 /// Answers one request.
-pub async fn handle(req: ApiRequest, state: &Arc<State>, shutdown: &CancellationToken) -> ApiResponse {
+pub async fn handle(
+    req: ApiRequest,
+    state: &Arc<State>,
+    shutdown: &CancellationToken,
+) -> ApiResponse {
     let route = route_label(&req.path);
     let response = route_request(req, state, shutdown)
         .await
@@ -302,9 +306,8 @@ fn etag_matches(header: &str, etag: &str) -> bool {
 }
 
 fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, ApiError> {
-    let body: RawDataBody = serde_json::from_slice(&req.body).map_err(|e| {
-        ApiError::BadBody(format!("expected {{\"raw_data\": \"...\"}}: {e}"))
-    })?;
+    let body: RawDataBody = serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::BadBody(format!("expected {{\"raw_data\": \"...\"}}: {e}")))?;
     let value = body.raw_data.trim().to_owned();
     if value.is_empty() {
         return Err(ApiError::BadBody("raw_data is empty".into()));
@@ -340,12 +343,16 @@ async fn post_refresh(
     };
     let seq = state.request_refresh();
     if !wait {
-        return Ok(ApiResponse::json(202, &serde_json::json!({ "accepted": true })));
+        return Ok(ApiResponse::json(
+            202,
+            &serde_json::json!({ "accepted": true }),
+        ));
     }
     // Bound the wait by what one attempt can take: the command, then the proxy call and its
     // one skew retry.
     let config = &state.config;
-    let bound = config.refresh.raw_data_command_timeout + config.proxy.timeout * 2 + Duration::from_secs(5);
+    let bound =
+        config.refresh.raw_data_command_timeout + config.proxy.timeout * 2 + Duration::from_secs(5);
     let completion = tokio::select! {
         c = tokio::time::timeout(bound, state.wait_completion(seq)) => {
             c.map_err(|_| ApiError::RefreshTimeout(bound.as_secs()))?
@@ -482,7 +489,12 @@ mod tests {
         assert_eq!(doc.authinfo, "AUTH");
         assert_eq!(doc.state, "fresh");
         assert!(doc.age_seconds >= 10);
-        let r = handle(get("/v1/authinfo", None, Some(&served.etag)), &state, &token).await;
+        let r = handle(
+            get("/v1/authinfo", None, Some(&served.etag)),
+            &state,
+            &token,
+        )
+        .await;
         assert_eq!(r.status, 304);
         assert!(r.body.is_empty());
         let r = handle(get("/v1/authinfo", None, Some("\"other\"")), &state, &token).await;
@@ -495,12 +507,22 @@ mod tests {
         let state = state(dir.path());
         let token = CancellationToken::new();
         let first = publish(&state, "A", unix_now());
-        let r = handle(get("/v1/authinfo", Some("wait=5"), Some(&first.etag)), &state, &token).await;
+        let r = handle(
+            get("/v1/authinfo", Some("wait=5"), Some(&first.etag)),
+            &state,
+            &token,
+        )
+        .await;
         assert_eq!(r.status, 304, "nothing changed within 5 s");
         let poll = {
             let (state, token, etag) = (state.clone(), token.clone(), first.etag.clone());
             tokio::spawn(async move {
-                handle(get("/v1/authinfo", Some("wait=60"), Some(&etag)), &state, &token).await
+                handle(
+                    get("/v1/authinfo", Some("wait=60"), Some(&etag)),
+                    &state,
+                    &token,
+                )
+                .await
             })
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -518,8 +540,16 @@ mod tests {
         let state = state(dir.path());
         let token = CancellationToken::new();
         let cases = [
-            (get("/v1/authinfo", Some("wait=abc"), None), 400, "BAD_QUERY"),
-            (get("/v1/authinfo", Some("wait=301"), None), 400, "BAD_QUERY"),
+            (
+                get("/v1/authinfo", Some("wait=abc"), None),
+                400,
+                "BAD_QUERY",
+            ),
+            (
+                get("/v1/authinfo", Some("wait=301"), None),
+                400,
+                "BAD_QUERY",
+            ),
             (get("/nope", None, None), 404, "NOT_FOUND"),
             (get("/v1/raw-data", None, None), 405, "METHOD_NOT_ALLOWED"),
             (
@@ -558,7 +588,11 @@ mod tests {
             let r = handle(req, &state, &token).await;
             assert_eq!(r.status, status, "{label}");
             assert_eq!(r.json_body()["code"], code, "{label}");
-            assert!(r.json_body()["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(
+                r.json_body()["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
         }
         let r = handle(get("/v1/raw-data", None, None), &state, &token).await;
         assert_eq!(r.allow, Some("PUT"));
@@ -572,13 +606,18 @@ mod tests {
         let put = |raw: &str| ApiRequest {
             method: http::Method::PUT,
             path: "/v1/raw-data".into(),
-            body: serde_json::to_vec(&serde_json::json!({ "raw_data": raw })).expect("json").into(),
+            body: serde_json::to_vec(&serde_json::json!({ "raw_data": raw }))
+                .expect("json")
+                .into(),
             ..ApiRequest::default()
         };
         let r = handle(put("R1"), &state, &token).await;
         assert_eq!(r.status, 202);
         assert_eq!(r.json_body()["refresh_triggered"], true);
-        assert_eq!(state.store.raw_data().expect("read").expect("stored").value, "R1");
+        assert_eq!(
+            state.store.raw_data().expect("read").expect("stored").value,
+            "R1"
+        );
         assert!(state.refresh_pending());
         state.begin_refresh();
         state.finish_refresh(None);
@@ -586,7 +625,10 @@ mod tests {
         let r = handle(put("R2"), &state, &token).await;
         assert_eq!(r.json_body()["refresh_triggered"], false);
         assert!(!state.refresh_pending());
-        assert_eq!(state.store.raw_data().expect("read").expect("stored").value, "R2");
+        assert_eq!(
+            state.store.raw_data().expect("read").expect("stored").value,
+            "R2"
+        );
     }
 
     #[tokio::test]
@@ -594,19 +636,35 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state(dir.path());
         let token = CancellationToken::new();
-        assert_eq!(handle(get("/healthz", None, None), &state, &token).await.status, 503);
+        assert_eq!(
+            handle(get("/healthz", None, None), &state, &token)
+                .await
+                .status,
+            503
+        );
         publish(&state, "A", unix_now() - 5000);
         let r = handle(get("/healthz", None, None), &state, &token).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json_body()["authinfo_state"], "stale");
         publish(&state, "B", unix_now() - 8000);
-        assert_eq!(handle(get("/healthz", None, None), &state, &token).await.status, 503);
+        assert_eq!(
+            handle(get("/healthz", None, None), &state, &token)
+                .await
+                .status,
+            503
+        );
         let m = handle(get("/metrics", None, None), &state, &token).await;
         assert_eq!(m.content_type, "text/plain; version=0.0.4");
         let text = String::from_utf8(m.body).expect("utf8");
         assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
-        assert!(text.contains("authinfod_socket_requests_total{route=\"/healthz\",status=\"503\"} 2"), "{text}");
-        assert!(!text.contains("\"B\""), "the secret never appears in metrics");
+        assert!(
+            text.contains("authinfod_socket_requests_total{route=\"/healthz\",status=\"503\"} 2"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("\"B\""),
+            "the secret never appears in metrics"
+        );
     }
 
     #[test]

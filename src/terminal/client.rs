@@ -28,7 +28,10 @@ pub enum ClientError {
     },
     #[error("talking to authinfod failed")]
     Http(#[source] hyper::Error),
-    #[error("authinfod did not answer within {}", crate::units::format_duration(CLIENT_TIMEOUT))]
+    #[error(
+        "authinfod did not answer within {}",
+        crate::units::format_duration(CLIENT_TIMEOUT)
+    )]
     Timeout,
     #[error("authinfod answered {status}: {message}")]
     Refused {
@@ -61,9 +64,10 @@ impl Answer {
         Err(ClientError::Refused {
             status: self.status,
             code: body["code"].as_str().unwrap_or("").to_owned(),
-            message: body["message"]
-                .as_str()
-                .map_or_else(|| String::from_utf8_lossy(&self.body).into_owned(), str::to_owned),
+            message: body["message"].as_str().map_or_else(
+                || String::from_utf8_lossy(&self.body).into_owned(),
+                str::to_owned,
+            ),
         })
     }
 }
@@ -96,7 +100,10 @@ fn connect_abstract(name: &str) -> std::io::Result<std::os::unix::net::UnixStrea
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn connect_abstract(_name: &str) -> std::io::Result<std::os::unix::net::UnixStream> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract sockets need Linux"))
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "abstract sockets need Linux",
+    ))
 }
 
 /// Sends one request and reads the whole answer.
@@ -297,7 +304,10 @@ fn describe_check(name: &str, value: &serde_json::Value) -> String {
             s("merchant_type"),
             s("pid"),
             s("shop_id"),
-            value["smid"].as_str().map(|m| format!(", smid {m}")).unwrap_or_default()
+            value["smid"]
+                .as_str()
+                .map(|m| format!(", smid {m}"))
+                .unwrap_or_default()
         ),
         "licence" => {
             let days = value["days_left"].as_i64();

@@ -217,7 +217,10 @@ pub enum ConfigError {
     #[error("config file {path} is not valid TOML for authinfod: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// Reads and validates the config file at `path`.
@@ -256,7 +259,9 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
             None
         }
         None => {
-            problems.push("device_id: missing (the id this terminal is enrolled under at the proxy)".into());
+            problems.push(
+                "device_id: missing (the id this terminal is enrolled under at the proxy)".into(),
+            );
             None
         }
     };
@@ -347,14 +352,24 @@ fn validate_proxy(raw: RawProxy, problems: &mut Vec<String>) -> Option<ProxyConf
     let ca_file = absolute("proxy.ca_file", raw.ca_file, None, problems);
     let ca_pem = ca_file.as_ref().and_then(|path| {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| problems.push(format!("proxy.ca_file: cannot read {}: {e}", path.display())))
+            .map_err(|e| {
+                problems.push(format!(
+                    "proxy.ca_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })
             .ok()?;
         crate::tls::client_config_pinned(&text, &path.display().to_string())
             .map_err(|e| problems.push(format!("proxy.ca_file: {e}")))
             .ok()?;
         Some(text)
     });
-    let timeout = positive("proxy.timeout", raw.timeout, DEFAULT_PROXY_TIMEOUT, problems);
+    let timeout = positive(
+        "proxy.timeout",
+        raw.timeout,
+        DEFAULT_PROXY_TIMEOUT,
+        problems,
+    );
     Some(ProxyConfig {
         url: url?,
         ca_file: ca_file?,
@@ -401,18 +416,22 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
                 None
             }
             Err(_) => {
-                problems.push(format!("socket.mode: {m:?} is not an octal mode like \"0660\""));
+                problems.push(format!(
+                    "socket.mode: {m:?} is not an octal mode like \"0660\""
+                ));
                 None
             }
         },
     };
-    let group = raw.group.and_then(|name| match resolve_group(&IdOrName::Name(name.clone())) {
-        Ok(gid) => Some((name, gid)),
-        Err(e) => {
-            problems.push(format!("socket.group: {e}"));
-            None
-        }
-    });
+    let group = raw
+        .group
+        .and_then(|name| match resolve_group(&IdOrName::Name(name.clone())) {
+            Ok(gid) => Some((name, gid)),
+            Err(e) => {
+                problems.push(format!("socket.group: {e}"));
+                None
+            }
+        });
     let own_uid = nix::unistd::Uid::current().as_raw();
     let allowed_uids = match raw.allowed_uids {
         None => Some(BTreeSet::from([0, own_uid])),
@@ -463,7 +482,9 @@ fn resolve_user(entry: &IdOrName) -> Result<u32, String> {
         IdOrName::Id(id) => Ok(*id),
         IdOrName::Name(name) => match nix::unistd::User::from_name(name) {
             Ok(Some(user)) => Ok(user.uid.as_raw()),
-            Ok(None) => Err(format!("no user named {name:?} (numeric uids work everywhere)")),
+            Ok(None) => Err(format!(
+                "no user named {name:?} (numeric uids work everywhere)"
+            )),
             Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
         },
     }
@@ -474,7 +495,9 @@ fn resolve_group(entry: &IdOrName) -> Result<u32, String> {
         IdOrName::Id(id) => Ok(*id),
         IdOrName::Name(name) => match nix::unistd::Group::from_name(name) {
             Ok(Some(group)) => Ok(group.gid.as_raw()),
-            Ok(None) => Err(format!("no group named {name:?} (numeric gids work everywhere)")),
+            Ok(None) => Err(format!(
+                "no group named {name:?} (numeric gids work everywhere)"
+            )),
             Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
         },
     }
@@ -484,10 +507,22 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Vec<String>) -> Option<Refre
     let interval = positive("refresh.interval", raw.interval, DEFAULT_INTERVAL, problems);
     let jitter = raw.jitter.unwrap_or(DEFAULT_JITTER);
     if !(0.0..=0.5).contains(&jitter) {
-        problems.push(format!("refresh.jitter: {jitter} must be between 0.0 and 0.5"));
+        problems.push(format!(
+            "refresh.jitter: {jitter} must be between 0.0 and 0.5"
+        ));
     }
-    let backoff_min = positive("refresh.backoff_min", raw.backoff_min, DEFAULT_BACKOFF_MIN, problems);
-    let backoff_max = positive("refresh.backoff_max", raw.backoff_max, DEFAULT_BACKOFF_MAX, problems);
+    let backoff_min = positive(
+        "refresh.backoff_min",
+        raw.backoff_min,
+        DEFAULT_BACKOFF_MIN,
+        problems,
+    );
+    let backoff_max = positive(
+        "refresh.backoff_max",
+        raw.backoff_max,
+        DEFAULT_BACKOFF_MAX,
+        problems,
+    );
     if backoff_max < backoff_min {
         problems.push("refresh.backoff_max: must not be less than refresh.backoff_min".into());
     }
@@ -499,7 +534,10 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Vec<String>) -> Option<Refre
     );
     let raw_data_command = match raw.raw_data_command {
         Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
-            problems.push("refresh.raw_data_command: needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]".into());
+            problems.push(
+                "refresh.raw_data_command: needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]"
+                    .into(),
+            );
             None
         }
         Some(cmd) if !Path::new(&cmd[0]).is_absolute() => {
@@ -613,7 +651,10 @@ mod tests {
         assert_eq!(c.refresh.interval, DEFAULT_INTERVAL);
         assert_eq!(c.refresh.backoff_max, DEFAULT_BACKOFF_MAX);
         assert_eq!(c.socket.mode, 0o660);
-        assert_eq!(c.socket.address, SocketAddress::Path(DEFAULT_SOCKET_PATH.into()));
+        assert_eq!(
+            c.socket.address,
+            SocketAddress::Path(DEFAULT_SOCKET_PATH.into())
+        );
         assert!(c.socket.allowed_uids.contains(&0));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert!(c.health.inspection && c.health.alipay_binding && c.health.licence);

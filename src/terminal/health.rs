@@ -17,10 +17,10 @@ use super::config::HealthConfig;
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
 use super::refresher::Schedule;
 use super::state::{State, lock};
-use crate::units::unix_now;
-use crate::wire;
 use super::store::Store;
 use crate::units::rfc3339;
+use crate::units::unix_now;
+use crate::wire;
 
 /// The three checks, by the names used in the store, the API and the logs.
 pub const CHECKS: [&str; 3] = ["inspection", "alipay_binding", "licence"];
@@ -119,7 +119,6 @@ impl HealthView {
 }
 
 // === impl Checker ===
-
 
 /// How a licence's remaining days are logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,7 +261,10 @@ pub async fn check_once(
             Ok(())
         }
         Err(UpstreamError::Refused { body, .. }) if body.code == wire::codes::NOT_CONFIGURED => {
-            tracing::info!(check, "health check not configured at the proxy for this device");
+            tracing::info!(
+                check,
+                "health check not configured at the proxy for this device"
+            );
             record.not_configured = true;
             record.last_error = None;
             state.metrics.count_check(check, "not_configured");
@@ -271,7 +273,9 @@ pub async fn check_once(
         Err(error) => {
             let text = crate::error_chain(&error);
             let upstream_code = match &error {
-                UpstreamError::Refused { body, .. } => body.upstream.as_ref().and_then(|u| u.code.clone()),
+                UpstreamError::Refused { body, .. } => {
+                    body.upstream.as_ref().and_then(|u| u.code.clone())
+                }
                 _ => None,
             };
             let unbound = check == "alipay_binding"
@@ -349,10 +353,18 @@ fn log_fact(check: &str, value: &serde_json::Value, now: i64) {
                 return;
             };
             match licence_severity(days_left) {
-                LicenceSeverity::Ok => tracing::info!(check, expired_day = %l.expired_day, days_left, "face SDK licence valid"),
-                LicenceSeverity::Soon => tracing::warn!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 30 days"),
-                LicenceSeverity::Urgent if days_left < 0 => tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence has LAPSED"),
-                LicenceSeverity::Urgent => tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 7 days"),
+                LicenceSeverity::Ok => {
+                    tracing::info!(check, expired_day = %l.expired_day, days_left, "face SDK licence valid")
+                }
+                LicenceSeverity::Soon => {
+                    tracing::warn!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 30 days")
+                }
+                LicenceSeverity::Urgent if days_left < 0 => {
+                    tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence has LAPSED")
+                }
+                LicenceSeverity::Urgent => {
+                    tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 7 days")
+                }
             }
         }
         _ => {

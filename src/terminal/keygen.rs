@@ -16,7 +16,9 @@ pub const DEVICE_KEY_BITS: usize = 2048;
 /// Why a key could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum KeygenError {
-    #[error("{path} already exists; pass --force to replace it (the old key's enrolment stops working)")]
+    #[error(
+        "{path} already exists; pass --force to replace it (the old key's enrolment stops working)"
+    )]
     Exists { path: PathBuf },
     #[error("cannot write the key to {path}")]
     Write {
@@ -54,7 +56,8 @@ pub fn keygen(out: &Path, force: bool) -> Result<RsaVerifier, KeygenError> {
     // An existing file keeps its mode on truncation: tighten it explicitly.
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(write_err)?;
-    file.write_all(key.private_pem.as_bytes()).map_err(write_err)?;
+    file.write_all(key.private_pem.as_bytes())
+        .map_err(write_err)?;
     file.sync_all().map_err(write_err)?;
     Ok(key.public)
 }
@@ -80,17 +83,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("device.key");
         let public = keygen(&path, false).expect("keygen");
-        assert_eq!(std::fs::metadata(&path).expect("meta").mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").mode() & 0o777,
+            0o600
+        );
         let signer = crypto::RsaSigner::from_file(&path).expect("ring loads it");
         assert_eq!(signer.public_key().expect("pub"), public);
         let sig = signer.sign(b"m").expect("sign");
         assert!(public.verify(b"m", &sig));
-        assert!(matches!(keygen(&path, false), Err(KeygenError::Exists { .. })));
+        assert!(matches!(
+            keygen(&path, false),
+            Err(KeygenError::Exists { .. })
+        ));
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .expect("chmod");
         let replaced = keygen(&path, true).expect("forced");
         assert_ne!(replaced, public);
-        assert_eq!(std::fs::metadata(&path).expect("meta").mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").mode() & 0o777,
+            0o600
+        );
         let text = enrolment_text(&replaced, Some("T9"));
         assert!(text.contains("device_id = \"T9\""));
         assert!(text.contains(&replaced.fingerprint()));

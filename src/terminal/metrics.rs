@@ -27,21 +27,30 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn count_request(&self, route: &'static str, status: u16) {
-        *super::state::lock(&self.requests).entry((route, status)).or_default() += 1;
+        *super::state::lock(&self.requests)
+            .entry((route, status))
+            .or_default() += 1;
     }
 
     /// `outcome`: `ok`, `retryable_error`, `permanent_error`, `no_raw_data`.
     pub fn count_refresh(&self, outcome: &'static str) {
-        *super::state::lock(&self.refreshes).entry(outcome).or_default() += 1;
+        *super::state::lock(&self.refreshes)
+            .entry(outcome)
+            .or_default() += 1;
     }
 
     /// `outcome`: `ok`, `error`, `not_configured`.
     pub fn count_check(&self, check: &'static str, outcome: &'static str) {
-        *super::state::lock(&self.checks).entry((check, outcome)).or_default() += 1;
+        *super::state::lock(&self.checks)
+            .entry((check, outcome))
+            .or_default() += 1;
     }
 
     pub fn refreshes(&self, outcome: &str) -> u64 {
-        super::state::lock(&self.refreshes).get(outcome).copied().unwrap_or(0)
+        super::state::lock(&self.refreshes)
+            .get(outcome)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Renders the counters and the given gauges.
@@ -53,7 +62,10 @@ impl Metrics {
             env!("CARGO_PKG_VERSION")
         );
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         let _ = writeln!(
             out,
@@ -70,7 +82,10 @@ impl Metrics {
             "# HELP authinfod_refresh_attempts_total Authinfo refresh attempts by outcome.\n# TYPE authinfod_refresh_attempts_total counter"
         );
         for (outcome, n) in super::state::lock(&self.refreshes).iter() {
-            let _ = writeln!(out, "authinfod_refresh_attempts_total{{outcome=\"{outcome}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "authinfod_refresh_attempts_total{{outcome=\"{outcome}\"}} {n}"
+            );
         }
         let _ = writeln!(
             out,
@@ -120,9 +135,15 @@ mod tests {
         m.count_request("/v1/authinfo", 200);
         m.count_refresh("ok");
         let text = m.render(&[("authinfod_authinfo_age_seconds", "Age.", 12.0)]);
-        assert!(text.contains("authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2"));
+        assert!(
+            text.contains(
+                "authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2"
+            )
+        );
         assert!(text.contains("authinfod_refresh_attempts_total{outcome=\"ok\"} 1"));
-        assert!(text.contains("# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12"));
+        assert!(text.contains(
+            "# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12"
+        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("name value");
             value.parse::<f64>().expect("numeric sample");

@@ -64,7 +64,10 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when fixing the configuration (or the files it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Key(_) | Self::KeyPermissions { .. } | Self::Tls(_))
+        matches!(
+            self,
+            Self::Key(_) | Self::KeyPermissions { .. } | Self::Tls(_)
+        )
     }
 }
 
@@ -147,7 +150,9 @@ impl Daemon {
                 state = state::freshness_name(served.freshness(crate::units::unix_now(), state.config.refresh.interval)),
                 "serving the stored authinfo"
             ),
-            None => tracing::info!("no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"),
+            None => tracing::info!(
+                "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
+            ),
         }
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
@@ -178,7 +183,9 @@ impl Daemon {
             options,
         } = self;
         let tasks = [
-            tokio::spawn(refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone())),
+            tokio::spawn(
+                refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
+            ),
             tokio::spawn(health::Checker::new(state.clone(), upstream).run(token.clone())),
             tokio::spawn(server.serve(state.clone(), token.clone())),
             tokio::spawn(systemd::supervise(
@@ -191,7 +198,10 @@ impl Daemon {
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         token.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks)).await.is_err() {
+        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks))
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within the timeout");
         }
         if let Err(error) = state.store.flush() {

@@ -61,7 +61,7 @@ pub enum UpstreamError {
     #[error("the proxy answered {status} {}: {}", body.code, body.message)]
     Refused {
         status: u16,
-        body: ErrorBody,
+        body: Box<ErrorBody>,
         retry_after: Option<Duration>,
     },
     #[error("the proxy's answer is malformed: {reason}")]
@@ -114,7 +114,10 @@ impl UpstreamError {
 
     /// Whether the proxy answered at all.
     pub fn reached_proxy(&self) -> bool {
-        matches!(self, Self::Refused { .. } | Self::Malformed { .. } | Self::EmptyAuthinfo)
+        matches!(
+            self,
+            Self::Refused { .. } | Self::Malformed { .. } | Self::EmptyAuthinfo
+        )
     }
 }
 
@@ -208,7 +211,10 @@ impl ProxyClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_vec());
         }
-        let response = request.send().await.map_err(|e| SendError::Other(self.transport(e)))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| SendError::Other(self.transport(e)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let bytes = read_limited(response, wire::MAX_RESPONSE_BODY)
@@ -236,7 +242,7 @@ impl ProxyClient {
             .map(Duration::from_secs);
         let error = UpstreamError::Refused {
             status,
-            body,
+            body: Box::new(body),
             retry_after,
         };
         if status == 401
@@ -271,7 +277,10 @@ impl ProxyClient {
 
 enum SendError {
     /// A 401 `TIMESTAMP_SKEW` that carried the proxy's `Date` (Unix seconds).
-    Skewed { proxy_date: i64, error: UpstreamError },
+    Skewed {
+        proxy_date: i64,
+        error: UpstreamError,
+    },
     Other(UpstreamError),
 }
 
@@ -347,13 +356,13 @@ mod tests {
     fn refused(status: u16, code: &str, retryable: bool) -> UpstreamError {
         UpstreamError::Refused {
             status,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 code: code.into(),
                 message: "m".into(),
                 retryable,
                 retry_after_seconds: None,
                 upstream: None,
-            },
+            }),
             retry_after: None,
         }
     }
@@ -361,22 +370,40 @@ mod tests {
     #[test]
     fn dispositions_follow_the_contract() {
         use Disposition::*;
-        assert_eq!(refused(500, "X", false).disposition(), Retry { after: None });
-        assert_eq!(refused(502, "UPSTREAM_UNAVAILABLE", true).disposition(), Retry { after: None });
+        assert_eq!(
+            refused(500, "X", false).disposition(),
+            Retry { after: None }
+        );
+        assert_eq!(
+            refused(502, "UPSTREAM_UNAVAILABLE", true).disposition(),
+            Retry { after: None }
+        );
         assert_eq!(refused(400, "BAD_REQUEST", false).disposition(), Permanent);
-        assert_eq!(refused(403, "DEVICE_INACTIVATED", false).disposition(), Permanent);
-        assert_eq!(refused(422, "UPSTREAM_REJECTED", false).disposition(), Permanent);
-        assert_eq!(refused(401, "BAD_SIGNATURE", false).disposition(), Permanent);
-        assert_eq!(refused(401, "TIMESTAMP_SKEW", false).disposition(), Retry { after: None });
+        assert_eq!(
+            refused(403, "DEVICE_INACTIVATED", false).disposition(),
+            Permanent
+        );
+        assert_eq!(
+            refused(422, "UPSTREAM_REJECTED", false).disposition(),
+            Permanent
+        );
+        assert_eq!(
+            refused(401, "BAD_SIGNATURE", false).disposition(),
+            Permanent
+        );
+        assert_eq!(
+            refused(401, "TIMESTAMP_SKEW", false).disposition(),
+            Retry { after: None }
+        );
         let limited = UpstreamError::Refused {
             status: 429,
-            body: ErrorBody {
+            body: Box::new(ErrorBody {
                 code: "UPSTREAM_RATE_LIMITED".into(),
                 message: "m".into(),
                 retryable: true,
                 retry_after_seconds: Some(7),
                 upstream: None,
-            },
+            }),
             retry_after: Some(Duration::from_secs(30)),
         };
         assert_eq!(
@@ -386,7 +413,15 @@ mod tests {
             },
             "the header wins over the body"
         );
-        assert_eq!(UpstreamError::EmptyAuthinfo.disposition(), Retry { after: None });
-        assert!(!UpstreamError::Timeout { timeout: Duration::from_secs(1) }.reached_proxy());
+        assert_eq!(
+            UpstreamError::EmptyAuthinfo.disposition(),
+            Retry { after: None }
+        );
+        assert!(
+            !UpstreamError::Timeout {
+                timeout: Duration::from_secs(1)
+            }
+            .reached_proxy()
+        );
     }
 }

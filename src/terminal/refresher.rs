@@ -47,7 +47,8 @@ impl Schedule {
 
     /// The wait until the next scheduled refresh: the interval ±jitter, `unit` in [0, 1).
     pub fn next_interval(&self, unit: f64) -> Duration {
-        self.interval.mul_f64(1.0 + self.jitter * (2.0 * unit - 1.0))
+        self.interval
+            .mul_f64(1.0 + self.jitter * (2.0 * unit - 1.0))
     }
 
     /// The backoff ceiling after `failures` consecutive failures: `backoff_min` doubling per
@@ -134,7 +135,9 @@ impl Refresher {
         let mut next = self.initial_due(Instant::now());
         if next.is_none() {
             self.state.refresh_status().waiting_for = Some("raw_data");
-            tracing::info!("no authinfo and no raw_data yet; waiting for the face app to PUT /v1/raw-data");
+            tracing::info!(
+                "no authinfo and no raw_data yet; waiting for the face app to PUT /v1/raw-data"
+            );
         }
         let mut last_tick = (Instant::now(), unix_now());
         loop {
@@ -152,9 +155,10 @@ impl Refresher {
             let slept = wall - last_tick.1 - mono.duration_since(last_tick.0).as_secs() as i64;
             last_tick = (mono, wall);
             if slept > JUMP_THRESHOLD.as_secs() as i64 {
-                let stale = self.state.current().is_some_and(|s| {
-                    s.age(wall) >= self.schedule.interval.as_secs()
-                });
+                let stale = self
+                    .state
+                    .current()
+                    .is_some_and(|s| s.age(wall) >= self.schedule.interval.as_secs());
                 tracing::info!(
                     jump_seconds = slept,
                     stale,
@@ -252,9 +256,10 @@ impl Refresher {
                 reason: "expires_in is 0: the authinfo would be expired on arrival".into(),
             },
             Ok(answer) => {
-                let validity = answer
-                    .expires_in
-                    .map_or(self.state.config.refresh.assumed_validity, Duration::from_secs);
+                let validity = answer.expires_in.map_or(
+                    self.state.config.refresh.assumed_validity,
+                    Duration::from_secs,
+                );
                 let held = HeldAuthinfo {
                     authinfo: answer.authinfo,
                     fetched_at: now,
@@ -381,7 +386,12 @@ async fn run_raw_data_command(command: &[String], timeout: Duration) -> Result<S
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     let output = tokio::time::timeout(timeout, child.wait_with_output())
         .await
-        .map_err(|_| format!("{program} did not finish within {}", crate::units::format_duration(timeout)))?
+        .map_err(|_| {
+            format!(
+                "{program} did not finish within {}",
+                crate::units::format_duration(timeout)
+            )
+        })?
         .map_err(|e| format!("{program}: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -470,9 +480,18 @@ mod tests {
     #[test]
     fn retry_after_is_a_floor_capped_at_the_interval() {
         let s = schedule();
-        assert_eq!(s.retry_delay(1, Some(Duration::from_secs(120)), 0.5), Duration::from_secs(120));
-        assert_eq!(s.retry_delay(9, Some(Duration::from_secs(1)), 0.5), Duration::from_secs(150));
-        assert_eq!(s.retry_delay(1, Some(Duration::from_secs(86400)), 0.0), Duration::from_secs(3600));
+        assert_eq!(
+            s.retry_delay(1, Some(Duration::from_secs(120)), 0.5),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            s.retry_delay(9, Some(Duration::from_secs(1)), 0.5),
+            Duration::from_secs(150)
+        );
+        assert_eq!(
+            s.retry_delay(1, Some(Duration::from_secs(86400)), 0.0),
+            Duration::from_secs(3600)
+        );
     }
 
     // === the loop, on tokio's paused clock, against a scripted upstream ===
@@ -503,13 +522,13 @@ mod tests {
                     }),
                     Some(Step::Fail(status, retry_after)) => Err(UpstreamError::Refused {
                         status,
-                        body: ErrorBody {
+                        body: Box::new(ErrorBody {
                             code: format!("HTTP_{status}"),
                             message: "scripted".into(),
                             retryable: status >= 500 || status == 429,
                             retry_after_seconds: None,
                             upstream: None,
-                        },
+                        }),
                         retry_after: retry_after.map(Duration::from_secs),
                     }),
                     None => std::future::pending().await,
@@ -571,21 +590,42 @@ mod tests {
         shutdown.cancel();
         task.await.expect("join");
 
-        let calls: Vec<Duration> = lock(&upstream.calls).iter().map(|t| t.duration_since(start)).collect();
+        let calls: Vec<Duration> = lock(&upstream.calls)
+            .iter()
+            .map(|t| t.duration_since(start))
+            .collect();
         // Six scripted answers, then a seventh call one interval after the second success.
         assert_eq!(calls.len(), 7, "{calls:?}");
-        assert!(calls[0] < Duration::from_secs(1), "first refresh at once: {calls:?}");
+        assert!(
+            calls[0] < Duration::from_secs(1),
+            "first refresh at once: {calls:?}"
+        );
         let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
         // After success: interval + jitter, between 0.9 h and 1.1 h.
-        assert!(gaps[0] >= Duration::from_secs(3240) && gaps[0] < Duration::from_secs(3961), "{gaps:?}");
+        assert!(
+            gaps[0] >= Duration::from_secs(3240) && gaps[0] < Duration::from_secs(3961),
+            "{gaps:?}"
+        );
         // Failures 1, 2, 3: full jitter under ceilings 5 s, 10 s, 20 s.
         for (gap, ceiling) in gaps[1..4].iter().zip([5, 10, 20]) {
-            assert!(*gap <= Duration::from_secs(ceiling), "{gap:?} > {ceiling}s in {gaps:?}");
-            assert!(*gap >= Duration::from_secs(ceiling).mul_f64(0.99), "max jitter gives the ceiling: {gaps:?}");
+            assert!(
+                *gap <= Duration::from_secs(ceiling),
+                "{gap:?} > {ceiling}s in {gaps:?}"
+            );
+            assert!(
+                *gap >= Duration::from_secs(ceiling).mul_f64(0.99),
+                "max jitter gives the ceiling: {gaps:?}"
+            );
         }
         // The 429 said Retry-After: 100, above the 40 s ceiling.
-        assert!(gaps[4] >= Duration::from_secs(100) && gaps[4] < Duration::from_secs(101), "{gaps:?}");
-        assert!(gaps[5] >= Duration::from_secs(3240) && gaps[5] < Duration::from_secs(3961), "{gaps:?}");
+        assert!(
+            gaps[4] >= Duration::from_secs(100) && gaps[4] < Duration::from_secs(101),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps[5] >= Duration::from_secs(3240) && gaps[5] < Duration::from_secs(3961),
+            "{gaps:?}"
+        );
         assert_eq!(state.current().expect("held").held.authinfo, "SECOND");
         assert_eq!(state.metrics.refreshes("retryable_error"), 4);
     }
@@ -607,11 +647,14 @@ mod tests {
                 calls: Mutex::new(Vec::new()),
             });
             let shutdown = CancellationToken::new();
-            let task = tokio::spawn(
-                Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()),
-            );
+            let task =
+                tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
             tokio::time::sleep(Duration::from_secs(60)).await;
-            assert_eq!(lock(&upstream.calls).len() == 1, expect_immediate, "age {age}");
+            assert_eq!(
+                lock(&upstream.calls).len() == 1,
+                expect_immediate,
+                "age {age}"
+            );
             shutdown.cancel();
             task.await.expect("join");
         }
@@ -627,9 +670,14 @@ mod tests {
             calls: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let task =
+            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
         tokio::time::sleep(Duration::from_secs(1800)).await;
-        assert_eq!(lock(&upstream.calls).len(), 1, "no retries within the interval");
+        assert_eq!(
+            lock(&upstream.calls).len(),
+            1,
+            "no retries within the interval"
+        );
         assert!(state.status().refresh.last_error_permanent);
         assert!(accept_raw_data(&state, "NEWRAW".into()).expect("store"));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -656,12 +704,16 @@ mod tests {
             calls: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let task =
+            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
         let first = state.request_refresh();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(state.refresh_status().in_flight);
         let joined = state.request_refresh();
-        assert_eq!(first, joined, "a request during a flight waits for that flight");
+        assert_eq!(
+            first, joined,
+            "a request during a flight waits for that flight"
+        );
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(lock(&upstream.calls).len(), 1);
         shutdown.cancel();

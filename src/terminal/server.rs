@@ -112,7 +112,10 @@ impl SocketServer {
                 },
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                state.metrics.connections_over_cap.fetch_add(1, Ordering::Relaxed);
+                state
+                    .metrics
+                    .connections_over_cap
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     max_connections = state.config.socket.max_connections,
                     "socket connection refused: at the connection limit"
@@ -122,15 +125,27 @@ impl SocketServer {
             };
             let (state, shutdown) = (state.clone(), shutdown.clone());
             tracker.spawn(async move {
-                state.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                state
+                    .metrics
+                    .connections_open
+                    .fetch_add(1, Ordering::Relaxed);
                 serve_connection(stream, &state, &shutdown).await;
-                state.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                state
+                    .metrics
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
         tracker.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
-            tracing::warn!(open = tracker.len(), "socket connections still open after the drain timeout");
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "socket connections still open after the drain timeout"
+            );
         }
         if let SocketAddress::Path(path) = &self.address {
             let _ = std::fs::remove_file(path);
@@ -139,14 +154,21 @@ impl SocketServer {
     }
 }
 
-async fn bind_path(path: &std::path::Path, config: &SocketConfig) -> Result<UnixListener, ServerError> {
+async fn bind_path(
+    path: &std::path::Path,
+    config: &SocketConfig,
+) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(ServerError::NotASocket { path: path.to_owned() });
+            return Err(ServerError::NotASocket {
+                path: path.to_owned(),
+            });
         }
         if UnixStream::connect(path).await.is_ok() {
-            return Err(ServerError::InUse { path: path.to_owned() });
+            return Err(ServerError::InUse {
+                path: path.to_owned(),
+            });
         }
         tracing::info!(socket = %path.display(), "removing a stale socket file");
         let _ = std::fs::remove_file(path);
@@ -155,12 +177,13 @@ async fn bind_path(path: &std::path::Path, config: &SocketConfig) -> Result<Unix
         address: path.display().to_string(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode))
-        .map_err(|source| ServerError::Mode {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode)).map_err(
+        |source| ServerError::Mode {
             path: path.to_owned(),
             mode: config.mode,
             source,
-        })?;
+        },
+    )?;
     if let Some((group, gid)) = &config.group {
         std::os::unix::fs::chown(path, None, Some(*gid)).map_err(|source| ServerError::Group {
             path: path.to_owned(),
@@ -181,7 +204,8 @@ fn bind_abstract(name: &str) -> Result<UnixListener, ServerError> {
         address: format!("@{name}"),
         source,
     };
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(bind_err)?;
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(bind_err)?;
     let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(bind_err)?;
     std_listener.set_nonblocking(true).map_err(bind_err)?;
     UnixListener::from_std(std_listener).map_err(bind_err)
@@ -191,7 +215,10 @@ fn bind_abstract(name: &str) -> Result<UnixListener, ServerError> {
 fn bind_abstract(name: &str) -> Result<UnixListener, ServerError> {
     Err(ServerError::Bind {
         address: format!("@{name}"),
-        source: std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract sockets need Linux"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "abstract sockets need Linux",
+        ),
     })
 }
 
@@ -240,7 +267,9 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
                 let response = match denied {
                     Some((uid, gid)) => {
                         let r = ApiError::PeerDenied { uid, gid }.response();
-                        state.metrics.count_request(api::route_label(req.uri().path()), r.status);
+                        state
+                            .metrics
+                            .count_request(api::route_label(req.uri().path()), r.status);
                         r
                     }
                     None => match read_request(req).await {

@@ -34,7 +34,8 @@ pub struct Served {
 impl Served {
     pub fn new(held: HeldAuthinfo) -> Self {
         let fingerprint = crypto::secret_fingerprint(held.authinfo.as_bytes());
-        let mut tag = crypto::sha256_hex(format!("{}\n{}", held.fetched_at, held.authinfo).as_bytes());
+        let mut tag =
+            crypto::sha256_hex(format!("{}\n{}", held.fetched_at, held.authinfo).as_bytes());
         tag.truncate(20);
         Self {
             held,
@@ -110,7 +111,10 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     pub fn beat(slot: &AtomicU64, now: Instant, origin: Instant) {
-        slot.store(now.duration_since(origin).as_millis() as u64, Ordering::Relaxed);
+        slot.store(
+            now.duration_since(origin).as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -144,7 +148,10 @@ impl State {
                 ..RefreshStatus::default()
             }),
             kick: Notify::new(),
-            completions: watch::Sender::new(Completion { seq: 0, record: None }),
+            completions: watch::Sender::new(Completion {
+                seq: 0,
+                record: None,
+            }),
             health: Mutex::new(health),
             metrics: Metrics::default(),
             heartbeats: Heartbeats::default(),

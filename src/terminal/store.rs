@@ -251,7 +251,10 @@ impl Store {
         batch.insert(KEY_CURRENT, encoded);
         self.db
             .apply_batch(batch)
-            .map_err(|source| StoreError::Io { op: "write", source })?;
+            .map_err(|source| StoreError::Io {
+                op: "write",
+                source,
+            })?;
         self.flush()
     }
 
@@ -287,10 +290,10 @@ impl Store {
 
     /// Flushes everything written so far to disk (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map(drop)
-            .map_err(|source| StoreError::Io { op: "flush", source })
+        self.db.flush().map(drop).map_err(|source| StoreError::Io {
+            op: "flush",
+            source,
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -320,7 +323,10 @@ impl Store {
         self.db
             .insert(key, value)
             .map(drop)
-            .map_err(|source| StoreError::Io { op: "write", source })
+            .map_err(|source| StoreError::Io {
+                op: "write",
+                source,
+            })
     }
 }
 
@@ -447,7 +453,10 @@ mod tests {
         assert!(recovery.is_none());
         assert_eq!(store.authinfo().expect("read"), Some(held("B", 2)));
         assert_eq!(store.previous_authinfo().expect("read"), Some(held("A", 1)));
-        assert_eq!(store.raw_data().expect("read").map(|r| r.value), Some("RAW".into()));
+        assert_eq!(
+            store.raw_data().expect("read").map(|r| r.value),
+            Some("RAW".into())
+        );
     }
 
     #[test]
@@ -456,7 +465,10 @@ mod tests {
         let state = dir.path().join("state");
         let (store, _) = Store::open(&state).expect("open");
         store.save_authinfo(&held("A", 1)).expect("save");
-        assert_eq!(std::fs::metadata(&state).expect("meta").mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&state).expect("meta").mode() & 0o777,
+            0o700
+        );
         let mut files = 0;
         for entry in std::fs::read_dir(store.path()).expect("read_dir").flatten() {
             let meta = entry.metadata().expect("meta");
@@ -484,7 +496,14 @@ mod tests {
         let (store, recovery) = Store::open(dir.path()).expect("recovers");
         let recovery = recovery.expect("was recovered");
         assert!(recovery.moved_to.exists());
-        assert!(recovery.moved_to.file_name().expect("name").to_string_lossy().starts_with("store.broken-"));
+        assert!(
+            recovery
+                .moved_to
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .starts_with("store.broken-")
+        );
         assert_eq!(store.authinfo().expect("read"), None);
     }
 
@@ -494,7 +513,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let (store, _) = Store::open(dir.path()).expect("open");
-            store.put_raw(KEY_CURRENT, b"{not json".to_vec()).expect("put");
+            store
+                .put_raw(KEY_CURRENT, b"{not json".to_vec())
+                .expect("put");
             store.flush().expect("flush");
         }
         let (store, recovery) = Store::open(dir.path()).expect("recovers");

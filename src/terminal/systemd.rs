@@ -58,7 +58,8 @@ fn send(socket: &OsString, message: &[u8]) -> std::io::Result<()> {
     if let Some(name) = bytes.strip_prefix(b"@") {
         send_abstract(&sock, name, message)
     } else {
-        sock.send_to(message, std::path::Path::new(socket)).map(drop)
+        sock.send_to(message, std::path::Path::new(socket))
+            .map(drop)
     }
 }
 
@@ -82,7 +83,10 @@ fn send_abstract(
     _name: &[u8],
     _message: &[u8],
 ) -> std::io::Result<()> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract sockets need Linux"))
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "abstract sockets need Linux",
+    ))
 }
 
 /// The one-line story for `STATUS=`.
@@ -96,7 +100,9 @@ pub fn status_line(state: &State) -> String {
             s.fingerprint,
             freshness_name(s.freshness(now, state.config.refresh.interval)),
             format_duration(Duration::from_secs(s.age(now))),
-            format_duration(Duration::from_secs(u64::try_from(s.held.expires_at - now).unwrap_or(0))),
+            format_duration(Duration::from_secs(
+                u64::try_from(s.held.expires_at - now).unwrap_or(0)
+            )),
         ),
     };
     let next = match (status.waiting_for, status.next_attempt_at) {
@@ -111,7 +117,11 @@ pub fn status_line(state: &State) -> String {
         (Some(a), n) if !a.ok => format!(
             "; last refresh failed ({}{})",
             a.code.as_deref().unwrap_or("error"),
-            if n > 1 { format!(", {n} in a row") } else { String::new() }
+            if n > 1 {
+                format!(", {n} in a row")
+            } else {
+                String::new()
+            }
         ),
         _ => String::new(),
     };
@@ -152,7 +162,9 @@ pub async fn supervise(
             if loops_alive(&state) {
                 notifier.notify("WATCHDOG=1");
             } else {
-                tracing::error!("a daemon loop has not reported in; withholding WATCHDOG=1 so systemd restarts us");
+                tracing::error!(
+                    "a daemon loop has not reported in; withholding WATCHDOG=1 so systemd restarts us"
+                );
             }
         }
     }
@@ -184,7 +196,8 @@ mod tests {
         #[cfg(target_os = "linux")]
         use std::os::linux::net::SocketAddrExt as _;
         let name = format!("authinfod-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
         let receiver = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
         Notifier::new(Some(format!("@{name}").into())).notify("WATCHDOG=1");
         let mut buf = [0; 16];

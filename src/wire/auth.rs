@@ -99,7 +99,9 @@ impl Authorization {
         let (mut device_id, mut timestamp, mut nonce, mut signature) = (None, None, None, None);
         let mut rest = rest.trim_start();
         while !rest.is_empty() {
-            let eq = rest.find('=').ok_or(HeaderError::Malformed("expected key=\"value\""))?;
+            let eq = rest
+                .find('=')
+                .ok_or(HeaderError::Malformed("expected key=\"value\""))?;
             let key = &rest[..eq];
             let after = rest[eq + 1..]
                 .strip_prefix('"')
@@ -115,7 +117,9 @@ impl Authorization {
                     return Err(HeaderError::Malformed("trailing comma"));
                 }
             } else if !rest.is_empty() {
-                return Err(HeaderError::Malformed("parameters must be separated by commas"));
+                return Err(HeaderError::Malformed(
+                    "parameters must be separated by commas",
+                ));
             }
             let slot = match key {
                 "device_id" => &mut device_id,
@@ -143,8 +147,7 @@ impl Authorization {
             .parse()
             .map_err(|_| HeaderError::BadValue("timestamp"))?;
         let nonce = nonce.ok_or(HeaderError::Lacks("nonce"))?;
-        if !(16..=64).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
+        if !(16..=64).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(HeaderError::BadValue("nonce"));
         }
         let signature = signature.ok_or(HeaderError::Lacks("signature"))?;
@@ -164,7 +167,13 @@ impl Authorization {
     }
 
     /// True when the signature verifies over this request with `key`.
-    pub fn verify(&self, key: &RsaVerifier, method: &str, path_and_query: &str, body: &[u8]) -> bool {
+    pub fn verify(
+        &self,
+        key: &RsaVerifier,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> bool {
         let message = signing_string(method, path_and_query, self.timestamp, &self.nonce, body);
         key.verify_base64(&message, &self.signature)
     }
@@ -268,10 +277,22 @@ mod tests {
         std::fs::write(&key_path, &key().private_pem).expect("write key");
         let body = br#"{"raw_data":"RAW"}"#;
         let header = signer()
-            .authorize_with_nonce("POST", "/v1/authinfo", 1_763_000_000, "ABCDEFGHIJKLMNOP0123", body)
+            .authorize_with_nonce(
+                "POST",
+                "/v1/authinfo",
+                1_763_000_000,
+                "ABCDEFGHIJKLMNOP0123",
+                body,
+            )
             .expect("sign");
         let parsed = Authorization::parse(&header).expect("parse");
-        let message = signing_string("POST", "/v1/authinfo", 1_763_000_000, "ABCDEFGHIJKLMNOP0123", body);
+        let message = signing_string(
+            "POST",
+            "/v1/authinfo",
+            1_763_000_000,
+            "ABCDEFGHIJKLMNOP0123",
+            body,
+        );
         let mut child = Command::new("openssl")
             .args(["dgst", "-sha256", "-sign"])
             .arg(&key_path)
@@ -287,7 +308,10 @@ mod tests {
             .expect("write");
         let out = child.wait_with_output().expect("openssl");
         assert!(out.status.success());
-        assert_eq!(parsed.signature, base64::Engine::encode(&crypto::BASE64, &out.stdout));
+        assert_eq!(
+            parsed.signature,
+            base64::Engine::encode(&crypto::BASE64, &out.stdout)
+        );
         assert!(parsed.verify(&key().public, "POST", "/v1/authinfo", body));
         assert!(!parsed.verify(&key().public, "POST", "/v1/authinfo", b"{}"));
         assert!(!parsed.verify(&key().public, "GET", "/v1/authinfo", body));
@@ -320,24 +344,46 @@ mod tests {
         let ok = "device_id=\"d\",timestamp=\"1\",nonce=\"ABCDEFGHIJKLMNOP\",signature=\"AA==\"";
         let cases: &[(&str, HeaderError)] = &[
             ("Bearer x", HeaderError::Scheme),
-            (&format!("WECHATPAY2-SHA256-RSA2048 {ok}"), HeaderError::Scheme),
-            (&format!("{SCHEME} {ok},device_id=\"e\""), HeaderError::Duplicate("device_id".into())),
-            (&format!("{SCHEME} {ok},extra=\"1\""), HeaderError::Unknown("extra".into())),
-            (&format!("{SCHEME} {ok},"), HeaderError::Malformed("trailing comma")),
-            (&format!("{SCHEME} device_id=d"), HeaderError::Malformed("values must be quoted")),
+            (
+                &format!("WECHATPAY2-SHA256-RSA2048 {ok}"),
+                HeaderError::Scheme,
+            ),
+            (
+                &format!("{SCHEME} {ok},device_id=\"e\""),
+                HeaderError::Duplicate("device_id".into()),
+            ),
+            (
+                &format!("{SCHEME} {ok},extra=\"1\""),
+                HeaderError::Unknown("extra".into()),
+            ),
+            (
+                &format!("{SCHEME} {ok},"),
+                HeaderError::Malformed("trailing comma"),
+            ),
+            (
+                &format!("{SCHEME} device_id=d"),
+                HeaderError::Malformed("values must be quoted"),
+            ),
             (
                 &format!("{SCHEME} device_id=\"d\",timestamp=\"1\",nonce=\"ABCDEFGHIJKLMNOP\""),
                 HeaderError::Lacks("signature"),
             ),
             (
-                &format!("{SCHEME} device_id=\"d\",timestamp=\"-1\",nonce=\"ABCDEFGHIJKLMNOP\",signature=\"AA\""),
+                &format!(
+                    "{SCHEME} device_id=\"d\",timestamp=\"-1\",nonce=\"ABCDEFGHIJKLMNOP\",signature=\"AA\""
+                ),
                 HeaderError::BadValue("timestamp"),
             ),
             (
-                &format!("{SCHEME} device_id=\"d\",timestamp=\"1\",nonce=\"short\",signature=\"AA\""),
+                &format!(
+                    "{SCHEME} device_id=\"d\",timestamp=\"1\",nonce=\"short\",signature=\"AA\""
+                ),
                 HeaderError::BadValue("nonce"),
             ),
-            (&format!("{SCHEME} {}", "a".repeat(MAX_HEADER_LEN)), HeaderError::TooLong),
+            (
+                &format!("{SCHEME} {}", "a".repeat(MAX_HEADER_LEN)),
+                HeaderError::TooLong,
+            ),
         ];
         for (header, want) in cases {
             assert_eq!(Authorization::parse(header).as_ref(), Err(want), "{header}");

@@ -188,7 +188,10 @@ mod tests {
             upstream: None,
         };
         let json = serde_json::to_string(&body).expect("json");
-        assert_eq!(json, r#"{"code":"BAD_SIGNATURE","message":"no","retryable":false}"#);
+        assert_eq!(
+            json,
+            r#"{"code":"BAD_SIGNATURE","message":"no","retryable":false}"#
+        );
         let back: ErrorBody =
             serde_json::from_str(r#"{"code":"X","message":"m"}"#).expect("minimal");
         assert!(!back.retryable);

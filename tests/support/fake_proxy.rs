@@ -70,18 +70,25 @@ impl FakeProxy {
     pub async fn start(device_public_pem: &str) -> Self {
         let pki = generate_pki("fake proxy test CA", &["127.0.0.1", "localhost"]).expect("pki");
         let tls = Arc::new(server_config_generated(&pki).expect("tls"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let inner = Arc::new(Mutex::new(Inner::default()));
-        let key = rsa::RsaPublicKey::from_public_key_pem(device_public_pem).expect("device public key");
+        let key =
+            rsa::RsaPublicKey::from_public_key_pem(device_public_pem).expect("device public key");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let state = inner.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (acceptor, state, key) = (acceptor.clone(), state.clone(), key.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let service = hyper::service::service_fn(move |req| {
                         let (state, key) = (state.clone(), key.clone());
                         async move { Ok::<_, Infallible>(answer(req, &state, &key).await) }
@@ -127,7 +134,13 @@ impl FakeProxy {
     /// Fails the test if any request broke the contract.
     pub fn assert_all_requests_valid(&self) {
         for s in self.seen() {
-            assert!(s.violation.is_none(), "{} {}: {:?}", s.method, s.path, s.violation);
+            assert!(
+                s.violation.is_none(),
+                "{} {}: {:?}",
+                s.method,
+                s.path,
+                s.violation
+            );
         }
     }
 
@@ -149,7 +162,10 @@ fn parse_authorization(header: &str) -> Option<(String, String, String, String)>
     let mut fields = std::collections::HashMap::new();
     for part in rest.split(',') {
         let (k, v) = part.trim().split_once('=')?;
-        fields.insert(k.to_owned(), v.strip_prefix('"')?.strip_suffix('"')?.to_owned());
+        fields.insert(
+            k.to_owned(),
+            v.strip_prefix('"')?.strip_suffix('"')?.to_owned(),
+        );
     }
     Some((
         fields.remove("device_id")?,
@@ -165,13 +181,22 @@ async fn answer(
     key: &rsa::RsaPublicKey,
 ) -> hyper::Response<Full<bytes::Bytes>> {
     let method = req.method().as_str().to_owned();
-    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let auth = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
     let clock = now() + state.lock().expect("lock").clock_offset;
     let mut seen = Seen {
         method: method.clone(),
@@ -212,9 +237,8 @@ async fn answer(
         Err("TIMESTAMP_SKEW") => {
             // Not a contract violation: the proxy's answer to a skewed clock.
             state.lock().expect("lock").seen.push(seen);
-            let date = httpdate::fmt_http_date(
-                std::time::UNIX_EPOCH + Duration::from_secs(clock as u64),
-            );
+            let date =
+                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(clock as u64));
             let mut r = error_response(401, "TIMESTAMP_SKEW", None);
             r.headers_mut().insert("date", date.parse().expect("date"));
             return r;
@@ -230,13 +254,11 @@ async fn answer(
             if path == "/v1/authinfo" {
                 inner.script.pop_front().or_else(|| inner.fallback.clone())
             } else {
-                Some(
-                    inner
-                        .health
-                        .get(&path)
-                        .cloned()
-                        .unwrap_or(Script::Error(404, "NOT_CONFIGURED", None)),
-                )
+                Some(inner.health.get(&path).cloned().unwrap_or(Script::Error(
+                    404,
+                    "NOT_CONFIGURED",
+                    None,
+                )))
             }
         }
     };
@@ -265,7 +287,11 @@ fn json_response(status: u16, v: serde_json::Value) -> hyper::Response<Full<byte
         .expect("response")
 }
 
-fn error_response(status: u16, code: &str, retry_after: Option<u64>) -> hyper::Response<Full<bytes::Bytes>> {
+fn error_response(
+    status: u16,
+    code: &str,
+    retry_after: Option<u64>,
+) -> hyper::Response<Full<bytes::Bytes>> {
     let mut r = json_response(
         status,
         serde_json::json!({
@@ -275,7 +301,8 @@ fn error_response(status: u16, code: &str, retry_after: Option<u64>) -> hyper::R
         }),
     );
     if let Some(s) = retry_after {
-        r.headers_mut().insert("retry-after", s.to_string().parse().expect("header"));
+        r.headers_mut()
+            .insert("retry-after", s.to_string().parse().expect("header"));
     }
     r
 }

@@ -25,7 +25,10 @@ pub fn device_key() -> &'static GeneratedKey {
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -40,13 +43,15 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     }
 }
 
@@ -58,23 +63,40 @@ pub async fn socket_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Reply {
-    let stream = tokio::net::UnixStream::connect(socket).await.expect("connect to the daemon socket");
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect to the daemon socket");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let mut req = hyper::Request::builder().method(method).uri(path).header("host", "authinfod");
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "authinfod");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req
-        .body(Full::new(bytes::Bytes::copy_from_slice(body.unwrap_or_default())))
+        .body(Full::new(bytes::Bytes::copy_from_slice(
+            body.unwrap_or_default(),
+        )))
         .expect("request");
     let response = sender.send_request(req).await.expect("send");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
-    Reply { status, headers, body }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// A daemon running in this process on a temporary state directory and socket.
@@ -95,14 +117,22 @@ impl TestDaemon {
     }
 
     /// Starts a daemon in an existing directory (a restart keeps the store).
-    pub async fn start_in(dir: Arc<tempfile::TempDir>, proxy_url: &str, ca_pem: &str, extra: &str) -> Self {
+    pub async fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        proxy_url: &str,
+        ca_pem: &str,
+        extra: &str,
+    ) -> Self {
         let config = write_config(dir.path(), proxy_url, ca_pem, extra);
-        let config = config::load(&config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
+        let config =
+            config::load(&config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
         let socket = match &config.socket.address {
             config::SocketAddress::Path(p) => p.clone(),
             config::SocketAddress::Abstract(_) => PathBuf::new(),
         };
-        let daemon = Daemon::start(config, RunOptions::default()).await.expect("daemon starts");
+        let daemon = Daemon::start(config, RunOptions::default())
+            .await
+            .expect("daemon starts");
         let state = daemon.state();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -120,13 +150,25 @@ impl TestDaemon {
         socket_request(&self.socket, "GET", path, &[], None).await
     }
 
-    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
         socket_request(&self.socket, method, path, headers, body).await
     }
 
     pub async fn put_raw_data(&self, raw: &str) -> Reply {
         let body = serde_json::to_vec(&serde_json::json!({ "raw_data": raw })).expect("json");
-        self.request("PUT", "/v1/raw-data", &[("content-type", "application/json")], Some(&body)).await
+        self.request(
+            "PUT",
+            "/v1/raw-data",
+            &[("content-type", "application/json")],
+            Some(&body),
+        )
+        .await
     }
 
     pub async fn status(&self) -> serde_json::Value {
@@ -158,7 +200,10 @@ pub fn write_config(dir: &Path, proxy_url: &str, ca_pem: &str, extra: &str) -> P
     // path line added to it.
     let path_line = format!("path = \"{}\"\n", dir.join("authinfod.sock").display());
     let (socket_section, extra) = if extra.contains("[socket]\n") {
-        (String::new(), extra.replacen("[socket]\n", &format!("[socket]\n{path_line}"), 1))
+        (
+            String::new(),
+            extra.replacen("[socket]\n", &format!("[socket]\n{path_line}"), 1),
+        )
     } else {
         (format!("[socket]\n{path_line}"), extra.to_owned())
     };
@@ -175,7 +220,9 @@ pub fn write_config(dir: &Path, proxy_url: &str, ca_pem: &str, extra: &str) -> P
 
 /// A URL where nothing listens.
 pub async fn dead_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     format!("https://127.0.0.1:{}", addr.port())
