@@ -32,7 +32,7 @@ pub const PUBLIC_KEY_ID_PREFIX: &str = "PUB_KEY_ID_";
 /// Errors of loading the keys answers are verified with.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("{what}: the WeChat Pay public key")]
+    #[error("{what}: cannot read the WeChat Pay public key")]
     PublicKey {
         what: String,
         #[source]
@@ -53,7 +53,7 @@ pub enum KeysError {
         #[source]
         source: CryptoError,
     },
-    #[error("{what}: PEM")]
+    #[error("{what}: cannot read the platform certificates")]
     Pem {
         what: String,
         #[source]
