@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::crypto::{RsaSigner, RsaVerifier};
+use crate::crypto::{CryptoError, RsaSigner, RsaVerifier, generate_rsa_key, hex, random_bytes};
 use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
 
 /// Which simulated platform.
@@ -143,6 +143,57 @@ impl std::fmt::Debug for SandboxKeys {
             .field("wechat_platform_key_id", &self.wechat_platform_key_id)
             .field("alipay_app_id", &self.alipay_app_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// The private keys the merchant side needs to talk to a sandbox made with
+/// [`SandboxKeys::generate`]. Secrets: never log them.
+pub struct MerchantSecrets {
+    /// The WeChat Pay merchant API key (`apiclient_key.pem`), PKCS#8 PEM.
+    pub wechat_merchant_key_pem: String,
+    /// The Alipay app private key, PKCS#8 PEM.
+    pub alipay_app_key_pem: String,
+}
+
+impl std::fmt::Debug for MerchantSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MerchantSecrets").finish_non_exhaustive()
+    }
+}
+
+impl SandboxKeys {
+    /// Fresh keys for every simulated platform (four 2048-bit RSA keys and an Alibaba Cloud
+    /// AccessKey `LTAI-sandbox`), and the merchant's private halves. The public halves of the
+    /// platform keys come from `wechat_platform_key.public_key()` and
+    /// `alipay_platform_key.public_key()`.
+    pub fn generate() -> Result<(Self, MerchantSecrets), CryptoError> {
+        let merchant = generate_rsa_key(2048)?;
+        let wechat_platform = generate_rsa_key(2048)?;
+        let alipay_app = generate_rsa_key(2048)?;
+        let alipay_platform = generate_rsa_key(2048)?;
+        let aliyun_secret = hex(&random_bytes(15)?);
+        let keys = Self {
+            wechat_mchid: "1900000001".into(),
+            wechat_merchant_serial: hex(&random_bytes(20)?).to_ascii_uppercase(),
+            wechat_merchant_public: merchant.public,
+            wechat_platform_key: RsaSigner::from_pem(
+                &wechat_platform.private_pem,
+                "wechat platform key",
+            )?,
+            wechat_platform_key_id: "PUB_KEY_ID_0119000000012025000000000000".into(),
+            alipay_app_id: "2021000000000001".into(),
+            alipay_app_public: alipay_app.public,
+            alipay_platform_key: RsaSigner::from_pem(
+                &alipay_platform.private_pem,
+                "alipay platform key",
+            )?,
+            aliyun_access_keys: BTreeMap::from([("LTAI-sandbox".to_owned(), aliyun_secret)]),
+        };
+        let secrets = MerchantSecrets {
+            wechat_merchant_key_pem: merchant.private_pem,
+            alipay_app_key_pem: alipay_app.private_pem,
+        };
+        Ok((keys, secrets))
     }
 }
 
