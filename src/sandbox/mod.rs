@@ -146,6 +146,67 @@ impl std::fmt::Debug for SandboxKeys {
     }
 }
 
+/// The merchant-side halves of a [`SandboxKeys::generate`]d set: what the proxy (or a test)
+/// signs with. Secrets: never logged.
+pub struct MerchantSecrets {
+    /// PKCS#8 PEM of the WeChat Pay merchant API key.
+    pub wechat_merchant_private_pem: String,
+    /// PKCS#8 PEM of the Alipay app key.
+    pub alipay_app_private_pem: String,
+    /// Alipay's public key, what the merchant verifies answers with.
+    pub alipay_platform_public: RsaVerifier,
+    /// WeChat Pay's public key, what the merchant verifies answers with.
+    pub wechat_platform_public: RsaVerifier,
+    pub aliyun_access_key_id: String,
+    pub aliyun_access_key_secret: String,
+}
+
+impl std::fmt::Debug for MerchantSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MerchantSecrets")
+            .field("aliyun_access_key_id", &self.aliyun_access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxKeys {
+    /// A complete key set made on the spot (2048-bit RSA keys, a random AccessKey pair), and
+    /// the merchant's halves of it. For tests and the demo.
+    pub fn generate() -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
+        use crate::crypto::{generate_rsa_key, hex, random_bytes};
+        let signer = |pem: &str| RsaSigner::from_pem(pem, "a generated sandbox key");
+        let wechat_merchant = generate_rsa_key(2048)?;
+        let wechat_platform = generate_rsa_key(2048)?;
+        let alipay_app = generate_rsa_key(2048)?;
+        let alipay_platform = generate_rsa_key(2048)?;
+        let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
+        let aliyun_access_key_secret = hex(&random_bytes(15)?);
+        let keys = Self {
+            wechat_mchid: "1900000001".to_owned(),
+            wechat_merchant_serial: hex(&random_bytes(20)?).to_uppercase(),
+            wechat_merchant_public: wechat_merchant.public.clone(),
+            wechat_platform_key: signer(&wechat_platform.private_pem)?,
+            wechat_platform_key_id: format!("PUB_KEY_ID_{}", hex(&random_bytes(16)?)),
+            alipay_app_id: "2021000000000001".to_owned(),
+            alipay_app_public: alipay_app.public.clone(),
+            alipay_platform_key: signer(&alipay_platform.private_pem)?,
+            aliyun_access_keys: BTreeMap::from([(
+                aliyun_access_key_id.clone(),
+                aliyun_access_key_secret.clone(),
+            )]),
+        };
+        let secrets = MerchantSecrets {
+            wechat_merchant_private_pem: wechat_merchant.private_pem,
+            alipay_app_private_pem: alipay_app.private_pem,
+            alipay_platform_public: alipay_platform.public,
+            wechat_platform_public: wechat_platform.public,
+            aliyun_access_key_id,
+            aliyun_access_key_secret,
+        };
+        Ok((keys, secrets))
+    }
+}
+
 /// A request one of the simulators received, for tests to assert on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
@@ -263,6 +324,47 @@ pub fn start(
         shutdown,
         task,
     })
+}
+
+/// Starting a generated sandbox over real HTTPS on 127.0.0.1, for the simulators' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A running HTTPS sandbox, a platform HTTP client that trusts it, and the merchant keys.
+    pub(crate) struct TestSandbox {
+        pub sandbox: RunningSandbox,
+        pub secrets: MerchantSecrets,
+        /// The sandbox CA, PEM, to build more clients with other timeouts.
+        pub ca_pem: String,
+    }
+
+    impl TestSandbox {
+        /// A platform client (`platform::http_client`) pinned to the sandbox CA.
+        pub fn http(&self, timeout: Duration) -> reqwest::Client {
+            let tls = crate::tls::client_config_pinned(&self.ca_pem, "sandbox ca").expect("tls");
+            crate::platform::http_client(tls, timeout).expect("http client")
+        }
+    }
+
+    /// Generates keys and a PKI, and starts the sandbox with `world` on an ephemeral port.
+    pub(crate) async fn start_https(world: World) -> TestSandbox {
+        let (keys, secrets) = SandboxKeys::generate().expect("keys");
+        let pki = crate::tls::generate_pki("sandbox test ca", &["127.0.0.1"]).expect("pki");
+        let server = crate::tls::server_config_generated(&pki).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sandbox = start(
+            listener,
+            Some(Arc::new(server)),
+            SandboxState::new(keys, world),
+        )
+        .expect("start");
+        TestSandbox {
+            sandbox,
+            secrets,
+            ca_pem: pki.ca_pem,
+        }
+    }
 }
 
 #[cfg(test)]
