@@ -25,7 +25,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::macros::{format_description, offset};
 
-use super::{Platform, SandboxState};
+use super::{Platform, SandboxState, parse_form};
 use crate::platform::alipay::DeviceBinding;
 
 /// How far a request's `timestamp` may be from the gateway's clock.
@@ -266,22 +266,6 @@ fn timestamp_in_window(timestamp: &str, now: OffsetDateTime) -> bool {
     time::PrimitiveDateTime::parse(timestamp, &fmt)
         .map(|t| t.assume_offset(offset!(+8)))
         .is_ok_and(|t| (now - t).unsigned_abs() <= TIMESTAMP_WINDOW)
-}
-
-/// Decodes `application/x-www-form-urlencoded` text into pairs.
-fn parse_form(text: &str) -> Vec<(String, String)> {
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(&s.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    text.split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
 }
 
 /// Emits `object` under its slot, signed over the exact text emitted (with another key when
@@ -559,17 +543,5 @@ mod tests {
         let params = [("b", "2"), ("sign", "x"), ("a", "1"), ("c", "")]
             .map(|(k, v)| (k.to_owned(), v.to_owned()));
         assert_eq!(rebuild_sign_content(&params), "a=1&b=2");
-    }
-
-    #[test]
-    fn form_decoding_handles_plus_and_percent() {
-        assert_eq!(
-            parse_form("a=x+y%2Bz&b=%E6%94%AF&c"),
-            vec![
-                ("a".to_owned(), "x y+z".to_owned()),
-                ("b".to_owned(), "支".to_owned()),
-                ("c".to_owned(), String::new()),
-            ]
-        );
     }
 }

@@ -272,6 +272,22 @@ impl SandboxState {
     }
 }
 
+/// Decodes `application/x-www-form-urlencoded` text into pairs.
+pub(crate) fn parse_form(text: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    text.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
 /// The router answering all three platforms' endpoints.
 pub fn router(state: Arc<SandboxState>) -> axum::Router {
     wechatpay::router(state.clone())
@@ -370,6 +386,18 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn form_decoding_handles_plus_and_percent() {
+        assert_eq!(
+            parse_form("a=x+y%2Bz&b=%E6%94%AF&c"),
+            vec![
+                ("a".to_owned(), "x y+z".to_owned()),
+                ("b".to_owned(), "支".to_owned()),
+                ("c".to_owned(), String::new()),
+            ]
+        );
+    }
 
     #[test]
     fn counted_faults_expire_and_open_faults_stay() {
