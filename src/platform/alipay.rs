@@ -654,7 +654,7 @@ mod tests {
         assert_ne!(reordered, SUCCESS);
         for text in [pretty, reordered] {
             let body = format!(r#"{{"{DEVICE_QUERY_RESPONSE_KEY}":{text},"sign":"{sign}"}}"#);
-            let err = read_answer(&body, &key(1).public, None).unwrap_err();
+            let err = read_answer(&body, &key(1).public, None).expect_err("the call must fail");
             assert!(matches!(err, AlipayError::BadSignature { .. }), "{err}");
             assert_eq!(err.failure().class, FailureClass::BadSignature);
         }
@@ -662,22 +662,23 @@ mod tests {
 
     #[test]
     fn answer_signed_with_another_key_is_refused() {
-        let err = read_answer(&answer(SUCCESS, 0), &key(1).public, None).unwrap_err();
+        let err =
+            read_answer(&answer(SUCCESS, 0), &key(1).public, None).expect_err("the call must fail");
         assert_eq!(err.failure().class, FailureClass::BadSignature);
     }
 
     #[test]
     fn success_without_sign_is_refused() {
         let body = format!(r#"{{"{DEVICE_QUERY_RESPONSE_KEY}":{SUCCESS}}}"#);
-        let err = read_answer(&body, &key(1).public, None).unwrap_err();
+        let err = read_answer(&body, &key(1).public, None).expect_err("the call must fail");
         assert!(matches!(err, AlipayError::BadSignature { .. }), "{err}");
     }
 
     #[test]
     fn business_failure_carries_codes_and_is_rejected() {
         let text = r#"{"code":"40004","msg":"Business Failed","sub_code":"DEVICE_NOT_EXIST","sub_msg":"设备不存在"}"#;
-        let err =
-            read_answer(&answer(text, 1), &key(1).public, Some("trace-9".into())).unwrap_err();
+        let err = read_answer(&answer(text, 1), &key(1).public, Some("trace-9".into()))
+            .expect_err("the call must fail");
         let AlipayError::Gateway {
             code,
             sub_code,
@@ -702,7 +703,7 @@ mod tests {
     #[test]
     fn unsigned_error_response_is_reported_as_the_error() {
         let body = r#"{"error_response":{"code":"40002","msg":"Invalid Arguments","sub_code":"isv.invalid-signature","sub_msg":"bad"}}"#;
-        let err = read_answer(body, &key(1).public, None).unwrap_err();
+        let err = read_answer(body, &key(1).public, None).expect_err("the call must fail");
         assert!(matches!(err, AlipayError::Gateway { .. }), "{err}");
         assert_eq!(err.failure().class, FailureClass::Rejected);
     }
@@ -736,7 +737,7 @@ mod tests {
             r#"{"sign":"x"}"#,
             r#"{"error_response":{"msg":"no code"}}"#,
         ] {
-            let err = read_answer(body, &key(1).public, None).unwrap_err();
+            let err = read_answer(body, &key(1).public, None).expect_err("the call must fail");
             assert_eq!(
                 err.failure().class,
                 FailureClass::Malformed,
@@ -749,7 +750,7 @@ mod tests {
             &key(1).public,
             None,
         )
-        .unwrap_err();
+        .expect_err("the call must fail");
         assert_eq!(err.failure().class, FailureClass::Malformed);
     }
 

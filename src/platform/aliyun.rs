@@ -868,7 +868,7 @@ print(sig)
                 SignatureScheme::default(),
                 http(),
             )
-            .unwrap_err();
+            .expect_err("the call must fail");
             assert!(
                 matches!(err, AliyunError::InvalidEndpoint { .. }),
                 "{bad}: {err}"

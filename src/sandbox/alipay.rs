@@ -391,7 +391,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_device_is_rejected_with_device_not_exist() {
         let t = start_https(world()).await;
-        let err = client(&t).device_query(&by_id("nope")).await.unwrap_err();
+        let err = client(&t)
+            .device_query(&by_id("nope"))
+            .await
+            .expect_err("the call must fail");
         let failure = err.failure();
         assert_eq!(failure.class, FailureClass::Rejected, "{err}");
         assert!(!failure.retryable());
@@ -406,7 +409,7 @@ mod tests {
         let err = client_with(&t, &other.private_pem, Duration::from_secs(10))
             .device_query(&by_id("tid-1"))
             .await
-            .unwrap_err();
+            .expect_err("the call must fail");
         assert!(
             matches!(&err, AlipayError::Gateway { code, sub_code: Some(s), .. }
                 if code == "40002" && s == "isv.invalid-signature"),
@@ -423,7 +426,7 @@ mod tests {
         let err = client(&t)
             .device_query_at(&by_id("tid-1"), stale)
             .await
-            .unwrap_err();
+            .expect_err("the call must fail");
         assert!(err.to_string().contains("isv.invalid-timestamp"), "{err}");
         assert_eq!(err.failure().class, FailureClass::Rejected);
 
@@ -434,7 +437,10 @@ mod tests {
             t.secrets.alipay_platform_public.clone(),
             t.http(Duration::from_secs(10)),
         );
-        let err = wrong_app.device_query(&by_id("tid-1")).await.unwrap_err();
+        let err = wrong_app
+            .device_query(&by_id("tid-1"))
+            .await
+            .expect_err("the call must fail");
         assert!(err.to_string().contains("isv.invalid-app-id"), "{err}");
     }
 
@@ -484,7 +490,11 @@ mod tests {
             status: Some(500),
             ..Fault::default()
         });
-        let f = c.device_query(&q).await.unwrap_err().failure();
+        let f = c
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!(
             (f.class, f.code.as_deref()),
             (FailureClass::ServerError, Some("isp.unknow-error"))
@@ -495,7 +505,11 @@ mod tests {
             status: Some(503),
             ..Fault::default()
         });
-        let f = c.device_query(&q).await.unwrap_err().failure();
+        let f = c
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!((f.class, f.status), (FailureClass::ServerError, 503));
         assert!(f.retryable());
 
@@ -503,7 +517,11 @@ mod tests {
             status: Some(429),
             ..Fault::default()
         });
-        let f = c.device_query(&q).await.unwrap_err().failure();
+        let f = c
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!(f.class, FailureClass::RateLimited);
         assert!(f.retryable());
 
@@ -511,14 +529,22 @@ mod tests {
             bad_signature: true,
             ..Fault::default()
         });
-        let f = c.device_query(&q).await.unwrap_err().failure();
+        let f = c
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!(f.class, FailureClass::BadSignature);
 
         arm(Fault {
             malformed_body: true,
             ..Fault::default()
         });
-        let f = c.device_query(&q).await.unwrap_err().failure();
+        let f = c
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!(f.class, FailureClass::Malformed);
 
         arm(Fault {
@@ -530,7 +556,11 @@ mod tests {
             &t.secrets.alipay_app_private_pem,
             Duration::from_millis(300),
         );
-        let f = slow.device_query(&q).await.unwrap_err().failure();
+        let f = slow
+            .device_query(&q)
+            .await
+            .expect_err("the call must fail")
+            .failure();
         assert_eq!(f.class, FailureClass::Transport);
         assert!(f.retryable());
 

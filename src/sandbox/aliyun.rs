@@ -14,7 +14,6 @@
 //! `Retry-After` when set); 503 `ServiceUnavailable`; other 5xx `InternalError`;
 //! `malformed_body` answers 200 with a cut-off body.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -434,7 +433,7 @@ fn check_rpc_v1(
 }
 
 fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -519,6 +518,7 @@ mod tests {
     };
     use crate::sandbox::test_support::{TestSandbox, start_https};
     use crate::sandbox::{Fault, World};
+    use std::collections::BTreeMap;
 
     const SCHEMES: [SignatureScheme; 2] = [
         SignatureScheme::Acs3HmacSha256,
@@ -634,7 +634,7 @@ mod tests {
         let err = client(&t, SignatureScheme::default())
             .find_device("wd.unknown", None)
             .await
-            .unwrap_err();
+            .expect_err("the call must fail");
         assert!(
             matches!(err, AliyunError::DeviceNotListed { .. }),
             "{err:?}"
@@ -653,7 +653,7 @@ mod tests {
             let err = client_with(&t, scheme, wrong_secret, Duration::from_secs(10))
                 .find_device("wd.dev1", None)
                 .await
-                .unwrap_err();
+                .expect_err("the call must fail");
             let f = err.failure();
             assert_eq!(
                 (f.class, f.status, f.code.as_deref()),
@@ -666,7 +666,7 @@ mod tests {
             let f = client_with(&t, scheme, unknown, Duration::from_secs(10))
                 .find_device("wd.dev1", None)
                 .await
-                .unwrap_err()
+                .expect_err("the call must fail")
                 .failure();
             assert_eq!(
                 (f.class, f.status, f.code.as_deref()),
@@ -693,7 +693,7 @@ mod tests {
             let f = c
                 .describe_device_info_stamped(&DeviceInfoQuery::default(), &stale)
                 .await
-                .unwrap_err()
+                .expect_err("the call must fail")
                 .failure();
             assert_eq!(
                 f.code.as_deref(),
@@ -706,7 +706,7 @@ mod tests {
             let f = c
                 .call("DescribeNothing", "2019-03-07", &BTreeMap::new(), &fresh)
                 .await
-                .unwrap_err()
+                .expect_err("the call must fail")
                 .failure();
             assert_eq!(
                 (f.status, f.code.as_deref()),
@@ -715,7 +715,7 @@ mod tests {
             let f = c
                 .call(ACTION, "2020-01-01", &BTreeMap::new(), &fresh)
                 .await
-                .unwrap_err()
+                .expect_err("the call must fail")
                 .failure();
             assert_eq!((f.status, f.code.as_deref()), (400, Some("InvalidVersion")));
         }
@@ -742,7 +742,7 @@ mod tests {
                 status: Some(status),
                 ..Fault::default()
             });
-            let f = find().await.unwrap_err().failure();
+            let f = find().await.expect_err("the call must fail").failure();
             assert_eq!(
                 (f.class, f.code.as_deref()),
                 (FailureClass::ServerError, Some(code))
@@ -756,7 +756,7 @@ mod tests {
             retry_after: Some(7),
             ..Fault::default()
         });
-        let f = find().await.unwrap_err().failure();
+        let f = find().await.expect_err("the call must fail").failure();
         assert_eq!(
             (f.class, f.code.as_deref()),
             (FailureClass::RateLimited, Some("Throttling.User"))
@@ -768,7 +768,7 @@ mod tests {
             malformed_body: true,
             ..Fault::default()
         });
-        let f = find().await.unwrap_err().failure();
+        let f = find().await.expect_err("the call must fail").failure();
         assert_eq!(f.class, FailureClass::Malformed);
 
         arm(Fault {
@@ -788,7 +788,7 @@ mod tests {
         let f = slow
             .find_device("wd.dev1", None)
             .await
-            .unwrap_err()
+            .expect_err("the call must fail")
             .failure();
         assert_eq!(f.class, FailureClass::Transport);
         assert!(f.retryable());
