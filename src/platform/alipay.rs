@@ -444,7 +444,22 @@ impl AlipayClient {
             reason: "the body is not UTF-8".to_owned(),
             trace_id: trace_id.clone(),
         })?;
-        read_answer(body, &self.alipay_public, trace_id)
+        read_answer(body, &self.alipay_public, trace_id).map_err(|err| self.redact(err))
+    }
+
+    /// Takes the app auth token out of a gateway error: on `isv.invalid-signature` the gateway
+    /// echoes its whole sign content, token included, in `sub_msg`.
+    fn redact(&self, mut err: AlipayError) -> AlipayError {
+        if let (
+            Some(token),
+            AlipayError::Gateway {
+                sub_msg: Some(m), ..
+            },
+        ) = (&self.app_auth_token, &mut err)
+        {
+            *m = m.replace(token.as_str(), "<app_auth_token>");
+        }
+        err
     }
 }
 

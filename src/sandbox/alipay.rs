@@ -419,6 +419,21 @@ mod tests {
         assert!(!t.sandbox.state.received()[0].signature_ok);
     }
 
+    /// The gateway echoes its sign content on a bad signature; the token must not travel on.
+    #[tokio::test]
+    async fn app_auth_token_echoed_by_the_gateway_is_redacted() {
+        let t = start_https(world()).await;
+        let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
+        let err = client_with(&t, &other.private_pem, Duration::from_secs(10))
+            .with_app_auth_token("202401BB-secret-token")
+            .device_query(&by_id("tid-1"))
+            .await
+            .expect_err("the call must fail");
+        let shown = format!("{err} {err:?} {:?}", err.failure());
+        assert!(shown.contains("app_auth_token=<app_auth_token>"), "{shown}");
+        assert!(!shown.contains("202401BB-secret-token"), "{shown}");
+    }
+
     #[tokio::test]
     async fn stale_timestamp_and_wrong_app_id_are_refused() {
         let t = start_https(world()).await;
