@@ -418,7 +418,9 @@ impl AliyunClient {
         };
         let url = reqwest::Url::parse(endpoint).map_err(|e| bad(&e.to_string()))?;
         if !matches!(url.scheme(), "https" | "http") {
-            return Err(bad("the scheme must be https"));
+            return Err(bad(
+                "the scheme must be https (or http for a local sandbox)",
+            ));
         }
         if url.path() != "/" || url.query().is_some() {
             return Err(bad("RPC endpoints have no path or query"));
@@ -506,7 +508,8 @@ impl AliyunClient {
         }
     }
 
-    /// Calls `action` and returns the body of a 2xx answer; any other answer is an error.
+    /// Calls `action`: the body of a 2xx answer and its `x-acs-request-id`; any other answer
+    /// is an [`AliyunError::Api`].
     pub(crate) async fn call(
         &self,
         action: &str,
