@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::crypto::{CryptoError, RsaSigner, RsaVerifier, generate_rsa_key, hex, random_bytes};
+use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
 
 /// Which simulated platform.
@@ -146,52 +146,62 @@ impl std::fmt::Debug for SandboxKeys {
     }
 }
 
-/// The private keys the merchant side needs to talk to a sandbox made with
-/// [`SandboxKeys::generate`]. Secrets: never log them.
+/// The merchant-side halves of a [`SandboxKeys::generate`]d set: what the proxy (or a test)
+/// signs with. Secrets: never logged.
 pub struct MerchantSecrets {
-    /// The WeChat Pay merchant API key (`apiclient_key.pem`), PKCS#8 PEM.
-    pub wechat_merchant_key_pem: String,
-    /// The Alipay app private key, PKCS#8 PEM.
-    pub alipay_app_key_pem: String,
+    /// PKCS#8 PEM of the WeChat Pay merchant API key.
+    pub wechat_merchant_private_pem: String,
+    /// PKCS#8 PEM of the Alipay app key.
+    pub alipay_app_private_pem: String,
+    /// Alipay's public key, what the merchant verifies answers with.
+    pub alipay_platform_public: RsaVerifier,
+    /// WeChat Pay's public key, what the merchant verifies answers with.
+    pub wechat_platform_public: RsaVerifier,
+    pub aliyun_access_key_id: String,
+    pub aliyun_access_key_secret: String,
 }
 
 impl std::fmt::Debug for MerchantSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MerchantSecrets").finish_non_exhaustive()
+        f.debug_struct("MerchantSecrets")
+            .field("aliyun_access_key_id", &self.aliyun_access_key_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl SandboxKeys {
-    /// Fresh keys for every simulated platform (four 2048-bit RSA keys and an Alibaba Cloud
-    /// AccessKey `LTAI-sandbox`), and the merchant's private halves. The public halves of the
-    /// platform keys come from `wechat_platform_key.public_key()` and
-    /// `alipay_platform_key.public_key()`.
-    pub fn generate() -> Result<(Self, MerchantSecrets), CryptoError> {
-        let merchant = generate_rsa_key(2048)?;
+    /// A complete key set made on the spot (2048-bit RSA keys, a random AccessKey pair), and
+    /// the merchant's halves of it. For tests and the demo.
+    pub fn generate() -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
+        use crate::crypto::{generate_rsa_key, hex, random_bytes};
+        let signer = |pem: &str| RsaSigner::from_pem(pem, "a generated sandbox key");
+        let wechat_merchant = generate_rsa_key(2048)?;
         let wechat_platform = generate_rsa_key(2048)?;
         let alipay_app = generate_rsa_key(2048)?;
         let alipay_platform = generate_rsa_key(2048)?;
-        let aliyun_secret = hex(&random_bytes(15)?);
+        let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
+        let aliyun_access_key_secret = hex(&random_bytes(15)?);
         let keys = Self {
-            wechat_mchid: "1900000001".into(),
-            wechat_merchant_serial: hex(&random_bytes(20)?).to_ascii_uppercase(),
-            wechat_merchant_public: merchant.public,
-            wechat_platform_key: RsaSigner::from_pem(
-                &wechat_platform.private_pem,
-                "wechat platform key",
-            )?,
-            wechat_platform_key_id: "PUB_KEY_ID_0119000000012025000000000000".into(),
-            alipay_app_id: "2021000000000001".into(),
-            alipay_app_public: alipay_app.public,
-            alipay_platform_key: RsaSigner::from_pem(
-                &alipay_platform.private_pem,
-                "alipay platform key",
-            )?,
-            aliyun_access_keys: BTreeMap::from([("LTAI-sandbox".to_owned(), aliyun_secret)]),
+            wechat_mchid: "1900000001".to_owned(),
+            wechat_merchant_serial: hex(&random_bytes(20)?).to_uppercase(),
+            wechat_merchant_public: wechat_merchant.public.clone(),
+            wechat_platform_key: signer(&wechat_platform.private_pem)?,
+            wechat_platform_key_id: format!("PUB_KEY_ID_{}", hex(&random_bytes(16)?)),
+            alipay_app_id: "2021000000000001".to_owned(),
+            alipay_app_public: alipay_app.public.clone(),
+            alipay_platform_key: signer(&alipay_platform.private_pem)?,
+            aliyun_access_keys: BTreeMap::from([(
+                aliyun_access_key_id.clone(),
+                aliyun_access_key_secret.clone(),
+            )]),
         };
         let secrets = MerchantSecrets {
-            wechat_merchant_key_pem: merchant.private_pem,
-            alipay_app_key_pem: alipay_app.private_pem,
+            wechat_merchant_private_pem: wechat_merchant.private_pem,
+            alipay_app_private_pem: alipay_app.private_pem,
+            alipay_platform_public: alipay_platform.public,
+            wechat_platform_public: wechat_platform.public,
+            aliyun_access_key_id,
+            aliyun_access_key_secret,
         };
         Ok((keys, secrets))
     }
@@ -262,6 +272,22 @@ impl SandboxState {
     }
 }
 
+/// Decodes `application/x-www-form-urlencoded` text into pairs.
+pub(crate) fn parse_form(text: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    text.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
 /// The router answering all three platforms' endpoints.
 pub fn router(state: Arc<SandboxState>) -> axum::Router {
     wechatpay::router(state.clone())
@@ -316,9 +342,62 @@ pub fn start(
     })
 }
 
+/// Starting a generated sandbox over real HTTPS on 127.0.0.1, for the simulators' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A running HTTPS sandbox, a platform HTTP client that trusts it, and the merchant keys.
+    pub(crate) struct TestSandbox {
+        pub sandbox: RunningSandbox,
+        pub secrets: MerchantSecrets,
+        /// The sandbox CA, PEM, to build more clients with other timeouts.
+        pub ca_pem: String,
+    }
+
+    impl TestSandbox {
+        /// A platform client (`platform::http_client`) pinned to the sandbox CA.
+        pub fn http(&self, timeout: Duration) -> reqwest::Client {
+            let tls = crate::tls::client_config_pinned(&self.ca_pem, "sandbox ca").expect("tls");
+            crate::platform::http_client(tls, timeout).expect("http client")
+        }
+    }
+
+    /// Generates keys and a PKI, and starts the sandbox with `world` on an ephemeral port.
+    pub(crate) async fn start_https(world: World) -> TestSandbox {
+        let (keys, secrets) = SandboxKeys::generate().expect("keys");
+        let pki = crate::tls::generate_pki("sandbox test ca", &["127.0.0.1"]).expect("pki");
+        let server = crate::tls::server_config_generated(&pki).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sandbox = start(
+            listener,
+            Some(Arc::new(server)),
+            SandboxState::new(keys, world),
+        )
+        .expect("start");
+        TestSandbox {
+            sandbox,
+            secrets,
+            ca_pem: pki.ca_pem,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn form_decoding_handles_plus_and_percent() {
+        assert_eq!(
+            parse_form("a=x+y%2Bz&b=%E6%94%AF&c"),
+            vec![
+                ("a".to_owned(), "x y+z".to_owned()),
+                ("b".to_owned(), "支".to_owned()),
+                ("c".to_owned(), String::new()),
+            ]
+        );
+    }
 
     #[test]
     fn counted_faults_expire_and_open_faults_stay() {

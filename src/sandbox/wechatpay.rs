@@ -733,7 +733,7 @@ mod tests {
         let signer = MerchantSigner::new(
             keys.wechat_mchid.clone(),
             keys.wechat_merchant_serial.clone(),
-            RsaSigner::from_pem(&secrets.wechat_merchant_key_pem, "merchant").expect("key"),
+            RsaSigner::from_pem(&secrets.wechat_merchant_private_pem, "merchant").expect("key"),
         );
         let harness = start_sandbox(keys, world()).await;
         let client = harness.client_as(signer, platform_keys, DEFAULT_TIMEOUT);
