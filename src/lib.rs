@@ -5,6 +5,7 @@
 //!
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
+//! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
 //! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
@@ -33,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod schedule;
 pub mod terminal;
 pub mod tls;
 pub mod units;
@@ -40,6 +42,8 @@ pub mod wire;
 
 #[cfg(feature = "merchant")]
 pub mod platform;
+#[cfg(feature = "merchant")]
+pub mod proxy;
 #[cfg(feature = "merchant")]
 pub mod sandbox;
 

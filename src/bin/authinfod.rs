@@ -172,13 +172,14 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     exit::FAILURE
 }
 
-fn init_logging(identifier: &str) {
+/// Logs to journald or stderr; `RUST_LOG` overrides `default`.
+fn init_logging(identifier: &str, default: &str) {
     let journal = std::env::var("JOURNAL_STREAM").ok();
     let filter = std::env::var("RUST_LOG").ok();
     authinfod::logging::init(
         authinfod::logging::detect(journal.as_deref()),
         filter.as_deref(),
-        "info",
+        default,
         identifier,
     );
 }
@@ -193,7 +194,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    init_logging("authinfod");
+    init_logging("authinfod", "info");
     let config = config::load(config_path)?;
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
@@ -346,7 +347,9 @@ async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Re
 fn demo(duration: &str) -> anyhow::Result<ExitCode> {
     let duration = authinfod::units::parse_duration(duration)
         .map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
-    init_logging("authinfod-demo");
-    runtime()?.block_on(authinfod::demo::run(duration, shutdown_signal()))?;
+    // The story is the output; only warnings and errors of the parts are logged beside it.
+    init_logging("authinfod-demo", "warn");
+    let mut out = std::io::stdout();
+    runtime()?.block_on(authinfod::demo::run(duration, shutdown_signal(), &mut out))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::HealthConfig;
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
-use super::refresher::Schedule;
 use super::state::{State, lock};
 use super::store::Store;
+use crate::schedule::Schedule;
 use crate::units::rfc3339;
 use crate::units::unix_now;
 use crate::wire;

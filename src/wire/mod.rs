@@ -157,10 +157,14 @@ pub mod codes {
     pub const UPSTREAM_REJECTED: &str = "UPSTREAM_REJECTED";
     /// 429: the platform rate-limited the merchant.
     pub const UPSTREAM_RATE_LIMITED: &str = "UPSTREAM_RATE_LIMITED";
-    /// 502: the platform failed, answered unsigned, badly signed or malformed, or is unreachable.
+    /// 502: the platform failed (5xx) or could not be reached.
     pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
     /// 502: the platform's answer did not verify.
     pub const UPSTREAM_BAD_SIGNATURE: &str = "UPSTREAM_BAD_SIGNATURE";
+    /// 502: the platform's answer is not of the documented shape.
+    pub const UPSTREAM_MALFORMED: &str = "UPSTREAM_MALFORMED";
+    /// 405: the route exists with another method.
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
     /// 500: the proxy itself failed.
     pub const INTERNAL: &str = "INTERNAL";
 }

@@ -1,0 +1,453 @@
+//! A complete local setup of the whole chain, made on the fly: sandbox platforms with their keys,
+//! the merchant's key files, a proxy config and registry, a device key and a daemon config. The
+//! demo, the integration tests and `authinfo-proxy sandbox` use it.
+//!
+//! Owns: generating every key and certificate (nothing is ever committed) and writing the config
+//! files exactly as an operator would, so they are loaded through the real config parsers. It
+//! must not bypass those parsers: what it writes is also documentation of a working setup.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::crypto::{self, CryptoError, GeneratedKey};
+use crate::platform::alipay::DeviceBinding;
+use crate::platform::aliyun::DeviceInfo;
+use crate::platform::wechatpay::{Device, DeviceInspection};
+use crate::sandbox::{self, RunningSandbox, SandboxKeys, SandboxState, World, netcut::NetCut};
+use crate::tls::{GeneratedPki, generate_pki};
+
+/// The demo terminal's id and WeChat Pay serial.
+pub const DEVICE_ID: &str = "T-1001";
+pub const DEVICE_SN: &str = "SANDBOX0000001001";
+/// Its Alipay `biz_tid` and Cloudauth device id.
+pub const BIZ_TID: &str = "01017sandboxbiztid1001";
+pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
+
+/// Why the lab could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key generation failed")]
+    Crypto(#[from] CryptoError),
+    #[error("certificate generation failed: {0}")]
+    Certificate(String),
+    #[error("cannot listen")]
+    Listen(#[source] std::io::Error),
+    #[error(transparent)]
+    ProxyConfig(#[from] crate::proxy::config::ConfigError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// What the simulated platforms know in the lab: the demo device, activated, with a passing
+/// inspection, an Alipay binding and a licence `licence_days` from expiry, among `extra_devices`
+/// other devices of the merchant.
+pub fn world(extra_devices: usize, licence_days: i64) -> World {
+    let today = time::OffsetDateTime::now_utc().date();
+    let day = |d: time::Date| crate::platform::aliyun::format_day(d).replace('-', "");
+    let listed = |sn: String, status: &str| Device {
+        device_sn: Some(sn),
+        device_category: Some("团餐设备".into()),
+        device_category_code: Some("8".into()),
+        device_class: Some("团餐机".into()),
+        device_class_code: Some("107".into()),
+        device_model: Some("FP-200".into()),
+        app_scene: Some("离线模式".into()),
+        app_scene_code: Some("3".into()),
+        operating_system: Some("LINUX".into()),
+        activation_status: Some(status.into()),
+        mchid: Some("1900000001".into()),
+        sub_mchid: Some("1900000002".into()),
+        ..Device::default()
+    };
+    let mut devices = vec![listed(DEVICE_SN.into(), "ACTIVATED")];
+    devices.extend((0..extra_devices).map(|i| {
+        listed(
+            format!("SANDBOX{:010}", 2000 + i),
+            if i % 10 == 9 {
+                "INACTIVATED"
+            } else {
+                "ACTIVATED"
+            },
+        )
+    }));
+    World {
+        wechat_devices: devices,
+        inspections: [(
+            DEVICE_SN.to_owned(),
+            DeviceInspection {
+                device_sn: DEVICE_SN.into(),
+                wired_mac: "00:16:3e:00:10:01".into(),
+                wireless_mac: "00:16:3e:00:10:02".into(),
+                bluetooth_mac: "00:16:3e:00:10:03".into(),
+                app_version: "1.26.100".into(),
+                camera_sn: "CAM-1001".into(),
+                imei: "860000000001001".into(),
+                result: "SUCCESS".into(),
+                errors: Vec::new(),
+                warnings: Vec::new(),
+                inspect_time: "2026-01-05T09:30:00+08:00".into(),
+            },
+        )]
+        .into(),
+        rejected_raw_data: vec!["REJECTED-RAW-DATA".into()],
+        alipay_bindings: [(
+            BIZ_TID.to_owned(),
+            DeviceBinding {
+                merchant_type: "indirect".into(),
+                pid: "2088101112139885".into(),
+                shop_id: "2020081700502012300038796029".into(),
+                smid: Some("2088101112139886".into()),
+            },
+        )]
+        .into(),
+        licences: vec![DeviceInfo {
+            device_id: CLOUDAUTH_DEVICE_ID.into(),
+            user_device_id: Some(DEVICE_ID.into()),
+            biz_type: Some("FACE_PAY".into()),
+            begin_day: day(today - time::Duration::days(365)),
+            expired_day: day(today + time::Duration::days(licence_days)),
+        }],
+        authinfo_expires_in: None,
+    }
+}
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<(), LabError> {
+    let err = |source| LabError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(path, text).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// What [`generate_keys`] returns: what the sandbox and the registry need. The private halves
+/// the merchant and the device use are only in files.
+pub struct GeneratedLab {
+    pub sandbox_keys: SandboxKeys,
+    pub sandbox_pki: GeneratedPki,
+    pub device_public: crypto::RsaVerifier,
+    pub aliyun_access_key_id: String,
+}
+
+impl std::fmt::Debug for GeneratedLab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedLab").finish_non_exhaustive()
+    }
+}
+
+/// Generates every key and certificate and writes the merchant's and the device's files under
+/// `dir`: the proxy's TLS pair and CA, the sandbox's CA, the WeChat Pay merchant key and platform
+/// public key, the Alipay app key and Alipay public key, the Alibaba Cloud secret and the device
+/// key. Private files are 0600.
+pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
+    std::fs::create_dir_all(dir).map_err(|source| LabError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let (sandbox_keys, secrets) = SandboxKeys::generate()?;
+    let cert = |name: &str| {
+        generate_pki(name, &["127.0.0.1", "localhost"])
+            .map_err(|e| LabError::Certificate(e.to_string()))
+    };
+    let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
+    let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
+    let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
+    let files: [(&str, &str, u32); 10] = [
+        ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
+        ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
+        ("proxy-ca.pem", &proxy_pki.ca_pem, 0o644),
+        ("sandbox-ca.pem", &sandbox_pki.ca_pem, 0o644),
+        (
+            "wechatpay-merchant.key",
+            &secrets.wechat_merchant_private_pem,
+            0o600,
+        ),
+        (
+            "wechatpay-public.pem",
+            &secrets.wechat_platform_public.to_pem(),
+            0o644,
+        ),
+        ("alipay-app.key", &secrets.alipay_app_private_pem, 0o600),
+        (
+            "alipay-public.pem",
+            &secrets.alipay_platform_public.to_pem(),
+            0o644,
+        ),
+        ("aliyun-secret", &secrets.aliyun_access_key_secret, 0o600),
+        ("device.key", &device.private_pem, 0o600),
+    ];
+    for (name, text, mode) in files {
+        write(&dir.join(name), text, mode)?;
+    }
+    Ok(GeneratedLab {
+        sandbox_keys,
+        sandbox_pki,
+        device_public: device.public,
+        aliyun_access_key_id: secrets.aliyun_access_key_id,
+    })
+}
+
+/// The config files of a lab directory.
+#[derive(Debug, Clone)]
+pub struct LabFiles {
+    pub dir: PathBuf,
+}
+
+impl LabFiles {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes the registry (`devices.toml`) enrolling the demo device with `device_public`.
+    pub fn write_registry(&self, device_public: &crypto::RsaVerifier) -> Result<PathBuf, LabError> {
+        let path = self.path("devices.toml");
+        write(
+            &path,
+            &format!(
+                "# Devices enrolled with this proxy (made by the lab).\n[[device]]\ndevice_id = \"{DEVICE_ID}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{DEVICE_SN}\"\nsub_mchid = \"1900000002\"\nsub_appid = \"wxsandboxsubapp0001\"\norganization_id = \"ORG-CANTEEN-01\"\n\n[device.alipay]\nbiz_tid = \"{BIZ_TID}\"\n\n[device.aliyun]\ndevice_id = \"{CLOUDAUTH_DEVICE_ID}\"\nbiz_type = \"FACE_PAY\"\n",
+                device_public.to_pem()
+            ),
+            0o644,
+        )?;
+        Ok(path)
+    }
+
+    /// Writes `authinfo-proxy.toml` for a proxy on `listen` / `admin_listen` whose three
+    /// platforms are the sandbox at `sandbox_url`, followed by `extra` TOML.
+    pub fn write_proxy_config(
+        &self,
+        generated: &GeneratedLab,
+        sandbox_url: &str,
+        listen: &str,
+        admin_listen: &str,
+        extra: &str,
+    ) -> Result<PathBuf, LabError> {
+        let path = self.path("authinfo-proxy.toml");
+        let k = &generated.sandbox_keys;
+        write(
+            &path,
+            &format!(
+                r#"# authinfo-proxy config for the sandbox (made by the lab). Relative paths are relative to this file.
+listen = "{listen}"
+admin_listen = "{admin_listen}"
+tls_cert = "proxy-tls.crt"
+tls_key = "proxy-tls.key"
+registry = "devices.toml"
+state_dir = "proxy-state"
+upstream_timeout = "5s"
+
+[wechatpay]
+base_url = "{sandbox_url}"
+ca_file = "sandbox-ca.pem"
+mchid = "{mchid}"
+sp_appid = "wxsandboxspapp0001"
+merchant_key = "wechatpay-merchant.key"
+merchant_serial = "{serial}"
+public_key_id = "{key_id}"
+public_key = "wechatpay-public.pem"
+
+[alipay]
+gateway = "{sandbox_url}/gateway.do"
+ca_file = "sandbox-ca.pem"
+app_id = "{app_id}"
+app_private_key = "alipay-app.key"
+alipay_public_key = "alipay-public.pem"
+
+[aliyun]
+endpoint = "{sandbox_url}"
+ca_file = "sandbox-ca.pem"
+access_key_id = "{ak}"
+access_key_secret_file = "aliyun-secret"
+
+{extra}
+"#,
+                mchid = k.wechat_mchid,
+                serial = k.wechat_merchant_serial,
+                key_id = k.wechat_platform_key_id,
+                app_id = k.alipay_app_id,
+                ak = generated.aliyun_access_key_id,
+            ),
+            0o644,
+        )?;
+        Ok(path)
+    }
+
+    /// Writes `authinfod.toml` for a daemon talking to the proxy at `proxy_url`, with its socket
+    /// and store under the lab directory, followed by `extra` TOML.
+    pub fn write_daemon_config(&self, proxy_url: &str, extra: &str) -> Result<PathBuf, LabError> {
+        let path = self.path("authinfod.toml");
+        write(
+            &path,
+            &format!(
+                "# authinfod config for the lab.\ndevice_id = \"{DEVICE_ID}\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{ca}\"\ntimeout = \"5s\"\n\n[socket]\npath = \"{socket}\"\n\n{extra}\n",
+                key = self.path("device.key").display(),
+                state = self.path("authinfod-state").display(),
+                ca = self.path("proxy-ca.pem").display(),
+                socket = self.path("authinfod.sock").display(),
+            ),
+            0o644,
+        )?;
+        Ok(path)
+    }
+}
+
+/// Starts the simulated platforms over HTTPS on `listener`, knowing `world`.
+pub fn start_sandbox(
+    keys: SandboxKeys,
+    pki: &GeneratedPki,
+    listener: TcpListener,
+    world: World,
+) -> Result<RunningSandbox, LabError> {
+    let tls = Arc::new(crate::tls::server_config_generated(pki)?);
+    sandbox::start(listener, Some(tls), SandboxState::new(keys, world)).map_err(LabError::Listen)
+}
+
+/// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
+/// is written; starting the daemon is the caller's (the demo, a test).
+pub struct Lab {
+    pub files: LabFiles,
+    pub sandbox: RunningSandbox,
+    pub proxy: crate::proxy::RunningProxy,
+    /// The relay the daemon reaches the proxy through: `cut()` plays a network loss.
+    pub net: NetCut,
+    pub daemon_config: PathBuf,
+    pub proxy_config: PathBuf,
+    /// The device's public key, as enrolled.
+    pub device_public: crypto::RsaVerifier,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab")
+            .field("dir", &self.files.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lab {
+    /// Generates everything under `dir`, starts the sandbox (knowing `world`), the proxy (with
+    /// `proxy_extra` TOML appended to its config) and the relay, and writes the daemon config
+    /// (with `daemon_extra`).
+    pub async fn start(
+        dir: &Path,
+        world: World,
+        proxy_extra: &str,
+        daemon_extra: &str,
+    ) -> Result<Self, LabError> {
+        let loopback = || async {
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(LabError::Listen)
+        };
+        let generated = generate_keys(dir)?;
+        let files = LabFiles {
+            dir: dir.to_owned(),
+        };
+        files.write_registry(&generated.device_public)?;
+        let sandbox_listener = loopback().await?;
+        let sandbox_url = format!(
+            "https://{}",
+            sandbox_listener.local_addr().map_err(LabError::Listen)?
+        );
+        let proxy_config = files.write_proxy_config(
+            &generated,
+            &sandbox_url,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            proxy_extra,
+        )?;
+        let device_public = generated.device_public.clone();
+        let sandbox = start_sandbox(
+            generated.sandbox_keys,
+            &generated.sandbox_pki,
+            sandbox_listener,
+            world,
+        )?;
+        let proxy = crate::proxy::start(crate::proxy::config::load(&proxy_config)?).await?;
+        let net = NetCut::start(loopback().await?, proxy.addr).map_err(LabError::Listen)?;
+        let daemon_config = files.write_daemon_config(
+            &format!("https://127.0.0.1:{}", net.addr.port()),
+            daemon_extra,
+        )?;
+        Ok(Self {
+            files,
+            sandbox,
+            proxy,
+            net,
+            daemon_config,
+            proxy_config,
+            device_public,
+        })
+    }
+
+    /// Stops the proxy and the sandbox.
+    pub async fn stop(self) {
+        self.proxy.stop().await;
+        self.sandbox.stop().await;
+    }
+}
+
+/// `authinfo-proxy sandbox`: generates a lab in `dir` (keys, proxy config for a proxy on
+/// `proxy_listen`, registry, terminal config), serves the simulated platforms on `listen` with
+/// `devices` extra fleet devices, and prints what to run next; until `shutdown`.
+pub async fn run_standalone_sandbox(
+    dir: &Path,
+    listen: &str,
+    proxy_listen: &str,
+    devices: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), LabError> {
+    let listener = TcpListener::bind(listen).await.map_err(LabError::Listen)?;
+    let sandbox_url = format!(
+        "https://{}",
+        listener.local_addr().map_err(LabError::Listen)?
+    );
+    let generated = generate_keys(dir)?;
+    let files = LabFiles {
+        dir: dir.to_owned(),
+    };
+    files.write_registry(&generated.device_public)?;
+    let admin = "127.0.0.1:9464";
+    let proxy_config =
+        files.write_proxy_config(&generated, &sandbox_url, proxy_listen, admin, "")?;
+    let daemon_config = files.write_daemon_config(&format!("https://{proxy_listen}"), "")?;
+    let sandbox = start_sandbox(
+        generated.sandbox_keys,
+        &generated.sandbox_pki,
+        listener,
+        world(devices, 45),
+    )?;
+    println!("Simulated WeChat Pay, Alipay and Alibaba Cloud at {sandbox_url}");
+    println!("Fresh keys, certificates and configs in {}:", dir.display());
+    println!(
+        "  proxy:    authinfo-proxy serve --config {}",
+        proxy_config.display()
+    );
+    println!(
+        "  terminal: authinfod run --config {}",
+        daemon_config.display()
+    );
+    println!(
+        "  fleet:    authinfo-proxy devices --config {}",
+        proxy_config.display()
+    );
+    println!(
+        "  face app: curl --unix-socket {} -X PUT -d '{{\"raw_data\":\"R\"}}' http://localhost/v1/raw-data",
+        files.path("authinfod.sock").display()
+    );
+    println!("Ctrl-C stops the sandbox.");
+    shutdown.await;
+    sandbox.stop().await;
+    Ok(())
+}

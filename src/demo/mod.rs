@@ -1,0 +1,320 @@
+//! `authinfod demo`: the whole chain in one process — simulated platforms, the signing proxy and
+//! the daemon — on temporary directories and sockets with keys made on the spot, playing the
+//! story a newcomer needs: first fetch, a face-app read, the network cut, recovery.
+//!
+//! - [`lab`]: the setup (keys, certificates, config files, servers) the demo and tests share.
+//!
+//! Owns: the story and its narration. It must not reach into the daemon's internals: it talks
+//! to the daemon over its socket like the face app and `authinfod status` do.
+
+pub mod lab;
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::terminal::client::{self, ClientError};
+use crate::terminal::config::SocketAddress;
+use crate::terminal::{self, Daemon, RunOptions};
+
+/// Why the demo stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Lab(#[from] lab::LabError),
+    #[error(transparent)]
+    Config(#[from] terminal::config::ConfigError),
+    #[error(transparent)]
+    Daemon(#[from] terminal::DaemonError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Story(String),
+    #[error("cannot write the story")]
+    Output(#[from] std::io::Error),
+}
+
+/// The daemon's settings in the demo: a short interval and backoff so the story fits in seconds.
+const DAEMON_EXTRA: &str = "[refresh]\ninterval = \"30s\"\nbackoff_min = \"1s\"\nbackoff_max = \"3s\"\n\n[health]\ninterval = \"1m\"\n";
+
+/// Runs the demo: the story, then serving until `duration` has passed since the start or
+/// `shutdown` resolves. Narration goes to `out`.
+pub async fn run(
+    duration: Duration,
+    shutdown: impl Future<Output = ()>,
+    out: &mut (dyn Write + Send),
+) -> Result<(), DemoError> {
+    let dir = demo_dir();
+    let result = run_in(&dir, duration, shutdown, out).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(
+    dir: &Path,
+    duration: Duration,
+    shutdown: impl Future<Output = ()>,
+    out: &mut (dyn Write + Send),
+) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let mut story = Story { out, started };
+    story.say(
+        "authinfod demo: the whole chain on this machine, no account and no network needed.",
+    )?;
+    story
+        .step("Generating keys and certificates, starting the simulated platforms and the proxy")?;
+    let lab = lab::Lab::start(
+        dir,
+        lab::world(12, 45),
+        "[fleet]\nsync_interval = \"10m\"\n",
+        DAEMON_EXTRA,
+    )
+    .await?;
+    story.say(&format!(
+        "  sandbox (WeChat Pay, Alipay, Alibaba Cloud)  {}   verifies the proxy's signatures like the real platforms",
+        lab.sandbox.base_url
+    ))?;
+    story.say(&format!(
+        "  authinfo-proxy                              https://{}   holds the merchant keys, authenticates the terminal",
+        lab.proxy.addr
+    ))?;
+    story.say(&format!(
+        "  network between terminal and proxy          127.0.0.1:{}   (a relay the demo can cut)",
+        lab.net.addr.port()
+    ))?;
+    story.say(&format!("  configs and keys in {}", dir.display()))?;
+
+    story.step("Starting authinfod (the terminal daemon)")?;
+    let config = terminal::config::load(&lab.daemon_config)?;
+    let socket = config.socket.address.clone();
+    let daemon = Daemon::start(config, RunOptions::default()).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let daemon_task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
+    story.say(&format!("  serving on {socket}"))?;
+    story.say("  Try it while the demo runs, in another terminal:")?;
+    story.say(&format!(
+        "    curl --unix-socket {socket} http://localhost/v1/authinfo"
+    ))?;
+    story.say(&format!(
+        "    curl --unix-socket {socket} http://localhost/v1/status"
+    ))?;
+    story.say(&format!(
+        "    cargo run --release -- status --socket {socket}"
+    ))?;
+
+    let result = play(&mut story, &lab, &socket).await;
+    if let Err(e) = &result {
+        story.say(&format!("The story stopped: {e}"))?;
+    } else {
+        let left = duration.saturating_sub(started.elapsed());
+        story.step(&format!(
+            "The chain keeps running for {} more (--duration); Ctrl-C stops it",
+            crate::units::format_duration(Duration::from_secs(left.as_secs()))
+        ))?;
+        tokio::select! {
+            () = shutdown => story.say("Stopping on a signal.")?,
+            () = tokio::time::sleep(left) => story.say("Duration reached; stopping.")?,
+        }
+    }
+    stop.cancel();
+    let _ = daemon_task.await;
+    lab.stop().await;
+    story.say("Stopped. Everything the demo made is deleted.")?;
+    result
+}
+
+/// Narration with elapsed-time stamps and step numbers.
+struct Story<'a> {
+    out: &'a mut (dyn Write + Send),
+    started: Instant,
+}
+
+impl Story<'_> {
+    fn say(&mut self, line: &str) -> std::io::Result<()> {
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn step(&mut self, title: &str) -> std::io::Result<()> {
+        let t = self.started.elapsed().as_secs_f64();
+        writeln!(self.out, "\n[{t:5.1}s] {title}")?;
+        self.out.flush()
+    }
+}
+
+async fn json(
+    socket: &SocketAddress,
+    method: http::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, serde_json::Value), DemoError> {
+    let answer = client::request(socket, method, path, body).await?;
+    let value = if answer.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        answer.json()?
+    };
+    Ok((answer.status, value))
+}
+
+/// Polls `GET /v1/status` until `cond` holds (at most `limit`).
+async fn wait_status(
+    socket: &SocketAddress,
+    limit: Duration,
+    mut cond: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, DemoError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, status) = json(socket, http::Method::GET, "/v1/status", None).await?;
+        if cond(&status) {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            return Err(DemoError::Story(format!(
+                "gave up waiting; status was {status}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn short(authinfo: &str) -> String {
+    let mut s: String = authinfo.chars().take(28).collect();
+    if authinfo.len() > 28 {
+        s.push('…');
+    }
+    s
+}
+
+async fn play(
+    story: &mut Story<'_>,
+    lab: &lab::Lab,
+    socket: &SocketAddress,
+) -> Result<(), DemoError> {
+    story.step("The face app hands over the face SDK's raw_data (PUT /v1/raw-data)")?;
+    let body = serde_json::to_vec(
+        &serde_json::json!({ "raw_data": "SANDBOX-RAWDATA-FROM-getWxpayfaceRawdata" }),
+    )
+    .map_err(|e| DemoError::Story(e.to_string()))?;
+    let (status, answer) = json(socket, http::Method::PUT, "/v1/raw-data", Some(body)).await?;
+    story.say(&format!("  {status} {answer}"))?;
+
+    story.step("authinfod fetches an authinfo: terminal → proxy (device-signed, TLS) → WeChat Pay sandbox (merchant-signed)")?;
+    let status = wait_status(socket, Duration::from_secs(20), |s| {
+        s["authinfo"]["state"] == "fresh"
+    })
+    .await?;
+    let first = status["authinfo"]["fingerprint"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    story.say(&format!(
+        "  stored in sled and served: fingerprint {first}, expires {}",
+        status["authinfo"]["expires_at"].as_str().unwrap_or("?")
+    ))?;
+
+    story.step("The face app reads it over the socket (GET /v1/authinfo)")?;
+    let answer = client::request(socket, http::Method::GET, "/v1/authinfo", None)
+        .await?
+        .ok()?;
+    let doc = answer.json()?;
+    story.say(&format!(
+        "  200 {{\"authinfo\": \"{}\", \"state\": {}, \"age_seconds\": {}, \"expires_at\": {}}}",
+        short(doc["authinfo"].as_str().unwrap_or("")),
+        doc["state"],
+        doc["age_seconds"],
+        doc["expires_at"]
+    ))?;
+
+    story.step(
+        "Device health, fetched through the proxy from all three platforms (GET /v1/device)",
+    )?;
+    let device = wait_status(socket, Duration::from_secs(20), |s| {
+        ["inspection", "alipay_binding", "licence"]
+            .iter()
+            .all(|c| s["device"][c]["state"] != "pending")
+    })
+    .await?;
+    let d = &device["device"];
+    let s = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    story.say(&format!(
+        "  inspection (WeChat Pay):      {}: {}",
+        s(&d["inspection"]["state"]),
+        s(&d["inspection"]["value"]["result"])
+    ))?;
+    story.say(&format!(
+        "  Alipay binding (Alipay):      {}: {} merchant, pid {}, shop {}",
+        s(&d["alipay_binding"]["state"]),
+        s(&d["alipay_binding"]["value"]["merchant_type"]),
+        s(&d["alipay_binding"]["value"]["pid"]),
+        s(&d["alipay_binding"]["value"]["shop_id"])
+    ))?;
+    story.say(&format!(
+        "  SDK licence (Alibaba Cloud):  {}: valid to {} ({} days left)",
+        s(&d["licence"]["state"]),
+        s(&d["licence"]["value"]["expired_day"]),
+        s(&d["licence"]["value"]["days_left"])
+    ))?;
+
+    story.step("The network to the proxy is cut")?;
+    lab.net.cut();
+    let (status, answer) = json(socket, http::Method::POST, "/v1/refresh?wait=true", None).await?;
+    story.say(&format!(
+        "  a refresh fails: {status} {}",
+        answer["code"].as_str().unwrap_or("?")
+    ))?;
+    let status = wait_status(socket, Duration::from_secs(20), |s| {
+        s["refresh"]["consecutive_failures"].as_u64().unwrap_or(0) >= 2
+    })
+    .await?;
+    let answer = client::request(socket, http::Method::GET, "/v1/authinfo", None).await?;
+    let still = answer
+        .json()
+        .map(|d| d["authinfo"].as_str().map(short))
+        .ok()
+        .flatten();
+    story.say(&format!(
+        "  the face app is still served: {} {} (the held authinfo is never replaced by a failure)",
+        answer.status,
+        still.unwrap_or_default()
+    ))?;
+    story.say(&format!(
+        "  status: proxy reachable={}, {} consecutive failures (last: {}), retrying with exponential backoff and jitter",
+        status["proxy"]["reachable"],
+        status["refresh"]["consecutive_failures"],
+        status["refresh"]["last_error_code"].as_str().unwrap_or("?")
+    ))?;
+
+    story.step("The network comes back")?;
+    lab.net.restore();
+    let status = wait_status(socket, Duration::from_secs(20), |s| {
+        s["authinfo"]["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f != first)
+            && s["refresh"]["last_attempt_ok"] == true
+    })
+    .await?;
+    story.say(&format!(
+        "  recovered on the next backoff attempt: new authinfo {} (was {first}), proxy reachable={}",
+        status["authinfo"]["fingerprint"].as_str().unwrap_or("?"),
+        status["proxy"]["reachable"]
+    ))?;
+    story.say(&format!(
+        "  {} terminal requests were served by the proxy; the sandbox verified {} signed platform calls",
+        lab.proxy.app.metrics.requests("/v1/authinfo", "OK")
+            + lab.proxy.app.metrics.requests("/v1/inspection", "OK")
+            + lab.proxy.app.metrics.requests("/v1/alipay-binding", "OK")
+            + lab.proxy.app.metrics.requests("/v1/licence", "OK"),
+        lab.sandbox.state.received().iter().filter(|r| r.signature_ok).count()
+    ))?;
+    Ok(())
+}
+
+/// Where the demo keeps its files while it runs.
+pub fn demo_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("authinfod-demo-{}", std::process::id()))
+}

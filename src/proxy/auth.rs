@@ -1,0 +1,142 @@
+//! Terminal authentication: every request must carry a valid `AUTHINFOD-SHA256-RSA2048`
+//! signature by an enrolled device, a timestamp within 300 s of the proxy's clock, and a nonce
+//! not seen within the window.
+//!
+//! Owns: the order of checks (header shape, known device, signature, timestamp, nonce — the nonce
+//! is recorded only for requests that verified, so strangers cannot fill the cache) and the nonce
+//! cache. It must not decide what a device may ask: routes use the device it returns, so a
+//! device can only ever ask about itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use crate::wire::auth::{Authorization, HeaderError, TIMESTAMP_WINDOW_SECS};
+
+use super::registry::{Device, Registry};
+
+/// The most nonces remembered; beyond it the oldest are dropped (they are older than any
+/// request the window still admits only under a flood from enrolled devices).
+const MAX_NONCES: usize = 1_000_000;
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("no device {0} is enrolled")]
+    UnknownDevice(String),
+    #[error("the signature does not verify with device {0}'s enrolled key")]
+    BadSignature(String),
+    #[error(
+        "the request timestamp is {skew} s from the proxy's clock (more than {TIMESTAMP_WINDOW_SECS} s)"
+    )]
+    Skewed { skew: i64 },
+    #[error("the nonce was already used")]
+    Replayed,
+}
+
+/// Nonces seen within the window, per device.
+#[derive(Debug, Default)]
+pub struct NonceCache {
+    inner: Mutex<NonceInner>,
+}
+
+#[derive(Debug, Default)]
+struct NonceInner {
+    /// (device_id, nonce) → forget after (Unix seconds).
+    seen: HashMap<(String, String), i64>,
+    /// Insertion order, for expiry.
+    order: VecDeque<(i64, String, String)>,
+}
+
+impl NonceCache {
+    /// Records `nonce` for `device_id` at `now` unless already seen; false on a replay.
+    pub fn check_and_record(&self, device_id: &str, nonce: &str, timestamp: i64, now: i64) -> bool {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some((forget_at, _, _)) = inner.order.front() {
+            if *forget_at > now && inner.order.len() < MAX_NONCES {
+                break;
+            }
+            if let Some((_, d, n)) = inner.order.pop_front() {
+                inner.seen.remove(&(d, n));
+            }
+        }
+        let key = (device_id.to_owned(), nonce.to_owned());
+        if inner.seen.contains_key(&key) {
+            return false;
+        }
+        // A request is admitted while |now - timestamp| <= window, so its nonce must be
+        // remembered until timestamp + window (plus a second for the edge).
+        let forget_at = timestamp.max(now) + TIMESTAMP_WINDOW_SECS + 1;
+        inner.seen.insert(key, forget_at);
+        inner
+            .order
+            .push_back((forget_at, device_id.to_owned(), nonce.to_owned()));
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .seen
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Authenticates one request; returns the enrolled device that signed it.
+pub fn authenticate(
+    registry: &Registry,
+    nonces: &NonceCache,
+    authorization: Option<&str>,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Arc<Device>, AuthError> {
+    let header = Authorization::parse(authorization.ok_or(HeaderError::Missing)?)?;
+    let device = registry
+        .get(&header.device_id)
+        .ok_or_else(|| AuthError::UnknownDevice(header.device_id.clone()))?;
+    if !header.verify(&device.public_key, method, path_and_query, body) {
+        return Err(AuthError::BadSignature(header.device_id));
+    }
+    if let Some(skew) = header.skew(now) {
+        return Err(AuthError::Skewed { skew });
+    }
+    if !nonces.check_and_record(&header.device_id, &header.nonce, header.timestamp, now) {
+        return Err(AuthError::Replayed);
+    }
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_refused_while_its_request_could_still_be_admitted() {
+        let cache = NonceCache::default();
+        assert!(cache.check_and_record("d", "N1", 1000, 1000));
+        assert!(!cache.check_and_record("d", "N1", 1000, 1100));
+        assert!(
+            cache.check_and_record("e", "N1", 1000, 1100),
+            "nonces are per device"
+        );
+        assert!(
+            !cache.check_and_record("d", "N1", 1000, 1300),
+            "still within the window"
+        );
+        // Past timestamp + window the request itself would be refused as skewed; the nonce is
+        // forgotten then.
+        assert!(cache.check_and_record("d", "N2", 1400, 1400));
+        assert!(cache.check_and_record("d", "N1", 1400, 1400));
+    }
+}

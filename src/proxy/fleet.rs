@@ -1,0 +1,499 @@
+//! The merchant's fleet as WeChat Pay lists it (`GET /v3/iotmanage/devices`): paged sync within
+//! the documented limits, a sled cache that survives restarts, and the lookup the routes use to
+//! refuse devices that are not listed or not activated.
+//!
+//! Owns: paging (limit 100, following `offset`/`total_count`), pacing (at most
+//! `requests_per_second` in any one-second window and `requests_per_day` per day, backing off on
+//! 429), the cache, and the sync schedule. It must not decide what a refused device gets; the
+//! routes map [`FleetStatus`] to an answer.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::platform::FailureClass;
+use crate::platform::wechatpay::{Device, MAX_PAGE_LIMIT, WechatPayClient, WechatPayError};
+use crate::units::unix_now;
+
+/// The most pages one sync reads (100 000 devices): a guard against a list that never ends.
+const MAX_PAGES: u64 = 1000;
+/// How often one page is retried after a 429 before the sync gives up.
+const MAX_RATE_LIMITED_RETRIES: u32 = 6;
+
+/// What the fleet list says of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetStatus {
+    Activated,
+    /// Listed, but not `ACTIVATED`.
+    Inactivated,
+    /// Not in the list.
+    Unlisted,
+    /// No list has ever been fetched.
+    Unknown,
+}
+
+/// A synced list.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FleetSnapshot {
+    /// Unix seconds of the sync; `None` before the first.
+    pub synced_at: Option<i64>,
+    pub devices: Vec<Device>,
+}
+
+/// Why a sync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("cannot open the fleet cache at {path}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the fleet cache failed")]
+    Cache(#[source] sled::Error),
+    #[error("listing devices failed at offset {offset}")]
+    List {
+        offset: u64,
+        #[source]
+        source: Box<WechatPayError>,
+    },
+    #[error("the daily budget of {0} device-list requests is spent")]
+    DailyBudget(u32),
+    #[error("the device list did not end within {MAX_PAGES} pages")]
+    TooManyPages,
+}
+
+/// Paces device-list requests: at most `per_second` in any sliding second and `per_day` in any
+/// sliding 24 hours. One limiter is shared by every sync of this process.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: u32,
+    per_day: u32,
+    second: Mutex<VecDeque<Instant>>,
+    day: Mutex<VecDeque<Instant>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: u32, per_day: u32) -> Self {
+        Self {
+            per_second: per_second.max(1),
+            per_day: per_day.max(1),
+            second: Mutex::new(VecDeque::new()),
+            day: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Waits until one more request fits in both windows, then counts it. Fails at once when
+    /// the daily budget is spent (waiting hours inside a sync helps nobody).
+    pub async fn acquire(&self) -> Result<(), FleetError> {
+        {
+            let mut day = lock(&self.day);
+            let now = Instant::now();
+            while day
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(86400))
+            {
+                day.pop_front();
+            }
+            if day.len() >= self.per_day as usize {
+                return Err(FleetError::DailyBudget(self.per_day));
+            }
+        }
+        loop {
+            let wait = {
+                let mut window = lock(&self.second);
+                let now = Instant::now();
+                while window
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    window.pop_front();
+                }
+                if window.len() < self.per_second as usize {
+                    window.push_back(now);
+                    lock(&self.day).push_back(now);
+                    return Ok(());
+                }
+                // The oldest request leaves the window one second after it was made (plus a
+                // margin, so the platform's clock agrees).
+                window.front().map_or(Duration::ZERO, |t| {
+                    Duration::from_secs(1).saturating_sub(now.duration_since(*t))
+                }) + Duration::from_millis(5)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The fleet: the last synced list in memory, cached in sled.
+#[derive(Debug)]
+pub struct Fleet {
+    snapshot: RwLock<Arc<FleetSnapshot>>,
+    by_sn: RwLock<Arc<HashMap<String, bool>>>,
+    cache: Option<sled::Db>,
+}
+
+const CACHE_KEY: &str = "fleet";
+
+impl Fleet {
+    /// Opens the cache under `state_dir/fleet` and loads the last synced list. An undecodable
+    /// cache is ignored (the next sync replaces it).
+    pub fn open(state_dir: &Path) -> Result<Self, FleetError> {
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(state_dir)
+            .map_err(|e| FleetError::Open {
+                path: state_dir.to_owned(),
+                source: sled::Error::Io(e),
+            })?;
+        let path = state_dir.join("fleet");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(4 * 1024 * 1024)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| FleetError::Open { path, source })?;
+        let snapshot = db
+            .get(CACHE_KEY)
+            .map_err(FleetError::Cache)?
+            .and_then(|bytes| serde_json::from_slice::<FleetSnapshot>(&bytes).ok())
+            .unwrap_or_default();
+        let fleet = Self::in_memory();
+        fleet.install(snapshot);
+        Ok(Self {
+            cache: Some(db),
+            ..fleet
+        })
+    }
+
+    /// A fleet without a cache (the `devices --live` command, tests).
+    pub fn in_memory() -> Self {
+        Self {
+            snapshot: RwLock::new(Arc::new(FleetSnapshot::default())),
+            by_sn: RwLock::new(Arc::new(HashMap::new())),
+            cache: None,
+        }
+    }
+
+    fn install(&self, snapshot: FleetSnapshot) {
+        let by_sn = snapshot
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
+                d.device_sn.clone().map(|sn| (sn, activated))
+            })
+            .collect();
+        *self
+            .by_sn
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(by_sn);
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(snapshot);
+    }
+
+    /// The last synced list.
+    pub fn snapshot(&self) -> Arc<FleetSnapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// What the list says of `device_sn`.
+    pub fn status(&self, device_sn: &str) -> FleetStatus {
+        if self.snapshot().synced_at.is_none() {
+            return FleetStatus::Unknown;
+        }
+        match self
+            .by_sn
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(device_sn)
+        {
+            Some(true) => FleetStatus::Activated,
+            Some(false) => FleetStatus::Inactivated,
+            None => FleetStatus::Unlisted,
+        }
+    }
+
+    /// Pages through the whole list and, when every page arrived, replaces the cached one.
+    /// A failure part-way keeps the previous list.
+    pub async fn sync(
+        &self,
+        client: &WechatPayClient,
+        limiter: &RateLimiter,
+    ) -> Result<usize, FleetError> {
+        let devices = fetch_all(client, limiter).await?;
+        let snapshot = FleetSnapshot {
+            synced_at: Some(unix_now()),
+            devices,
+        };
+        if let Some(db) = &self.cache {
+            let bytes = serde_json::to_vec(&snapshot)
+                .map_err(|e| FleetError::Cache(sled::Error::Io(std::io::Error::other(e))))?;
+            db.insert(CACHE_KEY, bytes).map_err(FleetError::Cache)?;
+            db.flush_async().await.map_err(FleetError::Cache)?;
+        }
+        let n = snapshot.devices.len();
+        self.install(snapshot);
+        Ok(n)
+    }
+}
+
+/// The fleet as a table for people (`authinfo-proxy devices`).
+pub fn render_table(snapshot: &FleetSnapshot) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<[String; 8]> = snapshot
+        .devices
+        .iter()
+        .map(|d| {
+            [
+                cell(&d.device_sn),
+                cell(&d.device_category),
+                cell(&d.device_class),
+                cell(&d.device_model),
+                cell(&d.app_scene),
+                cell(&d.operating_system),
+                cell(&d.activation_status),
+                cell(&d.sub_mchid),
+            ]
+        })
+        .collect();
+    let header = [
+        "DEVICE_SN",
+        "CATEGORY",
+        "CLASS",
+        "MODEL",
+        "SCENE",
+        "OS",
+        "ACTIVATION",
+        "SUB_MCHID",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (c, w) in cells.iter().zip(&widths) {
+            let pad = w.saturating_sub(c.chars().count());
+            let _ = write!(l, "{c}{}  ", " ".repeat(pad));
+        }
+        l.trim_end().to_owned()
+    };
+    let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row));
+    }
+    let activated = snapshot
+        .devices
+        .iter()
+        .filter(|d| d.activation_status.as_deref() == Some("ACTIVATED"))
+        .count();
+    let _ = writeln!(
+        out,
+        "{} device(s), {activated} activated; synced {}",
+        snapshot.devices.len(),
+        snapshot
+            .synced_at
+            .map_or_else(|| "never".into(), crate::units::rfc3339)
+    );
+    out
+}
+
+/// Every page of the device list, paced by `limiter`, retrying a rate-limited page with backoff.
+pub async fn fetch_all(
+    client: &WechatPayClient,
+    limiter: &RateLimiter,
+) -> Result<Vec<Device>, FleetError> {
+    let mut devices = Vec::new();
+    let mut offset = 0;
+    for _ in 0..MAX_PAGES {
+        let mut retries = 0;
+        let page = loop {
+            limiter.acquire().await?;
+            match client.list_devices(offset, MAX_PAGE_LIMIT).await {
+                Ok(page) => break page,
+                Err(e)
+                    if e.failure().class == FailureClass::RateLimited
+                        && retries < MAX_RATE_LIMITED_RETRIES =>
+                {
+                    retries += 1;
+                    let wait = e
+                        .failure()
+                        .retry_after
+                        .unwrap_or(Duration::from_secs(1 << retries.min(5)));
+                    tracing::warn!(
+                        offset,
+                        attempt = retries,
+                        backoff_ms = wait.as_millis() as u64,
+                        "device list rate-limited; backing off"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(source) => {
+                    return Err(FleetError::List {
+                        offset,
+                        source: Box::new(source),
+                    });
+                }
+            }
+        };
+        let next = page.next_offset();
+        devices.extend(page.data);
+        match next {
+            Some(n) => offset = n,
+            None => return Ok(devices),
+        }
+    }
+    Err(FleetError::TooManyPages)
+}
+
+/// Syncs at start (unless the cache is younger than the interval) and then every interval
+/// (±10 %), retrying a failed sync with backoff, until `shutdown`.
+pub async fn run_sync(
+    fleet: Arc<Fleet>,
+    client: Arc<WechatPayClient>,
+    limiter: Arc<RateLimiter>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let schedule = crate::schedule::Schedule {
+        interval,
+        jitter: 0.1,
+        backoff_min: Duration::from_secs(30),
+        backoff_max: interval.min(Duration::from_secs(1800)),
+    };
+    let age = fleet
+        .snapshot()
+        .synced_at
+        .map(|t| Duration::from_secs(u64::try_from(unix_now() - t).unwrap_or(0)));
+    let mut delay = match age {
+        Some(age) if age < interval => interval - age,
+        _ => Duration::ZERO,
+    };
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let started = Instant::now();
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = fleet.sync(&client, &limiter) => r,
+        };
+        delay = match result {
+            Ok(n) => {
+                failures = 0;
+                tracing::info!(
+                    devices = n,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "fleet synced from wechat pay"
+                );
+                schedule.next_interval(crate::crypto::random_unit())
+            }
+            Err(error) => {
+                failures += 1;
+                let delay = schedule
+                    .retry_delay(failures, None, crate::crypto::random_unit())
+                    .max(schedule.backoff_min);
+                tracing::warn!(error = %crate::error_chain(&error), attempt = failures, backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
+                delay
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_allows_n_per_sliding_second() {
+        let limiter = RateLimiter::new(20, 50_000);
+        let start = Instant::now();
+        for _ in 0..60 {
+            limiter.acquire().await.expect("budget");
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(2),
+            "60 requests at 20/s take at least 2 s: {elapsed:?}"
+        );
+        assert!(elapsed < Duration::from_millis(2100), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_refuses_past_the_daily_budget() {
+        let limiter = RateLimiter::new(20, 3);
+        for _ in 0..3 {
+            limiter.acquire().await.expect("budget");
+        }
+        assert!(matches!(
+            limiter.acquire().await,
+            Err(FleetError::DailyBudget(3))
+        ));
+        tokio::time::advance(Duration::from_secs(86400)).await;
+        limiter.acquire().await.expect("a day later");
+    }
+
+    #[test]
+    fn table_has_a_header_a_row_per_device_and_a_summary() {
+        let snapshot = FleetSnapshot {
+            synced_at: Some(0),
+            devices: vec![Device {
+                device_sn: Some("SN1".into()),
+                device_class: Some("团餐机".into()),
+                activation_status: Some("ACTIVATED".into()),
+                ..Device::default()
+            }],
+        };
+        let table = render_table(&snapshot);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("DEVICE_SN"));
+        assert!(
+            lines[1].starts_with("SN1")
+                && lines[1].contains("团餐机")
+                && lines[1].contains("ACTIVATED")
+        );
+        assert_eq!(
+            lines[2],
+            "1 device(s), 1 activated; synced 1970-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn status_reads_the_list() {
+        let fleet = Fleet::in_memory();
+        assert_eq!(fleet.status("SN1"), FleetStatus::Unknown);
+        let device = |sn: &str, status: &str| Device {
+            device_sn: Some(sn.into()),
+            activation_status: Some(status.into()),
+            ..Device::default()
+        };
+        fleet.install(FleetSnapshot {
+            synced_at: Some(1),
+            devices: vec![device("SN1", "ACTIVATED"), device("SN2", "INACTIVATED")],
+        });
+        assert_eq!(fleet.status("SN1"), FleetStatus::Activated);
+        assert_eq!(fleet.status("SN2"), FleetStatus::Inactivated);
+        assert_eq!(fleet.status("SN3"), FleetStatus::Unlisted);
+    }
+}

@@ -1,0 +1,176 @@
+//! The proxy's counters and histograms for `/metrics` on the admin listener.
+//!
+//! Owns: the series and their Prometheus text rendering. Label values come from fixed sets
+//! (routes, codes, platforms), so cardinality stays bounded whatever terminals send.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the upstream latency histogram.
+const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The proxy's metrics.
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// Terminal requests by (route, outcome code; `OK` for success).
+    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// Refused authentications by reason code.
+    auth_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Upstream call latency by platform.
+    upstream: Mutex<BTreeMap<&'static str, Histogram>>,
+    /// Upstream failures by (platform, class).
+    upstream_failures: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ProxyMetrics {
+    pub fn count_request(&self, route: &'static str, outcome: &str) {
+        *lock(&self.requests)
+            .entry((route, outcome.to_owned()))
+            .or_default() += 1;
+    }
+
+    pub fn count_auth_failure(&self, code: &'static str) {
+        *lock(&self.auth_failures).entry(code).or_default() += 1;
+    }
+
+    pub fn observe_upstream(&self, platform: &'static str, elapsed: Duration) {
+        let mut all = lock(&self.upstream);
+        let h = all.entry(platform).or_default();
+        let secs = elapsed.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    pub fn count_upstream_failure(&self, platform: &'static str, class: &'static str) {
+        *lock(&self.upstream_failures)
+            .entry((platform, class))
+            .or_default() += 1;
+    }
+
+    /// How many requests got `outcome` on `route` (tests).
+    pub fn requests(&self, route: &str, outcome: &str) -> u64 {
+        lock(&self.requests)
+            .iter()
+            .filter(|((r, o), _)| *r == route && o == outcome)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Renders every series, plus `gauges`.
+    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP authinfo_proxy_build_info Version of the running proxy.\n# TYPE authinfo_proxy_build_info gauge\nauthinfo_proxy_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP authinfo_proxy_requests_total Terminal requests by route and outcome.\n# TYPE authinfo_proxy_requests_total counter"
+        );
+        for ((route, outcome), n) in lock(&self.requests).iter() {
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_requests_total{{route=\"{route}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP authinfo_proxy_auth_failures_total Refused terminal authentications (signature, skew, replay, unknown device) by reason.\n# TYPE authinfo_proxy_auth_failures_total counter"
+        );
+        for (code, n) in lock(&self.auth_failures).iter() {
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_auth_failures_total{{reason=\"{code}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP authinfo_proxy_upstream_failures_total Platform call failures by platform and class.\n# TYPE authinfo_proxy_upstream_failures_total counter"
+        );
+        for ((platform, class), n) in lock(&self.upstream_failures).iter() {
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_upstream_failures_total{{platform=\"{platform}\",class=\"{class}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP authinfo_proxy_upstream_seconds Platform call latency.\n# TYPE authinfo_proxy_upstream_seconds histogram"
+        );
+        for (platform, h) in lock(&self.upstream).iter() {
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "authinfo_proxy_upstream_seconds_bucket{{platform=\"{platform}\",le=\"{bound}\"}} {count}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_upstream_seconds_bucket{{platform=\"{platform}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_upstream_seconds_sum{{platform=\"{platform}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "authinfo_proxy_upstream_seconds_count{{platform=\"{platform}\"}} {}",
+                h.count
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = ProxyMetrics::default();
+        m.observe_upstream("wechatpay", Duration::from_millis(20));
+        m.observe_upstream("wechatpay", Duration::from_millis(700));
+        let text = m.render(&[]);
+        assert!(
+            text.contains(
+                "authinfo_proxy_upstream_seconds_bucket{platform=\"wechatpay\",le=\"0.025\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "authinfo_proxy_upstream_seconds_bucket{platform=\"wechatpay\",le=\"1\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("authinfo_proxy_upstream_seconds_count{platform=\"wechatpay\"} 2"));
+    }
+}
