@@ -342,6 +342,20 @@ mod tests {
         assert!(shared.current().get("T2").is_some());
     }
 
+    /// The shipped example registry parses once a real key is pasted in.
+    #[test]
+    fn the_example_registry_matches_the_schema() {
+        let example = include_str!("../../examples/devices.toml");
+        let key = key_pem();
+        let text = example.replace(
+            "-----BEGIN PUBLIC KEY-----\n(paste the terminal's public key here)\n-----END PUBLIC KEY-----\n",
+            &key,
+        );
+        assert_ne!(text, example);
+        let r = Registry::parse(&text, Path::new("examples/devices.toml")).expect("valid example");
+        assert!(r.get("T-1001").is_some_and(|d| d.alipay.is_some() && d.aliyun.is_some()));
+    }
+
     #[test]
     fn device_sn_follows_wechat_rules() {
         assert!(valid_device_sn("AAAAA123456789012345678"));

@@ -626,7 +626,7 @@ pub fn test_config(dir: &Path) -> Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[cfg(feature = "merchant")]
@@ -710,6 +710,39 @@ raw_data_command = ["rawdata"]
         assert!(err.to_string().contains("key_fle"), "{err}");
         let err = parse("[refresh]\ninterval = \"1 hour\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    /// Uncomments `# key = value` lines of an annotated example, so every documented optional
+    /// field is checked too.
+    pub(crate) fn uncomment(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The shipped example names only real fields: with every option uncommented, the only
+    /// problems left are the files and names that exist on a terminal, not here.
+    #[test]
+    fn the_annotated_example_matches_the_config_schema() {
+        let text = uncomment(include_str!("../../examples/authinfod.toml"));
+        assert!(text.contains("\nraw_data_command = ["), "uncommenting works");
+        let err = parse(&text, Path::new("examples/authinfod.toml")).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("the example must parse: {err}");
+        };
+        for p in problems {
+            assert!(
+                p.starts_with("proxy.ca_file: cannot read")
+                    || p.contains("no user named")
+                    || p.contains("no group named")
+                    || p.starts_with("refresh.raw_data_command"),
+                "unexpected problem in the example: {p}"
+            );
+        }
     }
 
     #[test]
