@@ -128,7 +128,7 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
     let status: authinfod::terminal::state::StatusDoc =
         serde_json::from_value(daemon.status().await).expect("status doc");
     let text = authinfod::terminal::client::render_status(&status);
-    assert!(text.contains("inspection SUCCESS"), "{text}");
+    assert!(text.contains("health    inspection: SUCCESS"), "{text}");
     assert!(
         text.contains("indirect merchant, pid 2088101112139885"),
         "{text}"

@@ -280,7 +280,7 @@ pub fn render_status(doc: &StatusDoc) -> String {
                 .as_str()
                 .map(|t| format!(", fetched {t}"))
                 .unwrap_or_default();
-            let _ = writeln!(out, "{name:<9} {detail}{fetched}{stale_error}");
+            let _ = writeln!(out, "health    {name}: {detail}{fetched}{stale_error}");
         }
     }
     out
