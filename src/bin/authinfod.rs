@@ -216,19 +216,26 @@ fn watchdog_period() -> Option<std::time::Duration> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT, after logging which.
+/// Resolves on SIGTERM or SIGINT, after logging which. SIGHUP (which would otherwise kill the
+/// process) is logged and ignored: the config is read once, at start.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    let reason = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let reason = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => tracing::info!(
+                "SIGHUP ignored: config changes take effect on restart (systemctl restart authinfod)"
+            ),
+        }
     };
     tracing::info!(signal = reason, "stopping");
 }

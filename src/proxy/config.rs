@@ -525,9 +525,15 @@ mod tests {
     /// The shipped example names only real fields, with every option uncommented.
     #[test]
     fn the_annotated_example_matches_the_config_schema() {
-        let text = crate::terminal::config::tests::uncomment(include_str!("../../examples/authinfo-proxy.toml"));
-        assert!(text.contains("\nplatform_certificates = "), "uncommenting works");
-        let raw: RawConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("example does not parse: {e}"));
+        let text = crate::terminal::config::tests::uncomment(include_str!(
+            "../../examples/authinfo-proxy.toml"
+        ));
+        assert!(
+            text.contains("\nplatform_certificates = "),
+            "uncommenting works"
+        );
+        let raw: RawConfig =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("example does not parse: {e}"));
         assert!(raw.alipay.is_some() && raw.aliyun.is_some() && raw.wechatpay.is_some());
     }
 
@@ -539,7 +545,10 @@ mod tests {
         std::fs::write(&path, "x").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         let err = check_private(&path).unwrap_err();
-        assert!(err.contains("apiclient_key.pem") && err.contains("640"), "{err}");
+        assert!(
+            err.contains("apiclient_key.pem") && err.contains("640"),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert!(check_private(&path).is_ok());
     }

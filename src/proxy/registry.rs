@@ -353,7 +353,10 @@ mod tests {
         );
         assert_ne!(text, example);
         let r = Registry::parse(&text, Path::new("examples/devices.toml")).expect("valid example");
-        assert!(r.get("T-1001").is_some_and(|d| d.alipay.is_some() && d.aliyun.is_some()));
+        assert!(
+            r.get("T-1001")
+                .is_some_and(|d| d.alipay.is_some() && d.aliyun.is_some())
+        );
     }
 
     #[test]

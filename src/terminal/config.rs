@@ -717,7 +717,13 @@ raw_data_command = ["rawdata"]
     pub(crate) fn uncomment(text: &str) -> String {
         text.lines()
             .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .collect::<Vec<_>>()
@@ -729,7 +735,10 @@ raw_data_command = ["rawdata"]
     #[test]
     fn the_annotated_example_matches_the_config_schema() {
         let text = uncomment(include_str!("../../examples/authinfod.toml"));
-        assert!(text.contains("\nraw_data_command = ["), "uncommenting works");
+        assert!(
+            text.contains("\nraw_data_command = ["),
+            "uncommenting works"
+        );
         let err = parse(&text, Path::new("examples/authinfod.toml")).unwrap_err();
         let ConfigError::Invalid { problems, .. } = &err else {
             panic!("the example must parse: {err}");
