@@ -390,7 +390,8 @@ impl Process {
         self.child.try_wait().ok().flatten()
     }
 
-    /// Sends SIGTERM and waits for the exit (SIGKILL after [`STOP_TIMEOUT`]).
+    /// Sends SIGTERM and waits for the exit; after [`STOP_TIMEOUT`] it fails, and the drop
+    /// sends SIGKILL.
     fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
         use nix::sys::signal::{Signal, kill};
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid())?);
