@@ -124,8 +124,13 @@ impl TestDaemon {
         extra: &str,
     ) -> Self {
         let config = write_config(dir.path(), proxy_url, ca_pem, extra);
+        Self::start_with_config(dir, &config).await
+    }
+
+    /// Starts a daemon from a config file written elsewhere (a lab's); `dir` is kept alive.
+    pub async fn start_with_config(dir: Arc<tempfile::TempDir>, config: &Path) -> Self {
         let config =
-            config::load(&config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
+            config::load(config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
         let socket = match &config.socket.address {
             config::SocketAddress::Path(p) => p.clone(),
             config::SocketAddress::Abstract(_) => PathBuf::new(),
