@@ -283,16 +283,16 @@ pub fn render_table(snapshot: &FleetSnapshot) -> String {
         "ACTIVATION",
         "SUB_MCHID",
     ];
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| display_width(h)).collect();
     for row in &rows {
         for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
+            *w = (*w).max(display_width(c));
         }
     }
     let line = |cells: &[String]| {
         let mut l = String::new();
         for (c, w) in cells.iter().zip(&widths) {
-            let pad = w.saturating_sub(c.chars().count());
+            let pad = w.saturating_sub(display_width(c));
             let _ = write!(l, "{c}{}  ", " ".repeat(pad));
         }
         l.trim_end().to_owned()
@@ -315,6 +315,28 @@ pub fn render_table(snapshot: &FleetSnapshot) -> String {
             .map_or_else(|| "never".into(), crate::units::rfc3339)
     );
     out
+}
+
+/// The terminal columns `text` takes: East Asian wide and fullwidth characters (the Chinese
+/// names WeChat Pay gives device categories, classes and scenes) take two, others one.
+fn display_width(text: &str) -> usize {
+    text.chars()
+        .map(|c| match u32::from(c) {
+            0x1100..=0x115F
+            | 0x2E80..=0x303E
+            | 0x3041..=0x33FF
+            | 0x3400..=0x4DBF
+            | 0x4E00..=0x9FFF
+            | 0xA000..=0xA4CF
+            | 0xAC00..=0xD7A3
+            | 0xF900..=0xFAFF
+            | 0xFE30..=0xFE4F
+            | 0xFF00..=0xFF60
+            | 0xFFE0..=0xFFE6
+            | 0x20000..=0x3FFFD => 2,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// Every page of the device list, paced by `limiter`, retrying a rate-limited page with backoff.
@@ -477,6 +499,37 @@ mod tests {
             lines[2],
             "1 device(s), 1 activated; synced 1970-01-01T00:00:00Z"
         );
+    }
+
+    /// Chinese names take two terminal columns per character; the padding counts them so.
+    #[test]
+    fn table_columns_line_up_with_chinese_names() {
+        let device = |sn: &str, class: &str| Device {
+            device_sn: Some(sn.into()),
+            device_class: Some(class.into()),
+            activation_status: Some("ACTIVATED".into()),
+            ..Device::default()
+        };
+        let snapshot = FleetSnapshot {
+            synced_at: None,
+            devices: vec![device("SN1", "团餐机"), device("SN2", "POS")],
+        };
+        let table = render_table(&snapshot);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "DEVICE_SN  CATEGORY  CLASS   MODEL  SCENE  OS  ACTIVATION  SUB_MCHID"
+        );
+        assert_eq!(
+            lines[1],
+            "SN1        -         团餐机  -      -      -   ACTIVATED   -"
+        );
+        assert_eq!(
+            lines[2],
+            "SN2        -         POS     -      -      -   ACTIVATED   -"
+        );
+        assert_eq!(display_width("团餐机"), 6);
+        assert_eq!(display_width("FP-200"), 6);
     }
 
     #[test]
