@@ -116,6 +116,7 @@ impl Registry {
         let mut problems = Vec::new();
         let mut devices = BTreeMap::new();
         let mut keys = HashSet::new();
+        let mut serials = HashSet::new();
         for (index, d) in raw.device.into_iter().enumerate() {
             let at = format!("device[{index}] ({})", d.device_id);
             if !crate::wire::valid_device_id(&d.device_id) {
@@ -144,6 +145,14 @@ impl Registry {
             if !valid_device_sn(&d.device_sn) {
                 problems.push(format!(
                     "{at}: device_sn must be 5 to 200 ASCII letters and digits (WeChat Pay's rule)"
+                ));
+                continue;
+            }
+            // Two entries with one serial would let one terminal read the other's facts.
+            if !serials.insert(d.device_sn.clone()) {
+                problems.push(format!(
+                    "{at}: device_sn {} is enrolled for another device",
+                    d.device_sn
                 ));
                 continue;
             }
@@ -314,17 +323,23 @@ mod tests {
                 "T5",
                 &key_pem(),
                 "[device.alipay]\nbiz_tid = \"x\"\nsupplier_id = \"y\"\n",
-            );
+            )
+            + &entry("T1", &key_pem(), "").replace("device_id = \"T1\"", "device_id = \"T6\"");
         let err = Registry::parse(&text, Path::new("devices.toml")).unwrap_err();
         let RegistryError::Invalid { problems, .. } = err else {
             panic!("expected Invalid");
         };
-        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert_eq!(problems.len(), 6, "{problems:#?}");
         assert!(problems[0].contains("enrolled twice"));
         assert!(problems[1].contains("same public key"));
         assert!(problems[2].contains("device_id must be"));
         assert!(problems[3].contains("public_key"));
         assert!(problems[4].contains("biz_tid alone"));
+        assert!(
+            problems[5].contains("device_sn SNT100 is enrolled for another device"),
+            "{}",
+            problems[5]
+        );
     }
 
     #[test]
