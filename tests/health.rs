@@ -37,9 +37,21 @@ impl Captured {
     }
 }
 
-impl std::io::Write for Captured {
+thread_local! {
+    /// Where this thread's log lines go, while a test captures them.
+    static SINK: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to the capturing test's buffer, if the current thread has one.
+struct ThreadSink;
+
+impl std::io::Write for ThreadSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
+        SINK.with(|s| {
+            if let Some(c) = &*s.borrow() {
+                c.0.lock().expect("lock").extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -47,15 +59,31 @@ impl std::io::Write for Captured {
     }
 }
 
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+/// Stops capturing on drop.
+struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        SINK.with(|s| s.borrow_mut().take());
+    }
+}
+
+/// Captures this thread's INFO and higher log lines. One global subscriber serves every test
+/// (thread-local subscribers race with tracing's global callsite-interest cache when tests run
+/// in parallel); it writes each line to the buffer of the thread that logged it. `#[tokio::test]`
+/// runs the test and the parts it starts on that one thread.
+fn capture() -> (Captured, CaptureGuard) {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(|| ThreadSink)
+            .try_init();
+    });
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    SINK.with(|s| *s.borrow_mut() = Some(captured.clone()));
+    (captured, CaptureGuard)
 }
 
 /// A daemon state and an upstream client for calling `check_once` directly.

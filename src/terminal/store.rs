@@ -174,17 +174,7 @@ impl Store {
         path: &Path,
         lock: std::sync::Arc<nix::fcntl::Flock<std::fs::File>>,
     ) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_CAPACITY)
-            .mode(sled::Mode::LowSpace)
-            // Every write is flushed explicitly; no background flusher thread is needed.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let db = open_sled(path)?;
         let store = Self {
             db,
             path: path.to_owned(),
@@ -327,6 +317,37 @@ impl Store {
                 op: "write",
                 source,
             })
+    }
+}
+
+/// Opens sled at `path`. sled's own file lock can outlive a closed handle for a moment (its IO
+/// threads let go of the file asynchronously), so a lock conflict is retried for up to two
+/// seconds: our flock on the state directory already proves no other process uses the store, and
+/// mistaking the conflict for damage would move a good store aside.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let mut attempts = 0;
+    loop {
+        let result = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_CAPACITY)
+            .mode(sled::Mode::LowSpace)
+            // Every write is flushed explicitly; no background flusher thread is needed.
+            .flush_every_ms(None)
+            .open();
+        match result {
+            Err(sled::Error::Io(e))
+                if attempts < 40 && e.to_string().contains("could not acquire lock") =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => {
+                return other.map_err(|source| StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
     }
 }
 
@@ -519,7 +540,8 @@ mod tests {
             store.flush().expect("flush");
         }
         let (store, recovery) = Store::open(dir.path()).expect("recovers");
-        assert!(recovery.expect("recovered").reason.contains(KEY_CURRENT));
+        let reason = recovery.expect("recovered").reason;
+        assert!(reason.contains(KEY_CURRENT), "{reason}");
         assert_eq!(store.authinfo().expect("read"), None);
     }
 
