@@ -430,3 +430,66 @@ async fn device_route_answers_with_sections_for_every_check() {
     }
     daemon.stop().await;
 }
+
+/// systemd hears `READY=1` once the socket is bound (before any network call), `WATCHDOG=1`
+/// while the loops run, `STATUS=` updates, and `STOPPING=1` on shutdown.
+#[tokio::test]
+async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
+    use authinfod::terminal::{Daemon, RunOptions, config, systemd::Notifier};
+    let proxy = proxy().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = crate::support::write_config(dir.path(), &dead_url().await, &proxy.pki.ca_pem, "");
+    let config = config::load(&path).expect("config");
+    let notify = dir.path().join("notify");
+    let listener = tokio::net::UnixDatagram::bind(&notify).expect("notify socket");
+    let options = RunOptions {
+        notifier: Notifier::new(Some(notify.into_os_string())),
+        watchdog: Some(Duration::from_millis(400)),
+    };
+    let daemon = Daemon::start(config, options).await.expect("start");
+    let socket = dir.path().join("authinfod.sock");
+    let mut buf = vec![0; 4096];
+    // Sent during start, so already waiting in the socket.
+    let n = tokio::time::timeout(Duration::from_millis(100), listener.recv(&mut buf))
+        .await
+        .expect("READY was sent during start")
+        .expect("recv");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=no authinfo yet"),
+        "{ready}"
+    );
+    assert!(socket.exists(), "the socket is bound before READY");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !seen.iter().any(|m: &String| m == "WATCHDOG=1") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no WATCHDOG=1 in {seen:?}"
+        );
+        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv(&mut buf))
+            .await
+            .expect("a notification")
+            .expect("recv");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(seen.iter().any(|m| m.starts_with("STATUS=")), "{seen:?}");
+    stop.cancel();
+    task.await.expect("run");
+    let mut last = String::new();
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(100), listener.recv(&mut buf)).await
+    {
+        last = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if last.starts_with("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(
+        last.starts_with("STOPPING=1"),
+        "last notification: {last:?}"
+    );
+}

@@ -191,6 +191,37 @@ mod tests {
         assert!(!Notifier::new(Some(OsString::new())).enabled());
     }
 
+    /// The watchdog is petted only while both loops report in: a loop silent for a minute
+    /// withholds it.
+    #[tokio::test(start_paused = true)]
+    async fn loops_alive_needs_both_heartbeats_within_a_minute() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::terminal::config::test_config(dir.path());
+        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
+        let state = State::new(config, store, None);
+        let beat = |slot: &std::sync::atomic::AtomicU64| {
+            crate::terminal::state::Heartbeats::beat(
+                slot,
+                tokio::time::Instant::now(),
+                state.started,
+            );
+        };
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(!loops_alive(&state), "no heartbeat for two minutes");
+        beat(&state.heartbeats.refresh);
+        assert!(!loops_alive(&state), "the socket loop is still silent");
+        beat(&state.heartbeats.socket);
+        assert!(loops_alive(&state));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        beat(&state.heartbeats.socket);
+        assert!(loops_alive(&state), "59 s is within the limit");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            !loops_alive(&state),
+            "the refresh loop has been silent for 61 s"
+        );
+    }
+
     #[test]
     fn abstract_notify_sockets_work() {
         #[cfg(target_os = "linux")]
