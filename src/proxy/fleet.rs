@@ -388,7 +388,7 @@ pub async fn fetch_all(
 }
 
 /// Syncs at start (unless the cache is younger than the interval) and then every interval
-/// (±10 %), retrying a failed sync with backoff, until `shutdown`.
+/// (up to 10 % early), retrying a failed sync with backoff, until `shutdown`.
 pub async fn run_sync(
     fleet: Arc<Fleet>,
     client: Arc<WechatPayClient>,

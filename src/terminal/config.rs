@@ -25,7 +25,7 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Default refresh interval: WeChat Pay asks for a fresh authinfo at least hourly.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
-/// Default jitter on the interval, as a fraction (±10 %).
+/// Default jitter on the interval, as a fraction: refreshes come up to 10 % early.
 pub const DEFAULT_JITTER: f64 = 0.10;
 /// Default first retry bound after a failure.
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(5);

@@ -1,7 +1,7 @@
 //! Device health facts: the factory inspection (WeChat Pay), the Alipay binding and the face
 //! SDK licence (Alibaba Cloud), each with when it was fetched and the last error beside it.
 //!
-//! Owns: the check loops (at start, then every `health.interval` ±jitter, failed checks retried
+//! Owns: the check loops (at start, then every `health.interval` less jitter, failed checks retried
 //! with backoff like authinfo), the records kept in the store, the log lines an operator acts on
 //! (inspection WARN/FAIL, licence within 30 days at warning and within 7 days or lapsed at error,
 //! an unbound device at warning) and the view `GET /v1/device` and status serve. A check the
@@ -154,7 +154,7 @@ fn today(now: i64) -> time::Date {
         .unwrap_or(time::Date::MIN)
 }
 
-/// Runs the enabled health checks at start and then every `health.interval` (±jitter),
+/// Runs the enabled health checks at start and then every `health.interval` (less jitter),
 /// retrying a failed one with backoff.
 pub struct Checker {
     state: Arc<State>,
