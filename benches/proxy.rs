@@ -563,6 +563,11 @@ impl Run {
         self.latencies.last().copied().unwrap_or_default()
     }
 
+    fn mean(&self) -> Duration {
+        self.latencies.iter().sum::<Duration>()
+            / u32::try_from(self.latencies.len().max(1)).unwrap_or(u32::MAX)
+    }
+
     fn errors(&self) -> usize {
         self.failures.values().sum()
     }
@@ -1083,10 +1088,10 @@ fn report(r: &Report<'_>) {
     if let Some(one) = r.runs.iter().find(|run| run.clients == 1) {
         let cpu = one.per_request(one.cpu.lab + one.cpu.client);
         println!(
-            "  1 client: the path is serial, p50 {} against {} of CPU per request: {} waiting (loopback, scheduling, other processes)",
-            millis(one.percentile(50.0)),
+            "  1 client: one request at a time, mean latency {} against {} of CPU per request: {} of waiting (loopback, scheduling, other processes)",
+            millis(one.mean()),
             millis(cpu),
-            millis(one.percentile(50.0).saturating_sub(cpu)),
+            millis(one.mean().saturating_sub(cpu)),
         );
     }
     // The proxy alone: one sign and two verifies, plus some part of what is not RSA (TLS and
