@@ -5,8 +5,6 @@
 //! in; nothing else here looks at it.
 
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Where log lines go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +24,9 @@ pub fn detect(journal_stream: Option<&str>) -> LogTarget {
     let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
         return LogTarget::Stderr;
     };
-    let (st_dev, st_ino): (u64, u64) = (stat.st_dev, stat.st_ino);
+    // Both are u64 on most targets but st_ino is u32 on 32-bit ARM glibc (armv7 terminals).
+    #[allow(clippy::useless_conversion)]
+    let (st_dev, st_ino) = (u64::from(stat.st_dev), u64::from(stat.st_ino));
     if dev.parse::<u64>().ok() == Some(st_dev) && ino.parse::<u64>().ok() == Some(st_ino) {
         LogTarget::Journald
     } else {
@@ -40,10 +40,13 @@ pub fn init(target: LogTarget, filter: Option<&str>, default: &str, identifier: 
     let filter = filter
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(default));
+    // journald exists on Linux only; on Android (logcat) and elsewhere this is stderr.
     #[cfg(target_os = "linux")]
     if target == LogTarget::Journald
         && let Ok(layer) = tracing_journald::layer()
     {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
         let layer = layer.with_syslog_identifier(identifier.to_owned());
         if tracing_subscriber::registry()
             .with(filter)

@@ -224,6 +224,8 @@ mod tests {
 
     #[test]
     fn abstract_notify_sockets_work() {
+        #[cfg(target_os = "android")]
+        use std::os::android::net::SocketAddrExt as _;
         #[cfg(target_os = "linux")]
         use std::os::linux::net::SocketAddrExt as _;
         let name = format!("authinfod-test-{}", std::process::id());
