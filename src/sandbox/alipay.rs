@@ -501,66 +501,71 @@ mod tests {
         let c = client(&t);
         let q = by_id("tid-1");
 
-        arm(Fault {
-            status: Some(500),
-            ..Fault::default()
-        });
-        let f = c
-            .device_query(&q)
-            .await
-            .expect_err("the call must fail")
-            .failure();
-        assert_eq!(
-            (f.class, f.code.as_deref()),
-            (FailureClass::ServerError, Some("isp.unknow-error"))
-        );
-        assert!(f.retryable());
-
-        arm(Fault {
-            status: Some(503),
-            ..Fault::default()
-        });
-        let f = c
-            .device_query(&q)
-            .await
-            .expect_err("the call must fail")
-            .failure();
-        assert_eq!((f.class, f.status), (FailureClass::ServerError, 503));
-        assert!(f.retryable());
-
-        arm(Fault {
-            status: Some(429),
-            ..Fault::default()
-        });
-        let f = c
-            .device_query(&q)
-            .await
-            .expect_err("the call must fail")
-            .failure();
-        assert_eq!(f.class, FailureClass::RateLimited);
-        assert!(f.retryable());
-
-        arm(Fault {
-            bad_signature: true,
-            ..Fault::default()
-        });
-        let f = c
-            .device_query(&q)
-            .await
-            .expect_err("the call must fail")
-            .failure();
-        assert_eq!(f.class, FailureClass::BadSignature);
-
-        arm(Fault {
-            malformed_body: true,
-            ..Fault::default()
-        });
-        let f = c
-            .device_query(&q)
-            .await
-            .expect_err("the call must fail")
-            .failure();
-        assert_eq!(f.class, FailureClass::Malformed);
+        // (fault, expected class, expected status, expected code)
+        let cases = [
+            (
+                Fault {
+                    status: Some(500),
+                    ..Fault::default()
+                },
+                FailureClass::ServerError,
+                None,
+                Some("isp.unknow-error"),
+            ),
+            (
+                Fault {
+                    status: Some(503),
+                    ..Fault::default()
+                },
+                FailureClass::ServerError,
+                Some(503),
+                None,
+            ),
+            (
+                Fault {
+                    status: Some(429),
+                    ..Fault::default()
+                },
+                FailureClass::RateLimited,
+                None,
+                None,
+            ),
+            (
+                Fault {
+                    bad_signature: true,
+                    ..Fault::default()
+                },
+                FailureClass::BadSignature,
+                None,
+                None,
+            ),
+            (
+                Fault {
+                    malformed_body: true,
+                    ..Fault::default()
+                },
+                FailureClass::Malformed,
+                None,
+                None,
+            ),
+        ];
+        for (fault, class, status, code) in cases {
+            let label = format!("{fault:?}");
+            arm(fault);
+            let f = c
+                .device_query(&q)
+                .await
+                .expect_err("the call must fail")
+                .failure();
+            assert_eq!(f.class, class, "{label}");
+            assert!(f.retryable(), "{label}");
+            if let Some(status) = status {
+                assert_eq!(f.status, status, "{label}");
+            }
+            if let Some(code) = code {
+                assert_eq!(f.code.as_deref(), Some(code), "{label}");
+            }
+        }
 
         arm(Fault {
             latency: Some(Duration::from_millis(1500)),

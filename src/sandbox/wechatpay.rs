@@ -48,12 +48,18 @@ enum SimulatorError {
 /// The simulator's routes.
 pub fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
-        .route("/v3/offlineface/authinfo", post(authinfo))
+        .route(
+            "/v3/offlineface/authinfo",
+            post(|s, m, u, h, b| handle(Endpoint::Authinfo, s, m, u, h, b)),
+        )
         .route(
             "/v3/iotmanage/device-inspections/{device_sn}",
-            get(inspection),
+            get(|s, m, u, h, b| handle(Endpoint::Inspection, s, m, u, h, b)),
         )
-        .route("/v3/iotmanage/devices", get(devices))
+        .route(
+            "/v3/iotmanage/devices",
+            get(|s, m, u, h, b| handle(Endpoint::Devices, s, m, u, h, b)),
+        )
         .with_state(state)
 }
 
@@ -65,13 +71,16 @@ struct Received {
     body: Bytes,
 }
 
+#[derive(Clone, Copy)]
 enum Endpoint {
     Authinfo,
     Inspection,
     Devices,
 }
 
-async fn authinfo(
+/// Every route reads the same parts and goes through [`serve`].
+async fn handle(
+    endpoint: Endpoint,
     State(state): State<Arc<SandboxState>>,
     method: Method,
     uri: Uri,
@@ -84,39 +93,7 @@ async fn authinfo(
         headers,
         body,
     };
-    serve(&state, &request, Endpoint::Authinfo).await
-}
-
-async fn inspection(
-    State(state): State<Arc<SandboxState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request = Received {
-        method,
-        uri,
-        headers,
-        body,
-    };
-    serve(&state, &request, Endpoint::Inspection).await
-}
-
-async fn devices(
-    State(state): State<Arc<SandboxState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request = Received {
-        method,
-        uri,
-        headers,
-        body,
-    };
-    serve(&state, &request, Endpoint::Devices).await
+    serve(&state, &request, endpoint).await
 }
 
 /// Answers one request and stamps it with a `Request-ID`.

@@ -103,7 +103,7 @@ impl WechatPayError {
     pub fn failure(&self) -> Failure {
         match self {
             Self::Sign { .. } | Self::Transport { .. } => {
-                Failure::local(FailureClass::Transport, error_chain(self))
+                Failure::local(FailureClass::Transport, crate::error_chain(self))
             }
             Self::Api {
                 status,
@@ -148,18 +148,6 @@ impl WechatPayError {
             },
         }
     }
-}
-
-/// The error and its sources, joined with `: ` (reqwest puts the useful part in a source).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The body of a WeChat Pay error answer. Every field is optional so that a gateway's own
