@@ -17,6 +17,10 @@
 //! Options (after `--`): `--requests N` sequential requests per latency run (20000),
 //! `--seconds S` length of the concurrent run (10), `--clients C` (32), `--no-baseline`.
 
+mod common;
+
+use common::{load_average, machine_ticks};
+
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -691,25 +695,6 @@ fn process_ticks(pid: &str) -> anyhow::Result<f64> {
     Ok(field(11)? + field(12)?)
 }
 
-/// The machine's busy and total ticks, summed over CPUs, from `/proc/stat`.
-fn machine_ticks() -> anyhow::Result<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-    let line = stat
-        .lines()
-        .next()
-        .ok_or_else(|| anyhow!("empty /proc/stat"))?;
-    // cpu user nice system idle iowait irq softirq steal (guest time is inside user).
-    let ticks: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|v| v.parse::<f64>().unwrap_or(0.0))
-        .collect();
-    let total: f64 = ticks.iter().sum();
-    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    Ok((total - idle, total))
-}
-
 /// A process's resident memory, KiB, from `/proc/<pid>/status`.
 #[derive(Debug, Clone, Copy)]
 struct Memory {
@@ -740,13 +725,6 @@ impl Memory {
             file_kib: field("RssFile:")?,
         })
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 // === report ===

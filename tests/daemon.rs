@@ -417,11 +417,15 @@ async fn device_route_answers_with_sections_for_every_check() {
     )
     .await;
     let state = daemon.state.clone();
-    wait_until("the checks ran", || {
-        state
-            .metrics
-            .render(&[])
-            .contains("outcome=\"not_configured\"} 1")
+    // The fake proxy answers both remote checks with NOT_CONFIGURED; Alipay is switched off here
+    // and never asked.
+    wait_until("both remote checks ran", || {
+        let text = state.metrics.render(&[]);
+        ["inspection", "licence"].iter().all(|check| {
+            text.contains(&format!(
+                "{{check=\"{check}\",outcome=\"not_configured\"}} 1"
+            ))
+        })
     })
     .await;
     let doc = daemon.get("/v1/device").await.json();

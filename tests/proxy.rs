@@ -18,7 +18,7 @@ use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{ErrorBody, MAX_REQUEST_BODY, codes};
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -211,20 +211,7 @@ impl ProxyConnection {
             .send_request(request)
             .await
             .expect("the proxy answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes()
-            .to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply::read(response).await
     }
 
     /// Sends a request signed by `device` at `timestamp`.
@@ -1113,6 +1100,88 @@ async fn sighup_reloads_the_registry_of_a_running_proxy() {
     drop(conn);
     stop.cancel();
     running.await.expect("join").expect("run ends cleanly");
+    lab.stop().await;
+}
+
+// === the admin listener ===
+
+/// A plain HTTP/1.0 GET to the proxy's admin listener: (status line, body).
+async fn admin_get(lab: &Lab, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(lab.proxy.admin_addr)
+        .await
+        .expect("connect to the admin listener");
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)
+        .await
+        .expect("read the answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// `/healthz` and `/metrics` on the admin listener count what terminals and platforms did:
+/// requests by route and outcome, refused authentications by reason, upstream latency and the
+/// fleet's size.
+#[tokio::test]
+async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream_calls() {
+    let (_dir, lab) = synced_lab(lab::world(4, 45), "").await;
+    let mut conn = ProxyConnection::open(&lab).await;
+    let r = conn
+        .signed(
+            &device_a(&lab),
+            "POST",
+            "/v1/authinfo",
+            &authinfo_body("RAW-1"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let impostor = signer(DEVICE_ID, device_key());
+    for _ in 0..2 {
+        let r = conn
+            .signed(&impostor, "POST", "/v1/authinfo", &authinfo_body("RAW-1"))
+            .await;
+        assert_refused(&r, 401, codes::BAD_SIGNATURE);
+    }
+
+    let (status, body) = admin_get(&lab, "/healthz").await;
+    assert!(status.contains(" 200 "), "{status}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("healthz is JSON");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["registry_devices"], 1, "{health}");
+    assert_eq!(health["fleet_enabled"], true, "{health}");
+    assert_eq!(health["fleet_devices"], 5, "{health}");
+
+    let (status, text) = admin_get(&lab, "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    for line in [
+        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"OK\"} 1",
+        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"BAD_SIGNATURE\"} 2",
+        "authinfo_proxy_auth_failures_total{reason=\"BAD_SIGNATURE\"} 2",
+        "authinfo_proxy_registry_devices 1",
+        "authinfo_proxy_fleet_devices 5",
+        "# TYPE authinfo_proxy_upstream_seconds histogram",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    // The one authinfo call a terminal caused (the fleet sync shows in the fleet gauges).
+    let count = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("authinfo_proxy_upstream_seconds_count{platform=\"wechatpay\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no wechatpay latency count in\n{text}"));
+    assert_eq!(count, 1, "timed WeChat Pay calls");
+    assert!(
+        text.contains(
+            "authinfo_proxy_upstream_seconds_bucket{platform=\"wechatpay\",le=\"+Inf\"} "
+        ),
+        "{text}"
+    );
     lab.stop().await;
 }
 

@@ -4,9 +4,10 @@
 //! (routes, codes, platforms), so cardinality stays bounded whatever terminals send.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::prometheus::Text;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -76,76 +77,44 @@ impl ProxyMetrics {
 
     /// Renders every series, plus `gauges`.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP authinfo_proxy_build_info Version of the running proxy.\n# TYPE authinfo_proxy_build_info gauge\nauthinfo_proxy_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP authinfo_proxy_requests_total Terminal requests by route and outcome.\n# TYPE authinfo_proxy_requests_total counter"
-        );
+        let mut t = Text::default();
+        t.build_info("authinfo_proxy", "Version of the running proxy.");
+        t.gauges(gauges);
+        let name = "authinfo_proxy_requests_total";
+        t.family(name, "counter", "Terminal requests by route and outcome.");
         for ((route, outcome), n) in lock(&self.requests).iter() {
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_requests_total{{route=\"{route}\",outcome=\"{outcome}\"}} {n}"
-            );
+            t.sample(name, &[("route", route), ("outcome", outcome)], n);
         }
-        let _ = writeln!(
-            out,
-            "# HELP authinfo_proxy_auth_failures_total Refused terminal authentications (signature, skew, replay, unknown device) by reason.\n# TYPE authinfo_proxy_auth_failures_total counter"
+        let name = "authinfo_proxy_auth_failures_total";
+        t.family(
+            name,
+            "counter",
+            "Refused terminal authentications (signature, skew, replay, unknown device) by reason.",
         );
         for (code, n) in lock(&self.auth_failures).iter() {
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_auth_failures_total{{reason=\"{code}\"}} {n}"
-            );
+            t.sample(name, &[("reason", code)], n);
         }
-        let _ = writeln!(
-            out,
-            "# HELP authinfo_proxy_upstream_failures_total Platform call failures by platform and class.\n# TYPE authinfo_proxy_upstream_failures_total counter"
+        let name = "authinfo_proxy_upstream_failures_total";
+        t.family(
+            name,
+            "counter",
+            "Platform call failures by platform and class.",
         );
         for ((platform, class), n) in lock(&self.upstream_failures).iter() {
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_upstream_failures_total{{platform=\"{platform}\",class=\"{class}\"}} {n}"
-            );
+            t.sample(name, &[("platform", platform), ("class", class)], n);
         }
-        let _ = writeln!(
-            out,
-            "# HELP authinfo_proxy_upstream_seconds Platform call latency.\n# TYPE authinfo_proxy_upstream_seconds histogram"
-        );
+        let name = "authinfo_proxy_upstream_seconds";
+        t.family(name, "histogram", "Platform call latency.");
         for (platform, h) in lock(&self.upstream).iter() {
+            let bucket = format!("{name}_bucket");
             for (bound, count) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "authinfo_proxy_upstream_seconds_bucket{{platform=\"{platform}\",le=\"{bound}\"}} {count}"
-                );
+                t.sample(&bucket, &[("platform", platform), ("le", bound)], count);
             }
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_upstream_seconds_bucket{{platform=\"{platform}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_upstream_seconds_sum{{platform=\"{platform}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "authinfo_proxy_upstream_seconds_count{{platform=\"{platform}\"}} {}",
-                h.count
-            );
+            t.sample(&bucket, &[("platform", platform), ("le", &"+Inf")], h.count);
+            t.sample(&format!("{name}_sum"), &[("platform", platform)], h.sum);
+            t.sample(&format!("{name}_count"), &[("platform", platform)], h.count);
         }
-        out
+        t.finish()
     }
 }
 

@@ -4,9 +4,10 @@
 //! computed at render time by the caller, so nothing here can drift from the truth.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::prometheus::Text;
 
 /// The daemon's counters.
 #[derive(Debug, Default)]
@@ -55,72 +56,47 @@ impl Metrics {
 
     /// Renders the counters and the given gauges.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
-        let mut out = String::with_capacity(2048);
-        let _ = writeln!(
-            out,
-            "# HELP authinfod_build_info Version of the running daemon.\n# TYPE authinfod_build_info gauge\nauthinfod_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP authinfod_socket_requests_total Socket API requests by route and status.\n# TYPE authinfod_socket_requests_total counter"
-        );
+        let mut t = Text::default();
+        t.build_info("authinfod", "Version of the running daemon.");
+        t.gauges(gauges);
+        let name = "authinfod_socket_requests_total";
+        t.family(name, "counter", "Socket API requests by route and status.");
         for ((route, status), n) in super::state::lock(&self.requests).iter() {
-            let _ = writeln!(
-                out,
-                "authinfod_socket_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+            t.sample(name, &[("route", route), ("status", status)], n);
         }
-        let _ = writeln!(
-            out,
-            "# HELP authinfod_refresh_attempts_total Authinfo refresh attempts by outcome.\n# TYPE authinfod_refresh_attempts_total counter"
-        );
+        let name = "authinfod_refresh_attempts_total";
+        t.family(name, "counter", "Authinfo refresh attempts by outcome.");
         for (outcome, n) in super::state::lock(&self.refreshes).iter() {
-            let _ = writeln!(
-                out,
-                "authinfod_refresh_attempts_total{{outcome=\"{outcome}\"}} {n}"
-            );
+            t.sample(name, &[("outcome", outcome)], n);
         }
-        let _ = writeln!(
-            out,
-            "# HELP authinfod_health_checks_total Device health checks by check and outcome.\n# TYPE authinfod_health_checks_total counter"
+        let name = "authinfod_health_checks_total";
+        t.family(
+            name,
+            "counter",
+            "Device health checks by check and outcome.",
         );
         for ((check, outcome), n) in super::state::lock(&self.checks).iter() {
-            let _ = writeln!(
-                out,
-                "authinfod_health_checks_total{{check=\"{check}\",outcome=\"{outcome}\"}} {n}"
-            );
+            t.sample(name, &[("check", check), ("outcome", outcome)], n);
         }
-        for (name, help, counter) in [
-            (
-                "authinfod_socket_peers_denied_total",
-                "Socket connections refused by the peer-credential allow-list.",
-                &self.peers_denied,
-            ),
-            (
-                "authinfod_socket_connections_over_cap_total",
-                "Socket connections refused because max_connections were open.",
-                &self.connections_over_cap,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP authinfod_socket_connections_open Socket connections open now.\n# TYPE authinfod_socket_connections_open gauge\nauthinfod_socket_connections_open {}",
-            self.connections_open.load(Ordering::Relaxed)
+        t.single(
+            "authinfod_socket_peers_denied_total",
+            "counter",
+            "Socket connections refused by the peer-credential allow-list.",
+            self.peers_denied.load(Ordering::Relaxed),
         );
-        out
+        t.single(
+            "authinfod_socket_connections_over_cap_total",
+            "counter",
+            "Socket connections refused because max_connections were open.",
+            self.connections_over_cap.load(Ordering::Relaxed),
+        );
+        t.single(
+            "authinfod_socket_connections_open",
+            "gauge",
+            "Socket connections open now.",
+            self.connections_open.load(Ordering::Relaxed),
+        );
+        t.finish()
     }
 }
 

@@ -33,7 +33,7 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
-/// An answer read from the daemon's socket.
+/// An answer read from the daemon's socket or the proxy.
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
@@ -42,6 +42,24 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads a whole response.
+    pub async fn read(response: hyper::Response<hyper::body::Incoming>) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
@@ -82,21 +100,7 @@ pub async fn socket_request(
             body.unwrap_or_default(),
         )))
         .expect("request");
-    let response = sender.send_request(req).await.expect("send");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes()
-        .to_vec();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::read(sender.send_request(req).await.expect("send")).await
 }
 
 /// A daemon running in this process on a temporary state directory and socket.
