@@ -61,6 +61,7 @@ impl Text {
         }
     }
 
+    /// The page, ready to serve.
     pub fn finish(self) -> String {
         self.0
     }
