@@ -29,6 +29,7 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     let proxy = proxy().await;
     proxy.script([Script::Authinfo("A1".into(), Some(5400))]);
     let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let t0 = std::time::Instant::now();
 
     let r = daemon.get("/v1/authinfo").await;
     assert_eq!(r.status, 503, "nothing before the first success");
@@ -44,7 +45,7 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     let doc = r.json();
     assert_eq!(doc["authinfo"], "A1");
     assert_eq!(doc["state"], "fresh");
-    assert!(doc["age_seconds"].as_u64().expect("age") < 5);
+    assert!(doc["age_seconds"].as_u64().expect("age") <= t0.elapsed().as_secs() + 1);
     let etag = r.header("etag").expect("etag");
     assert_eq!(
         daemon.get("/v1/authinfo").await.header("etag"),
@@ -74,7 +75,11 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     let runway = status["authinfo"]["runway_seconds"]
         .as_i64()
         .expect("runway");
-    assert!((5390..=5400).contains(&runway), "{runway}");
+    let age = status["authinfo"]["age_seconds"].as_i64().expect("age");
+    assert!(
+        runway <= 5400 && runway + age >= 5399,
+        "runway {runway} s + age {age} s is the platform's 5400 s"
+    );
 
     // A long-poll waits for a change and wakes when a refresh brings a new authinfo.
     let poll = {
@@ -100,7 +105,7 @@ async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
         .request("POST", "/v1/refresh?wait=true", &[], None)
         .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let woke = tokio::time::timeout(Duration::from_secs(5), poll)
+    let woke = tokio::time::timeout(crate::support::GENEROUS, poll)
         .await
         .expect("woke")
         .expect("join");
@@ -135,7 +140,6 @@ async fn every_fault_leaves_the_held_authinfo_untouched_and_shows_in_status() {
             "MALFORMED_ANSWER",
             true,
         ),
-        (Script::Hang, "PROXY_TIMEOUT", false),
     ];
     for (script, code, reached) in cases {
         proxy.script([script.clone()]);
@@ -166,6 +170,57 @@ async fn every_fault_leaves_the_held_authinfo_untouched_and_shows_in_status() {
     let stored = daemon.state.store.authinfo().expect("store").expect("held");
     assert_eq!(stored.authinfo, "A1", "the store was not touched either");
     proxy.assert_all_requests_valid();
+    daemon.stop().await;
+}
+
+/// A proxy that accepts and never answers: the refresh ends with `PROXY_TIMEOUT` after the
+/// configured timeout, whatever the machine's speed (the answer never comes), and the held
+/// authinfo (stored before the start, so no call has to beat the short timeout) stays.
+#[tokio::test]
+async fn a_proxy_that_never_answers_times_out_and_leaves_the_held_authinfo() {
+    use authinfod::terminal::store::{HeldAuthinfo, RawData, Store};
+    let proxy = proxy().await;
+    proxy.script([Script::Hang]);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let now = authinfod::units::unix_now();
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_authinfo(&HeldAuthinfo {
+                authinfo: "A1".into(),
+                fetched_at: now,
+                expires_at: now + 7200,
+                expires_in: None,
+            })
+            .expect("seed authinfo");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: now,
+                source: "socket".into(),
+            })
+            .expect("seed raw_data");
+    }
+    let config = crate::support::write_config_with_timeout(
+        dir.path(),
+        &proxy.url,
+        &proxy.pki.ca_pem,
+        "1s",
+        "",
+    );
+    let daemon = TestDaemon::start_with_config(dir, &config).await;
+    let etag = daemon.get("/v1/authinfo").await.header("etag");
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "PROXY_TIMEOUT");
+    let r = daemon.get("/v1/authinfo").await;
+    assert_eq!(r.json()["authinfo"], "A1");
+    assert_eq!(r.header("etag"), etag);
+    let status = daemon.status().await;
+    assert_eq!(status["refresh"]["last_error_code"], "PROXY_TIMEOUT");
+    assert_eq!(status["proxy"]["reachable"], false);
     daemon.stop().await;
 }
 
@@ -273,9 +328,13 @@ async fn a_skewed_clock_is_learned_from_the_proxy_date_and_retried_once() {
     proxy.set_clock_offset(1000);
     proxy.script([Script::Authinfo("A1".into(), None)]);
     let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let t0 = std::time::Instant::now();
     daemon.put_raw_data("RAW").await;
     let state = daemon.state.clone();
     wait_until("served", || state.current().is_some()).await;
+    // The offset is learned to within the exchange's duration (and whole seconds each side).
+    let slack = i64::try_from(t0.elapsed().as_secs()).expect("seconds") + 2;
+    let near_1000 = 1000 - slack..=1000 + 2;
     let seen: Vec<_> = proxy
         .seen()
         .into_iter()
@@ -284,14 +343,14 @@ async fn a_skewed_clock_is_learned_from_the_proxy_date_and_retried_once() {
     assert_eq!(seen.len(), 2, "one refused attempt, one retry");
     let skew = seen[1].timestamp - seen[0].timestamp;
     assert!(
-        (998..=1002).contains(&skew),
+        near_1000.contains(&skew),
         "the retry's timestamp moved by the offset: {skew}"
     );
     let status = daemon.status().await;
     let learned = status["proxy"]["clock_skew_seconds"]
         .as_i64()
         .expect("skew");
-    assert!((998..=1002).contains(&learned), "{learned}");
+    assert!(near_1000.contains(&learned), "{learned}");
     proxy.assert_all_requests_valid();
     daemon.stop().await;
 }
@@ -468,13 +527,13 @@ async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
     let token = stop.clone();
     let task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
     let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + crate::support::GENEROUS;
     while !seen.iter().any(|m: &String| m == "WATCHDOG=1") {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no WATCHDOG=1 in {seen:?}"
         );
-        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv(&mut buf))
+        let n = tokio::time::timeout(crate::support::GENEROUS, listener.recv(&mut buf))
             .await
             .expect("a notification")
             .expect("recv");

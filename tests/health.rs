@@ -95,7 +95,7 @@ async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
             &config.proxy.url,
             &config.proxy.ca_pem,
             DeviceSigner::new(config.device_id.clone(), key),
-            Duration::from_secs(5),
+            crate::support::GENEROUS,
         )
         .expect("client"),
     );

@@ -368,14 +368,24 @@ pub fn random_unit() -> f64 {
         .unwrap_or(0.5)
 }
 
+/// RSA-2048 keys for the unit tests, made once per test binary: key generation is the slow part
+/// of many tests, and a test needs distinct keys, not fresh ones. Key `i` is the same wherever it
+/// is asked for; tests that need two different keys take two indexes.
+#[cfg(test)]
+pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
+    use std::sync::OnceLock;
+    const POOL: usize = 4;
+    static KEYS: [OnceLock<GeneratedKey>; POOL] = [const { OnceLock::new() }; POOL];
+    assert!(i < POOL, "the test key pool has {POOL} keys");
+    KEYS[i].get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::OnceLock;
 
     fn key() -> &'static GeneratedKey {
-        static KEY: OnceLock<GeneratedKey> = OnceLock::new();
-        KEY.get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+        test_key(0)
     }
 
     #[test]

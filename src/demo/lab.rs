@@ -26,6 +26,14 @@ pub const DEVICE_SN: &str = "SANDBOX0000001001";
 pub const BIZ_TID: &str = "01017sandboxbiztid1001";
 pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
 
+/// The proxy's `upstream_timeout` in the lab. Generous on purpose: the lab also runs under qemu
+/// on a loaded machine (10-20x slower RSA and TLS), and a test that checks a fault other than a
+/// timeout must never see a timeout instead. Tests of timeouts use a server that never answers.
+pub const LAB_UPSTREAM_TIMEOUT: &str = "30s";
+/// The daemon's `[proxy] timeout` in the lab: above the proxy's own upstream timeout, so the
+/// daemon hears the proxy's typed answer about a slow platform rather than timing out first.
+pub const LAB_PROXY_TIMEOUT: &str = "60s";
+
 /// Why the lab could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -119,6 +127,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
             expired_day: day(today + time::Duration::days(licence_days)),
         }],
         authinfo_expires_in: None,
+        armed_faults: Vec::new(),
     }
 }
 
@@ -245,7 +254,7 @@ tls_cert = "proxy-tls.crt"
 tls_key = "proxy-tls.key"
 registry = "devices.toml"
 state_dir = "proxy-state"
-upstream_timeout = "5s"
+upstream_timeout = "{upstream_timeout}"
 
 [wechatpay]
 base_url = "{sandbox_url}"
@@ -277,6 +286,7 @@ access_key_secret_file = "aliyun-secret"
                 key_id = k.wechat_platform_key_id,
                 app_id = k.alipay_app_id,
                 ak = generated.aliyun_access_key_id,
+                upstream_timeout = LAB_UPSTREAM_TIMEOUT,
             ),
             0o644,
         )?;
@@ -290,7 +300,7 @@ access_key_secret_file = "aliyun-secret"
         write(
             &path,
             &format!(
-                "# authinfod config for the lab.\ndevice_id = \"{DEVICE_ID}\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{ca}\"\ntimeout = \"5s\"\n\n[socket]\npath = \"{socket}\"\n\n{extra}\n",
+                "# authinfod config for the lab.\ndevice_id = \"{DEVICE_ID}\"\nkey_file = \"{key}\"\nstate_dir = \"{state}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{ca}\"\ntimeout = \"{LAB_PROXY_TIMEOUT}\"\n\n[socket]\npath = \"{socket}\"\n\n{extra}\n",
                 key = self.path("device.key").display(),
                 state = self.path("authinfod-state").display(),
                 ca = self.path("proxy-ca.pem").display(),

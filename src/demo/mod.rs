@@ -40,6 +40,11 @@ pub enum DemoError {
 /// The daemon's settings in the demo: a short interval and backoff so the story fits in seconds.
 const DAEMON_EXTRA: &str = "[refresh]\ninterval = \"30s\"\nbackoff_min = \"1s\"\nbackoff_max = \"3s\"\n\n[health]\ninterval = \"1m\"\n";
 
+/// How long a step of the story may take before the demo gives up. Each normally takes well
+/// under a second; the bound is for a machine that is slow (the demo also runs under qemu in
+/// the tests).
+const STEP_LIMIT: Duration = Duration::from_secs(90);
+
 /// Runs the demo: the story, then serving until `duration` has passed since the start or
 /// `shutdown` resolves. Narration goes to `out`.
 pub async fn run(
@@ -204,10 +209,7 @@ async fn play(
     story.say(&format!("  {status} {answer}"))?;
 
     story.step("authinfod fetches an authinfo: terminal → proxy (device-signed, TLS) → WeChat Pay sandbox (merchant-signed)")?;
-    let status = wait_status(socket, Duration::from_secs(20), |s| {
-        s["authinfo"]["state"] == "fresh"
-    })
-    .await?;
+    let status = wait_status(socket, STEP_LIMIT, |s| s["authinfo"]["state"] == "fresh").await?;
     let first = status["authinfo"]["fingerprint"]
         .as_str()
         .unwrap_or("?")
@@ -233,7 +235,7 @@ async fn play(
     story.step(
         "Device health, fetched through the proxy from all three platforms (GET /v1/device)",
     )?;
-    let device = wait_status(socket, Duration::from_secs(20), |s| {
+    let device = wait_status(socket, STEP_LIMIT, |s| {
         ["inspection", "alipay_binding", "licence"]
             .iter()
             .all(|c| s["device"][c]["state"] != "pending")
@@ -267,7 +269,7 @@ async fn play(
         "  a refresh fails: {status} {}",
         answer["code"].as_str().unwrap_or("?")
     ))?;
-    let status = wait_status(socket, Duration::from_secs(20), |s| {
+    let status = wait_status(socket, STEP_LIMIT, |s| {
         s["refresh"]["consecutive_failures"].as_u64().unwrap_or(0) >= 2
     })
     .await?;
@@ -291,7 +293,7 @@ async fn play(
 
     story.step("The network comes back")?;
     lab.net.restore();
-    let status = wait_status(socket, Duration::from_secs(20), |s| {
+    let status = wait_status(socket, STEP_LIMIT, |s| {
         s["authinfo"]["fingerprint"]
             .as_str()
             .is_some_and(|f| f != first)

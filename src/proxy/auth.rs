@@ -120,6 +120,52 @@ pub fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{RsaSigner, test_key};
+    use crate::wire::auth::DeviceSigner;
+
+    /// The window's edge, on an injected clock: 300 s off either way is admitted, 301 s is
+    /// refused as skewed (with the skew), before the nonce is recorded.
+    #[test]
+    fn the_timestamp_window_admits_300_s_and_refuses_301_s_either_way() {
+        let key = test_key(0);
+        let registry = Registry::parse(
+            &format!(
+                "[[device]]\ndevice_id = \"T-1\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"SN00001\"\nsub_mchid = \"1900000002\"\norganization_id = \"ORG\"\n",
+                key.public.to_pem()
+            ),
+            std::path::Path::new("devices.toml"),
+        )
+        .expect("registry");
+        let signer = DeviceSigner::new(
+            "T-1".into(),
+            RsaSigner::from_pem(&key.private_pem, "test key").expect("key"),
+        );
+        let nonces = NonceCache::default();
+        let now = 1_700_000_000;
+        for offset in [-300, 300, -301, 301] {
+            let authorization = signer
+                .authorize("GET", "/v1/licence", now + offset, b"")
+                .expect("sign");
+            let result = authenticate(
+                &registry,
+                &nonces,
+                Some(&authorization),
+                "GET",
+                "/v1/licence",
+                b"",
+                now,
+            );
+            match offset {
+                -300 | 300 => assert!(result.is_ok(), "{offset}: {:?}", result.err()),
+                _ => assert!(
+                    matches!(result, Err(AuthError::Skewed { skew }) if skew == offset),
+                    "{offset}: {:?}",
+                    result.err()
+                ),
+            }
+        }
+        assert_eq!(nonces.len(), 2, "refused requests leave no nonce behind");
+    }
 
     #[test]
     fn a_nonce_is_refused_while_its_request_could_still_be_admitted() {

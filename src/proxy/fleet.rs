@@ -68,14 +68,57 @@ pub enum FleetError {
     TooManyPages,
 }
 
-/// Paces device-list requests: at most `per_second` in any sliding second and `per_day` in any
-/// sliding 24 hours. One limiter is shared by every sync of this process.
+/// How long after a request has completed it still counts against the per-second limit, beyond
+/// the second itself: a margin for the platform's clock and for how long the answer took to come
+/// back (the platform counts a request when it arrives, somewhere between our send and our
+/// receipt of the answer).
+const SECOND_WINDOW_MARGIN: Duration = Duration::from_millis(100);
+
+/// Paces device-list requests: at most `per_second` in any one-second window *as the platform
+/// counts them*, and `per_day` in any sliding 24 hours. One limiter is shared by every sync of
+/// this process.
+///
+/// A request is counted from the moment it is admitted until one second (plus
+/// [`SECOND_WINDOW_MARGIN`]) after its answer came back ([`Permit`] is dropped). Whatever the
+/// network delay does, the platform then never sees more than `per_second` arrivals in a second:
+/// if it saw `per_second + 1` within one second, the last of them to be admitted was admitted
+/// while the other `per_second` were in flight or had completed less than a second before
+/// (their arrivals lie in that second, and each completes after it arrives), so the limiter was
+/// full and could not have admitted it. Counting from the send instead (as before) let a slow
+/// first request (TCP and TLS set-up) arrive late and land in the same second as its successors.
 #[derive(Debug)]
 pub struct RateLimiter {
     per_second: u32,
     per_day: u32,
-    second: Mutex<VecDeque<Instant>>,
+    second: Mutex<SecondWindow>,
     day: Mutex<VecDeque<Instant>>,
+    /// Woken when a request completes (a slot may have opened).
+    completed: tokio::sync::Notify,
+}
+
+/// The per-second window: requests in flight and completion times of the last second.
+#[derive(Debug, Default)]
+struct SecondWindow {
+    in_flight: u32,
+    /// Completion times, oldest first.
+    completed: VecDeque<Instant>,
+}
+
+/// One admitted request; counts as in flight until dropped, then for one more second.
+#[derive(Debug)]
+#[must_use = "the request counts as in flight until the permit is dropped"]
+pub struct Permit<'a> {
+    limiter: &'a RateLimiter,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut window = lock(&self.limiter.second);
+        window.in_flight = window.in_flight.saturating_sub(1);
+        window.completed.push_back(Instant::now());
+        drop(window);
+        self.limiter.completed.notify_waiters();
+    }
 }
 
 impl RateLimiter {
@@ -83,14 +126,16 @@ impl RateLimiter {
         Self {
             per_second: per_second.max(1),
             per_day: per_day.max(1),
-            second: Mutex::new(VecDeque::new()),
+            second: Mutex::new(SecondWindow::default()),
             day: Mutex::new(VecDeque::new()),
+            completed: tokio::sync::Notify::new(),
         }
     }
 
-    /// Waits until one more request fits in both windows, then counts it. Fails at once when
-    /// the daily budget is spent (waiting hours inside a sync helps nobody).
-    pub async fn acquire(&self) -> Result<(), FleetError> {
+    /// Waits until one more request fits in both windows, then counts it; hold the permit
+    /// until the answer is in. Fails at once when the daily budget is spent (waiting hours
+    /// inside a sync helps nobody).
+    pub async fn acquire(&self) -> Result<Permit<'_>, FleetError> {
         {
             let mut day = lock(&self.day);
             let now = Instant::now();
@@ -104,28 +149,42 @@ impl RateLimiter {
                 return Err(FleetError::DailyBudget(self.per_day));
             }
         }
+        let hold = Duration::from_secs(1) + SECOND_WINDOW_MARGIN;
         loop {
+            // Registered before the window is read, so a completion in between still wakes us.
+            let completed = self.completed.notified();
             let wait = {
                 let mut window = lock(&self.second);
                 let now = Instant::now();
                 while window
+                    .completed
                     .front()
-                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                    .is_some_and(|t| now.duration_since(*t) >= hold)
                 {
-                    window.pop_front();
+                    window.completed.pop_front();
                 }
-                if window.len() < self.per_second as usize {
-                    window.push_back(now);
+                let counted = window.in_flight as usize + window.completed.len();
+                if counted < self.per_second as usize {
+                    window.in_flight += 1;
                     lock(&self.day).push_back(now);
-                    return Ok(());
+                    return Ok(Permit { limiter: self });
                 }
-                // The oldest request leaves the window one second after it was made (plus a
-                // margin, so the platform's clock agrees).
-                window.front().map_or(Duration::ZERO, |t| {
-                    Duration::from_secs(1).saturating_sub(now.duration_since(*t))
-                }) + Duration::from_millis(5)
+                // Full: the oldest completion leaves the window, or a request in flight
+                // completes, whichever comes first.
+                window
+                    .completed
+                    .front()
+                    .map(|t| hold.saturating_sub(now.duration_since(*t)))
             };
-            tokio::time::sleep(wait).await;
+            match wait {
+                Some(wait) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = completed => {}
+                    }
+                }
+                None => completed.await,
+            }
         }
     }
 }
@@ -349,8 +408,10 @@ pub async fn fetch_all(
     for _ in 0..MAX_PAGES {
         let mut retries = 0;
         let page = loop {
-            limiter.acquire().await?;
-            match client.list_devices(offset, MAX_PAGE_LIMIT).await {
+            let permit = limiter.acquire().await?;
+            let answer = client.list_devices(offset, MAX_PAGE_LIMIT).await;
+            drop(permit);
+            match answer {
                 Ok(page) => break page,
                 Err(e)
                     if e.failure().class == FailureClass::RateLimited
@@ -452,28 +513,89 @@ mod tests {
         let limiter = RateLimiter::new(20, 50_000);
         let start = Instant::now();
         for _ in 0..60 {
-            limiter.acquire().await.expect("budget");
+            drop(limiter.acquire().await.expect("budget"));
         }
         let elapsed = start.elapsed();
         assert!(
             elapsed >= Duration::from_secs(2),
             "60 requests at 20/s take at least 2 s: {elapsed:?}"
         );
-        assert!(elapsed < Duration::from_millis(2100), "{elapsed:?}");
+        // Two full windows of a second plus the margin, and nothing more.
+        assert!(
+            elapsed <= 2 * (Duration::from_secs(1) + SECOND_WINDOW_MARGIN),
+            "{elapsed:?}"
+        );
+    }
+
+    /// Requests with jittered network delays, some slow (a first TCP + TLS set-up), arrive at
+    /// a random point between their send and their answer: in no one-second window does the
+    /// receiver count more than the limit.
+    #[tokio::test(start_paused = true)]
+    async fn the_receiver_never_counts_more_than_the_limit_in_a_second_whatever_the_delays() {
+        let limiter = Arc::new(RateLimiter::new(20, 50_000));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        // A small deterministic generator: the same jitter every run.
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            // Up to 400 ms out, 50 ms back; every 25th request is slow (1.5 s out).
+            let out = if i % 25 == 0 { 1500 } else { next() % 400 };
+            let back = next() % 50;
+            let (limiter, arrivals) = (limiter.clone(), arrivals.clone());
+            // Four syncs' worth of concurrent callers share the limiter.
+            tasks.push(tokio::spawn(async move {
+                let permit = limiter.acquire().await.expect("budget");
+                tokio::time::sleep(Duration::from_millis(out)).await;
+                lock(&arrivals).push(Instant::now());
+                tokio::time::sleep(Duration::from_millis(back)).await;
+                drop(permit);
+            }));
+        }
+        for task in tasks {
+            task.await.expect("join");
+        }
+        let mut seen = lock(&arrivals).clone();
+        seen.sort();
+        assert_eq!(seen.len(), 200);
+        let worst = seen
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                seen[i..]
+                    .iter()
+                    .take_while(|u| **u - *t < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .expect("arrivals");
+        assert!(worst <= 20, "{worst} arrivals within one second");
+        // And the pacing is not needlessly slow: 200 requests in well under 200 / 20 * 2 s.
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn limiter_refuses_past_the_daily_budget() {
         let limiter = RateLimiter::new(20, 3);
         for _ in 0..3 {
-            limiter.acquire().await.expect("budget");
+            drop(limiter.acquire().await.expect("budget"));
         }
         assert!(matches!(
             limiter.acquire().await,
             Err(FleetError::DailyBudget(3))
         ));
         tokio::time::advance(Duration::from_secs(86400)).await;
-        limiter.acquire().await.expect("a day later");
+        drop(limiter.acquire().await.expect("a day later"));
     }
 
     #[test]

@@ -275,8 +275,16 @@ fn local(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
 
 /// Runs the proxy until `shutdown` resolves, reloading the registry on SIGHUP.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+    // The handler is installed before the listeners are bound: a SIGHUP sent as soon as the
+    // proxy answers must reload, never hit the default action (which ends the process).
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; registry reloads need a restart");
+            None
+        }
+    };
     let proxy = start(config).await?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {

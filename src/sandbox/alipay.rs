@@ -89,7 +89,14 @@ async fn gateway(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let fault = state.faults.take(Platform::Alipay).unwrap_or_default();
+    let target = match &query {
+        Some(q) => format!("/gateway.do?{q}"),
+        None => "/gateway.do".to_owned(),
+    };
+    let fault = state
+        .faults
+        .take(Platform::Alipay, &target)
+        .unwrap_or_default();
     if let Some(latency) = fault.latency {
         tokio::time::sleep(latency).await;
     }
@@ -314,7 +321,7 @@ mod tests {
     use crate::crypto::RsaSigner;
     use crate::platform::FailureClass;
     use crate::platform::alipay::{AlipayClient, AlipayError, DeviceQuery};
-    use crate::sandbox::test_support::{TestSandbox, start_https};
+    use crate::sandbox::test_support::{CALL_TIMEOUT, TestSandbox, start_https};
     use crate::sandbox::{Fault, World};
 
     fn binding(pid: &str) -> DeviceBinding {
@@ -350,11 +357,7 @@ mod tests {
     }
 
     fn client(t: &TestSandbox) -> AlipayClient {
-        client_with(
-            t,
-            &t.secrets.alipay_app_private_pem,
-            Duration::from_secs(10),
-        )
+        client_with(t, &t.secrets.alipay_app_private_pem, CALL_TIMEOUT)
     }
 
     fn by_id(tid: &str) -> DeviceQuery {
@@ -406,7 +409,7 @@ mod tests {
     async fn request_signed_with_the_wrong_key_is_refused_and_not_retryable() {
         let t = start_https(world()).await;
         let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
-        let err = client_with(&t, &other.private_pem, Duration::from_secs(10))
+        let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .device_query(&by_id("tid-1"))
             .await
             .expect_err("the call must fail");
@@ -424,7 +427,7 @@ mod tests {
     async fn app_auth_token_echoed_by_the_gateway_is_redacted() {
         let t = start_https(world()).await;
         let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
-        let err = client_with(&t, &other.private_pem, Duration::from_secs(10))
+        let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .with_app_auth_token("202401BB-secret-token")
             .device_query(&by_id("tid-1"))
             .await
@@ -450,7 +453,7 @@ mod tests {
             "2021999999999999",
             RsaSigner::from_pem(&t.secrets.alipay_app_private_pem, "k").expect("key"),
             t.secrets.alipay_platform_public.clone(),
-            t.http(Duration::from_secs(10)),
+            t.http(CALL_TIMEOUT),
         );
         let err = wrong_app
             .device_query(&by_id("tid-1"))
@@ -471,7 +474,7 @@ mod tests {
         )
         .expect("url");
         let body = t
-            .http(Duration::from_secs(10))
+            .http(CALL_TIMEOUT)
             .post(url)
             .send()
             .await

@@ -144,7 +144,14 @@ async fn rpc(
     body: Bytes,
 ) -> Response {
     let request_id = request_id();
-    let fault = state.faults.take(Platform::Aliyun).unwrap_or_default();
+    let target = match &query {
+        Some(q) => format!("/?{q}"),
+        None => "/".to_owned(),
+    };
+    let fault = state
+        .faults
+        .take(Platform::Aliyun, &target)
+        .unwrap_or_default();
     if let Some(latency) = fault.latency {
         tokio::time::sleep(latency).await;
     }
@@ -516,7 +523,7 @@ mod tests {
         AccessKey, AliyunClient, AliyunError, DeviceInfoQuery, FIND_PAGE_SIZE, SignatureScheme,
         Stamp,
     };
-    use crate::sandbox::test_support::{TestSandbox, start_https};
+    use crate::sandbox::test_support::{CALL_TIMEOUT, TestSandbox, start_https};
     use crate::sandbox::{Fault, World};
     use std::collections::BTreeMap;
 
@@ -558,7 +565,7 @@ mod tests {
             &t.secrets.aliyun_access_key_id,
             &t.secrets.aliyun_access_key_secret,
         );
-        client_with(t, scheme, key, Duration::from_secs(10))
+        client_with(t, scheme, key, CALL_TIMEOUT)
     }
 
     #[tokio::test]
@@ -650,7 +657,7 @@ mod tests {
         let t = start_https(world()).await;
         for scheme in SCHEMES {
             let wrong_secret = AccessKey::new(&t.secrets.aliyun_access_key_id, "not-the-secret");
-            let err = client_with(&t, scheme, wrong_secret, Duration::from_secs(10))
+            let err = client_with(&t, scheme, wrong_secret, CALL_TIMEOUT)
                 .find_device("wd.dev1", None)
                 .await
                 .expect_err("the call must fail");
@@ -663,7 +670,7 @@ mod tests {
             assert!(!f.retryable());
 
             let unknown = AccessKey::new("LTAInobody", "x");
-            let f = client_with(&t, scheme, unknown, Duration::from_secs(10))
+            let f = client_with(&t, scheme, unknown, CALL_TIMEOUT)
                 .find_device("wd.dev1", None)
                 .await
                 .expect_err("the call must fail")

@@ -55,6 +55,10 @@ pub struct Fault {
     pub malformed_body: bool,
     /// How many answers the fault applies to; `None` for every answer until cleared.
     pub count: Option<u32>,
+    /// Apply only to requests whose target (`/path?query`) contains this; others pass untouched
+    /// and do not count. Lets a test aim at one request of a sequence (the third page of a
+    /// fleet sync, say) without racing the client to arm it just in time.
+    pub target_contains: Option<String>,
 }
 
 /// The faults currently armed, per platform. Cheap to clone; all clones share state.
@@ -74,10 +78,17 @@ impl Faults {
         lock(&self.armed).remove(&platform);
     }
 
-    /// The fault that applies to the answer being made now, counting it down.
-    pub fn take(&self, platform: Platform) -> Option<Fault> {
+    /// The fault that applies to the answer to `target` being made now, counting it down.
+    pub fn take(&self, platform: Platform, target: &str) -> Option<Fault> {
         let mut armed = lock(&self.armed);
         let fault = armed.get_mut(&platform)?;
+        if fault
+            .target_contains
+            .as_deref()
+            .is_some_and(|part| !target.contains(part))
+        {
+            return None;
+        }
         let taken = fault.clone();
         match &mut fault.count {
             Some(0) => {
@@ -115,6 +126,9 @@ pub struct World {
     pub licences: Vec<aliyun_api::DeviceInfo>,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
+    /// Faults armed before the first request is served (for tests whose client starts calling
+    /// as soon as it starts, like the proxy's fleet sync).
+    pub armed_faults: Vec<(Platform, Fault)>,
 }
 
 /// The keys the simulated platforms verify with and sign with.
@@ -215,6 +229,9 @@ pub struct Received {
     pub request: String,
     /// Whether its signature verified.
     pub signature_ok: bool,
+    /// When it arrived (monotonic): tests time the gaps between requests where they arrive,
+    /// not where a poller happens to notice them.
+    pub at: tokio::time::Instant,
 }
 
 /// Shared state of the simulators.
@@ -229,11 +246,15 @@ pub struct SandboxState {
 }
 
 impl SandboxState {
-    pub fn new(keys: SandboxKeys, world: World) -> Arc<Self> {
+    pub fn new(keys: SandboxKeys, mut world: World) -> Arc<Self> {
+        let faults = Faults::default();
+        for (platform, fault) in std::mem::take(&mut world.armed_faults) {
+            faults.set(platform, fault);
+        }
         Arc::new(Self {
             keys,
             world: Mutex::new(world),
-            faults: Faults::default(),
+            faults,
             received: Mutex::new(Vec::new()),
             list_window: Mutex::new(std::collections::VecDeque::new()),
         })
@@ -245,6 +266,7 @@ impl SandboxState {
             platform,
             request,
             signature_ok,
+            at: tokio::time::Instant::now(),
         });
     }
 
@@ -347,6 +369,11 @@ pub fn start(
 pub(crate) mod test_support {
     use super::*;
 
+    /// The timeout of a client call whose answer a test checks: generous, so that a test run
+    /// under qemu on a loaded machine never sees a timeout where it checks another outcome.
+    /// Tests of timeouts use a latency far above a short timeout of their own.
+    pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
     /// A running HTTPS sandbox, a platform HTTP client that trusts it, and the merchant keys.
     pub(crate) struct TestSandbox {
         pub sandbox: RunningSandbox,
@@ -410,15 +437,40 @@ mod tests {
                 ..Fault::default()
             },
         );
-        assert!(faults.take(Platform::Alipay).is_some());
-        assert!(faults.take(Platform::Alipay).is_some());
-        assert!(faults.take(Platform::Alipay).is_none());
-        assert!(faults.take(Platform::WechatPay).is_none());
+        assert!(faults.take(Platform::Alipay, "/").is_some());
+        assert!(faults.take(Platform::Alipay, "/").is_some());
+        assert!(faults.take(Platform::Alipay, "/").is_none());
+        assert!(faults.take(Platform::WechatPay, "/").is_none());
         faults.set(Platform::Aliyun, Fault::default());
         for _ in 0..5 {
-            assert!(faults.take(Platform::Aliyun).is_some());
+            assert!(faults.take(Platform::Aliyun, "/").is_some());
         }
         faults.clear(Platform::Aliyun);
-        assert!(faults.take(Platform::Aliyun).is_none());
+        assert!(faults.take(Platform::Aliyun, "/").is_none());
+        // Aimed at one target: others pass and do not count it down.
+        faults.set(
+            Platform::WechatPay,
+            Fault {
+                status: Some(429),
+                count: Some(1),
+                target_contains: Some("offset=200".into()),
+                ..Fault::default()
+            },
+        );
+        assert!(
+            faults
+                .take(Platform::WechatPay, "/v3/iotmanage/devices?offset=0")
+                .is_none()
+        );
+        assert!(
+            faults
+                .take(Platform::WechatPay, "/v3/iotmanage/devices?offset=200")
+                .is_some()
+        );
+        assert!(
+            faults
+                .take(Platform::WechatPay, "/v3/iotmanage/devices?offset=200")
+                .is_none()
+        );
     }
 }

@@ -125,14 +125,17 @@ async fn answer(
     request: &Received,
     endpoint: Endpoint,
 ) -> Result<Response, SimulatorError> {
-    let fault = state.faults.take(Platform::WechatPay).unwrap_or_default();
-    if let Some(latency) = fault.latency {
-        tokio::time::sleep(latency).await;
-    }
     let target = request
         .uri
         .path_and_query()
         .map_or_else(|| request.uri.path(), |pq| pq.as_str());
+    let fault = state
+        .faults
+        .take(Platform::WechatPay, target)
+        .unwrap_or_default();
+    if let Some(latency) = fault.latency {
+        tokio::time::sleep(latency).await;
+    }
     let checked = check_authorization(&state.keys, request, target, unix_now());
     state.record(
         Platform::WechatPay,
@@ -527,7 +530,8 @@ mod tests {
         AuthinfoParams, Device, DeviceInspection, MerchantSigner, PlatformKeys, WechatPayClient,
         WechatPayError,
     };
-    use crate::platform::{DEFAULT_TIMEOUT, Failure, FailureClass, http_client};
+    use crate::platform::{Failure, FailureClass, http_client};
+    use crate::sandbox::test_support::CALL_TIMEOUT;
     use crate::sandbox::{RunningSandbox, start};
     use crate::tls;
 
@@ -661,7 +665,7 @@ mod tests {
         /// The client as the proxy builds it: the right merchant, public key mode.
         fn client(&self) -> WechatPayClient {
             let signer = MerchantSigner::new(MCHID, MERCHANT_SERIAL, signer_of(merchant()));
-            self.client_as(signer, public_key_mode(), DEFAULT_TIMEOUT)
+            self.client_as(signer, public_key_mode(), CALL_TIMEOUT)
         }
 
         fn arm(&self, fault: Fault) {
@@ -681,7 +685,7 @@ mod tests {
             let authorization = MerchantSigner::new(MCHID, MERCHANT_SERIAL, signer_of(merchant()))
                 .authorization(method.as_str(), target, timestamp, &nonce, signed_body)
                 .expect("sign");
-            self.http(DEFAULT_TIMEOUT)
+            self.http(CALL_TIMEOUT)
                 .request(method, format!("{}{target}", self.sandbox.base_url))
                 .header("Authorization", authorization)
                 .header("Accept", "application/json")
@@ -713,7 +717,7 @@ mod tests {
             RsaSigner::from_pem(&secrets.wechat_merchant_private_pem, "merchant").expect("key"),
         );
         let harness = start_sandbox(keys, world()).await;
-        let client = harness.client_as(signer, platform_keys, DEFAULT_TIMEOUT);
+        let client = harness.client_as(signer, platform_keys, CALL_TIMEOUT);
 
         let first = client
             .offlineface_authinfo(&params("RAW-1"))
@@ -869,7 +873,7 @@ mod tests {
             ),
         ];
         for (case, signer) in wrong {
-            let client = harness.client_as(signer, public_key_mode(), DEFAULT_TIMEOUT);
+            let client = harness.client_as(signer, public_key_mode(), CALL_TIMEOUT);
             let failure = failure_of(client.device_inspection("SN00001").await);
             assert_eq!(failure.class, FailureClass::Rejected, "{case}");
             assert_eq!(
@@ -1064,7 +1068,7 @@ mod tests {
 
         let harness = start_sandbox(sandbox_keys("5BE03C1A5DE70F5D9A11"), world()).await;
         let signer = MerchantSigner::new(MCHID, MERCHANT_SERIAL, signer_of(merchant()));
-        let client = harness.client_as(signer, keys, DEFAULT_TIMEOUT);
+        let client = harness.client_as(signer, keys, CALL_TIMEOUT);
         let got = client.device_inspection("SN00001").await.expect("verified");
         assert_eq!(got.device_sn, "SN00001");
 

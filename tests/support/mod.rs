@@ -21,9 +21,18 @@ pub fn device_key() -> &'static GeneratedKey {
     KEY.get_or_init(|| crypto::generate_rsa_key(2048).expect("keygen"))
 }
 
-/// Polls `cond` every 20 ms until it holds, failing the test after 15 s.
+/// How long a test waits for something that must happen, and the timeout of every call whose
+/// answer a test checks: generous enough for a test binary under qemu on a loaded machine (10-20x
+/// slower TLS and RSA), so that no outcome depends on the machine's speed. Tests that check a
+/// timeout use a server that never answers and a short timeout of their own instead.
+pub const GENEROUS: Duration = Duration::from_secs(120);
+/// The daemon's `[proxy] timeout` in the tests' configs (below [`GENEROUS`], which bounds the
+/// waits around a call).
+pub const PROXY_TIMEOUT: &str = "60s";
+
+/// Polls `cond` every 20 ms until it holds, failing the test after [`GENEROUS`].
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + GENEROUS;
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -189,9 +198,9 @@ impl TestDaemon {
     /// Stops the daemon and waits for it; returns the directory for a restart.
     pub async fn stop(self) -> Arc<tempfile::TempDir> {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
+        tokio::time::timeout(GENEROUS, self.task)
             .await
-            .expect("daemon stops within 20 s")
+            .expect("daemon stops")
             .expect("daemon task");
         self.dir
     }
@@ -199,6 +208,17 @@ impl TestDaemon {
 
 /// Writes the device key and a config into `dir`; returns the config path.
 pub fn write_config(dir: &Path, proxy_url: &str, ca_pem: &str, extra: &str) -> PathBuf {
+    write_config_with_timeout(dir, proxy_url, ca_pem, PROXY_TIMEOUT, extra)
+}
+
+/// [`write_config`] with another `[proxy] timeout` (tests of a proxy that never answers).
+pub fn write_config_with_timeout(
+    dir: &Path,
+    proxy_url: &str,
+    ca_pem: &str,
+    timeout: &str,
+    extra: &str,
+) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let key = dir.join("device.key");
     std::fs::write(&key, &device_key().private_pem).expect("key");
@@ -217,7 +237,7 @@ pub fn write_config(dir: &Path, proxy_url: &str, ca_pem: &str, extra: &str) -> P
         (format!("[socket]\n{path_line}"), extra.to_owned())
     };
     let text = format!(
-        "device_id = \"T-1001\"\nkey_file = \"{}\"\nstate_dir = \"{}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{}\"\ntimeout = \"2s\"\n\n{socket_section}\n{extra}\n",
+        "device_id = \"T-1001\"\nkey_file = \"{}\"\nstate_dir = \"{}\"\n\n[proxy]\nurl = \"{proxy_url}\"\nca_file = \"{}\"\ntimeout = \"{timeout}\"\n\n{socket_section}\n{extra}\n",
         key.display(),
         dir.join("state").display(),
         ca.display(),
