@@ -7,6 +7,7 @@
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
+//! - [`sync`]: poison-tolerant locking.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
 //! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
@@ -37,6 +38,7 @@
 pub mod crypto;
 pub mod prometheus;
 pub mod schedule;
+pub mod sync;
 pub mod terminal;
 pub mod tls;
 pub mod units;

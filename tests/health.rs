@@ -7,6 +7,8 @@ use std::time::Duration;
 use authinfod::crypto::RsaSigner;
 use authinfod::demo::lab::{self, Lab};
 use authinfod::sandbox::{Fault, Platform};
+use authinfod::terminal::device::Check;
+use authinfod::terminal::doc::CheckState;
 use authinfod::terminal::health::check_once;
 use authinfod::terminal::proxy_client::{ProxyClient, Upstream};
 use authinfod::terminal::{Daemon, RunOptions, config};
@@ -114,7 +116,7 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
     let state = daemon.state.clone();
     wait_until("all three checks have a value", || {
-        let doc = state.status().device;
+        let doc = serde_json::to_value(state.status().device).expect("json");
         ["inspection", "alipay_binding", "licence"]
             .iter()
             .all(|c| doc[c]["state"] == "ok")
@@ -153,7 +155,7 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
         );
     }
     // The human status shows them.
-    let status: authinfod::terminal::state::StatusDoc =
+    let status: authinfod::terminal::doc::StatusDoc =
         serde_json::from_value(daemon.status().await).expect("status doc");
     let text = authinfod::terminal::client::render_status(&status);
     assert!(text.contains("health    inspection: SUCCESS"), "{text}");
@@ -190,7 +192,7 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
             .state
             .update_world(|w| w.licences[0].expired_day = expiry.clone());
         logs.clear();
-        check_once("licence", &state, upstream.as_ref())
+        check_once(Check::Licence, &state, upstream.as_ref())
             .await
             .expect("check");
         let lines = logs.lines_for("licence");
@@ -227,7 +229,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
             i.warnings = vec!["该设备已经进行过出厂检查".into()];
         });
         logs.clear();
-        check_once("inspection", &state, upstream.as_ref())
+        check_once(Check::Inspection, &state, upstream.as_ref())
             .await
             .expect("check");
         let lines = logs.lines_for("inspection");
@@ -245,7 +247,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
         .update_world(|w| w.alipay_bindings.clear());
     logs.clear();
     assert!(
-        check_once("alipay_binding", &state, upstream.as_ref())
+        check_once(Check::AlipayBinding, &state, upstream.as_ref())
             .await
             .is_err()
     );
@@ -268,15 +270,16 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
         .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
-    for check in ["alipay_binding", "licence"] {
+    for check in [Check::AlipayBinding, Check::Licence] {
         check_once(check, &state, upstream.as_ref())
             .await
             .expect("first check succeeds");
     }
-    let before = state.status().device;
+    let device_json = || serde_json::to_value(state.status().device).expect("json");
+    let before = device_json();
     for (check, platform, fault) in [
         (
-            "alipay_binding",
+            Check::AlipayBinding,
             Platform::Alipay,
             Fault {
                 status: Some(500),
@@ -284,7 +287,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "alipay_binding",
+            Check::AlipayBinding,
             Platform::Alipay,
             Fault {
                 bad_signature: true,
@@ -292,7 +295,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "licence",
+            Check::Licence,
             Platform::Aliyun,
             Fault {
                 status: Some(503),
@@ -300,7 +303,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "licence",
+            Check::Licence,
             Platform::Aliyun,
             Fault {
                 malformed_body: true,
@@ -311,8 +314,9 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
         lab.sandbox.state.faults.set(platform, fault.clone());
         let result = check_once(check, &state, upstream.as_ref()).await;
         lab.sandbox.state.faults.clear(platform);
+        let check = check.name();
         assert!(result.is_err(), "{check} with {fault:?}");
-        let doc = state.status().device;
+        let doc = device_json();
         assert_eq!(
             doc[check]["value"], before[check]["value"],
             "{check} kept its value under {fault:?}"
@@ -326,7 +330,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
         );
     }
     // Survives a restart: the store has the record, error included.
-    let stored: authinfod::terminal::health::CheckRecord = state
+    let stored: authinfod::terminal::device::CheckRecord<authinfod::wire::Licence> = state
         .store
         .health("licence")
         .expect("store")
@@ -354,10 +358,10 @@ async fn a_platform_the_merchant_does_not_use_for_the_device_shows_as_not_config
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     let before = lab.sandbox.state.received_by(Platform::Alipay);
-    let _ = check_once("alipay_binding", &state, upstream.as_ref()).await;
+    let _ = check_once(Check::AlipayBinding, &state, upstream.as_ref()).await;
     let doc = state.status().device;
-    assert_eq!(doc["alipay_binding"]["state"], "not_configured");
-    assert!(doc["alipay_binding"]["last_error"].is_null());
+    assert_eq!(doc.alipay_binding.state, CheckState::NotConfigured);
+    assert!(doc.alipay_binding.last_error.is_none());
     assert_eq!(
         lab.sandbox.state.received_by(Platform::Alipay),
         before,

@@ -14,6 +14,7 @@ use authinfod::crypto::{GeneratedKey, RsaSigner};
 use authinfod::demo::lab::{self, DEVICE_ID, DEVICE_SN, Lab};
 use authinfod::proxy::fleet::{self, RateLimiter};
 use authinfod::sandbox::{Fault, Platform, World};
+use authinfod::terminal::doc::CheckState;
 use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{ErrorBody, MAX_REQUEST_BODY, codes};
@@ -565,7 +566,7 @@ async fn daemon_gets_authinfo_and_inspection_through_the_proxy_over_real_tls() {
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
     let state = daemon.state.clone();
     wait_until("the daemon holds an authinfo and the inspection", || {
-        state.current().is_some() && state.status().device["inspection"]["state"] == "ok"
+        state.current().is_some() && state.status().device.inspection.state == CheckState::Ok
     })
     .await;
 
@@ -626,11 +627,11 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
     let state = daemon.state.clone();
     wait_until("an authinfo is held and the health checks are done", || {
-        let device = state.status().device;
+        let d = state.status().device;
         state.current().is_some()
-            && ["inspection", "alipay_binding", "licence"]
+            && [d.inspection.state, d.alipay_binding.state, d.licence.state]
                 .iter()
-                .all(|c| device[c]["state"] == "ok")
+                .all(|c| *c == CheckState::Ok)
     })
     .await;
     let held = daemon.get("/v1/authinfo").await;

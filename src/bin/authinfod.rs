@@ -272,31 +272,22 @@ where
 }
 
 async fn status(address: config::SocketAddress, json: bool) -> anyhow::Result<ExitCode> {
-    let answer = client::request(&address, http::Method::GET, "/v1/status", None)
-        .await?
-        .ok()?;
+    let doc = client::status(&address).await?;
     if json {
-        println!("{}", String::from_utf8_lossy(&answer.body));
+        println!("{}", serde_json::to_string(&doc)?);
     } else {
-        let doc: terminal::state::StatusDoc =
-            serde_json::from_slice(&answer.body).context("the status answer is malformed")?;
         print!("{}", client::render_status(&doc));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
-    let answer = client::request(&address, http::Method::GET, "/v1/authinfo", None).await?;
-    if answer.status == 503 {
+    let Some(doc) = client::authinfo(&address).await? else {
         eprintln!("authinfod: no authinfo has been fetched yet");
         return Ok(ExitCode::from(exit::NO_AUTHINFO));
-    }
-    let doc = answer.ok()?.json()?;
-    let authinfo = doc["authinfo"]
-        .as_str()
-        .context("the answer has no authinfo")?;
-    println!("{authinfo}");
-    if doc["state"] == "expired" {
+    };
+    println!("{}", doc.authinfo);
+    if doc.state == terminal::doc::Freshness::Expired {
         eprintln!("authinfod: warning: this authinfo is expired");
         return Ok(ExitCode::from(exit::NO_AUTHINFO));
     }
@@ -304,28 +295,22 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
 }
 
 async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
-    let path = if wait {
-        "/v1/refresh?wait=true"
-    } else {
-        "/v1/refresh"
-    };
-    let answer = client::request(&address, http::Method::POST, path, None).await?;
-    match answer.ok() {
-        Ok(a) if wait => {
-            let doc = a.json()?;
+    if !wait {
+        client::request_refresh(&address).await?;
+        println!("refresh requested");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match client::refresh_and_wait(&address).await {
+        Ok(done) => {
             println!(
                 "refreshed: authinfo {} ({}), expires {}",
-                doc["fingerprint"].as_str().unwrap_or("?"),
-                doc["state"].as_str().unwrap_or("?"),
-                doc["expires_at"].as_str().unwrap_or("?")
+                done.fingerprint,
+                done.state.as_str(),
+                done.expires_at
             );
             Ok(ExitCode::SUCCESS)
         }
-        Ok(_) => {
-            println!("refresh requested");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(client::ClientError::Refused { code, message, .. }) if wait => {
+        Err(client::ClientError::Refused { code, message, .. }) => {
             eprintln!("authinfod: refresh failed ({code}): {message}");
             Ok(ExitCode::from(exit::NO_AUTHINFO))
         }
@@ -334,14 +319,10 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
 }
 
 async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Result<ExitCode> {
-    let body = serde_json::to_vec(&serde_json::json!({ "raw_data": raw.trim() }))?;
-    let doc = client::request(&address, http::Method::PUT, "/v1/raw-data", Some(body))
-        .await?
-        .ok()?
-        .json()?;
+    let accepted = client::put_raw_data(&address, raw.trim()).await?;
     println!(
         "raw_data accepted{}",
-        if doc["refresh_triggered"] == true {
+        if accepted.refresh_triggered {
             "; refresh triggered"
         } else {
             ""

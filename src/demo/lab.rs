@@ -128,6 +128,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
         }],
         authinfo_expires_in: None,
         armed_faults: Vec::new(),
+        device_list_window: None,
     }
 }
 

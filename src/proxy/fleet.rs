@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::platform::FailureClass;
 use crate::platform::wechatpay::{Device, MAX_PAGE_LIMIT, WechatPayClient, WechatPayError};
+use crate::sync::{lock, read, write};
 use crate::units::unix_now;
 
 /// The most pages one sync reads (100 000 devices): a guard against a list that never ends.
@@ -189,16 +190,37 @@ impl RateLimiter {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The fleet: the last synced list in memory, cached in sled.
 #[derive(Debug)]
 pub struct Fleet {
-    snapshot: RwLock<Arc<FleetSnapshot>>,
-    by_sn: RwLock<Arc<HashMap<String, bool>>>,
+    /// The list and the index derived from it, swapped together under one lock: a reader never
+    /// sees a new index with an old list.
+    current: RwLock<Arc<Indexed>>,
     cache: Option<sled::Db>,
+}
+
+/// A synced list and its lookup by serial (activated or not).
+#[derive(Debug, Default)]
+struct Indexed {
+    snapshot: Arc<FleetSnapshot>,
+    by_sn: HashMap<String, bool>,
+}
+
+impl Indexed {
+    fn new(snapshot: FleetSnapshot) -> Self {
+        let by_sn = snapshot
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
+                d.device_sn.clone().map(|sn| (sn, activated))
+            })
+            .collect();
+        Self {
+            snapshot: Arc::new(snapshot),
+            by_sn,
+        }
+    }
 }
 
 const CACHE_KEY: &str = "fleet";
@@ -237,50 +259,27 @@ impl Fleet {
     /// A fleet without a cache (the `devices --live` command, tests).
     pub fn in_memory() -> Self {
         Self {
-            snapshot: RwLock::new(Arc::new(FleetSnapshot::default())),
-            by_sn: RwLock::new(Arc::new(HashMap::new())),
+            current: RwLock::new(Arc::new(Indexed::default())),
             cache: None,
         }
     }
 
     fn install(&self, snapshot: FleetSnapshot) {
-        let by_sn = snapshot
-            .devices
-            .iter()
-            .filter_map(|d| {
-                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
-                d.device_sn.clone().map(|sn| (sn, activated))
-            })
-            .collect();
-        *self
-            .by_sn
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(by_sn);
-        *self
-            .snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(snapshot);
+        *write(&self.current) = Arc::new(Indexed::new(snapshot));
     }
 
     /// The last synced list.
     pub fn snapshot(&self) -> Arc<FleetSnapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        read(&self.current).snapshot.clone()
     }
 
     /// What the list says of `device_sn`.
     pub fn status(&self, device_sn: &str) -> FleetStatus {
-        if self.snapshot().synced_at.is_none() {
+        let current = read(&self.current).clone();
+        if current.snapshot.synced_at.is_none() {
             return FleetStatus::Unknown;
         }
-        match self
-            .by_sn
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(device_sn)
-        {
+        match current.by_sn.get(device_sn) {
             Some(true) => FleetStatus::Activated,
             Some(false) => FleetStatus::Inactivated,
             None => FleetStatus::Unlisted,
@@ -457,12 +456,12 @@ pub async fn run_sync(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let schedule = crate::schedule::Schedule {
+    let mut backoff = crate::schedule::Backoff::new(crate::schedule::Schedule {
         interval,
         jitter: 0.1,
         backoff_min: Duration::from_secs(30),
         backoff_max: interval.min(Duration::from_secs(1800)),
-    };
+    });
     let age = fleet
         .snapshot()
         .synced_at
@@ -471,7 +470,6 @@ pub async fn run_sync(
         Some(age) if age < interval => interval - age,
         _ => Duration::ZERO,
     };
-    let mut failures = 0;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -482,22 +480,20 @@ pub async fn run_sync(
             () = shutdown.cancelled() => return,
             r = fleet.sync(&client, &limiter) => r,
         };
+        let unit = crate::crypto::random_unit();
         delay = match result {
             Ok(n) => {
-                failures = 0;
                 tracing::info!(
                     devices = n,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "fleet synced from wechat pay"
                 );
-                schedule.next_interval(crate::crypto::random_unit())
+                backoff.succeeded(unit)
             }
             Err(error) => {
-                failures += 1;
-                let delay = schedule
-                    .retry_delay(failures, None, crate::crypto::random_unit())
-                    .max(schedule.backoff_min);
-                tracing::warn!(error = %crate::error_chain(&error), attempt = failures, backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
+                // Never sooner than the minimum: a sync is a burst of requests.
+                let delay = backoff.failed(None, unit).max(backoff.schedule.backoff_min);
+                tracing::warn!(error = %crate::error_chain(&error), attempt = backoff.failures(), backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
                 delay
             }
         };

@@ -247,20 +247,14 @@ impl SharedRegistry {
 
     /// The registry now.
     pub fn current(&self) -> Arc<Registry> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.current).clone()
     }
 
     /// Reloads the file; on failure the old registry stays and the error is returned.
     pub fn reload(&self) -> Result<usize, RegistryError> {
         let fresh = Registry::load(&self.path)?;
         let n = fresh.len();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        *crate::sync::write(&self.current) = Arc::new(fresh);
         Ok(n)
     }
 }

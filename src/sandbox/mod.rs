@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
+use crate::sync::lock;
 
 /// Which simulated platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,12 +106,6 @@ impl Faults {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a sandbox lock only happens in a failing test; the data (faults,
-    // counters) stays meaningful, so recover it rather than cascade the panic.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// What the simulated platforms know: the merchant's devices and their facts.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -129,6 +124,9 @@ pub struct World {
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,
+    /// How long WeChat Pay's window of 20 device-list requests lasts; `None` for the documented
+    /// second. A test that must see the limit whatever the machine's speed stretches it.
+    pub device_list_window: Option<Duration>,
 }
 
 /// The keys the simulated platforms verify with and sign with.

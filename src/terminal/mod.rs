@@ -3,7 +3,9 @@
 //!
 //! - [`config`]: the TOML config, defaults and validation.
 //! - [`store`]: sled persistence with recovery.
-//! - [`state`]: the shared in-memory state and the status document.
+//! - [`doc`]: the socket API's documents and route table, as types servers and clients share.
+//! - [`device`]: the device health facts as data (checks, records, their document).
+//! - [`state`]: the shared in-memory state: served authinfo, refresh bookkeeping, health.
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
@@ -18,6 +20,8 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod device;
+pub mod doc;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
@@ -141,13 +145,12 @@ impl Daemon {
                 "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
             );
         }
-        let held = store.authinfo()?;
-        let state = State::new(config, store, held);
+        let state = State::load(config, store)?;
         match state.current() {
             Some(served) => tracing::info!(
                 authinfo_fingerprint = %served.fingerprint,
                 age_seconds = served.age(crate::units::unix_now()),
-                state = state::freshness_name(served.freshness(crate::units::unix_now(), state.config.refresh.interval)),
+                state = served.freshness(crate::units::unix_now(), state.config.refresh.interval).as_str(),
                 "serving the stored authinfo"
             ),
             None => tracing::info!(

@@ -121,6 +121,11 @@ impl UpstreamError {
     }
 }
 
+/// How long an idle connection to the proxy is kept for reuse: below the proxy's keep-alive
+/// idle timeout (15 s, `tls::HEADER_READ_TIMEOUT`), so that the daemon never sends on a
+/// connection the proxy is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The real upstream: the merchant's proxy over pinned HTTPS.
 #[derive(Debug)]
 pub struct ProxyClient {
@@ -146,6 +151,11 @@ impl ProxyClient {
             .tls_backend_preconfigured(tls)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
+            // A pooled connection must be dropped well before the proxy closes it as idle
+            // (it closes keep-alive connections after 15 s without a request): reusing one
+            // at the moment the proxy closes it loses the request ("connection closed before
+            // message completed"). Seen under emulation, where calls come 10-20 s apart.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .https_only(true)

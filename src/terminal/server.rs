@@ -269,7 +269,7 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
                         let r = ApiError::PeerDenied { uid, gid }.response();
                         state
                             .metrics
-                            .count_request(api::route_label(req.uri().path()), r.status);
+                            .count_request(super::doc::Route::label(req.uri().path()), r.status);
                         r
                     }
                     None => match read_request(req).await {
