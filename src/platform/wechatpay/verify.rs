@@ -137,17 +137,14 @@ impl PlatformKeys {
         pem: &str,
         what: &str,
     ) -> Result<Vec<String>, KeysError> {
-        let blocks = crypto::pem_blocks(pem, what).map_err(|source| KeysError::Pem {
-            what: what.to_owned(),
-            source,
-        })?;
+        let certificates =
+            crypto::pem_certificates(pem, what).map_err(|source| KeysError::Pem {
+                what: what.to_owned(),
+                source,
+            })?;
         let mut serials = Vec::new();
-        for (index, block) in blocks
-            .iter()
-            .filter(|b| b.label == "CERTIFICATE")
-            .enumerate()
-        {
-            let (serial, key) = parse_certificate(&block.der, what, index)?;
+        for (index, der) in certificates.iter().enumerate() {
+            let (serial, key) = parse_certificate(der, what, index)?;
             self.keys.insert(serial.clone(), key);
             serials.push(serial);
         }
