@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //!
+//! - [`config_file`]: what the config files share: TOML reading, the problems collector, the
+//!   one config error type and the private-file permission check.
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
@@ -35,6 +37,7 @@
 //! requests finish within a bound, the store is flushed and the socket file removed.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod crypto;
 pub mod prometheus;
 pub mod schedule;

@@ -58,6 +58,17 @@ pub fn client_config_pinned(roots_pem: &str, what: &str) -> Result<rustls::Clien
         .with_no_client_auth())
 }
 
+/// A client config that trusts no certificate at all: every handshake fails. For configs made
+/// in tests that never connect.
+pub fn client_config_trusting_nothing() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        // The ring provider supports the default protocol versions; this cannot fail.
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// A server config presenting `chain_pem` (leaf first) with `key_pem`.
 pub fn server_config(
     chain_pem: &str,

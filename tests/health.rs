@@ -95,7 +95,7 @@ async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
     let upstream: Arc<dyn Upstream> = Arc::new(
         ProxyClient::new(
             &config.proxy.url,
-            &config.proxy.ca_pem,
+            &config.proxy.tls,
             DeviceSigner::new(config.device_id.clone(), key),
             crate::support::GENEROUS,
         )

@@ -55,8 +55,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DaemonError {
     #[error("cannot load the device key")]
     Key(#[source] CryptoError),
-    #[error("the device key {path} is readable by group or others (mode {mode:o}); run chmod 600")]
-    KeyPermissions { path: std::path::PathBuf, mode: u32 },
+    #[error("the device key cannot be used")]
+    KeyFile(#[from] crate::config_file::PrivateFileError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -68,10 +68,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when fixing the configuration (or the files it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            Self::Key(_) | Self::KeyPermissions { .. } | Self::Tls(_)
-        )
+        matches!(self, Self::Key(_) | Self::KeyFile(_) | Self::Tls(_))
     }
 }
 
@@ -119,12 +116,12 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        check_key_permissions(&config.key_file)?;
+        crate::config_file::check_private_file(&config.key_file)?;
         let key = RsaSigner::from_file(&config.key_file).map_err(DaemonError::Key)?;
         let signer = DeviceSigner::new(config.device_id.clone(), key);
         let upstream = Arc::new(ProxyClient::new(
             &config.proxy.url,
-            &config.proxy.ca_pem,
+            &config.proxy.tls,
             signer,
             config.proxy.timeout,
         )?);
@@ -218,17 +215,4 @@ async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {
     for task in tasks {
         let _ = task.await;
     }
-}
-
-fn check_key_permissions(path: &std::path::Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::MetadataExt as _;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.mode() & 0o077 != 0
-    {
-        return Err(DaemonError::KeyPermissions {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o777,
-        });
-    }
-    Ok(())
 }

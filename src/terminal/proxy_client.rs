@@ -139,16 +139,15 @@ pub struct ProxyClient {
 }
 
 impl ProxyClient {
-    /// A client of `base_url` (`https://host:port`) trusting only `ca_pem`.
+    /// A client of `base_url` (`https://host:port`) over `tls` (pinned to the proxy's CA).
     pub fn new(
         base_url: &str,
-        ca_pem: &str,
+        tls: &rustls::ClientConfig,
         signer: DeviceSigner,
         timeout: Duration,
     ) -> Result<Self, crate::tls::TlsError> {
-        let tls = crate::tls::client_config_pinned(ca_pem, "proxy.ca_file")?;
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+            .tls_backend_preconfigured(tls.clone())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             // A pooled connection must be dropped well before the proxy closes it as idle
