@@ -15,7 +15,7 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// clap's code for a usage error.
     pub const USAGE: u8 = 2;
-    /// `get`: no authinfo is held; `refresh --wait`: the refresh failed.
+    /// `get`: no authinfo is held, or only an expired one; `refresh --wait`: the refresh failed.
     pub const NO_AUTHINFO: u8 = 3;
     /// EX_UNAVAILABLE: the daemon cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
@@ -30,7 +30,7 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
     (exit::USAGE, "usage error"),
     (
         exit::NO_AUTHINFO,
-        "no authinfo held (get), or the refresh failed (refresh --wait)",
+        "no authinfo held, or only an expired one (get); the refresh failed (refresh --wait)",
     ),
     (
         exit::UNAVAILABLE,
