@@ -69,6 +69,19 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// `Heading:` and one indented, aligned line per `(name, meaning)`: the binaries' `--help`
+/// footers (exit codes, environment), which their man pages show as sections.
+pub fn help_table<K: std::fmt::Display>(heading: &str, rows: &[(K, &str)]) -> String {
+    let names: Vec<String> = rows.iter().map(|(k, _)| k.to_string()).collect();
+    let width = names.iter().map(String::len).max().unwrap_or(0);
+    let mut out = format!("{heading}:\n");
+    for (name, (_, meaning)) in names.iter().zip(rows) {
+        out.push_str(&format!("  {name:<width$}  {meaning}\n"));
+    }
+    out
+}
+
 #[cfg(feature = "merchant")]
 pub mod demo;
 pub mod logging;
