@@ -91,6 +91,11 @@ impl Problems {
         self.list.push(format!("{field}: {message}"));
     }
 
+    /// Records a problem already phrased as `field: what is wrong`.
+    pub fn push_line(&mut self, line: String) {
+        self.list.push(line);
+    }
+
     /// Whether nothing is wrong so far.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()

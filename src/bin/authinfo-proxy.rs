@@ -29,10 +29,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(err.as_ref()));
+            // The config file and the registry fail with the same error type.
             let config_error = err.downcast_ref::<config::ConfigError>().is_some()
-                || err
-                    .downcast_ref::<proxy::registry::RegistryError>()
-                    .is_some()
                 || err
                     .downcast_ref::<proxy::ProxyError>()
                     .is_some_and(proxy::ProxyError::is_config);

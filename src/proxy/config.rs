@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
@@ -159,58 +160,35 @@ pub struct Config {
     pub aliyun: Option<AliyunConfig>,
 }
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid TOML for authinfo-proxy: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// Why a config could not be used (shared with the daemon's config and the registry).
+pub use crate::config_file::ConfigError;
+
+/// What the proxy's config is called in errors.
+const WHAT: &str = "authinfo-proxy config file";
 
 /// Reads and validates the config file at `path`. Relative file paths in it are relative to
 /// the config file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    let text = crate::config_file::read(WHAT, path)?;
+    let raw: RawConfig = crate::config_file::parse_toml(WHAT, &text, path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut v = Validator {
         base,
-        problems: Vec::new(),
+        problems: Problems::new(WHAT),
     };
     let config = v.config(raw);
-    match config {
-        Some(c) if v.problems.is_empty() => Ok(c),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems: v.problems,
-        }),
-    }
+    v.problems.finish(path, config)
 }
 
+/// The proxy config's checks: the shared problems collector, with paths relative to the file.
 struct Validator<'a> {
     base: &'a Path,
-    problems: Vec<String>,
+    problems: Problems,
 }
 
 impl Validator<'_> {
     fn problem(&mut self, text: String) {
-        self.problems.push(text);
+        self.problems.push_line(text);
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -222,26 +200,17 @@ impl Validator<'_> {
     }
 
     fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
-        if value.is_none() {
-            self.problem(format!("{field}: missing"));
-        }
-        value
+        self.problems.required(field, value)
     }
 
     /// Reads a file; `secret` files must not be readable by group or others.
     fn read(&mut self, field: &str, path: Option<PathBuf>, secret: bool) -> Option<String> {
         let path = self.required(field, path)?;
         let path = self.path(&path);
-        if secret && let Err(e) = check_private(&path) {
-            self.problem(format!("{field}: {e}"));
-            return None;
-        }
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Some(text),
-            Err(e) => {
-                self.problem(format!("{field}: cannot read {}: {e}", path.display()));
-                None
-            }
+        if secret {
+            self.problems.read_private(field, &path)
+        } else {
+            self.problems.read_file(field, &path)
         }
     }
 
@@ -503,21 +472,6 @@ impl Validator<'_> {
     }
 }
 
-/// Refuses a key or secret file that group or others can read.
-pub fn check_private(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable by group or others (mode {mode:o}); run chmod 600 on it",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,12 +498,14 @@ mod tests {
         let path = dir.path().join("apiclient_key.pem");
         std::fs::write(&path, "x").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        let err = check_private(&path).unwrap_err();
+        let err = crate::config_file::check_private_file(&path)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("apiclient_key.pem") && err.contains("640"),
             "{err}"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(check_private(&path).is_ok());
+        assert!(crate::config_file::check_private_file(&path).is_ok());
     }
 }
