@@ -9,6 +9,7 @@
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
+//! - [`serve`]: the one accept, serve and drain loop of every listener.
 //! - [`sync`]: poison-tolerant locking.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
@@ -41,6 +42,7 @@ pub mod config_file;
 pub mod crypto;
 pub mod prometheus;
 pub mod schedule;
+pub mod serve;
 pub mod sync;
 pub mod terminal;
 pub mod tls;
