@@ -110,9 +110,15 @@ async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
 #[tokio::test]
 async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start(dir.path(), lab::world(3, 90), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(3, 90),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
     let state = daemon.state.clone();
     wait_until("all three checks have a value", || {
@@ -172,9 +178,15 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
 async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_or_lapsed() {
     let (logs, _guard) = capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 120), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 120),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     let today = time::OffsetDateTime::now_utc().date();
@@ -216,9 +228,15 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
 async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() {
     let (logs, _guard) = capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 120), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 120),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     for (result, words) in [("WARN", "reported warnings"), ("FAIL", "FAILED")] {
@@ -265,9 +283,15 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
 #[tokio::test]
 async fn faults_in_either_platform_keep_the_previous_result_with_the_error_beside_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 60), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 60),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     for check in [Check::AlipayBinding, Check::Licence] {
@@ -343,9 +367,15 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
 #[tokio::test]
 async fn a_platform_the_merchant_does_not_use_for_the_device_shows_as_not_configured() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 60), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 60),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let registry = dir.path().join("devices.toml");
     let text = std::fs::read_to_string(&registry).expect("registry");
     let without_alipay = text.replace(

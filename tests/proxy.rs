@@ -41,9 +41,15 @@ async fn start_lab(
     daemon_extra: &str,
 ) -> (Arc<tempfile::TempDir>, Lab) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start(dir.path(), world, proxy_extra, daemon_extra)
-        .await
-        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        world,
+        proxy_extra,
+        daemon_extra,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     (dir, lab)
 }
 
@@ -1172,7 +1178,7 @@ async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream
 fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_name() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("tempdir");
-    let generated = lab::generate_keys(dir.path()).expect("keys");
+    let generated = lab::write_keys(dir.path(), crate::support::lab_keys()).expect("keys");
     let files = lab::LabFiles {
         dir: dir.path().to_owned(),
     };

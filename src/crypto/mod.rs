@@ -266,6 +266,7 @@ impl RsaVerifier {
 // === key generation ===
 
 /// A freshly generated RSA key pair, as PEM text.
+#[derive(Clone)]
 pub struct GeneratedKey {
     /// PKCS#8 `PRIVATE KEY` PEM. A secret: write it 0600, never log it.
     pub private_pem: String,
@@ -356,7 +357,7 @@ pub fn random_unit() -> f64 {
 #[cfg(test)]
 pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
     use std::sync::OnceLock;
-    const POOL: usize = 4;
+    const POOL: usize = 6;
     static KEYS: [OnceLock<GeneratedKey>; POOL] = [const { OnceLock::new() }; POOL];
     assert!(i < POOL, "the test key pool has {POOL} keys");
     KEYS[i].get_or_init(|| generate_rsa_key(2048).expect("keygen"))

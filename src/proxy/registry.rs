@@ -239,11 +239,9 @@ impl SharedRegistry {
 mod tests {
     use super::*;
 
-    fn key_pem() -> String {
-        crate::crypto::generate_rsa_key(2048)
-            .expect("keygen")
-            .public
-            .to_pem()
+    /// The public half of test key `n` (distinct `n`, distinct keys).
+    fn key_pem(n: usize) -> String {
+        crate::crypto::test_key(n).public.to_pem()
     }
 
     fn entry(id: &str, key: &str, extra: &str) -> String {
@@ -256,11 +254,11 @@ mod tests {
     fn entries_parse_with_their_platform_identities() {
         let text = entry(
             "T1",
-            &key_pem(),
+            &key_pem(0),
             "[device.alipay]\nbiz_tid = \"TID\"\n[device.aliyun]\ndevice_id = \"wd.X\"\n",
         ) + &entry(
             "T2",
-            &key_pem(),
+            &key_pem(1),
             "[device.alipay]\nsupplier_id = \"S\"\ndevice_sn = \"D\"\n",
         );
         let r = Registry::parse(&text, Path::new("devices.toml")).expect("valid");
@@ -283,18 +281,18 @@ mod tests {
 
     #[test]
     fn every_problem_is_listed() {
-        let key = key_pem();
+        let key = key_pem(0);
         let text = entry("T1", &key, "")
-            + &entry("T1", &key_pem(), "")
+            + &entry("T1", &key_pem(1), "")
             + &entry("T2", &key, "")
-            + &entry("bad id", &key_pem(), "")
+            + &entry("bad id", &key_pem(2), "")
             + &entry("T4", "not a key", "")
             + &entry(
                 "T5",
-                &key_pem(),
+                &key_pem(3),
                 "[device.alipay]\nbiz_tid = \"x\"\nsupplier_id = \"y\"\n",
             )
-            + &entry("T1", &key_pem(), "").replace("device_id = \"T1\"", "device_id = \"T6\"");
+            + &entry("T1", &key_pem(4), "").replace("device_id = \"T1\"", "device_id = \"T6\"");
         let err = Registry::parse(&text, Path::new("devices.toml")).unwrap_err();
         let RegistryError::Invalid { problems, .. } = err else {
             panic!("expected Invalid");
@@ -316,12 +314,12 @@ mod tests {
     fn a_bad_reload_keeps_the_old_registry() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("devices.toml");
-        std::fs::write(&path, entry("T1", &key_pem(), "")).expect("write");
+        std::fs::write(&path, entry("T1", &key_pem(0), "")).expect("write");
         let shared = SharedRegistry::load(&path).expect("load");
         std::fs::write(&path, "[[device]]\nthis is not toml").expect("write");
         assert!(shared.reload().is_err());
         assert!(shared.current().get("T1").is_some());
-        std::fs::write(&path, entry("T2", &key_pem(), "")).expect("write");
+        std::fs::write(&path, entry("T2", &key_pem(1), "")).expect("write");
         assert_eq!(shared.reload().expect("reload"), 1);
         assert!(shared.current().get("T1").is_none());
         assert!(shared.current().get("T2").is_some());
@@ -331,7 +329,7 @@ mod tests {
     #[test]
     fn the_example_registry_matches_the_schema() {
         let example = include_str!("../../examples/devices.toml");
-        let key = key_pem();
+        let key = key_pem(0);
         let text = example.replace(
             "-----BEGIN PUBLIC KEY-----\n(paste the terminal's public key here)\n-----END PUBLIC KEY-----\n",
             &key,

@@ -185,12 +185,25 @@ impl SandboxKeys {
     /// A complete key set made on the spot (2048-bit RSA keys, a random AccessKey pair), and
     /// the merchant's halves of it. For tests and the demo.
     pub fn generate() -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
-        use crate::crypto::{generate_rsa_key, hex, random_bytes};
+        use crate::crypto::generate_rsa_key;
+        Self::from_rsa_keys(
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+        )
+    }
+
+    /// A key set around four given RSA keys (tests reuse keys across labs: generating them is
+    /// the slow part), with fresh random serials, key ids and AccessKey pair.
+    pub fn from_rsa_keys(
+        wechat_merchant: &crate::crypto::GeneratedKey,
+        wechat_platform: &crate::crypto::GeneratedKey,
+        alipay_app: &crate::crypto::GeneratedKey,
+        alipay_platform: &crate::crypto::GeneratedKey,
+    ) -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
+        use crate::crypto::{hex, random_bytes};
         let signer = |pem: &str| RsaSigner::from_pem(pem, "a generated sandbox key");
-        let wechat_merchant = generate_rsa_key(2048)?;
-        let wechat_platform = generate_rsa_key(2048)?;
-        let alipay_app = generate_rsa_key(2048)?;
-        let alipay_platform = generate_rsa_key(2048)?;
         let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
         let aliyun_access_key_secret = hex(&random_bytes(15)?);
         let keys = Self {
@@ -208,10 +221,10 @@ impl SandboxKeys {
             )]),
         };
         let secrets = MerchantSecrets {
-            wechat_merchant_private_pem: wechat_merchant.private_pem,
-            alipay_app_private_pem: alipay_app.private_pem,
-            alipay_platform_public: alipay_platform.public,
-            wechat_platform_public: wechat_platform.public,
+            wechat_merchant_private_pem: wechat_merchant.private_pem.clone(),
+            alipay_app_private_pem: alipay_app.private_pem.clone(),
+            alipay_platform_public: alipay_platform.public.clone(),
+            wechat_platform_public: wechat_platform.public.clone(),
             aliyun_access_key_id,
             aliyun_access_key_secret,
         };
@@ -390,7 +403,10 @@ pub(crate) mod test_support {
 
     /// Generates keys and a PKI, and starts the sandbox with `world` on an ephemeral port.
     pub(crate) async fn start_https(world: World) -> TestSandbox {
-        let (keys, secrets) = SandboxKeys::generate().expect("keys");
+        use crate::crypto::test_key;
+        let (keys, secrets) =
+            SandboxKeys::from_rsa_keys(test_key(0), test_key(1), test_key(2), test_key(3))
+                .expect("keys");
         let pki = crate::tls::generate_pki("sandbox test ca", &["127.0.0.1"]).expect("pki");
         let server = crate::tls::server_config_generated(&pki).expect("server config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Fault, Platform, SandboxKeys, SandboxState, World, lock};
-use crate::crypto::{self, CryptoError, RsaSigner};
+use crate::crypto::{self, CryptoError};
 
 /// How far a request's timestamp may be from the sandbox's clock.
 const REQUEST_WINDOW_SECS: i64 = 300;
@@ -492,9 +492,11 @@ async fn signed(
         message.extend_from_slice(line);
         message.push(b'\n');
     }
+    // "Another key": the sandbox's Alipay platform key is a real RSA key that is not WeChat
+    // Pay's, so the signature is well-formed and only the key is wrong (no key is generated
+    // per answer: that took seconds under emulation).
     let signature = if fault.bad_signature {
-        let stray = tokio::task::spawn_blocking(|| crypto::generate_rsa_key(2048)).await??;
-        RsaSigner::from_pem(&stray.private_pem, "stray key")?.sign_base64(&message)?
+        keys.alipay_platform_key.sign_base64(&message)?
     } else {
         keys.wechat_platform_key.sign_base64(&message)?
     };
@@ -523,12 +525,11 @@ fn unix_now() -> i64 {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::sync::OnceLock;
 
     use base64::Engine as _;
     use tokio::net::TcpListener;
 
-    use crate::crypto::{BASE64, GeneratedKey, generate_rsa_key};
+    use crate::crypto::{BASE64, GeneratedKey, RsaSigner};
     use crate::platform::wechatpay::verify::SignatureError;
     use crate::platform::wechatpay::{
         AuthinfoParams, Device, DeviceInspection, MerchantSigner, PlatformKeys, WechatPayClient,
@@ -544,22 +545,17 @@ mod tests {
     const PLATFORM_KEY_ID: &str = "PUB_KEY_ID_0119000000012025000000000000";
     const DEVICES: usize = 253;
 
-    /// Keys made once per test run: the merchant's, WeChat Pay's and a stray one.
-    fn test_keys() -> &'static [GeneratedKey; 3] {
-        static KEYS: OnceLock<[GeneratedKey; 3]> = OnceLock::new();
-        KEYS.get_or_init(|| [0, 1, 2].map(|_| generate_rsa_key(2048).expect("keygen")))
-    }
-
+    /// The merchant's key, WeChat Pay's and a stray one, from the test key pool.
     fn merchant() -> &'static GeneratedKey {
-        &test_keys()[0]
+        crate::crypto::test_key(0)
     }
 
     fn platform() -> &'static GeneratedKey {
-        &test_keys()[1]
+        crate::crypto::test_key(1)
     }
 
     fn stray() -> &'static GeneratedKey {
-        &test_keys()[2]
+        crate::crypto::test_key(2)
     }
 
     fn signer_of(key: &GeneratedKey) -> RsaSigner {

@@ -21,6 +21,14 @@ pub fn device_key() -> &'static GeneratedKey {
     KEY.get_or_init(|| crypto::generate_rsa_key(2048).expect("keygen"))
 }
 
+/// One set of lab keys for every lab in this binary: each lab still makes its own certificates,
+/// serials and AccessKey, but RSA key generation (seconds under emulation) happens once. Distinct
+/// from [`device_key`], which the tests use as "some other key".
+pub fn lab_keys() -> &'static authinfod::demo::lab::LabKeys {
+    static KEYS: OnceLock<authinfod::demo::lab::LabKeys> = OnceLock::new();
+    KEYS.get_or_init(|| authinfod::demo::lab::LabKeys::generate().expect("keygen"))
+}
+
 /// How long a test waits for something that must happen, and the timeout of every call whose
 /// answer a test checks: generous enough for a test binary under qemu on a loaded machine (10-20x
 /// slower TLS and RSA), so that no outcome depends on the machine's speed. Tests that check a

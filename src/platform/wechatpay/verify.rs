@@ -271,16 +271,14 @@ fn parse_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{GeneratedKey, RsaSigner, generate_rsa_key};
-    use std::sync::OnceLock;
+    use crate::crypto::{GeneratedKey, RsaSigner};
 
     const NOW: i64 = 1_763_000_000;
     const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000";
     const BODY: &[u8] = br#"{"authinfo":"A"}"#;
 
     fn platform() -> &'static GeneratedKey {
-        static KEY: OnceLock<GeneratedKey> = OnceLock::new();
-        KEY.get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+        crate::crypto::test_key(1)
     }
 
     fn signed_headers(serial: &str, timestamp: i64, body: &[u8]) -> http::HeaderMap {
