@@ -109,6 +109,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
+        ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {
         let daemon = terminal::Daemon::start(config, options).await?;

@@ -11,7 +11,9 @@
 //! client bug shows up as a refusal.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::units::unix_now;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -513,12 +515,6 @@ async fn signed(
         headers.insert(HeaderName::from_static(name), value);
     }
     Ok(response)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

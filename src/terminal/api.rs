@@ -18,7 +18,7 @@ use super::doc::{
     RefreshDone, Route,
 };
 use super::state::{Freshness, Served, State};
-use crate::units::{rfc3339, unix_now};
+use crate::units::rfc3339;
 use crate::wire::MAX_RAW_DATA;
 
 /// Longest `?wait=` accepted on `GET /v1/authinfo`, seconds.
@@ -195,7 +195,7 @@ async fn route_request(
         Route::RawData => put_raw_data(&req, state),
         Route::Refresh => post_refresh(&req, state, shutdown).await,
         Route::Status => Ok(ApiResponse::json(200, &state.status())),
-        Route::Device => Ok(ApiResponse::json(200, &state.health().doc(unix_now()))),
+        Route::Device => Ok(ApiResponse::json(200, &state.health().doc(state.now()))),
         Route::Healthz => Ok(healthz(state)),
         Route::Metrics => Ok(metrics(state)),
     }
@@ -212,7 +212,7 @@ fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 }
 
 fn authinfo_doc(served: &Served, state: &State) -> AuthinfoDoc {
-    let now = unix_now();
+    let now = state.now();
     AuthinfoDoc {
         authinfo: served.held.authinfo.clone(),
         fetched_at: rfc3339(served.held.fetched_at),
@@ -374,7 +374,7 @@ fn healthz(state: &State) -> ApiResponse {
 }
 
 fn metrics(state: &State) -> ApiResponse {
-    let now = unix_now();
+    let now = state.now();
     let current = state.current();
     let status = state.refresh_status().clone();
     let mut gauges = vec![
@@ -426,11 +426,12 @@ fn metrics(state: &State) -> ApiResponse {
 mod tests {
     use super::*;
     use crate::terminal::store::{HeldAuthinfo, Store};
+    use crate::units::unix_now;
 
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
         let (store, _) = Store::open(&config.state_dir).expect("store");
-        State::load(config, store).expect("state")
+        State::load(config, store, Arc::default()).expect("state")
     }
 
     fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {

@@ -18,7 +18,6 @@ use super::device::{Check, CheckRecord, DeviceHealth, licence_days_left, today};
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
 use super::state::State;
 use crate::schedule::{Backoff, Schedule};
-use crate::units::unix_now;
 use crate::wire;
 
 /// How a licence's remaining days are logged.
@@ -141,7 +140,7 @@ async fn run_check<T>(
 where
     T: DeserializeOwned + Serialize + Clone,
 {
-    let now = unix_now();
+    let now = state.now();
     let name = check.name();
     let result = upstream
         .fetch_health(check.route())

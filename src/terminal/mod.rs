@@ -78,6 +78,8 @@ pub struct RunOptions {
     pub notifier: Notifier,
     /// systemd's watchdog period (`WATCHDOG_USEC`), when enabled.
     pub watchdog: Option<Duration>,
+    /// The wall clock (the system's; tests shift it).
+    pub clock: Arc<crate::units::WallClock>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -119,12 +121,15 @@ impl Daemon {
         crate::config_file::check_private_file(&config.key_file)?;
         let key = RsaSigner::from_file(&config.key_file).map_err(DaemonError::Key)?;
         let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(ProxyClient::new(
-            &config.proxy.url,
-            &config.proxy.tls,
-            signer,
-            config.proxy.timeout,
-        )?);
+        let upstream = Arc::new(
+            ProxyClient::new(
+                &config.proxy.url,
+                &config.proxy.tls,
+                signer,
+                config.proxy.timeout,
+            )?
+            .with_clock(options.clock.clone()),
+        );
         Self::start_with_upstream(config, options, upstream).await
     }
 
@@ -142,12 +147,12 @@ impl Daemon {
                 "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
             );
         }
-        let state = State::load(config, store)?;
+        let state = State::load(config, store, options.clock.clone())?;
         match state.current() {
             Some(served) => tracing::info!(
                 authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(crate::units::unix_now()),
-                state = served.freshness(crate::units::unix_now(), state.config.refresh.interval).as_str(),
+                age_seconds = served.age(state.now()),
+                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
                 "serving the stored authinfo"
             ),
             None => tracing::info!(

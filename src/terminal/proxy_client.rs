@@ -8,13 +8,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::crypto::CryptoError;
-use crate::units::unix_now;
+use crate::units::WallClock;
 use crate::wire::{self, AuthinfoRequest, AuthinfoResponse, ErrorBody, auth::DeviceSigner};
 
 /// A boxed future, for the object-safe [`Upstream`] trait.
@@ -135,6 +136,8 @@ pub struct ProxyClient {
     timeout: Duration,
     /// The learned offset, seconds (proxy minus local).
     skew: AtomicI64,
+    /// The wall clock request timestamps are read from.
+    clock: Arc<WallClock>,
     skew_known: AtomicBool,
 }
 
@@ -171,7 +174,14 @@ impl ProxyClient {
             timeout,
             skew: AtomicI64::new(0),
             skew_known: AtomicBool::new(false),
+            clock: Arc::default(),
         })
+    }
+
+    /// Reads timestamps from `clock` (the daemon's) instead of the system's.
+    pub fn with_clock(mut self, clock: Arc<WallClock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
@@ -184,7 +194,7 @@ impl ProxyClient {
     ) -> Result<T, UpstreamError> {
         let bytes = match self.send(&method, path, &body).await {
             Err(SendError::Skewed { proxy_date, .. }) => {
-                let offset = proxy_date - unix_now();
+                let offset = proxy_date - self.clock.now();
                 tracing::warn!(
                     clock_skew_seconds = offset,
                     "proxy refused our timestamp; learned its clock and retrying once"
@@ -205,7 +215,7 @@ impl ProxyClient {
         path: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, SendError> {
-        let timestamp = unix_now() + self.skew.load(Ordering::Relaxed);
+        let timestamp = self.clock.now() + self.skew.load(Ordering::Relaxed);
         let authorization = self
             .signer
             .authorize(method.as_str(), path, timestamp, body)

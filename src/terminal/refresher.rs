@@ -16,7 +16,6 @@ use super::proxy_client::{Disposition, Upstream, UpstreamError};
 use super::state::{AttemptReport, Heartbeats, State, Waiting};
 use super::store::{AttemptRecord, HeldAuthinfo, RawData};
 use crate::schedule::{Backoff, Schedule};
-use crate::units::unix_now;
 use crate::wire::MAX_RAW_DATA;
 
 /// The loop wakes at least this often, to report in to the watchdog and to notice a suspend.
@@ -77,7 +76,7 @@ impl Refresher {
             None if self.can_get_raw_data() => Some(now),
             None => None,
             Some(served) => {
-                let age = Duration::from_secs(served.age(unix_now()));
+                let age = Duration::from_secs(served.age(self.state.now()));
                 Some(now + self.schedule.interval.saturating_sub(age))
             }
         }
@@ -98,18 +97,19 @@ impl Refresher {
                 "no authinfo and no raw_data yet; waiting for the face app to PUT /v1/raw-data"
             );
         }
-        let mut last_tick = (Instant::now(), unix_now());
+        let mut last_tick = (Instant::now(), self.state.now());
         loop {
             let now = Instant::now();
             Heartbeats::beat(&self.state.heartbeats.refresh, now, self.state.started);
-            self.state.refresh_status().next_attempt_at = next.map(|n| wall_at(now, n));
+            let wall = self.state.now();
+            self.state.refresh_status().next_attempt_at = next.map(|n| wall_at(wall, now, n));
             let wake = next.map_or(now + TICK, |n| n.min(now + TICK));
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.state.refresh_requested() => {}
                 () = tokio::time::sleep_until(wake) => {}
             }
-            let (mono, wall) = (Instant::now(), unix_now());
+            let (mono, wall) = (Instant::now(), self.state.now());
             let slept = wall
                 .saturating_sub(last_tick.1)
                 .saturating_sub(secs(mono.duration_since(last_tick.0)));
@@ -161,7 +161,8 @@ impl Refresher {
                 Outcome::NoRawData => None,
             };
             report.consecutive_failures = backoff.failures();
-            report.next_attempt_at = next.map(|n| wall_at(now, n));
+            let wall = self.state.now();
+            report.next_attempt_at = next.map(|n| wall_at(wall, now, n));
             self.state.finish_refresh(report);
         }
         tracing::info!("refresh loop stopped");
@@ -202,7 +203,7 @@ impl Refresher {
             return (
                 Outcome::NoRawData,
                 AttemptRecord {
-                    at: unix_now(),
+                    at: self.state.now(),
                     ok: false,
                     code: Some("NO_RAW_DATA".into()),
                     error: Some("no raw_data yet: the face app must PUT /v1/raw-data".into()),
@@ -216,7 +217,7 @@ impl Refresher {
             Ok(_) => true,
             Err(e) => e.reached_proxy(),
         };
-        let now = unix_now();
+        let now = self.state.now();
         let failure = match result {
             Ok(answer) if answer.expires_in == Some(0) => UpstreamError::Malformed {
                 reason: "expires_in is 0: the authinfo would be expired on arrival".into(),
@@ -320,7 +321,7 @@ impl Refresher {
                     }
                     let raw = RawData {
                         value,
-                        received_at: unix_now(),
+                        received_at: self.state.now(),
                         source: "command".into(),
                     };
                     if let Err(error) = self.state.save_raw_data(raw.clone()) {
@@ -348,9 +349,10 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// The wall-clock estimate (Unix seconds) of the monotonic instant `at`, seen from `now`.
-fn wall_at(now: Instant, at: Instant) -> i64 {
-    unix_now().saturating_add(secs(at.saturating_duration_since(now)))
+/// The wall-clock estimate (Unix seconds) of the monotonic instant `at`, seen from `now` at the
+/// wall-clock time `wall`.
+fn wall_at(wall: i64, now: Instant, at: Instant) -> i64 {
+    wall.saturating_add(secs(at.saturating_duration_since(now)))
 }
 
 /// Runs the configured program and returns its trimmed standard output.
@@ -402,6 +404,7 @@ mod tests {
     use super::*;
     use crate::terminal::proxy_client::BoxFuture;
     use crate::terminal::state::lock;
+    use crate::units::unix_now;
     use crate::wire::{AuthinfoResponse, ErrorBody};
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -468,7 +471,7 @@ mod tests {
                 source: "socket".into(),
             })
             .expect("raw");
-        State::load(config, store).expect("state")
+        State::load(config, store, Arc::default()).expect("state")
     }
 
     fn max_random() -> f64 {

@@ -24,7 +24,7 @@ use super::metrics::Metrics;
 use super::store::{AttemptRecord, HeldAuthinfo, RawData, Store, StoreError};
 use crate::crypto;
 pub use crate::sync::lock;
-use crate::units::{rfc3339, unix_now};
+use crate::units::{WallClock, rfc3339};
 
 /// An authinfo as served: the held record plus its derived ETag and log fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,12 +182,17 @@ pub struct State {
     pub heartbeats: Heartbeats,
     /// Monotonic start time, the origin of heartbeats and uptime.
     pub started: Instant,
+    clock: Arc<WallClock>,
 }
 
 impl State {
     /// Reads what `store` holds (an error is returned, never taken for "nothing stored") and
     /// makes the state serving it.
-    pub fn load(config: Config, store: Store) -> Result<Arc<Self>, StoreError> {
+    pub fn load(
+        config: Config,
+        store: Store,
+        clock: Arc<WallClock>,
+    ) -> Result<Arc<Self>, StoreError> {
         let mut health = DeviceHealth {
             inspection: store.health("inspection")?.unwrap_or_default(),
             alipay_binding: store.health("alipay_binding")?.unwrap_or_default(),
@@ -201,11 +206,11 @@ impl State {
             raw_data: store.raw_data()?,
             health,
         };
-        Ok(Self::new(config, store, loaded))
+        Ok(Self::new(config, store, loaded, clock))
     }
 
     /// State for `config` serving `loaded`.
-    pub fn new(config: Config, store: Store, loaded: Loaded) -> Arc<Self> {
+    pub fn new(config: Config, store: Store, loaded: Loaded, clock: Arc<WallClock>) -> Arc<Self> {
         let mut health = loaded.health;
         health.enabled = Enabled::from_config(&config.health);
         Arc::new(Self {
@@ -224,9 +229,15 @@ impl State {
             metrics: Metrics::default(),
             heartbeats: Heartbeats::default(),
             started: Instant::now(),
+            clock,
             config,
             store,
         })
+    }
+
+    /// Unix seconds now, on the daemon's wall clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     // === the served authinfo ===
@@ -251,7 +262,7 @@ impl State {
     /// The served authinfo's freshness now (`None` when nothing is held).
     pub fn freshness(&self) -> Option<Freshness> {
         self.current()
-            .map(|s| s.freshness(unix_now(), self.config.refresh.interval))
+            .map(|s| s.freshness(self.now(), self.config.refresh.interval))
     }
 
     // === raw_data ===
@@ -262,7 +273,7 @@ impl State {
     pub fn accept_raw_data(&self, value: String) -> Result<bool, StoreError> {
         self.save_raw_data(RawData {
             value,
-            received_at: unix_now(),
+            received_at: self.now(),
             source: "socket".into(),
         })?;
         let held_fresh = self.freshness() == Some(Freshness::Fresh);
@@ -393,7 +404,7 @@ impl State {
 
     /// The status document now.
     pub fn status(&self) -> StatusDoc {
-        let now = unix_now();
+        let now = self.now();
         let interval = self.config.refresh.interval;
         let current = self.current();
         let authinfo = match &current {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::state::State;
-use crate::units::{format_duration, unix_now};
+use crate::units::format_duration;
 
 /// A loop that has not reported in for this long counts as stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(60);
@@ -91,7 +91,7 @@ fn send_abstract(
 
 /// The one-line story for `STATUS=`.
 pub fn status_line(state: &State) -> String {
-    let now = unix_now();
+    let now = state.now();
     let status = state.refresh_status().clone();
     let authinfo = match state.current() {
         None => "no authinfo yet".to_owned(),
@@ -198,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = crate::terminal::config::test_config(dir.path());
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store).expect("state");
+        let state = State::load(config, store, Arc::default()).expect("state");
         let beat = |slot: &std::sync::atomic::AtomicU64| {
             crate::terminal::state::Heartbeats::beat(
                 slot,

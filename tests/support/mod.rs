@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_proxy;
+pub mod logs;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -150,15 +151,23 @@ impl TestDaemon {
 
     /// Starts a daemon from a config file written elsewhere (a lab's); `dir` is kept alive.
     pub async fn start_with_config(dir: Arc<tempfile::TempDir>, config: &Path) -> Self {
+        Self::start_with_options(dir, config, RunOptions::default()).await
+    }
+
+    /// [`start_with_config`](Self::start_with_config) with given run options (a shifted
+    /// clock, a notify socket).
+    pub async fn start_with_options(
+        dir: Arc<tempfile::TempDir>,
+        config: &Path,
+        options: RunOptions,
+    ) -> Self {
         let config =
             config::load(config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
         let socket = match &config.socket.address {
             config::SocketAddress::Path(p) => p.clone(),
             config::SocketAddress::Abstract(_) => PathBuf::new(),
         };
-        let daemon = Daemon::start(config, RunOptions::default())
-            .await
-            .expect("daemon starts");
+        let daemon = Daemon::start(config, options).await.expect("daemon starts");
         let state = daemon.state();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
