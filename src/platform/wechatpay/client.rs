@@ -415,8 +415,6 @@ impl WechatPayClient {
     }
 }
 
-/// Unix seconds now (0 on a clock before 1970, which only fails the timestamp window).
-
 #[cfg(test)]
 mod tests {
     use super::*;
