@@ -44,6 +44,8 @@ pub struct ApiResponse {
     pub etag: Option<String>,
     /// `Allow` on a 405.
     pub allow: Option<&'static str>,
+    /// `Retry-After: 1` on a 503 `BUSY`.
+    pub retry_after: bool,
     pub body: Vec<u8>,
 }
 
@@ -55,6 +57,7 @@ impl ApiResponse {
                 content_type: "application/json",
                 etag: None,
                 allow: None,
+                retry_after: false,
                 body,
             },
             // The documents are plain structs of strings and numbers; should one ever fail to
@@ -66,6 +69,7 @@ impl ApiResponse {
                     content_type: "application/json",
                     etag: None,
                     allow: None,
+                    retry_after: false,
                     body: br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#
                         .to_vec(),
                 }
@@ -79,6 +83,7 @@ impl ApiResponse {
             content_type: "application/json",
             etag: None,
             allow: None,
+            retry_after: false,
             body: Vec::new(),
         }
     }
@@ -110,7 +115,7 @@ pub enum ApiError {
     BodyTooLarge,
     #[error("this peer (uid {uid}, gid {gid}) is not in the allow-list")]
     PeerDenied { uid: u32, gid: u32 },
-    #[error("the daemon is at its connection limit; retry shortly")]
+    #[error("the daemon is at a connection limit; retry shortly")]
     Busy,
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -157,6 +162,7 @@ impl ApiError {
         if let Self::MethodNotAllowed { allow, .. } = self {
             response.allow = Some(allow);
         }
+        response.retry_after = matches!(self, Self::Busy);
         response
     }
 }
@@ -167,12 +173,23 @@ pub async fn handle(
     state: &Arc<State>,
     shutdown: &CancellationToken,
 ) -> ApiResponse {
-    let label = Route::label(&req.path);
+    let route = Route::from_path(&req.path);
     let response = route_request(req, state, shutdown)
         .await
         .unwrap_or_else(|e| e.response());
-    state.metrics.count_request(label, response.status);
+    state.metrics.count_request(route, response.status);
     response
+}
+
+/// Whether `req` asks to wait for its answer (`?wait=` with seconds on `GET /v1/authinfo`,
+/// `?wait=true` on `POST /v1/refresh`): the server caps how many do at once.
+pub fn waits(req: &ApiRequest) -> bool {
+    let wait = query_param(req.query.as_deref(), "wait");
+    match Route::from_path(&req.path) {
+        Some(Route::Authinfo) => wait.is_some_and(|v| v != "0"),
+        Some(Route::Refresh) => matches!(wait, Some("true" | "")),
+        _ => false,
+    }
 }
 
 async fn route_request(
@@ -418,6 +435,7 @@ fn metrics(state: &State) -> ApiResponse {
         content_type: "text/plain; version=0.0.4",
         etag: None,
         allow: None,
+        retry_after: false,
         body: state.metrics.render(&gauges).into_bytes(),
     }
 }
@@ -656,5 +674,21 @@ mod tests {
         assert_eq!(query_param(Some("a=1&wait=5"), "wait"), Some("5"));
         assert_eq!(query_param(Some("wait"), "wait"), Some(""));
         assert_eq!(query_param(None, "wait"), None);
+    }
+
+    #[test]
+    fn waiting_requests_are_the_long_polls_and_refresh_waits() {
+        let post = |query: &str| ApiRequest {
+            method: http::Method::POST,
+            path: "/v1/refresh".into(),
+            query: Some(query.into()),
+            ..ApiRequest::default()
+        };
+        assert!(waits(&get("/v1/authinfo", Some("wait=30"), None)));
+        assert!(!waits(&get("/v1/authinfo", Some("wait=0"), None)));
+        assert!(!waits(&get("/v1/authinfo", None, None)));
+        assert!(waits(&post("wait=true")));
+        assert!(!waits(&post("wait=false")));
+        assert!(!waits(&get("/v1/status", Some("wait=30"), None)));
     }
 }
