@@ -371,9 +371,9 @@ impl Socket {
                 metrics.count_closed(Closed::EvictedPending);
                 return;
             }
-            first = tokio::time::timeout(limits.first_byte_timeout, stream.readable()) => match first {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
+            first = tokio::time::timeout(limits.first_byte_timeout, first_byte(&stream)) => match first {
+                Ok(true) => {}
+                Ok(false) => return,
                 Err(_) => {
                     metrics.count_closed(Closed::FirstByteTimeout);
                     return;
@@ -488,29 +488,41 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// Waits until the client has sent something (true) or closed without a byte (false). Tokio's
+/// readiness may be a false positive (a new connection reads as readable), so a peek decides.
+async fn first_byte(stream: &UnixStream) -> bool {
+    matches!(peek(stream).await, Ok(n) if n > 0)
+}
+
 /// Resolves when the peer has closed its end entirely; stays pending while it only half-closed
 /// (it still waits for its answer) or sent more (a pipelined request waits its turn).
 async fn hung_up(stream: &UnixStream) {
+    match peek(stream).await {
+        Ok(0) if !peer_closed(stream) => std::future::pending().await,
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Waits for the next byte without taking it: how many are there (at most 1), 0 at the end of
+/// the client's input.
+async fn peek(stream: &UnixStream) -> std::io::Result<usize> {
     use nix::sys::socket::{MsgFlags, recv};
     use std::os::fd::AsRawFd as _;
     loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
+        stream.readable().await?;
         let mut byte = [0u8; 1];
-        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+        // A peek that would block clears tokio's readiness, so the next wait is a real one.
+        match stream.try_io(tokio::io::Interest::READABLE, || {
             recv(
                 stream.as_raw_fd(),
                 &mut byte,
                 MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
             )
             .map_err(std::io::Error::from)
-        });
-        match peeked {
+        }) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-            Ok(0) if peer_closed(stream) => return,
-            Ok(_) => return std::future::pending().await,
+            result => return result,
         }
     }
 }
