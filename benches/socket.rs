@@ -221,11 +221,11 @@ fn run(options: &Options) -> anyhow::Result<()> {
         Mode::Standard => {}
         Mode::Abuse => {
             modes::abuse(&dir, &setup.socket, &mut daemon, options, idle)?;
-            return finish(daemon, &setup);
+            return finish(daemon.stop()?, &setup);
         }
         Mode::Nginx => {
             modes::nginx(&dir, &setup.socket, &daemon, &body, options)?;
-            return finish(daemon, &setup);
+            return finish(daemon.stop()?, &setup);
         }
     }
 
@@ -260,18 +260,11 @@ fn run(options: &Options) -> anyhow::Result<()> {
         idle,
         after,
     });
-    println!();
-    println!(
-        "daemon stopped on SIGTERM with {status}; load average {} after the run",
-        load_average()
-    );
-    setup.clean_up();
-    Ok(())
+    finish(status, &setup)
 }
 
-/// Stops the daemon after a mode's run and cleans up.
-fn finish(daemon: Process, setup: &Setup) -> anyhow::Result<()> {
-    let status = daemon.stop()?;
+/// Says how the daemon stopped, and cleans up.
+fn finish(status: std::process::ExitStatus, setup: &Setup) -> anyhow::Result<()> {
     println!();
     println!(
         "daemon stopped on SIGTERM with {status}; load average {} after the run",

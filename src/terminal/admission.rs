@@ -4,12 +4,16 @@
 //! about all of them.
 //!
 //! The policy, in the order a connection meets it: a denied peer never enters the table (the
-//! server answers it from [`Admission::try_deny`]'s budget or closes it); an allowed one is
-//! *pending* until its first byte and holds no slot (the oldest pending connection is closed when
-//! a new one would pass `max_pending_connections`); on its first byte it takes a slot. When no
-//! slot is free, or its uid holds its share, the connection idle the longest (between requests,
-//! or still sending a request head) is closed for it; only when every candidate is busy answering
-//! does the newcomer get 503 `BUSY`.
+//! server answers it from [`Admission::try_deny`]'s budget or closes it); an allowed one whose
+//! request is already there when it is accepted (the face app writes right after connecting)
+//! goes straight to a slot; a silent one is *pending* and holds no slot until its first byte,
+//! and past `max_pending_connections` silent ones the oldest is closed for the newcomer (so a
+//! face app that lost the race between its `connect` and its first write is not the one shut
+//! out: a flood must open that many connections in that instant to push it out). When no slot
+//! is free, or
+//! the uid holds its share, the connection idle the longest (between requests, or still sending
+//! a request head) is closed for the newcomer; only when every candidate is busy answering does
+//! the newcomer get 503 `BUSY`.
 //!
 //! Owns: the bookkeeping and its invariants (a slot is counted once, an evicted connection is
 //! told once). It must not touch sockets or write answers: the server does both.
@@ -79,6 +83,7 @@ pub struct Admission {
     table: Mutex<Table>,
     /// Orders idle connections: each one going idle takes the next tick (no clock read).
     idle_clock: AtomicU64,
+    lingering: AtomicUsize,
     waiting: AtomicUsize,
     denied: AtomicUsize,
 }
@@ -89,6 +94,7 @@ impl Admission {
             limits,
             table: Mutex::default(),
             idle_clock: AtomicU64::new(1),
+            lingering: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             denied: AtomicUsize::new(0),
         })
@@ -102,7 +108,7 @@ impl Admission {
         self.idle_clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers an allowed peer's new connection as pending; when that passes
+    /// Registers an allowed peer's silent connection as pending; when that passes
     /// `max_pending_connections`, the oldest pending connection is told to close.
     pub fn enter_pending(self: &Arc<Self>, uid: u32) -> Pending {
         let mut table = lock(&self.table);
@@ -117,6 +123,13 @@ impl Admission {
             admission: self.clone(),
             ticket,
         }
+    }
+
+    /// Room to linger over one more 503 answer, if fewer than `max_pending_connections` are.
+    pub fn try_linger(self: &Arc<Self>) -> Option<Lingering> {
+        increment_below(&self.lingering, self.limits.max_pending_connections).then(|| Lingering {
+            admission: self.clone(),
+        })
     }
 
     /// A slot for a connection of `uid` that sent its first byte; makes room by evicting the
@@ -215,6 +228,18 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         lock(&self.admission.table).pending.remove(&self.ticket.id);
+    }
+}
+
+/// A 503 answer lingering for its client to read it, released on drop.
+#[derive(Debug)]
+pub struct Lingering {
+    admission: Arc<Admission>,
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.admission.lingering.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -454,8 +479,12 @@ mod tests {
     }
 
     #[test]
-    fn waiting_and_denied_budgets_are_counted_and_released() {
-        let admission = Admission::new(limits(4, 4, 4));
+    fn lingering_waiting_and_denied_budgets_are_counted_and_released() {
+        let admission = Admission::new(limits(4, 4, 1));
+        let l = admission.try_linger().expect("the first 503 lingers");
+        assert!(admission.try_linger().is_none());
+        drop(l);
+        assert!(admission.try_linger().is_some());
         let w = admission.try_wait().expect("first waits");
         assert!(admission.try_wait().is_none());
         drop(w);

@@ -258,12 +258,15 @@ impl Socket {
                     drop(budget);
                 }))
             }
-            Peer::Allowed { uid } => {
-                let pending = self.admission.enter_pending(uid);
-                Some(Box::pin(
-                    self.clone().serve_connection(stream, uid, pending),
-                ))
-            }
+            Peer::Allowed { uid } => match peek_now(&stream) {
+                // Its request is there already: straight to a slot.
+                Arrived::Data => Some(Box::pin(self.clone().serve_in_slot(stream, uid))),
+                Arrived::Nothing => {
+                    let pending = self.admission.enter_pending(uid);
+                    Some(Box::pin(self.clone().serve_silent(stream, uid, pending)))
+                }
+                Arrived::Closed => None,
+            },
         }
     }
 
@@ -358,12 +361,13 @@ impl Socket {
         }
     }
 
-    /// One allowed connection: silent until its first byte (no slot), then served by hyper in
-    /// a slot until it closes, times out, is evicted for a newer one, or the daemon stops.
-    async fn serve_connection(self: Arc<Self>, stream: UnixStream, uid: u32, pending: Pending) {
+    /// A silent connection: waits, holding no slot, up to `first_byte_timeout` for its first
+    /// byte, then is served like any other. Its own future stays small (the slot's part is
+    /// boxed), since a flood can keep `max_pending_connections` of them open.
+    async fn serve_silent(self: Arc<Self>, stream: UnixStream, uid: u32, pending: Pending) {
         let metrics = &self.state.metrics;
-        let limits = *self.admission.limits();
-        let pending_gauge = Gauge::up(&metrics.connections_pending);
+        let gauge = Gauge::up(&metrics.connections_pending);
+        let timeout = self.admission.limits().first_byte_timeout;
         tokio::select! {
             biased;
             () = self.shutdown.cancelled() => return,
@@ -371,7 +375,7 @@ impl Socket {
                 metrics.count_closed(Closed::EvictedPending);
                 return;
             }
-            first = tokio::time::timeout(limits.first_byte_timeout, first_byte(&stream)) => match first {
+            first = tokio::time::timeout(timeout, first_byte(&stream)) => match first {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(_) => {
@@ -380,16 +384,27 @@ impl Socket {
                 }
             },
         }
+        drop((gauge, pending));
+        Box::pin(self.clone().serve_in_slot(stream, uid)).await;
+    }
+
+    /// A connection that has sent a byte: takes a slot (or answers 503 `BUSY`) and is served by
+    /// hyper until it closes, times out, is evicted for a newer one, or the daemon stops.
+    async fn serve_in_slot(self: Arc<Self>, stream: UnixStream, uid: u32) {
+        let metrics = &self.state.metrics;
+        let limits = *self.admission.limits();
         let slot = match self.admission.take_slot(uid) {
             Ok(slot) => slot,
             Err(reason) => {
                 metrics.count_busy(reason);
                 self.log_refusal(uid, reason);
-                answer_and_close(&stream, &ApiError::Busy.response()).await;
+                // Lingering 503s are bounded like silent connections; past that, closed at once.
+                if let Some(_lingering) = self.admission.try_linger() {
+                    answer_and_close(&stream, &ApiError::Busy.response()).await;
+                }
                 return;
             }
         };
-        drop((pending, pending_gauge));
         let _open = Gauge::up(&metrics.connections_open);
         let connection = Arc::new(Connection {
             socket: self.clone(),
@@ -485,6 +500,30 @@ impl<'a> Gauge<'a> {
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a connection has sent by the time it is accepted.
+enum Arrived {
+    Data,
+    Nothing,
+    Closed,
+}
+
+/// Looks, without waiting or taking anything, whether the client's first bytes are there.
+fn peek_now(stream: &UnixStream) -> Arrived {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd as _;
+    let mut byte = [0u8; 1];
+    match recv(
+        stream.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => Arrived::Closed,
+        Ok(_) => Arrived::Data,
+        Err(nix::errno::Errno::EAGAIN) => Arrived::Nothing,
+        Err(_) => Arrived::Closed,
     }
 }
 
@@ -662,8 +701,9 @@ impl tokio::io::AsyncWrite for SharedStream {
 /// (systemd and most shells start services at 1024), within the hard limit.
 fn raise_open_files_limit(limits: &SocketLimits) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Silent connections, and as many 503 answers lingering for their clients.
     let needed = u64::try_from(
-        limits.max_pending_connections
+        2 * limits.max_pending_connections
             + limits.max_connections
             + limits.max_denied_connections
             + OTHER_FILES,
@@ -732,7 +772,7 @@ async fn read_request(req: hyper::Request<Incoming>) -> Result<ApiRequest, ApiEr
 fn to_hyper(r: ApiResponse) -> hyper::Response<Full<bytes::Bytes>> {
     use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, ETAG, HeaderValue, RETRY_AFTER};
     let has_body = !r.body.is_empty();
-    let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(r.body)));
+    let mut response = hyper::Response::new(Full::new(r.body));
     *response.status_mut() =
         http::StatusCode::from_u16(r.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
