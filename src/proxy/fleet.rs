@@ -484,6 +484,7 @@ pub async fn run_sync(
         delay = match result {
             Ok(n) => {
                 tracing::info!(
+                    message_id = crate::events::FLEET_SYNCED,
                     devices = n,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "fleet synced from wechat pay"
@@ -493,7 +494,7 @@ pub async fn run_sync(
             Err(error) => {
                 // Never sooner than the minimum: a sync is a burst of requests.
                 let delay = backoff.failed(None, unit).max(backoff.schedule.backoff_min);
-                tracing::warn!(error = %crate::error_chain(&error), attempt = backoff.failures(), backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
+                tracing::warn!(message_id = crate::events::FLEET_SYNC_FAILED, error = %crate::error_chain(&error), attempt = backoff.failures(), backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
                 delay
             }
         };

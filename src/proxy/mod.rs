@@ -86,9 +86,13 @@ impl RunningProxy {
     /// Re-reads the registry; on failure the old one stays and the error is logged.
     pub fn reload_registry(&self) {
         match self.app.registry.reload() {
-            Ok(n) => tracing::info!(devices = n, "registry reloaded"),
+            Ok(n) => tracing::info!(
+                message_id = crate::events::REGISTRY_RELOADED,
+                devices = n,
+                "registry reloaded"
+            ),
             Err(error) => {
-                tracing::error!(error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
+                tracing::error!(message_id = crate::events::REGISTRY_RELOAD_FAILED, error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
             }
         }
     }
@@ -98,7 +102,10 @@ impl RunningProxy {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
-        tracing::info!("authinfo-proxy stopped");
+        tracing::info!(
+            message_id = crate::events::PROXY_STOPPED,
+            "authinfo-proxy stopped"
+        );
     }
 }
 
@@ -116,7 +123,7 @@ fn http(
 /// Builds the platform clients, loads the registry and the fleet cache, binds both listeners and
 /// starts serving, syncing the fleet when enabled.
 pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
-    tracing::info!(
+    tracing::info!(message_id = crate::events::PROXY_STARTED,
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.listen,
         admin_listen = %config.admin_listen,

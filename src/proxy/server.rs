@@ -203,7 +203,7 @@ async fn terminal(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
                 app.metrics.count_auth_failure(error.classify().1);
             }
             let upstream = body.upstream.as_ref();
-            tracing::warn!(
+            tracing::warn!(message_id = crate::events::TERMINAL_REFUSED,
                 route,
                 device_id = device_id.as_deref(),
                 code = %body.code,
