@@ -93,7 +93,6 @@ pub use merchant::*;
 
 #[cfg(feature = "merchant")]
 mod merchant {
-    use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -156,9 +155,7 @@ mod merchant {
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let service = hyper_util::service::TowerToHyperService::new(
-                router.clone().layer(axum::Extension(PeerAddr(peer))),
-            );
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -204,10 +201,6 @@ mod merchant {
             );
         }
     }
-
-    /// The remote address of the connection a request came on (an axum extension).
-    #[derive(Debug, Clone, Copy)]
-    pub struct PeerAddr(pub SocketAddr);
 
     /// A certificate authority and a server certificate made on the fly (tests, the demo, the
     /// sandbox). Nothing here is ever written to the repository.

@@ -1217,4 +1217,16 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
         "the file is named: {stderr}"
     );
     assert!(stderr.contains("wechatpay.merchant_key"), "{stderr}");
+
+    // The terminal listener's TLS is built at validation: a key that is not the certificate's
+    // is refused by check-config, not first met when the proxy starts.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::copy(&key, files.path("proxy-tls.key")).expect("another private key");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: {stderr}");
+    assert!(
+        stderr.contains("tls_cert/tls_key") && !stderr.contains("wechatpay.merchant_key"),
+        "only the TLS pair is named: {stderr}"
+    );
 }
