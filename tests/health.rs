@@ -1,7 +1,7 @@
 //! Device health end to end: daemon → proxy → simulated WeChat Pay, Alipay and Alibaba Cloud over
 //! real TLS, and the log lines an operator acts on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use authinfod::crypto::RsaSigner;
@@ -14,79 +14,8 @@ use authinfod::terminal::proxy_client::{ProxyClient, Upstream};
 use authinfod::terminal::{Daemon, RunOptions, config};
 use authinfod::wire::auth::DeviceSigner;
 
+use crate::support::logs::capture;
 use crate::support::{TestDaemon, wait_until};
-
-/// Log lines captured from the current thread's tracing events (tokio tests run on one thread).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
-    }
-
-    fn clear(&self) {
-        self.0.lock().expect("lock").clear();
-    }
-
-    /// The captured lines about `check`.
-    fn lines_for(&self, check: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(&format!("check=\"{check}\"")))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-thread_local! {
-    /// Where this thread's log lines go, while a test captures them.
-    static SINK: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Writes to the capturing test's buffer, if the current thread has one.
-struct ThreadSink;
-
-impl std::io::Write for ThreadSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        SINK.with(|s| {
-            if let Some(c) = &*s.borrow() {
-                c.0.lock().expect("lock").extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Stops capturing on drop.
-struct CaptureGuard;
-
-impl Drop for CaptureGuard {
-    fn drop(&mut self) {
-        SINK.with(|s| s.borrow_mut().take());
-    }
-}
-
-/// Captures this thread's INFO and higher log lines. One global subscriber serves every test
-/// (thread-local subscribers race with tracing's global callsite-interest cache when tests run
-/// in parallel); it writes each line to the buffer of the thread that logged it. `#[tokio::test]`
-/// runs the test and the parts it starts on that one thread.
-fn capture() -> (Captured, CaptureGuard) {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(|| ThreadSink)
-            .try_init();
-    });
-    let captured = Captured::default();
-    SINK.with(|s| *s.borrow_mut() = Some(captured.clone()));
-    (captured, CaptureGuard)
-}
 
 /// A daemon state and an upstream client for calling `check_once` directly.
 async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
@@ -195,7 +124,7 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
         check_once(Check::Licence, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("licence");
+        let lines = logs.lines_with("check=\"licence\"");
         assert!(
             lines.iter().any(|l| l.contains(level)
                 && l.contains(words)
@@ -232,7 +161,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
         check_once(Check::Inspection, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("inspection");
+        let lines = logs.lines_with("check=\"inspection\"");
         assert!(
             lines.iter().any(|l| l.contains("WARN")
                 && l.contains(words)
@@ -251,7 +180,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
             .await
             .is_err()
     );
-    let lines = logs.lines_for("alipay_binding");
+    let lines = logs.lines_with("check=\"alipay_binding\"");
     assert!(
         lines
             .iter()

@@ -1,9 +1,11 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
-//! a daemon harness on a temporary directory and a real Unix socket, and a raw socket client.
+//! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
+//! log capture ([`logs`]).
 
 #![allow(dead_code)]
 
 pub mod fake_proxy;
+pub mod logs;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
