@@ -560,3 +560,53 @@ async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
         "last notification: {last:?}"
     );
 }
+
+/// `authinfod check-config` predicts `run`: a missing key and a key others can read fail it
+/// (exit 78, naming the file) as they fail `run`, an unknown field is listed beside the other
+/// problems, and a config `run` accepts passes. Executes the built binary (skipped under qemu by
+/// `scripts/cross`: an emulated test's child runs natively without the target's libraries).
+#[test]
+fn check_config_fails_where_run_fails_and_lists_every_problem() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::write_config(dir.path(), "https://127.0.0.1:9", &ca_pem(), "");
+    let key = dir.path().join("device.key");
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .expect("run authinfod")
+    };
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("key_file") && stderr.contains("644"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&key).expect("rm");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("typo_field = 1\n{text}")).expect("write");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("typo_field: unknown field") && stderr.contains("key_file: cannot read"),
+        "both problems listed: {stderr}"
+    );
+}
+
+/// A CA certificate for configs that never connect.
+fn ca_pem() -> String {
+    authinfod::tls::generate_pki("check-config test ca", &["localhost"])
+        .expect("pki")
+        .ca_pem
+}

@@ -105,7 +105,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     init_logging("authinfod", "info");
-    let config = config::load(config_path)?;
+    let (config, _) = config::load_for_run(config_path)?;
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
@@ -152,7 +152,9 @@ async fn shutdown_signal() {
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let config = config::load(file)?;
+    // The file, and what `run` checks at start (the key, the state directory): a config that
+    // passes here starts.
+    let (config, _) = config::load_for_run(file)?;
     println!(
         "{} is valid: device {}, proxy {}, socket {}, refresh every {}",
         file.display(),

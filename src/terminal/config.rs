@@ -43,9 +43,9 @@ pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
-/// The config file as written.
+/// The config file as written. Unknown fields are not denied here: `parse` collects them as
+/// problems beside the others (`config_file::parse_toml_lenient`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     device_id: Option<String>,
     key_file: Option<PathBuf>,
@@ -60,7 +60,6 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProxy {
     url: Option<String>,
     ca_file: Option<PathBuf>,
@@ -68,7 +67,6 @@ struct RawProxy {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSocket {
     path: Option<String>,
     mode: Option<String>,
@@ -79,7 +77,6 @@ struct RawSocket {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRefresh {
     interval: Option<HumanDuration>,
     jitter: Option<f64>,
@@ -91,7 +88,6 @@ struct RawRefresh {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawHealth {
     interval: Option<HumanDuration>,
     inspection: Option<bool>,
@@ -197,6 +193,8 @@ pub struct HealthConfig {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (named in the start-up checks' errors).
+    pub path: PathBuf,
     pub device_id: String,
     pub key_file: PathBuf,
     pub state_dir: PathBuf,
@@ -219,13 +217,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates config text; `path` names it in errors and anchors nothing else.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = crate::config_file::parse_toml(WHAT, text, path)?;
     let mut problems = Problems::new(WHAT);
-    let config = validate(raw, &mut problems);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, text, path, &mut problems)?;
+    let config = validate(raw, path, &mut problems);
     problems.finish(path, config)
 }
 
-fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Config> {
     let device_id = match raw.device_id {
         Some(id) if crate::wire::valid_device_id(&id) => Some(id),
         Some(id) => {
@@ -269,6 +267,7 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
         licence: raw.health.licence.unwrap_or(true),
     };
     Some(Config {
+        path: path.to_owned(),
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -307,6 +306,93 @@ fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig>
         tls: std::sync::Arc::new(tls?),
         timeout,
     })
+}
+
+/// Reads and validates the config file at `path` and checks what `run` checks at start beyond
+/// the file itself, listing every problem of both kinds at once: the device key is private
+/// (0600), readable and an RSA key; the state directory is (or can be made) a writable
+/// directory. `check-config` and `run` both start here, so the one predicts the other. Returns
+/// the config and the key's signer.
+pub fn load_for_run(path: &Path) -> Result<(Config, crate::crypto::RsaSigner), ConfigError> {
+    let text = crate::config_file::read(WHAT, path)?;
+    let mut problems = Problems::new(WHAT);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, &text, path, &mut problems)?;
+    let key_file = raw.key_file.clone().filter(|p| p.is_absolute());
+    let state_dir = raw
+        .state_dir
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_STATE_DIR)))
+        .filter(|p| p.is_absolute());
+    let config = validate(raw, path, &mut problems);
+    let signer = check_files(key_file.as_deref(), state_dir.as_deref(), &mut problems);
+    let both = config.zip(signer);
+    problems.finish(path, both)
+}
+
+/// The start-up file checks of [`load_for_run`] for a config already loaded (the daemon
+/// repeats them at start; tests and the demo load configs themselves).
+pub fn preflight(config: &Config) -> Result<crate::crypto::RsaSigner, ConfigError> {
+    let mut problems = Problems::new(WHAT);
+    let signer = check_files(
+        Some(&config.key_file),
+        Some(&config.state_dir),
+        &mut problems,
+    );
+    problems.finish(&config.path, signer)
+}
+
+fn check_files(
+    key_file: Option<&Path>,
+    state_dir: Option<&Path>,
+    problems: &mut Problems,
+) -> Option<crate::crypto::RsaSigner> {
+    if let Some(dir) = state_dir
+        && let Err(e) = writable_dir(dir)
+    {
+        problems.push("state_dir", e);
+    }
+    let key_file = key_file?;
+    let pem = problems.read_private("key_file", key_file)?;
+    crate::crypto::RsaSigner::from_pem(&pem, &key_file.display().to_string())
+        .map_err(|e| problems.push("key_file", e))
+        .ok()
+}
+
+/// Whether `dir` is a directory this process can write, or could be created as one (its nearest
+/// existing ancestor is a writable directory). Nothing is created.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if meta.is_dir() => {
+                return access(at, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+                    if at == dir {
+                        format!("{} is not writable: {e}", dir.display())
+                    } else {
+                        format!(
+                            "{} does not exist and {} is not writable to create it: {e}",
+                            dir.display(),
+                            at.display()
+                        )
+                    }
+                });
+            }
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(parent) => at = parent,
+                    None => return Err(format!("{} cannot be created", dir.display())),
+                }
+            }
+            Err(e) => return Err(format!("cannot inspect {}: {e}", at.display())),
+        }
+    }
 }
 
 /// Accepts `https://host[:port][/]` only: no path, query or credentials (the request paths are
@@ -517,6 +603,7 @@ pub fn client_socket(config_path: &Path) -> SocketAddress {
 #[cfg(test)]
 pub fn test_config(dir: &Path) -> Config {
     Config {
+        path: dir.join("authinfod.toml"),
         device_id: "T-TEST".into(),
         key_file: dir.join("device.key"),
         state_dir: dir.join("state"),
@@ -631,10 +718,80 @@ raw_data_command = ["rawdata"]
         assert_eq!(problems.len(), 11, "{problems:#?}");
     }
 
+    /// An unknown field is named, and does not hide the other problems of the file (the
+    /// misspelt key_file is also "missing"; proxy.url is not https).
     #[test]
-    fn unknown_fields_and_bad_durations_are_parse_errors_naming_them() {
-        let err = parse("device_id = \"a\"\nkey_fle = \"/k\"\n", Path::new("x.toml")).unwrap_err();
-        assert!(err.to_string().contains("key_fle"), "{err}");
+    fn unknown_fields_are_listed_beside_the_other_problems() {
+        let err = parse(
+            "device_id = \"a\"\nkey_fle = \"/k\"\n[proxy]\nurl = \"http://p\"\nca_fil = \"/c\"\n[sokcet]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        for expected in [
+            "key_fle: unknown field",
+            "proxy.ca_fil: unknown field",
+            "sokcet: unknown field",
+            "key_file: missing",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected} in {problems:#?}"
+            );
+        }
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("proxy.url:") && p.contains("https")),
+            "{problems:#?}"
+        );
+    }
+
+    /// What `run` refuses at start, `preflight` (and so `check-config`) refuses too, naming
+    /// each problem: a missing key, a key others can read, a file that is no key, a state
+    /// directory that cannot be one.
+    #[test]
+    fn preflight_refuses_what_run_would_refuse() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        let err = preflight(&config).unwrap_err();
+        assert!(
+            err.problems()
+                .iter()
+                .any(|p| p.starts_with("key_file: cannot read")),
+            "{err}"
+        );
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.to_string().contains("mode 644"), "{err}");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let signer = preflight(&config).expect("a private RSA key and a creatable state dir");
+        assert_eq!(
+            signer.public_key().expect("public"),
+            crate::crypto::test_key(0).public
+        );
+        std::fs::write(&config.key_file, "not a key").expect("write");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.problems()[0].starts_with("key_file: "), "{err}");
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        config.state_dir = file.join("state");
+        let err = preflight(&config).unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert!(err.problems()[0].contains("is not a directory"), "{err}");
+        assert!(
+            err.to_string().contains("authinfod.toml"),
+            "names the file: {err}"
+        );
+    }
+
+    #[test]
+    fn bad_durations_are_parse_errors_naming_them() {
         let err = parse("[refresh]\ninterval = \"1 hour\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("unknown unit"), "{err}");
     }

@@ -44,7 +44,7 @@ use self::server::{ServerError, SocketServer};
 use self::state::State;
 use self::store::{Store, StoreError};
 use self::systemd::Notifier;
-use crate::crypto::{CryptoError, RsaSigner};
+
 use crate::wire::auth::DeviceSigner;
 
 /// How long the loops get to stop after shutdown starts.
@@ -53,10 +53,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot load the device key")]
-    Key(#[source] CryptoError),
-    #[error("the device key cannot be used")]
-    KeyFile(#[from] crate::config_file::PrivateFileError),
+    #[error(transparent)]
+    Preflight(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -68,7 +66,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when fixing the configuration (or the files it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Key(_) | Self::KeyFile(_) | Self::Tls(_))
+        matches!(self, Self::Preflight(_) | Self::Tls(_))
     }
 }
 
@@ -118,8 +116,7 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        crate::config_file::check_private_file(&config.key_file)?;
-        let key = RsaSigner::from_file(&config.key_file).map_err(DaemonError::Key)?;
+        let key = config::preflight(&config)?;
         let signer = DeviceSigner::new(config.device_id.clone(), key);
         let upstream = Arc::new(
             ProxyClient::new(
