@@ -126,8 +126,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
             begin_day: day(today - time::Duration::days(365)),
             expired_day: day(today + time::Duration::days(licence_days)),
         }],
-        authinfo_expires_in: None,
-        armed_faults: Vec::new(),
+        ..World::default()
     }
 }
 

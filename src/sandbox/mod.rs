@@ -124,6 +124,9 @@ pub struct World {
     pub alipay_bindings: BTreeMap<String, alipay_api::DeviceBinding>,
     /// Cloudauth licence records.
     pub licences: Vec<aliyun_api::DeviceInfo>,
+    /// The largest page Cloudauth answers: a bigger `PageSize` is cut to this and the answer's
+    /// `PageSize` says so. `None`: the documented maximum (100).
+    pub cloudauth_page_size_cap: Option<usize>,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
     /// Faults armed before the first request is served (for tests whose client starts calling
