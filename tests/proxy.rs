@@ -783,6 +783,49 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
     lab.stop().await;
 }
 
+/// Alipay's "device not bound" refusal is permanent only when Alipay signed it: the same
+/// refusal unsigned (what a man in the middle could send to stop a terminal's checks) is an
+/// untrusted, retryable answer, as alipay-sdk-python treats it.
+#[tokio::test]
+async fn an_unsigned_alipay_refusal_is_not_trusted_and_stays_retryable() {
+    let mut world = lab::world(0, 45);
+    world.alipay_bindings.clear();
+    let (_dir, lab) = synced_lab(world, "").await;
+    let a = device_a(&lab);
+    let mut conn = ProxyConnection::open(&lab).await;
+
+    let r = conn.signed(&a, "GET", "/v1/alipay-binding", b"").await;
+    let body = assert_refused(&r, 422, codes::UPSTREAM_REJECTED);
+    assert!(!body.retryable, "a signed DEVICE_NOT_EXIST is permanent");
+    assert_eq!(
+        body.upstream.and_then(|u| u.code).as_deref(),
+        Some("DEVICE_NOT_EXIST")
+    );
+
+    lab.sandbox.state.faults.set(
+        Platform::Alipay,
+        Fault {
+            unsigned_answer: true,
+            count: Some(1),
+            ..Fault::default()
+        },
+    );
+    let r = conn.signed(&a, "GET", "/v1/alipay-binding", b"").await;
+    let body = assert_refused(&r, 502, codes::UPSTREAM_BAD_SIGNATURE);
+    assert!(body.retryable, "an unsigned refusal is not taken as final");
+    assert!(
+        body.message.contains("no sign") && body.message.contains("unverified"),
+        "{}",
+        body.message
+    );
+    let sent: Vec<String> = upstream_calls(&lab)
+        .into_iter()
+        .filter(|c| c.starts_with("POST /gateway.do"))
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    lab.stop().await;
+}
+
 // === fleet ===
 
 /// When each device-list request arrived at the sandbox.

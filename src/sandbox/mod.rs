@@ -49,6 +49,8 @@ pub struct Fault {
     pub retry_after: Option<u64>,
     /// Sign the answer with a key that is not the platform's.
     pub bad_signature: bool,
+    /// Send the answer without a signature (Alipay: no `sign`, whatever the answer).
+    pub unsigned_answer: bool,
     /// Sign the answer with a timestamp this many seconds in the past (WeChat Pay).
     pub stale_timestamp: Option<u64>,
     /// Answer 200 with a body that is not the documented shape.
