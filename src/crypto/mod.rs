@@ -100,6 +100,32 @@ pub fn pem_blocks(text: &str, what: &str) -> Result<Vec<PemBlock>, CryptoError> 
     Ok(blocks)
 }
 
+/// True when `text` holds PEM armour (a `-----BEGIN ` line).
+fn is_pem(text: &str) -> bool {
+    text.contains("-----BEGIN ")
+}
+
+/// Decodes a key given as bare base64 (no PEM armour): whitespace and a byte-order mark are
+/// ignored, anything else that is not base64 is an error.
+fn bare_base64(text: &str, what: &str) -> Result<Vec<u8>, CryptoError> {
+    let compact: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '\u{feff}')
+        .collect();
+    if compact.is_empty() {
+        return Err(CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "the file is empty",
+        });
+    }
+    BASE64
+        .decode(compact.as_bytes())
+        .map_err(|_| CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "neither a -----BEGIN ...----- block nor bare base64",
+        })
+}
+
 /// Encodes DER as a PEM block with 64-column lines.
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     let b64 = BASE64.encode(der);
@@ -146,6 +172,26 @@ impl RsaSigner {
             signature::RsaKeyPair::from_der(&block.der)
         }
         .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            key,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// Parses a private key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER without armour (the Alipay key tool's and console's form), PKCS#8
+    /// or PKCS#1, on one line or wrapped.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        let key = signature::RsaKeyPair::from_pkcs8(&der)
+            .or_else(|pkcs8| signature::RsaKeyPair::from_der(&der).map_err(|_| pkcs8))
+            .map_err(|e| CryptoError::BadPrivateKey {
+                what: what.to_owned(),
+                reason: format!("bare base64, but neither PKCS#8 nor PKCS#1 DER: {e}"),
+            })?;
         Ok(Self {
             key,
             rng: ring::rand::SystemRandom::new(),
@@ -213,6 +259,25 @@ impl RsaVerifier {
         } else {
             Self::from_pkcs1_der(&block.der, what)
         }
+    }
+
+    /// Parses a public key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER (the Alipay console's "支付宝公钥"), SubjectPublicKeyInfo or
+    /// PKCS#1.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        Self::from_spki_der(&der, what).or_else(|spki| {
+            Self::from_pkcs1_der(&der, what).map_err(|_| match spki {
+                CryptoError::BadPublicKey { what, reason } => CryptoError::BadPublicKey {
+                    what,
+                    reason: format!("bare base64, but neither SPKI nor PKCS#1 DER: {reason}"),
+                },
+                other => other,
+            })
+        })
     }
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
@@ -421,6 +486,84 @@ mod tests {
         let pub_only = key().public.to_pem();
         let err = RsaSigner::from_pem(&pub_only, "k").unwrap_err();
         assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    }
+
+    /// The Alipay console hands out keys as bare base64 (PKCS#8 or PKCS#1 private, SPKI
+    /// public), on one line or wrapped; each is the same key as its PEM.
+    #[test]
+    fn bare_base64_keys_are_accepted_in_every_console_form() {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let pem_der = |pem: &str| pem_blocks(pem, "k").expect("pem").remove(0).der;
+        let pkcs8 = pem_der(&key().private_pem);
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_der(&pkcs8)
+            .expect("pkcs8")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        let one_line = |der: &[u8]| BASE64.encode(der);
+        let wrapped = |der: &[u8]| {
+            let b64 = BASE64.encode(der);
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).expect("ascii"))
+                .collect();
+            format!("\u{feff}{}\r\n", lines.join("\r\n"))
+        };
+        for (form, text) in [
+            ("pkcs8 one line", one_line(&pkcs8)),
+            ("pkcs8 wrapped", wrapped(&pkcs8)),
+            ("pkcs1 one line", one_line(&pkcs1)),
+            ("pkcs1 wrapped", wrapped(&pkcs1)),
+            ("pem", key().private_pem.clone()),
+        ] {
+            let signer = RsaSigner::from_pem_or_base64(&text, "app_private_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(signer.public_key().expect("pub"), key().public, "{form}");
+        }
+        let spki = pem_der(&key().public.to_pem());
+        let pkcs1_public = rsa::RsaPublicKey::from_public_key_der(&spki)
+            .expect("spki")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        for (form, text) in [
+            ("spki one line", one_line(&spki)),
+            ("spki wrapped", wrapped(&spki)),
+            ("pkcs1 public", one_line(&pkcs1_public)),
+            ("pem", key().public.to_pem()),
+        ] {
+            let public = RsaVerifier::from_pem_or_base64(&text, "alipay_public_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(public, key().public, "{form}");
+        }
+    }
+
+    #[test]
+    fn bare_base64_that_is_no_key_is_refused_by_name() {
+        let err = RsaSigner::from_pem_or_base64("not a key at all!", "alipay.app_private_key")
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("alipay.app_private_key")
+                && err.to_string().contains("bare base64"),
+            "{err}"
+        );
+        let err =
+            RsaSigner::from_pem_or_base64("AAAA", "alipay.app_private_key").expect_err("refused");
+        assert!(
+            err.to_string().contains("neither PKCS#8 nor PKCS#1"),
+            "{err}"
+        );
+        // A public key where a private one is wanted, and the other way round.
+        let spki = BASE64.encode(&pem_blocks(&key().public.to_pem(), "k").expect("pem")[0].der);
+        assert!(RsaSigner::from_pem_or_base64(&spki, "k").is_err());
+        let err = RsaVerifier::from_pem_or_base64("AAAA", "alipay.alipay_public_key")
+            .expect_err("refused");
+        assert!(err.to_string().contains("neither SPKI nor PKCS#1"), "{err}");
+        assert!(RsaSigner::from_pem_or_base64(" \n", "k").is_err());
     }
 
     #[test]

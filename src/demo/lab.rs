@@ -171,7 +171,7 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
     let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
     let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
-    let files: [(&str, &str, u32); 10] = [
+    let files: [(&str, &str, u32); 11] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
         ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
         ("proxy-ca.pem", &proxy_pki.ca_pem, 0o644),
@@ -180,6 +180,11 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
             "wechatpay-merchant.key",
             &secrets.wechat_merchant_private_pem,
             0o600,
+        ),
+        (
+            "wechatpay-merchant-cert.pem",
+            &secrets.wechat_merchant_certificate_pem,
+            0o644,
         ),
         (
             "wechatpay-public.pem",
@@ -261,7 +266,8 @@ ca_file = "sandbox-ca.pem"
 mchid = "{mchid}"
 sp_appid = "wxsandboxspapp0001"
 merchant_key = "wechatpay-merchant.key"
-merchant_serial = "{serial}"
+# The serial is read from the certificate (merchant_serial = "{serial}" would say the same).
+merchant_certificate = "wechatpay-merchant-cert.pem"
 public_key_id = "{key_id}"
 public_key = "wechatpay-public.pem"
 

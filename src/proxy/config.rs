@@ -55,6 +55,7 @@ struct RawWechatPay {
     sp_appid: Option<String>,
     merchant_key: Option<PathBuf>,
     merchant_serial: Option<String>,
+    merchant_certificate: Option<PathBuf>,
     public_key_id: Option<String>,
     public_key: Option<PathBuf>,
     platform_certificates: Option<PathBuf>,
@@ -346,7 +347,6 @@ impl Validator<'_> {
         );
         let mchid = self.required("wechatpay.mchid", raw.mchid);
         let sp_appid = self.required("wechatpay.sp_appid", raw.sp_appid);
-        let merchant_serial = self.required("wechatpay.merchant_serial", raw.merchant_serial);
         let merchant_key = self
             .read("wechatpay.merchant_key", raw.merchant_key, true)
             .and_then(|pem| {
@@ -354,6 +354,11 @@ impl Validator<'_> {
                     .map_err(|e| self.problem(format!("wechatpay.merchant_key: {e}")))
                     .ok()
             });
+        let merchant_serial = self.merchant_serial(
+            raw.merchant_serial,
+            raw.merchant_certificate,
+            merchant_key.as_ref(),
+        );
         let mut platform_keys = PlatformKeys::new();
         match (raw.public_key_id, raw.public_key) {
             (Some(id), Some(path)) => {
@@ -398,6 +403,49 @@ impl Validator<'_> {
         })
     }
 
+    /// The merchant certificate's serial: `merchant_serial` as given, or read from
+    /// `merchant_certificate` (`apiclient_cert.pem`), whose key must be `merchant_key`'s; both
+    /// given must name the same serial.
+    fn merchant_serial(
+        &mut self,
+        serial: Option<String>,
+        certificate: Option<PathBuf>,
+        merchant_key: Option<&RsaSigner>,
+    ) -> Option<String> {
+        let Some(path) = certificate else {
+            if serial.is_none() {
+                self.problem(
+                    "wechatpay.merchant_serial: missing (give it, or merchant_certificate to read it from)"
+                        .into(),
+                );
+            }
+            return serial;
+        };
+        let field = "wechatpay.merchant_certificate";
+        let pem = self.read(field, Some(path), false)?;
+        let info = crate::platform::wechatpay::verify::read_certificate_pem(&pem, field)
+            .map_err(|e| self.problem(format!("{field}: {}", crate::error_chain(&e))))
+            .ok()?;
+        if let Some(key) = merchant_key
+            && key.public_key().ok().as_ref() != Some(&info.key)
+        {
+            self.problem(format!(
+                "{field}: certificate {} is not the certificate of wechatpay.merchant_key (another key)",
+                info.serial
+            ));
+        }
+        match serial {
+            Some(given) if !given.eq_ignore_ascii_case(&info.serial) => {
+                self.problem(format!(
+                    "wechatpay.merchant_serial: {given:?} is not the serial of merchant_certificate ({})",
+                    info.serial
+                ));
+                None
+            }
+            _ => Some(info.serial),
+        }
+    }
+
     fn fleet(&mut self, raw: RawFleet) -> FleetConfig {
         let per_second = raw
             .requests_per_second
@@ -440,15 +488,15 @@ impl Validator<'_> {
         let app_id = self.required("alipay.app_id", raw.app_id);
         let app_key = self
             .read("alipay.app_private_key", raw.app_private_key, true)
-            .and_then(|pem| {
-                RsaSigner::from_pem(&pem, "alipay.app_private_key")
+            .and_then(|text| {
+                RsaSigner::from_pem_or_base64(&text, "alipay.app_private_key")
                     .map_err(|e| self.problem(format!("alipay.app_private_key: {e}")))
                     .ok()
             });
         let alipay_public = self
             .read("alipay.alipay_public_key", raw.alipay_public_key, false)
-            .and_then(|pem| {
-                RsaVerifier::from_pem(&pem, "alipay.alipay_public_key")
+            .and_then(|text| {
+                RsaVerifier::from_pem_or_base64(&text, "alipay.alipay_public_key")
                     .map_err(|e| self.problem(format!("alipay.alipay_public_key: {e}")))
                     .ok()
             });
@@ -535,6 +583,151 @@ mod tests {
         let raw: RawConfig =
             toml::from_str(&text).unwrap_or_else(|e| panic!("example does not parse: {e}"));
         assert!(raw.alipay.is_some() && raw.aliyun.is_some() && raw.wechatpay.is_some());
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    }
+
+    /// A merchant API certificate (`apiclient_cert.pem`) for test key `key` with `serial`.
+    fn merchant_certificate(key: usize, serial: &[u8]) -> String {
+        let pem = &crate::crypto::test_key(key).private_pem;
+        let key = rcgen::KeyPair::from_pem(pem).expect("rsa key for rcgen");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.self_signed(&key).expect("certificate").pem()
+    }
+
+    fn validator(base: &Path) -> Validator<'_> {
+        Validator {
+            base,
+            problems: Vec::new(),
+        }
+    }
+
+    fn merchant_key() -> RsaSigner {
+        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    }
+
+    const SERIAL: [u8; 20] = [
+        0x51, 0x57, 0xF0, 0x9E, 0xFD, 0xC0, 0x96, 0xDE, 0x15, 0xEB, 0xE8, 0x1A, 0x47, 0x05, 0x7A,
+        0x72, 0x32, 0xF1, 0xB8, 0xE1,
+    ];
+
+    #[test]
+    fn merchant_serial_is_read_from_the_merchant_certificate_and_must_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = write(
+            dir.path(),
+            "apiclient_cert.pem",
+            &merchant_certificate(0, &SERIAL),
+        );
+        let mut v = validator(dir.path());
+        let key = merchant_key();
+        let want = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+        assert_eq!(
+            v.merchant_serial(None, Some(cert.clone()), Some(&key))
+                .as_deref(),
+            Some(want)
+        );
+        // Both given and agreeing (in any case): fine.
+        assert_eq!(
+            v.merchant_serial(Some(want.to_lowercase()), Some(cert.clone()), Some(&key))
+                .as_deref(),
+            Some(want)
+        );
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // Both given and disagreeing: named, with both serials.
+        assert_eq!(
+            v.merchant_serial(Some("0123456789ABCDEF".into()), Some(cert), Some(&key)),
+            None
+        );
+        assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+        assert!(
+            v.problems[0].starts_with("wechatpay.merchant_serial:")
+                && v.problems[0].contains("0123456789ABCDEF")
+                && v.problems[0].contains(want),
+            "{:?}",
+            v.problems
+        );
+    }
+
+    #[test]
+    fn merchant_certificate_of_another_key_or_neither_field_is_a_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = write(
+            dir.path(),
+            "other_cert.pem",
+            &merchant_certificate(1, &SERIAL),
+        );
+        let not_a_cert = write(
+            dir.path(),
+            "key.pem",
+            &crate::crypto::test_key(0).public.to_pem(),
+        );
+        let mut v = validator(dir.path());
+        let key = merchant_key();
+        v.merchant_serial(None, Some(other), Some(&key));
+        v.merchant_serial(None, Some(not_a_cert), Some(&key));
+        v.merchant_serial(None, None, Some(&key));
+        assert_eq!(v.problems.len(), 3, "{:?}", v.problems);
+        assert!(v.problems[0].contains("is not the certificate of wechatpay.merchant_key"));
+        assert!(v.problems[1].starts_with("wechatpay.merchant_certificate:"));
+        assert!(
+            v.problems[1].contains("no CERTIFICATE block"),
+            "{:?}",
+            v.problems
+        );
+        assert!(v.problems[2].starts_with("wechatpay.merchant_serial: missing"));
+    }
+
+    /// The Alipay console's bare base64 keys (PKCS#1 private, SPKI public) load as they are.
+    #[test]
+    fn alipay_keys_load_as_bare_base64() {
+        use crate::crypto::BASE64;
+        use base64::Engine as _;
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_pem(&crate::crypto::test_key(0).private_pem)
+            .expect("pkcs8")
+            .to_pkcs1_der()
+            .expect("pkcs1");
+        let public_der =
+            crate::crypto::pem_blocks(&crate::crypto::test_key(1).public.to_pem(), "k")
+                .expect("pem")
+                .remove(0)
+                .der;
+        let private = write(
+            dir.path(),
+            "app_private_key.txt",
+            &BASE64.encode(pkcs1.as_bytes()),
+        );
+        let public = write(
+            dir.path(),
+            "alipay_public_key.txt",
+            &(BASE64.encode(public_der) + "\n"),
+        );
+        let mut v = validator(dir.path());
+        let alipay = v
+            .alipay(RawAlipay {
+                gateway: None,
+                app_id: Some("2021000000000001".into()),
+                app_private_key: Some(private),
+                alipay_public_key: Some(public),
+                app_auth_token_file: None,
+                ca_file: None,
+            })
+            .unwrap_or_else(|| panic!("{:?}", v.problems));
+        assert_eq!(
+            alipay.app_key.public_key().expect("public"),
+            crate::crypto::test_key(0).public
+        );
+        assert_eq!(alipay.alipay_public, crate::crypto::test_key(1).public);
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl std::fmt::Debug for SandboxKeys {
 pub struct MerchantSecrets {
     /// PKCS#8 PEM of the WeChat Pay merchant API key.
     pub wechat_merchant_private_pem: String,
+    /// The merchant API certificate for that key (`apiclient_cert.pem`, as WeChat Pay issues
+    /// it): its serial is [`SandboxKeys::wechat_merchant_serial`].
+    pub wechat_merchant_certificate_pem: String,
     /// PKCS#8 PEM of the Alipay app key.
     pub alipay_app_private_pem: String,
     /// Alipay's public key, what the merchant verifies answers with.
@@ -200,9 +203,16 @@ impl SandboxKeys {
         let alipay_platform = generate_rsa_key(2048)?;
         let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
         let aliyun_access_key_secret = hex(&random_bytes(15)?);
+        let mchid = "1900000001";
+        // 20 bytes as WeChat Pay's serials have; the first never zero, so the serial reads back
+        // from the certificate with all 40 digits.
+        let mut serial = random_bytes(20)?;
+        serial[0] |= 0x40;
+        let certificate = merchant_certificate(&wechat_merchant.private_pem, &serial, mchid)
+            .map_err(|e| crate::crypto::CryptoError::Generate(e.to_string()))?;
         let keys = Self {
-            wechat_mchid: "1900000001".to_owned(),
-            wechat_merchant_serial: hex(&random_bytes(20)?).to_uppercase(),
+            wechat_mchid: mchid.to_owned(),
+            wechat_merchant_serial: hex(&serial).to_uppercase(),
             wechat_merchant_public: wechat_merchant.public.clone(),
             wechat_platform_key: signer(&wechat_platform.private_pem)?,
             wechat_platform_key_id: format!("PUB_KEY_ID_{}", hex(&random_bytes(16)?)),
@@ -216,6 +226,7 @@ impl SandboxKeys {
         };
         let secrets = MerchantSecrets {
             wechat_merchant_private_pem: wechat_merchant.private_pem,
+            wechat_merchant_certificate_pem: certificate,
             alipay_app_private_pem: alipay_app.private_pem,
             alipay_platform_public: alipay_platform.public,
             wechat_platform_public: wechat_platform.public,
@@ -224,6 +235,22 @@ impl SandboxKeys {
         };
         Ok((keys, secrets))
     }
+}
+
+/// A merchant API certificate for `key_pem` with `serial`, named like WeChat Pay names them
+/// (the merchant id as common name). Self-signed: the proxy reads only its serial and key.
+fn merchant_certificate(key_pem: &str, serial: &[u8], mchid: &str) -> Result<String, rcgen::Error> {
+    let key = rcgen::KeyPair::from_pem(key_pem)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, mchid);
+    params.distinguished_name.push(
+        rcgen::DnType::OrganizationalUnitName,
+        "sandbox merchant API certificate",
+    );
+    Ok(params.self_signed(&key)?.pem())
 }
 
 /// A request one of the simulators received, for tests to assert on.
