@@ -49,7 +49,16 @@ async fn start_lab(
 /// A lab whose proxy has finished its first fleet sync, so that every later upstream call is
 /// one a test caused.
 async fn synced_lab(world: World, daemon_extra: &str) -> (Arc<tempfile::TempDir>, Lab) {
-    let (dir, lab) = start_lab(world, "", daemon_extra).await;
+    synced_lab_with(world, "", daemon_extra).await
+}
+
+/// [`synced_lab`] with `proxy_extra` TOML in the proxy's config.
+async fn synced_lab_with(
+    world: World,
+    proxy_extra: &str,
+    daemon_extra: &str,
+) -> (Arc<tempfile::TempDir>, Lab) {
+    let (dir, lab) = start_lab(world, proxy_extra, daemon_extra).await;
     let fleet = lab.proxy.app.fleet.clone();
     wait_until("the proxy's first fleet sync is done", || {
         fleet.snapshot().synced_at.is_some()
@@ -841,17 +850,13 @@ fn list_arrivals(lab: &Lab) -> Vec<Instant> {
 
 #[tokio::test]
 async fn fleet_sync_pages_261_devices_within_the_configured_rate_and_lists_them() {
-    let (_dir, lab) = start_lab(
+    let (_dir, lab) = synced_lab_with(
         lab::world(260, 45),
         "[fleet]\nrequests_per_second = 2\n",
         "",
     )
     .await;
     let fleet = lab.proxy.app.fleet.clone();
-    wait_until("the fleet is synced", || {
-        fleet.snapshot().synced_at.is_some()
-    })
-    .await;
     // Two pages fit in one second; the third is sent only once the first answer is a second
     // old, so WeChat Pay (which counts arrivals) never sees three within a second.
     let pages = list_arrivals(&lab);
@@ -931,6 +936,59 @@ fn cell_columns(line: &str) -> Vec<usize> {
     columns
 }
 
+/// The most arrivals within any one second (a window `[t, t + 1 s)` opening at an arrival).
+fn most_in_one_second(arrivals: &[Instant]) -> usize {
+    let mut seen = arrivals.to_vec();
+    seen.sort();
+    (0..seen.len())
+        .map(|i| {
+            seen[i..]
+                .iter()
+                .take_while(|t| **t - seen[i] < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A few hundred devices in pages of 20 at 3 requests/second, with up to 400 ms of network
+/// jitter each way: where the requests arrive (the sandbox, which counts like WeChat Pay and
+/// admits 3 a second here), no one-second window ever holds more than 3, and nothing is refused.
+/// A pacer that counted from the send would lose here: a request held up on the way arrives late
+/// and lands in the same second as the ones sent a second after it.
+#[tokio::test]
+async fn fleet_sync_under_jittered_latency_never_gives_wechat_pay_more_than_the_limit_in_a_second()
+{
+    let mut world = lab::world(299, 45);
+    world.wechat_list_page_cap = Some(20);
+    world.wechat_list_requests_per_second = Some(3);
+    world.armed_faults.push((
+        Platform::WechatPay,
+        Fault {
+            latency_jitter: Some(Duration::from_millis(400)),
+            target_contains: Some("/v3/iotmanage/devices?".into()),
+            ..Fault::default()
+        },
+    ));
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_second = 3\n", "").await;
+    let fleet = lab.proxy.app.fleet.clone();
+    assert_eq!(
+        list_calls(&lab),
+        (0..15)
+            .map(|page| format!("GET /v3/iotmanage/devices?offset={}&limit=100", page * 20))
+            .collect::<Vec<_>>(),
+        "fifteen pages of 20, each asked for once: no 429 and no retry"
+    );
+    let arrivals = list_arrivals(&lab);
+    let worst = most_in_one_second(&arrivals);
+    assert!(
+        worst <= 3,
+        "{worst} device-list requests arrived within one second: {arrivals:?}"
+    );
+    assert_eq!(fleet.snapshot().devices.len(), 300);
+    lab.stop().await;
+}
+
 #[tokio::test]
 async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
     // One 429 for the third page, armed before the proxy's first request.
@@ -945,12 +1003,8 @@ async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
             ..Fault::default()
         },
     ));
-    let (_dir, lab) = start_lab(world, "[fleet]\nrequests_per_second = 2\n", "").await;
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_second = 2\n", "").await;
     let fleet = lab.proxy.app.fleet.clone();
-    wait_until("the fleet is synced", || {
-        fleet.snapshot().synced_at.is_some()
-    })
-    .await;
     assert_eq!(
         list_calls(&lab),
         [0, 100, 200, 200]

@@ -42,6 +42,10 @@ pub enum Platform {
 pub struct Fault {
     /// Wait this long before answering.
     pub latency: Option<Duration>,
+    /// Network jitter (WeChat Pay): a random delay of up to this much before the request counts
+    /// as arrived (the way there: its [`Received::at`] and the device list's per-second count
+    /// are taken after it), and another, drawn anew, before the answer leaves (the way back).
+    pub latency_jitter: Option<Duration>,
     /// Answer with this HTTP status and the platform's error body for it (500 SYSTEM_ERROR,
     /// 429 FREQUENCY_LIMITED, ...) instead of the real answer.
     pub status: Option<u16>,
@@ -118,6 +122,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct World {
     /// WeChat Pay's device list, in listing order.
     pub wechat_devices: Vec<wechatpay_api::Device>,
+    /// The most device-list requests WeChat Pay admits in any one second (counted on arrival;
+    /// more are answered 429 FREQUENCY_LIMITED). `None`: the documented 20.
+    pub wechat_list_requests_per_second: Option<usize>,
+    /// The most rows a device-list page holds: a larger `limit` is answered with this many rows
+    /// and says so in the page's `limit`. `None`: as asked (up to the documented 100). Lets a
+    /// test page a fleet of a few hundred devices in many requests.
+    pub wechat_list_page_cap: Option<u64>,
     /// Inspection results by device_sn.
     pub inspections: BTreeMap<String, wechatpay_api::DeviceInspection>,
     /// raw_data values WeChat Pay refuses (400 PARAM_ERROR), to simulate a bad face SDK blob.

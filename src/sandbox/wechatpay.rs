@@ -4,7 +4,8 @@
 //! Owns: checking each request's `WECHATPAY2-SHA256-RSA2048` Authorization the way WeChat Pay
 //! does (mchid, merchant certificate serial, a timestamp within 300 s, the signature over the
 //! request target exactly as received and the raw body), answering from the [`super::World`]
-//! with the documented bodies and error codes, the device list's 20 requests/second limit,
+//! with the documented bodies and error codes, the device list's 20 requests/second limit
+//! (counted on arrival; lower in [`World::wechat_list_requests_per_second`]),
 //! signing successful answers with the platform key (`Wechatpay-*` headers), a `Request-ID` on
 //! every answer, and the injected [`Fault`]s. It must not call the client's signing or
 //! verification code: the header parser and both signing strings are written again here, so a
@@ -136,6 +137,29 @@ async fn answer(
     if let Some(latency) = fault.latency {
         tokio::time::sleep(latency).await;
     }
+    // The way there: the request arrives (is recorded and counted) after it.
+    jitter(fault.latency_jitter).await;
+    let response = answer_arrived(state, request, endpoint, target, &fault).await;
+    // The way back.
+    jitter(fault.latency_jitter).await;
+    response
+}
+
+/// Sleeps a random time from zero up to `bound`.
+async fn jitter(bound: Option<Duration>) {
+    if let Some(bound) = bound {
+        tokio::time::sleep(bound.mul_f64(crypto::random_unit())).await;
+    }
+}
+
+/// Answers a request that has just arrived.
+async fn answer_arrived(
+    state: &SandboxState,
+    request: &Received,
+    endpoint: Endpoint,
+    target: &str,
+    fault: &Fault,
+) -> Result<Response, SimulatorError> {
     let checked = check_authorization(&state.keys, request, target, unix_now());
     state.record(
         Platform::WechatPay,
@@ -143,11 +167,12 @@ async fn answer(
         checked.is_ok(),
     );
     // The device list's frequency limit applies before the signature is looked at.
-    if matches!(endpoint, Endpoint::Devices) && !admit_list_request(state) {
+    let world = state.world();
+    if matches!(endpoint, Endpoint::Devices) && !admit_list_request(state, &world) {
         return Ok(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             "FREQUENCY_LIMITED",
-            "more than 20 requests in one second",
+            "too many requests in one second",
         )
         .into_response());
     }
@@ -157,7 +182,6 @@ async fn answer(
     if let Some(status) = fault.status {
         return Ok(fault_refusal(status, fault.retry_after));
     }
-    let world = state.world();
     let result = match endpoint {
         Endpoint::Authinfo => answer_authinfo(&world, request),
         Endpoint::Inspection => answer_inspection(&world, request.uri.path()),
@@ -170,7 +194,7 @@ async fn answer(
             } else {
                 body.to_string().into_bytes()
             };
-            signed(&state.keys, body, &fault).await
+            signed(&state.keys, body, fault).await
         }
         Err(refusal) => Ok(refusal.into_response()),
     }
@@ -278,8 +302,12 @@ fn check_authorization(
     }
 }
 
-/// Admits a device-list request when fewer than 20 were admitted in the last second.
-fn admit_list_request(state: &SandboxState) -> bool {
+/// Admits a device-list request when fewer than the world's limit (20) were admitted in the
+/// last second.
+fn admit_list_request(state: &SandboxState, world: &World) -> bool {
+    let limit = world
+        .wechat_list_requests_per_second
+        .unwrap_or(LIST_REQUESTS_PER_SECOND);
     let now = tokio::time::Instant::now();
     let mut window = lock(&state.list_window);
     while window
@@ -288,7 +316,7 @@ fn admit_list_request(state: &SandboxState) -> bool {
     {
         window.pop_front();
     }
-    if window.len() >= LIST_REQUESTS_PER_SECOND {
+    if window.len() >= limit {
         return false;
     }
     window.push_back(now);
@@ -446,6 +474,7 @@ fn answer_devices(world: &World, query: Option<&str>) -> Result<serde_json::Valu
     if !(1..=LIST_MAX_LIMIT).contains(&limit) {
         return Err(Refusal::param("limit must be 1 to 100"));
     }
+    let limit = limit.min(world.wechat_list_page_cap.unwrap_or(LIST_MAX_LIMIT));
     let total = world.wechat_devices.len() as u64;
     let start = offset.min(total);
     let end = offset.saturating_add(limit).min(total);
