@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use authinfod::crypto::{GeneratedKey, RsaSigner};
 use authinfod::demo::lab::{self, DEVICE_ID, DEVICE_SN, Lab};
-use authinfod::proxy::fleet::{self, RateLimiter};
+use authinfod::proxy::fleet::{self, FleetError, SyncRefusalCode};
+use authinfod::proxy::{self as proxy_lib, ProxyError};
 use authinfod::sandbox::{Fault, Platform, World};
 use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
@@ -1022,6 +1023,99 @@ async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
     lab.stop().await;
 }
 
+/// The day's device-list budget is the merchant's, kept in the proxy's store: `serve`'s
+/// start-up sync, `devices --live` through the running proxy, `devices --live` with the proxy
+/// stopped and a restarted proxy all count in it, and WeChat Pay never gets more than
+/// `requests_per_day` (10 here, 3 pages a sync).
+#[tokio::test]
+async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_devices_live() {
+    let mut world = lab::world(59, 45);
+    world.wechat_list_page_cap = Some(20);
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_day = 10\n", "").await;
+    let load = || authinfod::proxy::config::load(&lab.proxy_config).expect("proxy config");
+    assert_eq!(list_calls(&lab).len(), 3, "serve's start-up sync");
+
+    // `devices --live` while the proxy runs: the proxy pages it, in its budget.
+    let live = proxy_lib::fleet_live(load(), lab.proxy.admin_addr)
+        .await
+        .expect("devices --live through the admin listener");
+    assert_eq!(live.devices.len(), 60);
+    assert_eq!(list_calls(&lab).len(), 6);
+
+    // With the proxy stopped, `devices --live` opens the store itself: same budget, and the
+    // cache it leaves is what the next `serve` starts from.
+    let Lab {
+        proxy,
+        sandbox,
+        files,
+        ..
+    } = lab;
+    let admin = proxy.admin_addr;
+    proxy.stop().await;
+    let offline = proxy_lib::fleet_live(load_from(&files), admin)
+        .await
+        .expect("devices --live on the store");
+    assert_eq!(offline.devices.len(), 60);
+    let calls = |sandbox: &authinfod::sandbox::RunningSandbox| {
+        sandbox
+            .state
+            .received()
+            .iter()
+            .filter(|r| r.request.starts_with("GET /v3/iotmanage/devices?"))
+            .count()
+    };
+    assert_eq!(calls(&sandbox), 9);
+
+    // A restarted proxy finds the count (and the fresh cache: no start-up sync).
+    let restarted = proxy_lib::start(load_from(&files)).await.expect("restart");
+    assert_eq!(restarted.app.fleet.snapshot().synced_at, offline.synced_at);
+    let refused = proxy_lib::fleet_live(load_from(&files), restarted.admin_addr)
+        .await
+        .expect_err("the budget runs out on the second page");
+    assert!(
+        matches!(&refused, ProxyError::AdminRefused(r) if r.code == SyncRefusalCode::DailyBudgetSpent),
+        "{refused:?}"
+    );
+    assert_eq!(calls(&sandbox), 10, "requests_per_day, and not one more");
+    assert_eq!(
+        restarted.app.fleet.snapshot().synced_at,
+        offline.synced_at,
+        "a sync cut short keeps the cached list"
+    );
+
+    // While it runs, its store is not opened a second time: an admin address where nothing
+    // answers is an error naming both, not a second count.
+    let nobody = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let busy = proxy_lib::fleet_live(load_from(&files), nobody)
+        .await
+        .expect_err("the store is held");
+    assert!(matches!(busy, ProxyError::StoreBusy { .. }), "{busy:?}");
+    restarted.stop().await;
+
+    // And with nothing running, the spent budget refuses before any request.
+    let spent = proxy_lib::fleet_live(load_from(&files), admin)
+        .await
+        .expect_err("spent");
+    assert!(
+        matches!(
+            &spent,
+            ProxyError::Fleet(FleetError::DailyBudget { limit: 10, .. })
+        ),
+        "{spent:?}"
+    );
+    assert_eq!(calls(&sandbox), 10);
+    sandbox.stop().await;
+}
+
+/// The lab's proxy config, loaded.
+fn load_from(files: &lab::LabFiles) -> authinfod::proxy::config::Config {
+    authinfod::proxy::config::load(&files.path("authinfo-proxy.toml")).expect("proxy config")
+}
+
 #[tokio::test]
 async fn inactivated_and_unlisted_devices_get_403_and_nothing_is_forwarded() {
     let (_dir, lab) = synced_lab(lab::world(0, 45), "").await;
@@ -1038,7 +1132,7 @@ async fn inactivated_and_unlisted_devices_get_403_and_nothing_is_forwarded() {
         .proxy
         .app
         .fleet
-        .sync(&lab.proxy.app.wechat, &RateLimiter::new(20, 50_000))
+        .sync(&lab.proxy.app.wechat)
         .await
         .expect("sync");
     assert_eq!(synced, 1);

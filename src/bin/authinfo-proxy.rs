@@ -42,7 +42,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Page WeChat Pay's list now (within its rate limits) instead of asking the running proxy.
+        /// Page WeChat Pay's list now, within its limits and the merchant's daily budget: the
+        /// running proxy does it (admin listener) when it answers, else this command on the
+        /// proxy's store.
         #[arg(long)]
         live: bool,
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
@@ -168,7 +170,10 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     let snapshot = runtime()?.block_on(async {
         if live {
             init_logging("warn");
-            proxy::fleet_now(config).await.map_err(anyhow::Error::from)
+            let admin = config.admin_listen;
+            proxy::fleet_live(config, admin)
+                .await
+                .map_err(anyhow::Error::from)
         } else {
             let url = format!("http://{}/fleet", config.admin_listen);
             proxy::admin_fleet(config.admin_listen)
@@ -178,7 +183,15 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     });
     let snapshot = match snapshot {
         Ok(s) => s,
-        Err(e) if !live => {
+        // The running proxy is the one to ask and cannot be reached: its cache (without
+        // --live), or its store held by a process that does not answer (with --live).
+        Err(e)
+            if !live
+                || matches!(
+                    e.downcast_ref::<proxy::ProxyError>(),
+                    Some(proxy::ProxyError::StoreBusy { .. })
+                ) =>
+        {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(e.as_ref()));
             return Ok(ExitCode::from(EXIT_UNAVAILABLE));
         }

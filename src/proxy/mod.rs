@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML config and its validation (keys loaded, permissions checked).
 //! - [`registry`]: the enrolled devices, reloaded on SIGHUP.
 //! - [`auth`]: terminal request authentication and the nonce cache.
-//! - [`fleet`]: WeChat Pay's device list: paced sync, cache, lookup.
+//! - [`fleet`]: WeChat Pay's device list: paced sync, the day's budget, cache, lookup.
+//! - [`store`]: the proxy's sled store (fleet cache, device-list budget, platform certificates).
 //! - [`server`]: the terminal routes, the admin routes and the error table.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -19,6 +20,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::config::Config;
-use self::fleet::{Fleet, FleetError, RateLimiter};
+use self::fleet::{Fleet, FleetError, FleetSnapshot, SyncRefusal};
 use self::registry::{RegistryError, SharedRegistry};
 use self::server::App;
+use self::store::{Store, StoreError};
 use crate::platform::alipay::AlipayClient;
 use crate::platform::aliyun::{AccessKey, AliyunClient, AliyunError};
 use crate::platform::wechatpay::{MerchantSigner, WechatPayClient};
@@ -55,6 +58,17 @@ pub enum ProxyError {
     Aliyun(#[from] AliyunError),
     #[error("the admin listener's answer is malformed: {0}")]
     Admin(String),
+    #[error("the running proxy refused: {} {}", .0.code, .0.message)]
+    AdminRefused(SyncRefusal),
+    #[error(
+        "the proxy's store at {path} is held by another process, and no proxy answers on the \
+         admin listener at {admin}: stop the other process or run this where the admin listener \
+         is reachable"
+    )]
+    StoreBusy {
+        path: std::path::PathBuf,
+        admin: SocketAddr,
+    },
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -159,7 +173,12 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         )?),
         None => None,
     };
-    let fleet = Arc::new(Fleet::open(&config.state_dir)?);
+    let store = Store::open(&config.state_dir).map_err(FleetError::from)?;
+    let fleet = Arc::new(Fleet::new(
+        store,
+        config.fleet.requests_per_second,
+        config.fleet.requests_per_day,
+    )?);
     let app = Arc::new(App {
         registry,
         nonces: auth::NonceCache::default(),
@@ -202,14 +221,9 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             .await;
     });
     if config.fleet.enabled {
-        let limiter = Arc::new(RateLimiter::new(
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
-        ));
         tracker.spawn(fleet::run_sync(
             fleet,
             wechat,
-            limiter,
             config.fleet.sync_interval,
             shutdown.clone(),
         ));
@@ -236,37 +250,84 @@ fn wechat_client(
     ))
 }
 
-/// Pages WeChat Pay's device list now, within the configured limits (`devices --live`).
-pub async fn fleet_now(config: Config) -> Result<fleet::FleetSnapshot, ProxyError> {
+/// How long `devices --live` waits for a running proxy to page the list (a 50 000-device fleet
+/// is 500 pages, 25 s at 20 a second, more when WeChat Pay asks it to back off).
+const ADMIN_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Pages WeChat Pay's device list now (`devices --live`), within the merchant's limits and in
+/// the merchant's one daily budget: when a proxy answers on its admin listener at `admin`, it is
+/// asked to sync (`POST /fleet/sync`: its own pacing and store, and its cache is refreshed);
+/// otherwise the list is paged here on the proxy's store, whose budget and cache the next
+/// `serve` then finds. sled admits one process at a time, so a store held by a process that
+/// does not answer on `admin` is [`ProxyError::StoreBusy`], never a second, separate count.
+pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    match admin_post_sync(admin).await {
+        Err(ProxyError::Http { source, .. }) if source.is_connect() => {}
+        answered => return answered,
+    }
+    let store = match Store::open(&config.state_dir) {
+        Ok(store) => store,
+        Err(StoreError::Locked { path }) => return Err(ProxyError::StoreBusy { path, admin }),
+        Err(e) => return Err(FleetError::from(e).into()),
+    };
     let client = wechat_client(config.wechatpay, config.upstream_timeout)?;
-    let limiter = RateLimiter::new(
+    let fleet = Fleet::new(
+        store,
         config.fleet.requests_per_second,
         config.fleet.requests_per_day,
-    );
-    let devices = fleet::fetch_all(&client, &limiter).await?;
-    Ok(fleet::FleetSnapshot {
-        synced_at: Some(crate::units::unix_now()),
-        devices,
-    })
+    )?;
+    fleet.sync(&client).await?;
+    Ok((*fleet.snapshot()).clone())
+}
+
+/// Asks a running proxy's admin listener to sync now and answer with the new list.
+async fn admin_post_sync(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    admin_call(
+        reqwest::Method::POST,
+        admin,
+        "/fleet/sync",
+        ADMIN_SYNC_TIMEOUT,
+    )
+    .await
 }
 
 /// Asks a running proxy's admin listener for its cached fleet (`devices`).
-pub async fn admin_fleet(admin: SocketAddr) -> Result<fleet::FleetSnapshot, ProxyError> {
-    let http = http("admin listener", None, std::time::Duration::from_secs(10))?;
+pub async fn admin_fleet(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/fleet",
+        std::time::Duration::from_secs(10),
+    )
+    .await
+}
+
+/// One call to the admin listener answering a fleet list, or a [`SyncRefusal`].
+async fn admin_call(
+    method: reqwest::Method,
+    admin: SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<FleetSnapshot, ProxyError> {
+    let http = http("admin listener", None, timeout)?;
     let failed = |source| ProxyError::Http {
         platform: "admin listener",
         source,
     };
-    let bytes = http
-        .get(format!("http://{admin}/fleet"))
+    let response = http
+        .request(method, format!("http://{admin}{path}"))
         .send()
         .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(failed)?
-        .bytes()
-        .await
         .map_err(failed)?;
-    serde_json::from_slice(&bytes).map_err(|e| ProxyError::Admin(e.to_string()))
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(failed)?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ProxyError::Admin(e.to_string()));
+    }
+    match serde_json::from_slice::<SyncRefusal>(&bytes) {
+        Ok(refusal) => Err(ProxyError::AdminRefused(refusal)),
+        Err(_) => Err(ProxyError::Admin(format!("HTTP {status} on {path}"))),
+    }
 }
 
 fn local(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
