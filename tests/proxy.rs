@@ -23,7 +23,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::support::{Reply, TestDaemon, device_key, wait_until};
+use crate::support::{Reply, TestDaemon, device_key, wait_for_authinfo_and_health, wait_until};
 
 /// Device B: enrolled by the tests that need a second terminal.
 const DEVICE_B_ID: &str = "T-2002";
@@ -634,15 +634,7 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
     .await;
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
-    let state = daemon.state.clone();
-    wait_until("an authinfo is held and the health checks are done", || {
-        let device = state.status().device;
-        state.current().is_some()
-            && ["inspection", "alipay_binding", "licence"]
-                .iter()
-                .all(|c| device[c]["state"] == "ok")
-    })
-    .await;
+    wait_for_authinfo_and_health(&daemon).await;
     let held = daemon.get("/v1/authinfo").await;
     let (held_authinfo, held_etag) = (held.json()["authinfo"].clone(), held.header("etag"));
     let a = device_a(&lab);

@@ -4,5 +4,6 @@
 mod support;
 
 mod daemon;
+mod egress;
 mod health;
 mod proxy;

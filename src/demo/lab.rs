@@ -26,6 +26,11 @@ pub const DEVICE_SN: &str = "SANDBOX0000001001";
 pub const BIZ_TID: &str = "01017sandboxbiztid1001";
 pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
 
+/// A name the sandbox's certificate also holds that never resolves (`.invalid`, RFC 2606): a lab
+/// whose platforms are named so ([`Lab::start_named`]) reaches them only through an egress
+/// proxy that knows the name, which proves every call went through it.
+pub const SANDBOX_ALIAS_HOST: &str = "platforms.sandbox.invalid";
+
 /// The proxy's `upstream_timeout` in the lab. Generous on purpose: the lab also runs under qemu
 /// on a loaded machine (10-20x slower RSA and TLS), and a test that checks a fault other than a
 /// timeout must never see a timeout instead. Tests of timeouts use a server that never answers.
@@ -165,7 +170,7 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
     })?;
     let (sandbox_keys, secrets) = SandboxKeys::generate()?;
     let cert = |name: &str| {
-        generate_pki(name, &["127.0.0.1", "localhost"])
+        generate_pki(name, &["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST])
             .map_err(|e| LabError::Certificate(e.to_string()))
     };
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
@@ -293,7 +298,9 @@ access_key_secret_file = "aliyun-secret"
                 ak = generated.aliyun_access_key_id,
                 upstream_timeout = LAB_UPSTREAM_TIMEOUT,
             ),
-            0o644,
+            // 0600: `extra` may give an [upstream] http_proxy with a password, which makes the
+            // file a secret (the proxy refuses it readable by others then).
+            0o600,
         )?;
         Ok(path)
     }
@@ -360,6 +367,18 @@ impl Lab {
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
+        Self::start_named(dir, world, proxy_extra, daemon_extra, "127.0.0.1").await
+    }
+
+    /// [`start`](Self::start) with the proxy's config naming the platforms' host `host`
+    /// (`127.0.0.1`, or [`SANDBOX_ALIAS_HOST`] behind an egress proxy).
+    pub async fn start_named(
+        dir: &Path,
+        world: World,
+        proxy_extra: &str,
+        daemon_extra: &str,
+        host: &str,
+    ) -> Result<Self, LabError> {
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
@@ -372,8 +391,11 @@ impl Lab {
         files.write_registry(&generated.device_public)?;
         let sandbox_listener = loopback().await?;
         let sandbox_url = format!(
-            "https://{}",
-            sandbox_listener.local_addr().map_err(LabError::Listen)?
+            "https://{host}:{}",
+            sandbox_listener
+                .local_addr()
+                .map_err(LabError::Listen)?
+                .port()
         );
         let proxy_config = files.write_proxy_config(
             &generated,
@@ -389,7 +411,13 @@ impl Lab {
             sandbox_listener,
             world,
         )?;
-        let proxy = crate::proxy::start(crate::proxy::config::load(&proxy_config)?).await?;
+        // The lab's platforms are on loopback: no egress proxy or system store from the
+        // environment applies (a test sets them in `proxy_extra` when it wants them).
+        let config = crate::proxy::config::load_with_env(
+            &proxy_config,
+            &crate::proxy::config::no_environment,
+        )?;
+        let proxy = crate::proxy::start(config).await?;
         let net = NetCut::start(loopback().await?, proxy.addr).map_err(LabError::Listen)?;
         let daemon_config = files.write_daemon_config(
             &format!("https://127.0.0.1:{}", net.addr.port()),

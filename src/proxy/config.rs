@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
+use crate::platform::{Egress, Trust, Upstream};
 use crate::units::HumanDuration;
 
 /// Where `authinfo-proxy` looks for its config when `--config` is not given.
@@ -40,6 +42,8 @@ struct RawConfig {
     registry: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     upstream_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    upstream: RawUpstream,
     wechatpay: Option<RawWechatPay>,
     #[serde(default)]
     fleet: RawFleet,
@@ -60,6 +64,13 @@ struct RawWechatPay {
     public_key: Option<PathBuf>,
     platform_certificates: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    http_proxy: Option<String>,
+    trust: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +165,8 @@ pub struct Config {
     pub registry: PathBuf,
     pub state_dir: PathBuf,
     pub upstream_timeout: Duration,
+    /// How every platform call goes out: proxy and trusted roots.
+    pub upstream: Upstream,
     pub wechatpay: WechatPayConfig,
     pub fleet: FleetConfig,
     pub alipay: Option<AlipayConfig>,
@@ -178,9 +191,35 @@ pub enum ConfigError {
     },
 }
 
-/// Reads and validates the config file at `path`. Relative file paths in it are relative to
-/// the config file's directory.
+/// The environment variables the config reads, most preferred first: the egress proxy when
+/// `[upstream] http_proxy` is not set (as curl reads them), the hosts it is not for, and where
+/// `trust = "system"` finds the system's roots.
+const PROXY_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"];
+const NO_PROXY_VARIABLES: [&str; 2] = ["no_proxy", "NO_PROXY"];
+const CERT_FILE_VARIABLE: &str = "SSL_CERT_FILE";
+const CERT_DIR_VARIABLE: &str = "SSL_CERT_DIR";
+
+/// Reads an environment variable (the process's, or a test's).
+pub type Environment<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process's environment.
+pub fn process_environment(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// No environment at all (the lab, whose platforms are on loopback: no egress proxy applies).
+pub fn no_environment(_: &str) -> Option<String> {
+    None
+}
+
+/// Reads and validates the config file at `path` in the process's environment. Relative file
+/// paths in it are relative to the config file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with_env(path, &process_environment)
+}
+
+/// [`load`] reading the environment through `env`.
+pub fn load_with_env(path: &Path, env: Environment<'_>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -191,7 +230,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut v = Validator {
+        path,
         base,
+        env,
         problems: Vec::new(),
     };
     let config = v.config(raw);
@@ -205,7 +246,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 struct Validator<'a> {
+    /// The config file itself.
+    path: &'a Path,
     base: &'a Path,
+    env: Environment<'a>,
     problems: Vec<String>,
 }
 
@@ -308,6 +352,7 @@ impl Validator<'_> {
         if upstream_timeout.is_zero() {
             self.problem("upstream_timeout: must be more than zero".into());
         }
+        let upstream = self.upstream(raw.upstream);
         let wechatpay = match raw.wechatpay {
             Some(w) => self.wechatpay(w),
             None => {
@@ -332,11 +377,146 @@ impl Validator<'_> {
             registry: registry?,
             state_dir,
             upstream_timeout,
+            upstream: upstream?,
             wechatpay: wechatpay?,
             fleet,
             alipay: alipay?,
             aliyun: aliyun?,
         })
+    }
+
+    /// `[upstream]`: the egress proxy (configured, or from the environment) and the roots.
+    fn upstream(&mut self, raw: RawUpstream) -> Option<Upstream> {
+        let egress = match raw.http_proxy {
+            // As git's http.proxy: an empty value means no proxy, whatever the environment says.
+            Some(text) if text.is_empty() => Some(Egress::Direct),
+            Some(text) => {
+                let url = self.proxy_url("upstream.http_proxy", &text)?;
+                if url.password().is_some()
+                    && let Err(e) = check_private(self.path)
+                {
+                    self.problem(format!(
+                        "upstream.http_proxy: holds a password, so the config file is a secret: {e}"
+                    ));
+                }
+                Some(Egress::Proxy {
+                    url,
+                    no_proxy: None,
+                })
+            }
+            None => self.environment_proxy(),
+        };
+        let trust = match raw.trust.as_deref() {
+            None | Some("webpki") => Some(Trust::Webpki),
+            Some("system") => self
+                .system_roots()
+                .map(|roots| Trust::System(Arc::new(roots))),
+            Some(other) => {
+                self.problem(format!(
+                    "upstream.trust: {other:?} must be \"webpki\" (the compiled-in Mozilla roots) or \"system\" (the operating system's store)"
+                ));
+                None
+            }
+        };
+        Some(Upstream {
+            egress: egress?,
+            trust: trust?,
+        })
+    }
+
+    /// The proxy the environment names (`https_proxy`, `HTTPS_PROXY`, `all_proxy`,
+    /// `ALL_PROXY`, the first set), with `no_proxy`/`NO_PROXY`; direct when none is set.
+    fn environment_proxy(&mut self) -> Option<Egress> {
+        let env = self.env;
+        let Some((name, value)) = PROXY_VARIABLES
+            .iter()
+            .find_map(|name| env(name).filter(|v| !v.is_empty()).map(|v| (*name, v)))
+        else {
+            return Some(Egress::Direct);
+        };
+        let url = self.proxy_url(&format!("{name} (environment)"), &value)?;
+        let no_proxy = NO_PROXY_VARIABLES
+            .iter()
+            .find_map(|name| env(name).filter(|v| !v.trim().is_empty()));
+        Some(Egress::Proxy { url, no_proxy })
+    }
+
+    /// An `http://[user:pass@]host:port` proxy URL.
+    fn proxy_url(&mut self, field: &str, text: &str) -> Option<reqwest::Url> {
+        let url = match reqwest::Url::parse(text) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problem(format!("{field}: not a URL like http://host:3128: {e}"));
+                return None;
+            }
+        };
+        // Never echo the text back: it may hold a password.
+        let mut bad = Vec::new();
+        if url.scheme() != "http" {
+            bad.push("the scheme must be http (a CONNECT proxy)");
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            bad.push("no host");
+        }
+        if url.port().is_none() {
+            bad.push("give the port (http://host:3128)");
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            bad.push("a proxy URL has no path or query");
+        }
+        if bad.is_empty() {
+            Some(url)
+        } else {
+            self.problem(format!("{field}: {}", bad.join("; ")));
+            None
+        }
+    }
+
+    /// The operating system's roots: from `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else
+    /// where OpenSSL keeps them on this system.
+    fn system_roots(&mut self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        let file = (self.env)(CERT_FILE_VARIABLE).filter(|v| !v.is_empty());
+        let dirs = (self.env)(CERT_DIR_VARIABLE).filter(|v| !v.is_empty());
+        let (found, source) = if file.is_some() || dirs.is_some() {
+            let mut found =
+                rustls_native_certs::load_certs_from_paths(file.as_deref().map(Path::new), None);
+            for dir in dirs
+                .iter()
+                .flat_map(|d| d.split(':'))
+                .filter(|d| !d.is_empty())
+            {
+                let more = rustls_native_certs::load_certs_from_paths(None, Some(Path::new(dir)));
+                found.certs.extend(more.certs);
+                found.errors.extend(more.errors);
+            }
+            let source = [
+                file.map(|f| format!("{CERT_FILE_VARIABLE}={f}")),
+                dirs.map(|d| format!("{CERT_DIR_VARIABLE}={d}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            (found, source)
+        } else {
+            (
+                rustls_native_certs::load_native_certs(),
+                "the system's certificate store".to_owned(),
+            )
+        };
+        if found.certs.is_empty() {
+            let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+            self.problem(format!(
+                "upstream.trust: \"system\", but no certificate was found in {source}{}: install ca-certificates, or set {CERT_FILE_VARIABLE}",
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", errors.join("; "))
+                }
+            ));
+            return None;
+        }
+        Some(found.certs)
     }
 
     fn wechatpay(&mut self, raw: RawWechatPay) -> Option<WechatPayConfig> {
@@ -604,7 +784,9 @@ mod tests {
 
     fn validator(base: &Path) -> Validator<'_> {
         Validator {
+            path: base,
             base,
+            env: &no_environment,
             problems: Vec::new(),
         }
     }
@@ -728,6 +910,181 @@ mod tests {
             crate::crypto::test_key(0).public
         );
         assert_eq!(alipay.alipay_public, crate::crypto::test_key(1).public);
+    }
+
+    fn upstream_in(
+        dir: &Path,
+        raw: RawUpstream,
+        env: &[(&str, &str)],
+    ) -> (Option<Upstream>, Vec<String>) {
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let config = dir.join("authinfo-proxy.toml");
+        let mut v = Validator {
+            path: &config,
+            base: dir,
+            env: &lookup,
+            problems: Vec::new(),
+        };
+        let upstream = v.upstream(raw);
+        (upstream, v.problems)
+    }
+
+    fn raw_upstream(http_proxy: Option<&str>, trust: Option<&str>) -> RawUpstream {
+        RawUpstream {
+            http_proxy: http_proxy.map(str::to_owned),
+            trust: trust.map(str::to_owned),
+        }
+    }
+
+    fn proxy_of(upstream: Option<Upstream>) -> (String, Option<String>) {
+        match upstream.map(|u| u.egress) {
+            Some(Egress::Proxy { url, no_proxy }) => (url.to_string(), no_proxy),
+            other => panic!("not a proxy: {other:?}"),
+        }
+    }
+
+    /// Without `http_proxy` the environment's proxy is used (lower case first, as curl), with
+    /// its `NO_PROXY`; `http_proxy = ""` is no proxy whatever the environment; a configured
+    /// proxy applies to every call (the environment's `NO_PROXY` is not read then).
+    #[test]
+    fn http_proxy_comes_from_the_config_or_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = [
+            ("HTTPS_PROXY", "http://upper:3128"),
+            ("https_proxy", "http://lower:3128"),
+            ("ALL_PROXY", "http://all:3128"),
+            ("NO_PROXY", "localhost,10.0.0.0/8"),
+        ];
+        let (upstream, problems) = upstream_in(dir.path(), raw_upstream(None, None), &env);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            proxy_of(upstream),
+            (
+                "http://lower:3128/".to_owned(),
+                Some("localhost,10.0.0.0/8".to_owned())
+            )
+        );
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &env[2..]);
+        assert_eq!(proxy_of(upstream).0, "http://all:3128/");
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(Some(""), None), &env);
+        assert_eq!(upstream.map(|u| u.egress), Some(Egress::Direct));
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &[]);
+        assert_eq!(upstream.map(|u| u.egress), Some(Egress::Direct));
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(Some("http://squid.internal:3128"), None),
+            &env,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            proxy_of(upstream),
+            ("http://squid.internal:3128/".to_owned(), None)
+        );
+    }
+
+    #[test]
+    fn bad_proxy_urls_are_named_without_echoing_a_password() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, want) in [
+            ("https://u:hunter2@proxy:3128", "the scheme must be http"),
+            ("http://u:hunter2@proxy", "give the port"),
+            ("http://proxy:3128/path", "no path or query"),
+            ("socks5://u:hunter2@proxy:1080", "the scheme must be http"),
+            ("proxy:3128", "the scheme must be http"),
+            ("not a url", "not a URL"),
+        ] {
+            let (upstream, problems) = upstream_in(dir.path(), raw_upstream(Some(text), None), &[]);
+            assert!(upstream.is_none(), "{text}");
+            assert_eq!(problems.len(), 1, "{text}: {problems:?}");
+            assert!(
+                problems[0].starts_with("upstream.http_proxy: ") && problems[0].contains(want),
+                "{text}: {problems:?}"
+            );
+            assert!(!problems[0].contains("hunter2"), "{problems:?}");
+        }
+        let (_, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, None),
+            &[("HTTPS_PROXY", "proxy.internal")],
+        );
+        assert!(
+            problems[0].starts_with("HTTPS_PROXY (environment): "),
+            "{problems:?}"
+        );
+    }
+
+    /// A password in `http_proxy` makes the config file a secret: refused readable by others.
+    #[test]
+    fn a_proxy_password_needs_a_private_config_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("authinfo-proxy.toml");
+        std::fs::write(&config, "").expect("write");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let with_password = raw_upstream(Some("http://u:hunter2@proxy:3128"), None);
+        let (_, problems) = upstream_in(dir.path(), with_password, &[]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("holds a password") && problems[0].contains("chmod 600"),
+            "{problems:?}"
+        );
+        let (_, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(Some("http://u@proxy:3128"), None),
+            &[],
+        );
+        assert!(
+            problems.is_empty(),
+            "a user alone is no secret: {problems:?}"
+        );
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with_password = raw_upstream(Some("http://u:hunter2@proxy:3128"), None);
+        let (_, problems) = upstream_in(dir.path(), with_password, &[]);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    /// `trust = "system"` reads the store `SSL_CERT_FILE` names; an empty store or an unknown
+    /// value is a problem.
+    #[test]
+    fn system_trust_loads_the_named_store_and_refuses_an_empty_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = crate::tls::generate_pki("system store test ca", &["localhost"]).expect("pki");
+        let store = dir.path().join("ca-bundle.crt");
+        std::fs::write(&store, format!("{}{}", pki.ca_pem, pki.cert_pem)).expect("write");
+        let store_text = store.display().to_string();
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, Some("system")),
+            &[("SSL_CERT_FILE", &store_text)],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        match upstream.map(|u| u.trust) {
+            Some(Trust::System(roots)) => assert_eq!(roots.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "").expect("write");
+        let empty_text = empty.display().to_string();
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, Some("system")),
+            &[("SSL_CERT_FILE", &empty_text)],
+        );
+        assert!(upstream.is_none());
+        assert!(
+            problems[0].starts_with(
+                "upstream.trust: \"system\", but no certificate was found in SSL_CERT_FILE="
+            ),
+            "{problems:?}"
+        );
+        let (_, problems) = upstream_in(dir.path(), raw_upstream(None, Some("mozilla")), &[]);
+        assert!(problems[0].contains("\"webpki\""), "{problems:?}");
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &[]);
+        assert_eq!(upstream.map(|u| u.trust), Some(Trust::Webpki));
     }
 
     #[test]

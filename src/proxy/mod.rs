@@ -38,6 +38,7 @@ use self::store::{Store, StoreError};
 use crate::platform::alipay::AlipayClient;
 use crate::platform::aliyun::{AccessKey, AliyunClient, AliyunError};
 use crate::platform::wechatpay::{MerchantSigner, WechatPayClient};
+use crate::platform::{Upstream, UpstreamError};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum ProxyError {
     Fleet(#[from] FleetError),
     #[error("cannot set up TLS")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("HTTP to {platform} failed")]
     Http {
         platform: &'static str,
@@ -80,7 +83,10 @@ pub enum ProxyError {
 impl ProxyError {
     /// True when fixing the configuration (or a file it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Registry(_) | Self::Tls(_) | Self::Aliyun(_))
+        matches!(
+            self,
+            Self::Registry(_) | Self::Tls(_) | Self::Aliyun(_) | Self::Upstream(_)
+        )
     }
 }
 
@@ -116,15 +122,14 @@ impl RunningProxy {
     }
 }
 
-/// A platform HTTP client trusting the Mozilla roots plus `extra_ca`.
+/// A platform HTTP client going out and trusting as `upstream` says, plus `extra_ca`.
 fn http(
     platform: &'static str,
     extra_ca: Option<&str>,
+    upstream: &Upstream,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, ProxyError> {
-    let tls = crate::tls::client_config_webpki(extra_ca, platform)?;
-    crate::platform::http_client(tls, timeout)
-        .map_err(|source| ProxyError::Http { platform, source })
+    Ok(upstream.client(extra_ca, platform, timeout)?)
 }
 
 /// Builds the platform clients, loads the registry and the fleet cache, binds both listeners and
@@ -141,13 +146,16 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         fleet_enabled = config.fleet.enabled,
         alipay = config.alipay.is_some(),
         aliyun = config.aliyun.is_some(),
+        egress = %config.upstream.egress.redacted(),
+        trust = ?config.upstream.trust,
         "authinfo-proxy starting"
     );
     let registry = SharedRegistry::load(&config.registry)?;
     tracing::info!(devices = registry.current().len(), "registry loaded");
     let timeout = config.upstream_timeout;
     let sp_appid = config.wechatpay.sp_appid.clone();
-    let wechat = Arc::new(wechat_client(config.wechatpay, timeout)?);
+    let upstream = config.upstream;
+    let wechat = Arc::new(wechat_client(config.wechatpay, &upstream, timeout)?);
     let alipay = match config.alipay {
         Some(a) => {
             let client = AlipayClient::new(
@@ -155,7 +163,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
                 a.app_id,
                 a.app_key,
                 a.alipay_public,
-                http("alipay", a.ca_pem.as_deref(), timeout)?,
+                http("alipay", a.ca_pem.as_deref(), &upstream, timeout)?,
             );
             Some(match a.app_auth_token {
                 Some(token) => client.with_app_auth_token(token),
@@ -169,7 +177,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             &a.endpoint,
             AccessKey::new(a.access_key_id, a.access_key_secret),
             a.scheme,
-            http("aliyun", a.ca_pem.as_deref(), timeout)?,
+            http("aliyun", a.ca_pem.as_deref(), &upstream, timeout)?,
         )?),
         None => None,
     };
@@ -240,13 +248,14 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
 
 fn wechat_client(
     w: config::WechatPayConfig,
+    upstream: &Upstream,
     timeout: std::time::Duration,
 ) -> Result<WechatPayClient, ProxyError> {
     Ok(WechatPayClient::new(
         w.base_url,
         MerchantSigner::new(w.mchid, w.merchant_serial, w.merchant_key),
         w.platform_keys,
-        http("wechatpay", w.ca_pem.as_deref(), timeout)?,
+        http("wechatpay", w.ca_pem.as_deref(), upstream, timeout)?,
     ))
 }
 
@@ -270,7 +279,7 @@ pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapsh
         Err(StoreError::Locked { path }) => return Err(ProxyError::StoreBusy { path, admin }),
         Err(e) => return Err(FleetError::from(e).into()),
     };
-    let client = wechat_client(config.wechatpay, config.upstream_timeout)?;
+    let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
     let fleet = Fleet::new(
         store,
         config.fleet.requests_per_second,
@@ -309,7 +318,8 @@ async fn admin_call(
     path: &str,
     timeout: std::time::Duration,
 ) -> Result<FleetSnapshot, ProxyError> {
-    let http = http("admin listener", None, timeout)?;
+    // The admin listener is local: straight to it, whatever the egress proxy.
+    let http = http("admin listener", None, &Upstream::direct(), timeout)?;
     let failed = |source| ProxyError::Http {
         platform: "admin listener",
         source,

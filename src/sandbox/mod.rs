@@ -12,9 +12,12 @@
 //!   `/v3/iotmanage/devices`.
 //! - [`alipay`]: `/gateway.do` (`alipay.merchant.iot.device.query`).
 //! - [`aliyun`]: `/` (`Action=DescribeDeviceInfo`, version 2019-03-07).
+//! - [`connect_proxy`]: not a platform: the merchant's egress proxy (HTTP `CONNECT`).
+//! - [`netcut`]: not a platform: a relay that plays a network loss.
 
 pub mod alipay;
 pub mod aliyun;
+pub mod connect_proxy;
 pub mod netcut;
 pub mod wechatpay;
 

@@ -42,6 +42,20 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
+/// Waits until `daemon` holds an authinfo and its three health checks (inspection, Alipay
+/// binding, licence) are `ok`.
+pub async fn wait_for_authinfo_and_health(daemon: &TestDaemon) {
+    let state = daemon.state.clone();
+    wait_until("an authinfo is held and the health checks are done", || {
+        let device = state.status().device;
+        state.current().is_some()
+            && ["inspection", "alipay_binding", "licence"]
+                .iter()
+                .all(|c| device[c]["state"] == "ok")
+    })
+    .await;
+}
+
 /// An answer read from the daemon's socket or the proxy.
 #[derive(Debug)]
 pub struct Reply {
