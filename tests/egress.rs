@@ -41,15 +41,14 @@ async fn every_platform_call_goes_through_the_configured_egress_proxy_with_its_c
         egress.url(Some((USER, PASSWORD)))
     );
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start_named(
-        dir.path(),
-        lab::world(3, 45),
-        &extra,
-        "",
-        SANDBOX_ALIAS_HOST,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let options = lab::LabOptions {
+        proxy_extra: &extra,
+        host: Some(SANDBOX_ALIAS_HOST),
+        ..lab::LabOptions::default()
+    };
+    let lab = Lab::start_with(dir.path(), lab::world(3, 45), &options)
+        .await
+        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     let fleet = lab.proxy.app.fleet.clone();
     wait_until("the fleet is synced through the egress proxy", || {
         fleet.snapshot().synced_at.is_some()

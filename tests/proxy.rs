@@ -1368,6 +1368,7 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
             "127.0.0.1:8443",
             "127.0.0.1:9464",
             "",
+            lab::WechatVerification::PublicKey,
         )
         .expect("config");
     let check = || {

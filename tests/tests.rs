@@ -3,6 +3,7 @@
 
 mod support;
 
+mod certificates;
 mod daemon;
 mod egress;
 mod health;

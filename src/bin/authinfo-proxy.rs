@@ -50,6 +50,15 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Download WeChat Pay's platform certificates now (with [wechatpay] apiv3_key_file), verify
+    /// them and print each serial and validity; changes nothing the running proxy keeps.
+    Certificates {
+        /// Also write them as one PEM file (what [wechatpay] platform_certificates reads).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Run the simulated platforms and write a ready proxy config, registry and terminal config
     /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them.
     Sandbox {
@@ -73,6 +82,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Devices { json, live, config } => devices(&config, json, live),
+        Command::Certificates { out, config } => certificates(&config, out.as_deref()),
         Command::Sandbox {
             dir,
             listen,
@@ -201,6 +211,27 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", proxy::fleet::render_table(&snapshot));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certificates(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    init_logging("warn");
+    let config = config::load(path)?;
+    let report = runtime()?.block_on(proxy::certificates_now(config))?;
+    print!(
+        "{}",
+        proxy::certificates::render_table(&report.certificates, &report.verification)
+    );
+    if !report.store_read {
+        println!(
+            "(a running proxy holds its store: the certificates it downloaded before were not consulted)"
+        );
+    }
+    if let Some(out) = out {
+        let bundle: String = report.certificates.iter().map(|c| c.pem.as_str()).collect();
+        std::fs::write(out, bundle).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("written to {}", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }

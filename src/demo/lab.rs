@@ -27,7 +27,7 @@ pub const BIZ_TID: &str = "01017sandboxbiztid1001";
 pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
 
 /// A name the sandbox's certificate also holds that never resolves (`.invalid`, RFC 2606): a lab
-/// whose platforms are named so ([`Lab::start_named`]) reaches them only through an egress
+/// whose platforms are named so ([`LabOptions::host`]) reaches them only through an egress
 /// proxy that knows the name, which proves every call went through it.
 pub const SANDBOX_ALIAS_HOST: &str = "platforms.sandbox.invalid";
 
@@ -176,7 +176,7 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
     let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
     let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
-    let files: [(&str, &str, u32); 11] = [
+    let files: [(&str, &str, u32); 12] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
         ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
         ("proxy-ca.pem", &proxy_pki.ca_pem, 0o644),
@@ -196,6 +196,7 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
             &secrets.wechat_platform_public.to_pem(),
             0o644,
         ),
+        ("wechatpay-apiv3.key", &secrets.wechat_apiv3_key, 0o600),
         ("alipay-app.key", &secrets.alipay_app_private_pem, 0o600),
         (
             "alipay-public.pem",
@@ -242,7 +243,8 @@ impl LabFiles {
     }
 
     /// Writes `authinfo-proxy.toml` for a proxy on `listen` / `admin_listen` whose three
-    /// platforms are the sandbox at `sandbox_url`, followed by `extra` TOML.
+    /// platforms are the sandbox at `sandbox_url`, WeChat Pay's answers verified as
+    /// `verification` says, followed by `extra` TOML.
     pub fn write_proxy_config(
         &self,
         generated: &GeneratedLab,
@@ -250,9 +252,17 @@ impl LabFiles {
         listen: &str,
         admin_listen: &str,
         extra: &str,
+        verification: WechatVerification,
     ) -> Result<PathBuf, LabError> {
         let path = self.path("authinfo-proxy.toml");
         let k = &generated.sandbox_keys;
+        let verification = match verification {
+            WechatVerification::PublicKey => format!(
+                "public_key_id = \"{}\"\npublic_key = \"wechatpay-public.pem\"",
+                k.wechat_platform_key_id
+            ),
+            WechatVerification::DownloadedCertificates => "# Platform-certificate mode: downloaded (GET /v3/certificates) with the APIv3 key.\napiv3_key_file = \"wechatpay-apiv3.key\"".to_owned(),
+        };
         write(
             &path,
             &format!(
@@ -273,8 +283,7 @@ sp_appid = "wxsandboxspapp0001"
 merchant_key = "wechatpay-merchant.key"
 # The serial is read from the certificate (merchant_serial = "{serial}" would say the same).
 merchant_certificate = "wechatpay-merchant-cert.pem"
-public_key_id = "{key_id}"
-public_key = "wechatpay-public.pem"
+{verification}
 
 [alipay]
 gateway = "{sandbox_url}/gateway.do"
@@ -293,7 +302,6 @@ access_key_secret_file = "aliyun-secret"
 "#,
                 mchid = k.wechat_mchid,
                 serial = k.wechat_merchant_serial,
-                key_id = k.wechat_platform_key_id,
                 app_id = k.alipay_app_id,
                 ak = generated.aliyun_access_key_id,
                 upstream_timeout = LAB_UPSTREAM_TIMEOUT,
@@ -335,6 +343,30 @@ pub fn start_sandbox(
     sandbox::start(listener, Some(tls), SandboxState::new(keys, world)).map_err(LabError::Listen)
 }
 
+/// How the lab's proxy verifies WeChat Pay's answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WechatVerification {
+    /// `public_key_id` + `public_key` (WeChat Pay public key mode).
+    #[default]
+    PublicKey,
+    /// `apiv3_key_file`: the platform certificates are downloaded (and the sandbox must sign
+    /// with one: [`World::wechat_sign_with_certificate`]).
+    DownloadedCertificates,
+}
+
+/// What a lab is started with beyond its world.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions<'a> {
+    /// TOML appended to the proxy's config (sections of its own).
+    pub proxy_extra: &'a str,
+    /// TOML appended to the daemon's config.
+    pub daemon_extra: &'a str,
+    /// The platforms' host name in the proxy's config; `None`: 127.0.0.1
+    /// ([`SANDBOX_ALIAS_HOST`] behind an egress proxy).
+    pub host: Option<&'a str>,
+    pub wechat: WechatVerification,
+}
+
 /// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
 /// is written; starting the daemon is the caller's (the demo, a test).
 pub struct Lab {
@@ -367,18 +399,27 @@ impl Lab {
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
-        Self::start_named(dir, world, proxy_extra, daemon_extra, "127.0.0.1").await
+        let options = LabOptions {
+            proxy_extra,
+            daemon_extra,
+            ..LabOptions::default()
+        };
+        Self::start_with(dir, world, &options).await
     }
 
-    /// [`start`](Self::start) with the proxy's config naming the platforms' host `host`
-    /// (`127.0.0.1`, or [`SANDBOX_ALIAS_HOST`] behind an egress proxy).
-    pub async fn start_named(
+    /// [`start`](Self::start) with every option.
+    pub async fn start_with(
         dir: &Path,
         world: World,
-        proxy_extra: &str,
-        daemon_extra: &str,
-        host: &str,
+        options: &LabOptions<'_>,
     ) -> Result<Self, LabError> {
+        let LabOptions {
+            proxy_extra,
+            daemon_extra,
+            host,
+            wechat,
+        } = *options;
+        let host = host.unwrap_or("127.0.0.1");
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
@@ -403,6 +444,7 @@ impl Lab {
             "127.0.0.1:0",
             "127.0.0.1:0",
             proxy_extra,
+            wechat,
         )?;
         let device_public = generated.device_public.clone();
         let sandbox = start_sandbox(
@@ -462,8 +504,14 @@ pub async fn run_standalone_sandbox(
     };
     files.write_registry(&generated.device_public)?;
     let admin = "127.0.0.1:9464";
-    let proxy_config =
-        files.write_proxy_config(&generated, &sandbox_url, proxy_listen, admin, "")?;
+    let proxy_config = files.write_proxy_config(
+        &generated,
+        &sandbox_url,
+        proxy_listen,
+        admin,
+        "",
+        WechatVerification::PublicKey,
+    )?;
     let daemon_config = files.write_daemon_config(&format!("https://{proxy_listen}"), "")?;
     let sandbox = start_sandbox(
         generated.sandbox_keys,

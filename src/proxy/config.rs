@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
+use crate::platform::wechatpay::certificates::ApiV3Key;
 use crate::platform::{Egress, Trust, Upstream};
 use crate::units::HumanDuration;
 
@@ -63,6 +64,7 @@ struct RawWechatPay {
     public_key_id: Option<String>,
     public_key: Option<PathBuf>,
     platform_certificates: Option<PathBuf>,
+    apiv3_key_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
 }
 
@@ -112,6 +114,8 @@ pub struct WechatPayConfig {
     pub merchant_key: RsaSigner,
     pub merchant_serial: String,
     pub platform_keys: PlatformKeys,
+    /// The APIv3 key: when given, platform certificates are downloaded and kept up to date.
+    pub apiv3_key: Option<ApiV3Key>,
     /// Extra CA PEM trusted for `base_url` (the sandbox's).
     pub ca_pem: Option<String>,
 }
@@ -566,9 +570,20 @@ impl Validator<'_> {
         {
             self.problem(format!("wechatpay.platform_certificates: {e}"));
         }
-        if platform_keys.is_empty() {
+        let apiv3_key = self
+            .read_optional("wechatpay.apiv3_key_file", raw.apiv3_key_file, true)
+            .and_then(
+                |text| match text.map(|t| ApiV3Key::from_text(&t)).transpose() {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        self.problem(format!("wechatpay.apiv3_key_file: {e}"));
+                        None
+                    }
+                },
+            );
+        if platform_keys.is_empty() && matches!(apiv3_key, Some(None)) {
             self.problem(
-                "wechatpay: no key to verify WeChat Pay's answers: set public_key_id + public_key, or platform_certificates".into(),
+                "wechatpay: no key to verify WeChat Pay's answers: set public_key_id + public_key, platform_certificates, or apiv3_key_file (to download the platform certificates)".into(),
             );
         }
         let ca_pem = self.read_optional("wechatpay.ca_file", raw.ca_file, false);
@@ -579,6 +594,7 @@ impl Validator<'_> {
             merchant_key: merchant_key?,
             merchant_serial: merchant_serial?,
             platform_keys,
+            apiv3_key: apiv3_key?,
             ca_pem: ca_pem?,
         })
     }

@@ -611,41 +611,27 @@ pub async fn run_sync(
         .snapshot()
         .synced_at
         .map(|t| Duration::from_secs(u64::try_from(unix_now() - t).unwrap_or(0)));
-    let mut delay = match age {
+    let delay = match age {
         Some(age) if age < interval => interval - age,
         _ => Duration::ZERO,
     };
-    let mut failures = 0;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        let started = Instant::now();
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = fleet.sync(&client) => r,
-        };
-        delay = match result {
-            Ok(n) => {
-                failures = 0;
-                tracing::info!(
-                    devices = n,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "fleet synced from wechat pay"
-                );
-                schedule.next_interval(crate::crypto::random_unit())
-            }
-            Err(error) => {
-                failures += 1;
-                let delay = schedule
-                    .retry_delay(failures, None, crate::crypto::random_unit())
-                    .max(schedule.backoff_min);
-                tracing::warn!(error = %crate::error_chain(&error), attempt = failures, backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
-                delay
-            }
-        };
-    }
+    super::periodic::repeat(
+        schedule,
+        delay,
+        shutdown,
+        "fleet sync failed; keeping the cached list",
+        || async {
+            let started = Instant::now();
+            let n = fleet.sync(&client).await?;
+            tracing::info!(
+                devices = n,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "fleet synced from wechat pay"
+            );
+            Ok::<(), FleetError>(())
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -5,19 +5,23 @@
 //! - [`config`]: the TOML config and its validation (keys loaded, permissions checked).
 //! - [`registry`]: the enrolled devices, reloaded on SIGHUP.
 //! - [`auth`]: terminal request authentication and the nonce cache.
+//! - [`certificates`]: WeChat Pay's platform certificates, downloaded and rotated.
 //! - [`fleet`]: WeChat Pay's device list: paced sync, the day's budget, cache, lookup.
 //! - [`store`]: the proxy's sled store (fleet cache, device-list budget, platform certificates).
 //! - [`server`]: the terminal routes, the admin routes and the error table.
 //! - [`metrics`]: Prometheus series.
+//! - [`periodic`]: the loop background duties run in (interval, jitter, backoff).
 //!
 //! Stateless apart from caches (nonces, fleet list), so several replicas can run behind any load
 //! balancer; the nonce cache is per replica, so a replay is caught only by the replica that saw
 //! the first use (route a terminal to one replica, or accept that window).
 
 pub mod auth;
+pub mod certificates;
 pub mod config;
 pub mod fleet;
 pub mod metrics;
+pub mod periodic;
 pub mod registry;
 pub mod server;
 pub mod store;
@@ -59,6 +63,12 @@ pub enum ProxyError {
     },
     #[error("bad Alibaba Cloud settings")]
     Aliyun(#[from] AliyunError),
+    #[error(transparent)]
+    Certificates(#[from] certificates::CertificatesError),
+    #[error(
+        "[wechatpay] apiv3_key_file is not set: platform certificates are downloaded with the APIv3 key"
+    )]
+    NoApiV3Key,
     #[error("the admin listener's answer is malformed: {0}")]
     Admin(String),
     #[error("the running proxy refused: {} {}", .0.code, .0.message)]
@@ -85,7 +95,11 @@ impl ProxyError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Registry(_) | Self::Tls(_) | Self::Aliyun(_) | Self::Upstream(_)
+            Self::Registry(_)
+                | Self::Tls(_)
+                | Self::Aliyun(_)
+                | Self::Upstream(_)
+                | Self::NoApiV3Key
         )
     }
 }
@@ -155,6 +169,8 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
     let timeout = config.upstream_timeout;
     let sp_appid = config.wechatpay.sp_appid.clone();
     let upstream = config.upstream;
+    let apiv3_key = config.wechatpay.apiv3_key.clone();
+    let configured_keys = config.wechatpay.platform_keys.clone();
     let wechat = Arc::new(wechat_client(config.wechatpay, &upstream, timeout)?);
     let alipay = match config.alipay {
         Some(a) => {
@@ -182,6 +198,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         None => None,
     };
     let store = Store::open(&config.state_dir).map_err(FleetError::from)?;
+    let keeper = match apiv3_key {
+        Some(key) => Some(start_certificates(configured_keys, key, store.clone(), &wechat).await),
+        None => None,
+    };
     let fleet = Arc::new(Fleet::new(
         store,
         config.fleet.requests_per_second,
@@ -228,6 +248,14 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             .with_graceful_shutdown(token.cancelled_owned())
             .await;
     });
+    if let Some((keeper, first_in)) = keeper {
+        tracker.spawn(certificates::run(
+            keeper,
+            wechat.clone(),
+            first_in,
+            shutdown.clone(),
+        ));
+    }
     if config.fleet.enabled {
         tracker.spawn(fleet::run_sync(
             fleet,
@@ -243,6 +271,83 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         app,
         shutdown,
         tracker,
+    })
+}
+
+/// Gives `wechat` the stored platform certificates, and when it then has no key at all (a
+/// first start in platform-certificate mode: no answer could be verified) downloads them before
+/// the proxy serves. Returns the keeper and when its next refresh is due.
+async fn start_certificates(
+    configured: crate::platform::wechatpay::PlatformKeys,
+    key: crate::platform::wechatpay::certificates::ApiV3Key,
+    store: Store,
+    wechat: &WechatPayClient,
+) -> (Arc<certificates::CertificateKeeper>, std::time::Duration) {
+    let keeper = Arc::new(certificates::CertificateKeeper::new(configured, key, store));
+    match keeper.install_stored(wechat) {
+        Ok(n) => tracing::info!(
+            certificates = n,
+            "stored wechat pay platform certificates loaded"
+        ),
+        Err(error) => {
+            tracing::error!(error = %crate::error_chain(&error), "stored wechat pay platform certificates are unreadable; downloading them again")
+        }
+    }
+    if !wechat.keys().is_empty() {
+        return (keeper, std::time::Duration::ZERO);
+    }
+    match keeper.refresh(wechat).await {
+        Ok(refreshed) => {
+            tracing::info!(
+                certificates = refreshed.kept.len(),
+                "wechat pay platform certificates downloaded for the first time"
+            );
+            (keeper, certificates::REFRESH_INTERVAL)
+        }
+        Err(error) => {
+            tracing::error!(error = %crate::error_chain(&error), "cannot download the wechat pay platform certificates; answers cannot be verified until a retry succeeds");
+            (keeper, std::time::Duration::from_secs(30))
+        }
+    }
+}
+
+/// What `authinfo-proxy certificates` shows.
+#[derive(Debug)]
+pub struct CertificatesReport {
+    pub certificates: Vec<crate::platform::wechatpay::certificates::DownloadedCertificate>,
+    pub verification: crate::platform::wechatpay::certificates::Verification,
+    /// Whether the proxy's stored certificates were trusted too (not while a proxy holds the
+    /// store).
+    pub store_read: bool,
+}
+
+/// Downloads and verifies the platform certificates now (`authinfo-proxy certificates`), with
+/// the configured keys and, when no proxy holds the store, the certificates it downloaded
+/// before. Changes nothing.
+pub async fn certificates_now(config: Config) -> Result<CertificatesReport, ProxyError> {
+    let Some(key) = config.wechatpay.apiv3_key.clone() else {
+        return Err(ProxyError::NoApiV3Key);
+    };
+    let configured = config.wechatpay.platform_keys.clone();
+    let state_dir = config.state_dir.clone();
+    let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
+    let store_read = match Store::open(&state_dir) {
+        Ok(store) => {
+            certificates::CertificateKeeper::new(configured, key.clone(), store)
+                .install_stored(&client)?;
+            true
+        }
+        Err(StoreError::Locked { .. }) => false,
+        Err(e) => return Err(FleetError::from(e).into()),
+    };
+    let download = client
+        .download_certificates(&key)
+        .await
+        .map_err(|e| certificates::CertificatesError::Download(Box::new(e)))?;
+    Ok(CertificatesReport {
+        certificates: download.certificates,
+        verification: download.verification,
+        store_read,
     })
 }
 
