@@ -50,10 +50,10 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Download WeChat Pay's platform certificates now (with [wechatpay] apiv3_key_file), verify
+    /// Download WeChat Pay's platform certificates now (with `[wechatpay] apiv3_key_file`), verify
     /// them and print each serial and validity; changes nothing the running proxy keeps.
     Certificates {
-        /// Also write them as one PEM file (what [wechatpay] platform_certificates reads).
+        /// Also write them as one PEM file (what `[wechatpay] platform_certificates` reads).
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
@@ -153,13 +153,29 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let registry = proxy::registry::Registry::load(&config.registry)?;
     println!(
-        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}), Alipay {}, Alibaba Cloud {}, fleet sync {}",
+        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}, serial {}, answers verified with {}), Alipay {}, Alibaba Cloud {}, fleet sync {}, egress {}, trust {:?}",
         path.display(),
         config.listen,
         config.admin_listen,
         registry.len(),
         config.wechatpay.base_url,
         config.wechatpay.mchid,
+        config.wechatpay.merchant_serial,
+        {
+            let configured = config
+                .wechatpay
+                .platform_keys
+                .serials()
+                .collect::<Vec<_>>()
+                .join(", ");
+            match (configured.is_empty(), config.wechatpay.apiv3_key.is_some()) {
+                (true, _) => "platform certificates downloaded with the APIv3 key".to_owned(),
+                (false, true) => {
+                    format!("{configured} and platform certificates downloaded with the APIv3 key")
+                }
+                (false, false) => configured,
+            }
+        },
         if config.alipay.is_some() {
             "configured"
         } else {
@@ -171,6 +187,8 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             "not configured"
         },
         if config.fleet.enabled { "on" } else { "off" },
+        config.upstream.egress.redacted(),
+        config.upstream.trust,
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -778,7 +778,16 @@ mod tests {
         );
         let raw: RawConfig =
             toml::from_str(&text).unwrap_or_else(|e| panic!("example does not parse: {e}"));
-        assert!(raw.alipay.is_some() && raw.aliyun.is_some() && raw.wechatpay.is_some());
+        let (Some(wechatpay), Some(alipay), Some(aliyun)) = (raw.wechatpay, raw.alipay, raw.aliyun)
+        else {
+            panic!("the example has [wechatpay], [alipay] and [aliyun]");
+        };
+        // Every field this issue added is documented there.
+        assert!(raw.upstream.http_proxy.is_some() && raw.upstream.trust.is_some());
+        assert!(wechatpay.merchant_certificate.is_some() && wechatpay.apiv3_key_file.is_some());
+        assert!(
+            alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

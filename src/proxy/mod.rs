@@ -12,9 +12,11 @@
 //! - [`metrics`]: Prometheus series.
 //! - [`periodic`]: the loop background duties run in (interval, jitter, backoff).
 //!
-//! Stateless apart from caches (nonces, fleet list), so several replicas can run behind any load
-//! balancer; the nonce cache is per replica, so a replay is caught only by the replica that saw
-//! the first use (route a terminal to one replica, or accept that window).
+//! Stateless apart from caches (nonces, fleet list) and its store (the day's device-list count,
+//! downloaded platform certificates), so several replicas can run behind any load balancer; the
+//! nonce cache and the store are per replica, so a replay is caught only by the replica that saw
+//! the first use (route a terminal to one replica, or accept that window), and each replica
+//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's.
 
 pub mod auth;
 pub mod certificates;

@@ -3,8 +3,9 @@
 //! WeChat Pay signs each answer over `Wechatpay-Timestamp\nWechatpay-Nonce\nBODY\n` (the raw
 //! body bytes) and names its key in `Wechatpay-Serial`: either a WeChat Pay public key
 //! (`PUB_KEY_ID_...`, the current mode) or a platform certificate by its hex serial (the older
-//! mode). Owns: the set of those keys ([`PlatformKeys`]) and the check of one answer. It must not
-//! fetch keys or certificates (they come from the merchant's configuration), must not check
+//! mode). Owns: the set of those keys ([`PlatformKeys`]), reading X.509 certificates, and the
+//! check of one answer. It must not fetch keys or certificates (they come from the merchant's
+//! configuration or from [`super::certificates`]), must not check
 //! certificate chains (the merchant downloaded them from WeChat Pay over TLS), and must not
 //! look at error answers, which WeChat Pay does not promise to sign.
 //!
