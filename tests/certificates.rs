@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use authinfod::demo::lab::{self, Lab, LabFiles, LabOptions, WechatVerification};
+use authinfod::demo::lab::{self, Lab, LabOptions, WechatVerification};
 use authinfod::platform::wechatpay::certificates::Verification;
 use authinfod::sandbox::{RunningSandbox, World};
 
-use crate::support::{TestDaemon, wait_for_authinfo_and_health, wait_until};
+use crate::support::{TestDaemon, lab_proxy_config, wait_for_authinfo_and_health, wait_until};
 
 fn certificate_downloads(sandbox: &RunningSandbox) -> usize {
     sandbox
@@ -17,14 +17,6 @@ fn certificate_downloads(sandbox: &RunningSandbox) -> usize {
         .iter()
         .filter(|r| r.request == "GET /v3/certificates")
         .count()
-}
-
-fn load(files: &LabFiles) -> authinfod::proxy::config::Config {
-    authinfod::proxy::config::load_with_env(
-        &files.path("authinfo-proxy.toml"),
-        &authinfod::proxy::config::no_environment,
-    )
-    .expect("proxy config")
 }
 
 /// A proxy configured with only the APIv3 key (no public key, no certificate file) downloads
@@ -69,7 +61,7 @@ async fn certificate_mode_downloads_first_verifies_with_them_and_keeps_them_acro
 
     // While the proxy runs, `certificates` cannot read its store: it verifies as a first
     // download would (nothing configured), and says so.
-    let report = authinfod::proxy::certificates_now(load(&lab.files))
+    let report = authinfod::proxy::certificates_now(lab_proxy_config(&lab.files))
         .await
         .expect("certificates");
     assert!(!report.store_read);
@@ -84,13 +76,13 @@ async fn certificate_mode_downloads_first_verifies_with_them_and_keeps_them_acro
         ..
     } = lab;
     proxy.stop().await;
-    let report = authinfod::proxy::certificates_now(load(&files))
+    let report = authinfod::proxy::certificates_now(lab_proxy_config(&files))
         .await
         .expect("certificates");
     assert!(report.store_read, "no proxy holds the store now");
     assert_eq!(report.verification, Verification::Trusted(serial.clone()));
 
-    let restarted = authinfod::proxy::start(load(&files))
+    let restarted = authinfod::proxy::start(lab_proxy_config(&files))
         .await
         .expect("restart");
     assert!(

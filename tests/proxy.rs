@@ -23,7 +23,9 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::support::{Reply, TestDaemon, device_key, wait_for_authinfo_and_health, wait_until};
+use crate::support::{
+    Reply, TestDaemon, device_key, lab_proxy_config, wait_for_authinfo_and_health, wait_until,
+};
 
 /// Device B: enrolled by the tests that need a second terminal.
 const DEVICE_B_ID: &str = "T-2002";
@@ -1024,7 +1026,7 @@ async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_device
     let mut world = lab::world(59, 45);
     world.wechat_list_page_cap = Some(20);
     let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_day = 10\n", "").await;
-    let load = || authinfod::proxy::config::load(&lab.proxy_config).expect("proxy config");
+    let load = || lab_proxy_config(&lab.files);
     assert_eq!(list_calls(&lab).len(), 3, "serve's start-up sync");
 
     // `devices --live` while the proxy runs: the proxy pages it, in its budget.
@@ -1044,7 +1046,7 @@ async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_device
     } = lab;
     let admin = proxy.admin_addr;
     proxy.stop().await;
-    let offline = proxy_lib::fleet_live(load_from(&files), admin)
+    let offline = proxy_lib::fleet_live(lab_proxy_config(&files), admin)
         .await
         .expect("devices --live on the store");
     assert_eq!(offline.devices.len(), 60);
@@ -1059,9 +1061,11 @@ async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_device
     assert_eq!(calls(&sandbox), 9);
 
     // A restarted proxy finds the count (and the fresh cache: no start-up sync).
-    let restarted = proxy_lib::start(load_from(&files)).await.expect("restart");
+    let restarted = proxy_lib::start(lab_proxy_config(&files))
+        .await
+        .expect("restart");
     assert_eq!(restarted.app.fleet.snapshot().synced_at, offline.synced_at);
-    let refused = proxy_lib::fleet_live(load_from(&files), restarted.admin_addr)
+    let refused = proxy_lib::fleet_live(lab_proxy_config(&files), restarted.admin_addr)
         .await
         .expect_err("the budget runs out on the second page");
     assert!(
@@ -1082,14 +1086,14 @@ async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_device
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let busy = proxy_lib::fleet_live(load_from(&files), nobody)
+    let busy = proxy_lib::fleet_live(lab_proxy_config(&files), nobody)
         .await
         .expect_err("the store is held");
     assert!(matches!(busy, ProxyError::StoreBusy { .. }), "{busy:?}");
     restarted.stop().await;
 
     // And with nothing running, the spent budget refuses before any request.
-    let spent = proxy_lib::fleet_live(load_from(&files), admin)
+    let spent = proxy_lib::fleet_live(lab_proxy_config(&files), admin)
         .await
         .expect_err("spent");
     assert!(
@@ -1103,9 +1107,32 @@ async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_device
     sandbox.stop().await;
 }
 
-/// The lab's proxy config, loaded.
-fn load_from(files: &lab::LabFiles) -> authinfod::proxy::config::Config {
-    authinfod::proxy::config::load(&files.path("authinfo-proxy.toml")).expect("proxy config")
+/// `devices --live` while the proxy's own sync runs waits for it and takes its list: one
+/// paging of the list, not two, out of the day's budget (whichever of the two starts first).
+#[tokio::test]
+async fn devices_live_during_a_sync_takes_that_sync_instead_of_paging_again() {
+    let mut world = lab::world(59, 45);
+    world.wechat_list_page_cap = Some(20);
+    world.armed_faults.push((
+        Platform::WechatPay,
+        Fault {
+            latency: Some(Duration::from_millis(500)),
+            target_contains: Some("/v3/iotmanage/devices?".into()),
+            ..Fault::default()
+        },
+    ));
+    let (_dir, lab) = start_lab(world, "", "").await;
+    let live = proxy_lib::fleet_live(lab_proxy_config(&lab.files), lab.proxy.admin_addr)
+        .await
+        .expect("devices --live");
+    assert_eq!(live.devices.len(), 60);
+    let fleet = lab.proxy.app.fleet.clone();
+    wait_until("the start-up sync is done", || {
+        fleet.snapshot().synced_at.is_some()
+    })
+    .await;
+    assert_eq!(list_calls(&lab).len(), 3, "{:?}", list_calls(&lab));
+    lab.stop().await;
 }
 
 #[tokio::test]
@@ -1214,8 +1241,7 @@ async fn a_broken_registry_on_reload_keeps_the_previous_one() {
 #[tokio::test]
 async fn sighup_reloads_the_registry_of_a_running_proxy() {
     let (dir, lab) = synced_lab(lab::world(1, 45), "").await;
-    let mut config =
-        authinfod::proxy::config::load(&lab.proxy_config).expect("the lab's proxy config");
+    let mut config = lab_proxy_config(&lab.files);
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = free.local_addr().expect("addr");
     drop(free);

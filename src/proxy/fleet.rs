@@ -357,6 +357,8 @@ pub struct Fleet {
     /// One sync at a time (the schedule's and an admin's `POST /fleet/sync`): two would page
     /// the same list twice over, in one budget.
     syncing: tokio::sync::Mutex<()>,
+    /// Syncs that succeeded, so a caller that waited for one knows it has a fresh list.
+    synced: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
@@ -376,6 +378,7 @@ impl Fleet {
             store,
             limiter,
             syncing: tokio::sync::Mutex::new(()),
+            synced: std::sync::atomic::AtomicU64::new(0),
         };
         fleet.install(snapshot);
         Ok(fleet)
@@ -388,11 +391,6 @@ impl Fleet {
             crate::platform::wechatpay::LIST_REQUESTS_PER_SECOND,
             crate::platform::wechatpay::LIST_REQUESTS_PER_DAY,
         )
-    }
-
-    /// The pacing of this fleet's requests.
-    pub fn limiter(&self) -> &RateLimiter {
-        &self.limiter
     }
 
     fn install(&self, snapshot: FleetSnapshot) {
@@ -440,10 +438,16 @@ impl Fleet {
     }
 
     /// Pages through the whole list and, when every page arrived, replaces the cached one
-    /// (store first, then memory). A failure part-way keeps the previous list. Waits for a sync
-    /// already running, then makes its own.
+    /// (store first, then memory). A failure part-way keeps the previous list. A call made while
+    /// another sync runs waits for it and, when it succeeded, takes its list instead of paging
+    /// again.
     pub async fn sync(&self, client: &WechatPayClient) -> Result<usize, FleetError> {
+        use std::sync::atomic::Ordering;
+        let succeeded_before = self.synced.load(Ordering::SeqCst);
         let _one_at_a_time = self.syncing.lock().await;
+        if self.synced.load(Ordering::SeqCst) != succeeded_before {
+            return Ok(self.snapshot().devices.len());
+        }
         let devices = fetch_all(client, &self.limiter).await?;
         let snapshot = FleetSnapshot {
             synced_at: Some(unix_now()),
@@ -452,6 +456,7 @@ impl Fleet {
         self.store.save_fleet(&snapshot).await?;
         let n = snapshot.devices.len();
         self.install(snapshot);
+        self.synced.fetch_add(1, Ordering::SeqCst);
         Ok(n)
     }
 }

@@ -56,6 +56,18 @@ pub async fn wait_for_authinfo_and_health(daemon: &TestDaemon) {
     .await;
 }
 
+/// The lab's proxy config, loaded as the lab loads it (no environment: the lab's platforms are
+/// on loopback, and a CI machine's `HTTPS_PROXY` must not apply to them).
+pub fn lab_proxy_config(
+    files: &authinfod::demo::lab::LabFiles,
+) -> authinfod::proxy::config::Config {
+    authinfod::proxy::config::load_with_env(
+        &files.path("authinfo-proxy.toml"),
+        &authinfod::proxy::config::no_environment,
+    )
+    .expect("the lab's proxy config")
+}
+
 /// An answer read from the daemon's socket or the proxy.
 #[derive(Debug)]
 pub struct Reply {
