@@ -35,7 +35,7 @@ async fn certificate_mode_downloads_first_verifies_with_them_and_keeps_them_acro
         ..LabOptions::default()
     };
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start_with(dir.path(), world, &options)
+    let lab = Lab::start_with(dir.path(), crate::support::lab_keys(), world, &options)
         .await
         .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     let serial = lab.sandbox.state.platform_certificates()[0].serial.clone();

@@ -360,13 +360,16 @@ async fn restart_with_the_proxy_down_serves_the_persisted_authinfo_at_once_with_
     let proxy = proxy().await;
     let (daemon, etag) = daemon_with_authinfo(&proxy).await;
     let dir = daemon.stop().await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
+    // The restart comes "two minutes later": the daemon's clock is shifted, nothing sleeps.
+    let later = authinfod::terminal::RunOptions::default();
+    later.clock.shift(120);
+    let config = crate::support::write_config(dir.path(), &dead_url().await, &proxy.pki.ca_pem, "");
+    let daemon = TestDaemon::start_with_options(dir, &config, later).await;
     // Served before any network call could have succeeded: the proxy is down.
     let r = daemon.get("/v1/authinfo").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["authinfo"], "A1");
-    assert!(r.json()["age_seconds"].as_u64().expect("age") >= 1);
+    assert!(r.json()["age_seconds"].as_u64().expect("age") >= 120);
     assert_eq!(
         r.header("etag"),
         Some(etag),
@@ -508,6 +511,7 @@ async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
     let options = RunOptions {
         notifier: Notifier::new(Some(notify.into_os_string())),
         watchdog: Some(Duration::from_millis(400)),
+        ..RunOptions::default()
     };
     let daemon = Daemon::start(config, options).await.expect("start");
     let socket = dir.path().join("authinfod.sock");

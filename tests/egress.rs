@@ -46,9 +46,14 @@ async fn every_platform_call_goes_through_the_configured_egress_proxy_with_its_c
         host: Some(SANDBOX_ALIAS_HOST),
         ..lab::LabOptions::default()
     };
-    let lab = Lab::start_with(dir.path(), lab::world(3, 45), &options)
-        .await
-        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let lab = Lab::start_with(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(3, 45),
+        &options,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     let fleet = lab.proxy.app.fleet.clone();
     wait_until("the fleet is synced through the egress proxy", || {
         fleet.snapshot().synced_at.is_some()
@@ -103,9 +108,15 @@ async fn an_egress_proxy_refusing_the_credentials_is_a_retryable_transport_failu
         egress.url(Some((USER, "wrong")))
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 45), &extra, "")
-        .await
-        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 45),
+        &extra,
+        "",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     let failure = lab
         .proxy
         .app
@@ -130,8 +141,9 @@ async fn an_egress_proxy_refusing_the_credentials_is_a_retryable_transport_failu
 #[tokio::test]
 async fn system_trust_reaches_a_platform_only_the_system_store_trusts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(
+    let lab = Lab::start_with_keys(
         dir.path(),
+        crate::support::lab_keys(),
         lab::world(2, 45),
         "[fleet]\nenabled = false\n",
         "",

@@ -15,6 +15,7 @@ use authinfod::demo::lab::{self, DEVICE_ID, DEVICE_SN, Lab};
 use authinfod::proxy::fleet::{self, FleetError, SyncRefusalCode};
 use authinfod::proxy::{self as proxy_lib, ProxyError};
 use authinfod::sandbox::{Fault, Platform, World};
+use authinfod::terminal::doc::CheckState;
 use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{ErrorBody, MAX_REQUEST_BODY, codes};
@@ -43,9 +44,15 @@ async fn start_lab(
     daemon_extra: &str,
 ) -> (Arc<tempfile::TempDir>, Lab) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start(dir.path(), world, proxy_extra, daemon_extra)
-        .await
-        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        world,
+        proxy_extra,
+        daemon_extra,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     (dir, lab)
 }
 
@@ -577,7 +584,7 @@ async fn daemon_gets_authinfo_and_inspection_through_the_proxy_over_real_tls() {
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
     let state = daemon.state.clone();
     wait_until("the daemon holds an authinfo and the inspection", || {
-        state.current().is_some() && state.status().device["inspection"]["state"] == "ok"
+        state.current().is_some() && state.status().device.inspection.state == CheckState::Ok
     })
     .await;
 
@@ -1380,7 +1387,7 @@ async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream
 fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_name() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("tempdir");
-    let generated = lab::generate_keys(dir.path()).expect("keys");
+    let generated = lab::write_keys(dir.path(), crate::support::lab_keys()).expect("keys");
     let files = lab::LabFiles {
         dir: dir.path().to_owned(),
     };

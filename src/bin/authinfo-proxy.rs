@@ -1,80 +1,16 @@
 //! `authinfo-proxy`: the merchant's signing proxy. Parses the command line, reads the
 //! environment, and maps every error to an exit code; the work is in the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use authinfod::proxy::{self, config};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
-/// EX_CONFIG: the configuration (or a file it names) is invalid.
-const EXIT_CONFIG: u8 = 78;
-/// EX_UNAVAILABLE: the running proxy cannot be reached.
-const EXIT_UNAVAILABLE: u8 = 69;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "authinfo-proxy",
-    version,
-    about = "The merchant's signing proxy: authenticates terminals and signs their own calls to WeChat Pay, Alipay and Alibaba Cloud.",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 69 proxy unreachable, 78 bad config."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve terminals (HTTPS) and the admin listener; SIGHUP reloads the registry.
-    Serve {
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Validate a config file (keys loaded, permissions checked) and its registry; list every problem.
-    CheckConfig {
-        #[arg(default_value = config::DEFAULT_CONFIG_PATH)]
-        file: PathBuf,
-    },
-    /// Print the merchant's fleet as WeChat Pay lists it (from the running proxy's cache).
-    Devices {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Page WeChat Pay's list now, within its limits and the merchant's daily budget: the
-        /// running proxy does it (admin listener) when it answers, else this command on the
-        /// proxy's store.
-        #[arg(long)]
-        live: bool,
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Download WeChat Pay's platform certificates now (with `[wechatpay] apiv3_key_file`), verify
-    /// them and print each serial and validity; changes nothing the running proxy keeps.
-    Certificates {
-        /// Also write them as one PEM file (what `[wechatpay] platform_certificates` reads).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Run the simulated platforms and write a ready proxy config, registry and terminal config
-    /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them.
-    Sandbox {
-        #[arg(long)]
-        dir: PathBuf,
-        /// Where the simulated platforms listen.
-        #[arg(long, default_value = "127.0.0.1:8600")]
-        listen: String,
-        /// Where the written proxy config makes the proxy listen.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        proxy_listen: String,
-        /// Extra devices in the simulated WeChat Pay fleet list.
-        #[arg(long, default_value_t = 250)]
-        devices: usize,
-    },
-}
+// The clap definitions, in their own file so that examples/gen-docs.rs can include them too.
+#[path = "authinfo-proxy/cli.rs"]
+mod cli;
+use cli::{Cli, Command, exit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -94,14 +30,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(err.as_ref()));
+            // The config file and the registry fail with the same error type.
             let config_error = err.downcast_ref::<config::ConfigError>().is_some()
-                || err
-                    .downcast_ref::<proxy::registry::RegistryError>()
-                    .is_some()
                 || err
                     .downcast_ref::<proxy::ProxyError>()
                     .is_some_and(proxy::ProxyError::is_config);
-            ExitCode::from(if config_error { EXIT_CONFIG } else { 1 })
+            ExitCode::from(if config_error {
+                exit::CONFIG
+            } else {
+                exit::FAILURE
+            })
         }
     }
 }
@@ -221,7 +159,7 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
                 ) =>
         {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(e.as_ref()));
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+            return Ok(ExitCode::from(exit::UNAVAILABLE));
         }
         Err(e) => return Err(e),
     };

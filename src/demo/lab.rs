@@ -144,6 +144,39 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), LabError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
 }
 
+/// The RSA keys of a lab: the sandbox's four and the device's. Generating them is the slow part
+/// of a lab; tests make one set and share it across their labs.
+#[derive(Clone)]
+pub struct LabKeys {
+    pub wechat_merchant: GeneratedKey,
+    pub wechat_platform: GeneratedKey,
+    pub alipay_app: GeneratedKey,
+    pub alipay_platform: GeneratedKey,
+    pub device: GeneratedKey,
+}
+
+impl std::fmt::Debug for LabKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabKeys")
+            .field("device", &self.device.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LabKeys {
+    /// Five fresh RSA-2048 keys.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let key = || crypto::generate_rsa_key(2048);
+        Ok(Self {
+            wechat_merchant: key()?,
+            wechat_platform: key()?,
+            alipay_app: key()?,
+            alipay_platform: key()?,
+            device: key()?,
+        })
+    }
+}
+
 /// What [`generate_keys`] returns: what the sandbox and the registry need. The private halves
 /// the merchant and the device use are only in files.
 pub struct GeneratedLab {
@@ -164,18 +197,28 @@ impl std::fmt::Debug for GeneratedLab {
 /// public key, the Alipay app key and Alipay public key, the Alibaba Cloud secret and the device
 /// key. Private files are 0600.
 pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
+    write_keys(dir, &LabKeys::generate()?)
+}
+
+/// [`generate_keys`] with given RSA keys (fresh certificates, serials and AccessKey still).
+pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> {
     std::fs::create_dir_all(dir).map_err(|source| LabError::Write {
         path: dir.to_owned(),
         source,
     })?;
-    let (sandbox_keys, secrets) = SandboxKeys::generate()?;
+    let (sandbox_keys, secrets) = SandboxKeys::from_rsa_keys(
+        &keys.wechat_merchant,
+        &keys.wechat_platform,
+        &keys.alipay_app,
+        &keys.alipay_platform,
+    )?;
     let cert = |name: &str| {
         generate_pki(name, &["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST])
             .map_err(|e| LabError::Certificate(e.to_string()))
     };
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
     let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
-    let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
+    let device = &keys.device;
     let files: [(&str, &str, u32); 12] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
         ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
@@ -212,7 +255,7 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
     Ok(GeneratedLab {
         sandbox_keys,
         sandbox_pki,
-        device_public: device.public,
+        device_public: device.public.clone(),
         aliyun_access_key_id: secrets.aliyun_access_key_id,
     })
 }
@@ -399,17 +442,29 @@ impl Lab {
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
+        Self::start_with_keys(dir, &LabKeys::generate()?, world, proxy_extra, daemon_extra).await
+    }
+
+    /// [`start`](Self::start) with given RSA keys.
+    pub async fn start_with_keys(
+        dir: &Path,
+        keys: &LabKeys,
+        world: World,
+        proxy_extra: &str,
+        daemon_extra: &str,
+    ) -> Result<Self, LabError> {
         let options = LabOptions {
             proxy_extra,
             daemon_extra,
             ..LabOptions::default()
         };
-        Self::start_with(dir, world, &options).await
+        Self::start_with(dir, keys, world, &options).await
     }
 
-    /// [`start`](Self::start) with every option.
+    /// [`start_with_keys`](Self::start_with_keys) with every option.
     pub async fn start_with(
         dir: &Path,
+        keys: &LabKeys,
         world: World,
         options: &LabOptions<'_>,
     ) -> Result<Self, LabError> {
@@ -425,7 +480,7 @@ impl Lab {
                 .await
                 .map_err(LabError::Listen)
         };
-        let generated = generate_keys(dir)?;
+        let generated = write_keys(dir, keys)?;
         let files = LabFiles {
             dir: dir.to_owned(),
         };

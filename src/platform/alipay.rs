@@ -503,18 +503,11 @@ fn trace_id(headers: &reqwest::header::HeaderMap) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{GeneratedKey, generate_rsa_key};
+    use crate::crypto::GeneratedKey;
     use base64::Engine as _;
-    use std::sync::OnceLock;
 
     fn key(n: usize) -> &'static GeneratedKey {
-        static KEYS: OnceLock<[GeneratedKey; 2]> = OnceLock::new();
-        &KEYS.get_or_init(|| {
-            [
-                generate_rsa_key(2048).expect("keygen"),
-                generate_rsa_key(2048).expect("keygen"),
-            ]
-        })[n]
+        crate::crypto::test_key(n)
     }
 
     fn signer(n: usize) -> RsaSigner {

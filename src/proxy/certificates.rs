@@ -88,13 +88,13 @@ impl CertificateKeeper {
         let Some(bundle) = self.store.platform_certificates()? else {
             return Ok(BTreeMap::new());
         };
-        let blocks = crate::crypto::pem_blocks(&bundle, "stored platform certificates")
+        let certificates = crate::crypto::pem_certificates(&bundle, "stored platform certificates")
             .map_err(|e| CertificatesError::Stored(e.to_string()))?;
         let mut out = BTreeMap::new();
-        for (index, block) in blocks.iter().enumerate() {
-            let info = read_certificate(&block.der, "stored platform certificates", index)
+        for (index, der) in certificates.iter().enumerate() {
+            let info = read_certificate(der, "stored platform certificates", index)
                 .map_err(|e| CertificatesError::Stored(crate::error_chain(&e)))?;
-            let pem = crate::crypto::pem_encode("CERTIFICATE", &block.der);
+            let pem = crate::crypto::certificate_pem(der);
             out.insert(info.serial.clone(), DownloadedCertificate { info, pem });
         }
         Ok(out)

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
@@ -177,23 +178,11 @@ pub struct Config {
     pub aliyun: Option<AliyunConfig>,
 }
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid TOML for authinfo-proxy: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// Why a config could not be used (shared with the daemon's config and the registry).
+pub use crate::config_file::ConfigError;
+
+/// What the proxy's config is called in errors.
+const WHAT: &str = "authinfo-proxy config file";
 
 /// The environment variables the config reads, most preferred first: the egress proxy when
 /// `[upstream] http_proxy` is not set (as curl reads them), the hosts it is not for, and where
@@ -224,42 +213,31 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// [`load`] reading the environment through `env`.
 pub fn load_with_env(path: &Path, env: Environment<'_>) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    let text = crate::config_file::read(WHAT, path)?;
+    let raw: RawConfig = crate::config_file::parse_toml(WHAT, &text, path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut v = Validator {
         path,
         base,
         env,
-        problems: Vec::new(),
+        problems: Problems::new(WHAT),
     };
     let config = v.config(raw);
-    match config {
-        Some(c) if v.problems.is_empty() => Ok(c),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems: v.problems,
-        }),
-    }
+    v.problems.finish(path, config)
 }
 
+/// The proxy config's checks: the shared problems collector, with paths relative to the file.
 struct Validator<'a> {
     /// The config file itself.
     path: &'a Path,
     base: &'a Path,
     env: Environment<'a>,
-    problems: Vec<String>,
+    problems: Problems,
 }
 
 impl Validator<'_> {
     fn problem(&mut self, text: String) {
-        self.problems.push(text);
+        self.problems.push_line(text);
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -271,26 +249,17 @@ impl Validator<'_> {
     }
 
     fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
-        if value.is_none() {
-            self.problem(format!("{field}: missing"));
-        }
-        value
+        self.problems.required(field, value)
     }
 
     /// Reads a file; `secret` files must not be readable by group or others.
     fn read(&mut self, field: &str, path: Option<PathBuf>, secret: bool) -> Option<String> {
         let path = self.required(field, path)?;
         let path = self.path(&path);
-        if secret && let Err(e) = check_private(&path) {
-            self.problem(format!("{field}: {e}"));
-            return None;
-        }
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Some(text),
-            Err(e) => {
-                self.problem(format!("{field}: cannot read {}: {e}", path.display()));
-                None
-            }
+        if secret {
+            self.problems.read_private(field, &path)
+        } else {
+            self.problems.read_file(field, &path)
         }
     }
 
@@ -397,7 +366,7 @@ impl Validator<'_> {
             Some(text) => {
                 let url = self.proxy_url("upstream.http_proxy", &text)?;
                 if url.password().is_some()
-                    && let Err(e) = check_private(self.path)
+                    && let Err(e) = crate::config_file::check_private_file(self.path)
                 {
                     self.problem(format!(
                         "upstream.http_proxy: holds a password, so the config file is a secret: {e}"
@@ -747,21 +716,6 @@ impl Validator<'_> {
     }
 }
 
-/// Refuses a key or secret file that group or others can read.
-pub fn check_private(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable by group or others (mode {mode:o}); run chmod 600 on it",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,7 +766,15 @@ mod tests {
             path: base,
             base,
             env: &no_environment,
-            problems: Vec::new(),
+            problems: Problems::new(WHAT),
+        }
+    }
+
+    /// Every problem `v` collected.
+    fn listed(v: Validator<'_>) -> Vec<String> {
+        match v.problems.finish(Path::new("test.toml"), Some(())) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.problems().to_vec(),
         }
     }
 
@@ -853,13 +815,13 @@ mod tests {
             v.merchant_serial(Some("0123456789ABCDEF".into()), Some(cert), Some(&key)),
             None
         );
-        assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+        let problems = listed(v);
+        assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            v.problems[0].starts_with("wechatpay.merchant_serial:")
-                && v.problems[0].contains("0123456789ABCDEF")
-                && v.problems[0].contains(want),
-            "{:?}",
-            v.problems
+            problems[0].starts_with("wechatpay.merchant_serial:")
+                && problems[0].contains("0123456789ABCDEF")
+                && problems[0].contains(want),
+            "{problems:?}"
         );
     }
 
@@ -881,15 +843,12 @@ mod tests {
         v.merchant_serial(None, Some(other), Some(&key));
         v.merchant_serial(None, Some(not_a_cert), Some(&key));
         v.merchant_serial(None, None, Some(&key));
-        assert_eq!(v.problems.len(), 3, "{:?}", v.problems);
-        assert!(v.problems[0].contains("is not the certificate of wechatpay.merchant_key"));
-        assert!(v.problems[1].starts_with("wechatpay.merchant_certificate:"));
-        assert!(
-            v.problems[1].contains("no CERTIFICATE block"),
-            "{:?}",
-            v.problems
-        );
-        assert!(v.problems[2].starts_with("wechatpay.merchant_serial: missing"));
+        let problems = listed(v);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("is not the certificate of wechatpay.merchant_key"));
+        assert!(problems[1].starts_with("wechatpay.merchant_certificate:"));
+        assert!(problems[1].contains("no CERTIFICATE block"), "{problems:?}");
+        assert!(problems[2].starts_with("wechatpay.merchant_serial: missing"));
     }
 
     /// The Alipay console's bare base64 keys (PKCS#1 private, SPKI public) load as they are.
@@ -904,11 +863,15 @@ mod tests {
             .expect("pkcs8")
             .to_pkcs1_der()
             .expect("pkcs1");
-        let public_der =
-            crate::crypto::pem_blocks(&crate::crypto::test_key(1).public.to_pem(), "k")
-                .expect("pem")
-                .remove(0)
-                .der;
+        let public_der = {
+            use rustls_pki_types::pem::PemObject as _;
+            rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(
+                crate::crypto::test_key(1).public.to_pem().as_bytes(),
+            )
+            .expect("pem")
+            .as_ref()
+            .to_vec()
+        };
         let private = write(
             dir.path(),
             "app_private_key.txt",
@@ -952,10 +915,10 @@ mod tests {
             path: &config,
             base: dir,
             env: &lookup,
-            problems: Vec::new(),
+            problems: Problems::new(WHAT),
         };
         let upstream = v.upstream(raw);
-        (upstream, v.problems)
+        (upstream, listed(v))
     }
 
     fn raw_upstream(http_proxy: Option<&str>, trust: Option<&str>) -> RawUpstream {
@@ -1119,12 +1082,14 @@ mod tests {
         let path = dir.path().join("apiclient_key.pem");
         std::fs::write(&path, "x").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        let err = check_private(&path).unwrap_err();
+        let err = crate::config_file::check_private_file(&path)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("apiclient_key.pem") && err.contains("640"),
             "{err}"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(check_private(&path).is_ok());
+        assert!(crate::config_file::check_private_file(&path).is_ok());
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::store::{Store, StoreError};
 use crate::platform::FailureClass;
 use crate::platform::wechatpay::{Device, MAX_PAGE_LIMIT, WechatPayClient, WechatPayError};
+use crate::sync::{lock, read, write};
 use crate::units::unix_now;
 
 /// The most pages one sync reads (100 000 devices): a guard against a list that never ends.
@@ -342,16 +343,13 @@ impl RateLimiter {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The fleet: the last synced list in memory, cached in the proxy's store, and the pacing of
 /// every request for it.
 #[derive(Debug)]
 pub struct Fleet {
-    snapshot: RwLock<Arc<FleetSnapshot>>,
-    by_sn: RwLock<Arc<HashMap<String, bool>>>,
+    /// The list and the index derived from it, swapped together under one lock: a reader never
+    /// sees a new index with an old list.
+    current: RwLock<Arc<Indexed>>,
     store: Store,
     limiter: RateLimiter,
     /// One sync at a time (the schedule's and an admin's `POST /fleet/sync`): two would page
@@ -359,6 +357,30 @@ pub struct Fleet {
     syncing: tokio::sync::Mutex<()>,
     /// Syncs that succeeded, so a caller that waited for one knows it has a fresh list.
     synced: std::sync::atomic::AtomicU64,
+}
+
+/// A synced list and its lookup by serial (activated or not).
+#[derive(Debug, Default)]
+struct Indexed {
+    snapshot: Arc<FleetSnapshot>,
+    by_sn: HashMap<String, bool>,
+}
+
+impl Indexed {
+    fn new(snapshot: FleetSnapshot) -> Self {
+        let by_sn = snapshot
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
+                d.device_sn.clone().map(|sn| (sn, activated))
+            })
+            .collect();
+        Self {
+            snapshot: Arc::new(snapshot),
+            by_sn,
+        }
+    }
 }
 
 impl Fleet {
@@ -373,8 +395,7 @@ impl Fleet {
     pub fn with_limiter(store: Store, limiter: RateLimiter) -> Result<Self, FleetError> {
         let snapshot = store.fleet()?.unwrap_or_default();
         let fleet = Self {
-            snapshot: RwLock::new(Arc::new(FleetSnapshot::default())),
-            by_sn: RwLock::new(Arc::new(HashMap::new())),
+            current: RwLock::new(Arc::new(Indexed::default())),
             store,
             limiter,
             syncing: tokio::sync::Mutex::new(()),
@@ -394,43 +415,21 @@ impl Fleet {
     }
 
     fn install(&self, snapshot: FleetSnapshot) {
-        let by_sn = snapshot
-            .devices
-            .iter()
-            .filter_map(|d| {
-                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
-                d.device_sn.clone().map(|sn| (sn, activated))
-            })
-            .collect();
-        *self
-            .by_sn
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(by_sn);
-        *self
-            .snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(snapshot);
+        *write(&self.current) = Arc::new(Indexed::new(snapshot));
     }
 
     /// The last synced list.
     pub fn snapshot(&self) -> Arc<FleetSnapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        read(&self.current).snapshot.clone()
     }
 
     /// What the list says of `device_sn`.
     pub fn status(&self, device_sn: &str) -> FleetStatus {
-        if self.snapshot().synced_at.is_none() {
+        let current = read(&self.current).clone();
+        if current.snapshot.synced_at.is_none() {
             return FleetStatus::Unknown;
         }
-        match self
-            .by_sn
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(device_sn)
-        {
+        match current.by_sn.get(device_sn) {
             Some(true) => FleetStatus::Activated,
             Some(false) => FleetStatus::Inactivated,
             None => FleetStatus::Unlisted,

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::prometheus::Text;
+use crate::sync::lock;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -30,10 +31,6 @@ pub struct ProxyMetrics {
     upstream: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Upstream failures by (platform, class).
     upstream_failures: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ProxyMetrics {

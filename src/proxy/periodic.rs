@@ -1,6 +1,6 @@
 //! The proxy's background duties (fleet sync, platform certificate refresh) as one loop: a
 //! first run after a given delay, then every interval (up to `jitter` early), a failed run
-//! retried with full-jitter backoff (never sooner than `backoff_min`), until shutdown.
+//! retried with the shared [`Backoff`] (never sooner than `backoff_min`), until shutdown.
 //!
 //! Owns: the sleeping and the failure log line. It must not know what a duty does: the duty
 //! logs its own success.
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::Schedule;
+use crate::schedule::{Backoff, Schedule};
 
 /// Runs `duty` first after `first_in`, then on `schedule`, until `shutdown`. A failure is
 /// logged at warning level as `failed` with the error, the attempt and the backoff.
@@ -25,8 +25,8 @@ pub async fn repeat<F, Fut, E>(
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error,
 {
+    let mut backoff = Backoff::new(schedule);
     let mut delay = first_in;
-    let mut failures = 0;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -36,19 +36,15 @@ pub async fn repeat<F, Fut, E>(
             () = shutdown.cancelled() => return,
             r = duty() => r,
         };
+        let unit = crate::crypto::random_unit();
         delay = match result {
-            Ok(()) => {
-                failures = 0;
-                schedule.next_interval(crate::crypto::random_unit())
-            }
+            Ok(()) => backoff.succeeded(unit),
             Err(error) => {
-                failures += 1;
-                let delay = schedule
-                    .retry_delay(failures, None, crate::crypto::random_unit())
-                    .max(schedule.backoff_min);
+                // Never sooner than the minimum: a duty is a burst of platform requests.
+                let delay = backoff.failed(None, unit).max(schedule.backoff_min);
                 tracing::warn!(
                     error = %crate::error_chain(&error),
-                    attempt = failures,
+                    attempt = backoff.failures(),
                     backoff_ms = delay.as_millis() as u64,
                     "{failed}"
                 );

@@ -23,10 +23,7 @@ use crate::platform::aliyun::{self, AliyunClient};
 use crate::platform::wechatpay::{AuthinfoParams, WechatPayClient};
 use crate::platform::{Failure, FailureClass};
 use crate::units::unix_now;
-use crate::wire::{self, ErrorBody, UpstreamDetail, codes};
-
-/// Largest raw_data forwarded.
-const MAX_RAW_DATA: usize = 48 * 1024;
+use crate::wire::{self, ErrorBody, MAX_RAW_DATA, UpstreamDetail, codes};
 
 /// Everything the routes use.
 #[derive(Debug)]

@@ -418,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn request_signed_with_the_wrong_key_is_refused_and_not_retryable() {
         let t = start_https(world()).await;
-        let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
+        let other = crate::crypto::test_key(4);
         let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .device_query(&by_id("tid-1"))
             .await
@@ -436,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn app_auth_token_echoed_by_the_gateway_is_redacted() {
         let t = start_https(world()).await;
-        let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
+        let other = crate::crypto::test_key(4);
         let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .with_app_auth_token("202401BB-secret-token")
             .device_query(&by_id("tid-1"))

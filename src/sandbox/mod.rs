@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
+use crate::sync::lock;
 
 /// Which simulated platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,12 +115,6 @@ impl Faults {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a sandbox lock only happens in a failing test; the data (faults,
-    // counters) stays meaningful, so recover it rather than cascade the panic.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// What the simulated platforms know: the merchant's devices and their facts.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -151,6 +146,9 @@ pub struct World {
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,
+    /// How long WeChat Pay's window of 20 device-list requests lasts; `None` for the documented
+    /// second. A test that must see the limit whatever the machine's speed stretches it.
+    pub device_list_window: Option<Duration>,
 }
 
 /// The keys the simulated platforms verify with and sign with.
@@ -219,12 +217,25 @@ impl SandboxKeys {
     /// A complete key set made on the spot (2048-bit RSA keys, a random AccessKey pair), and
     /// the merchant's halves of it. For tests and the demo.
     pub fn generate() -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
-        use crate::crypto::{generate_rsa_key, hex, random_bytes};
+        use crate::crypto::generate_rsa_key;
+        Self::from_rsa_keys(
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+        )
+    }
+
+    /// A key set around four given RSA keys (tests reuse keys across labs: generating them is
+    /// the slow part), with fresh random serials, key ids and AccessKey pair.
+    pub fn from_rsa_keys(
+        wechat_merchant: &crate::crypto::GeneratedKey,
+        wechat_platform: &crate::crypto::GeneratedKey,
+        alipay_app: &crate::crypto::GeneratedKey,
+        alipay_platform: &crate::crypto::GeneratedKey,
+    ) -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
+        use crate::crypto::{hex, random_bytes};
         let signer = |pem: &str| RsaSigner::from_pem(pem, "a generated sandbox key");
-        let wechat_merchant = generate_rsa_key(2048)?;
-        let wechat_platform = generate_rsa_key(2048)?;
-        let alipay_app = generate_rsa_key(2048)?;
-        let alipay_platform = generate_rsa_key(2048)?;
         let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
         let aliyun_access_key_secret = hex(&random_bytes(15)?);
         let mchid = "1900000001";
@@ -270,11 +281,11 @@ impl SandboxKeys {
             )]),
         };
         let secrets = MerchantSecrets {
-            wechat_merchant_private_pem: wechat_merchant.private_pem,
+            wechat_merchant_private_pem: wechat_merchant.private_pem.clone(),
             wechat_merchant_certificate_pem: certificate,
-            alipay_app_private_pem: alipay_app.private_pem,
-            alipay_platform_public: alipay_platform.public,
-            wechat_platform_public: wechat_platform.public,
+            alipay_app_private_pem: alipay_app.private_pem.clone(),
+            alipay_platform_public: alipay_platform.public.clone(),
+            wechat_platform_public: wechat_platform.public.clone(),
             aliyun_access_key_id,
             aliyun_access_key_secret,
             wechat_apiv3_key: apiv3_key,
@@ -619,7 +630,10 @@ pub(crate) mod test_support {
 
     /// Generates keys and a PKI, and starts the sandbox with `world` on an ephemeral port.
     pub(crate) async fn start_https(world: World) -> TestSandbox {
-        let (keys, secrets) = SandboxKeys::generate().expect("keys");
+        use crate::crypto::test_key;
+        let (keys, secrets) =
+            SandboxKeys::from_rsa_keys(test_key(0), test_key(1), test_key(2), test_key(3))
+                .expect("keys");
         let pki = crate::tls::generate_pki("sandbox test ca", &["127.0.0.1"]).expect("pki");
         let server = crate::tls::server_config_generated(&pki).expect("server config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::units::HumanDuration;
 
 /// Where `authinfod` looks for its config when `--config` is not given.
@@ -153,8 +154,8 @@ pub struct ProxyConfig {
     /// `https://host:port`, without a trailing slash.
     pub url: String,
     pub ca_file: PathBuf,
-    /// The CA bundle's PEM text, read at validation.
-    pub ca_pem: String,
+    /// TLS to the proxy, trusting exactly the CA bundle of `ca_file`: built once, at validation.
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub timeout: Duration,
 }
 
@@ -205,88 +206,63 @@ pub struct Config {
     pub health: HealthConfig,
 }
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid TOML for authinfod: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// Why a config could not be used (shared with the proxy's files).
+pub use crate::config_file::ConfigError;
+
+/// What the daemon's config is called in errors.
+const WHAT: &str = "authinfod config file";
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(&text, path)
+    parse(&crate::config_file::read(WHAT, path)?, path)
 }
 
 /// Validates config text; `path` names it in errors and anchors nothing else.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let mut problems = Vec::new();
+    let raw: RawConfig = crate::config_file::parse_toml(WHAT, text, path)?;
+    let mut problems = Problems::new(WHAT);
     let config = validate(raw, &mut problems);
-    match config {
-        Some(config) if problems.is_empty() => Ok(config),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        }),
-    }
+    problems.finish(path, config)
 }
 
-fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
+fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
     let device_id = match raw.device_id {
         Some(id) if crate::wire::valid_device_id(&id) => Some(id),
         Some(id) => {
-            problems.push(format!(
-                "device_id: {id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"
-            ));
+            problems.push(
+                "device_id",
+                format_args!("{id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"),
+            );
             None
         }
         None => {
             problems.push(
-                "device_id: missing (the id this terminal is enrolled under at the proxy)".into(),
+                "device_id",
+                "missing (the id this terminal is enrolled under at the proxy)",
             );
             None
         }
     };
-    let key_file = absolute("key_file", raw.key_file, None, problems);
-    let state_dir = absolute(
+    let key_file = problems.absolute("key_file", raw.key_file, None);
+    let state_dir = problems.absolute(
         "state_dir",
         raw.state_dir,
         Some(PathBuf::from(DEFAULT_STATE_DIR)),
-        problems,
     );
     let proxy = match raw.proxy {
         Some(p) => validate_proxy(p, problems),
         None => {
-            problems.push("proxy: missing section [proxy] with url and ca_file".into());
+            problems.push("proxy", "missing section [proxy] with url and ca_file");
             None
         }
     };
     let socket = validate_socket(raw.socket, problems);
     let refresh = validate_refresh(raw.refresh, problems);
     let health = HealthConfig {
-        interval: positive(
+        interval: problems.positive(
             "health.interval",
             raw.health.interval,
             DEFAULT_HEALTH_INTERVAL,
-            problems,
         ),
         inspection: raw.health.inspection.unwrap_or(true),
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
@@ -303,77 +279,32 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
     })
 }
 
-fn absolute(
-    field: &str,
-    value: Option<PathBuf>,
-    default: Option<PathBuf>,
-    problems: &mut Vec<String>,
-) -> Option<PathBuf> {
-    match value.or(default) {
-        Some(p) if p.is_absolute() => Some(p),
-        Some(p) => {
-            problems.push(format!("{field}: {} is not an absolute path", p.display()));
-            None
-        }
-        None => {
-            problems.push(format!("{field}: missing"));
-            None
-        }
-    }
-}
-
-fn positive(
-    field: &str,
-    value: Option<HumanDuration>,
-    default: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
-    let d = value.map_or(default, |h| h.0);
-    if d.is_zero() {
-        problems.push(format!("{field}: must be more than zero"));
-    }
-    d
-}
-
-fn validate_proxy(raw: RawProxy, problems: &mut Vec<String>) -> Option<ProxyConfig> {
+fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig> {
     let url = match raw.url {
         Some(u) => match check_https_url(&u) {
             Ok(u) => Some(u),
             Err(e) => {
-                problems.push(format!("proxy.url: {e}"));
+                problems.push("proxy.url", format_args!("{e}"));
                 None
             }
         },
         None => {
-            problems.push("proxy.url: missing".into());
+            problems.push("proxy.url", "missing");
             None
         }
     };
-    let ca_file = absolute("proxy.ca_file", raw.ca_file, None, problems);
-    let ca_pem = ca_file.as_ref().and_then(|path| {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| {
-                problems.push(format!(
-                    "proxy.ca_file: cannot read {}: {e}",
-                    path.display()
-                ))
-            })
-            .ok()?;
+    let ca_file = problems.absolute("proxy.ca_file", raw.ca_file, None);
+    let tls = ca_file.as_ref().and_then(|path| {
+        let text = problems.read_file("proxy.ca_file", path)?;
         crate::tls::client_config_pinned(&text, &path.display().to_string())
-            .map_err(|e| problems.push(format!("proxy.ca_file: {e}")))
-            .ok()?;
-        Some(text)
+            .map_err(|e| problems.push("proxy.ca_file", e))
+            .ok()
     });
-    let timeout = positive(
-        "proxy.timeout",
-        raw.timeout,
-        DEFAULT_PROXY_TIMEOUT,
-        problems,
-    );
+    let timeout = problems.positive("proxy.timeout", raw.timeout, DEFAULT_PROXY_TIMEOUT);
     Some(ProxyConfig {
         url: url?,
         ca_file: ca_file?,
-        ca_pem: ca_pem?,
+        tls: std::sync::Arc::new(tls?),
         timeout,
     })
 }
@@ -397,11 +328,11 @@ pub fn check_https_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
-fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketConfig> {
+fn validate_socket(raw: RawSocket, problems: &mut Problems) -> Option<SocketConfig> {
     let address = match SocketAddress::parse(raw.path.as_deref().unwrap_or(DEFAULT_SOCKET_PATH)) {
         Ok(a) => Some(a),
         Err(e) => {
-            problems.push(format!("socket.path: {e}"));
+            problems.push("socket.path", format_args!("{e}"));
             None
         }
     };
@@ -410,15 +341,17 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
         Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
             Ok(mode) if mode <= 0o777 && mode & 0o007 == 0 => Some(mode),
             Ok(_) => {
-                problems.push(format!(
-                    "socket.mode: {m:?} must not give others access (use 0660 or tighter)"
-                ));
+                problems.push(
+                    "socket.mode",
+                    format_args!("{m:?} must not give others access (use 0660 or tighter)"),
+                );
                 None
             }
             Err(_) => {
-                problems.push(format!(
-                    "socket.mode: {m:?} is not an octal mode like \"0660\""
-                ));
+                problems.push(
+                    "socket.mode",
+                    format_args!("{m:?} is not an octal mode like \"0660\""),
+                );
                 None
             }
         },
@@ -428,7 +361,7 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
         .and_then(|name| match resolve_group(&IdOrName::Name(name.clone())) {
             Ok(gid) => Some((name, gid)),
             Err(e) => {
-                problems.push(format!("socket.group: {e}"));
+                problems.push("socket.group", format_args!("{e}"));
                 None
             }
         });
@@ -443,7 +376,7 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
     };
     let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if !(1..=4096).contains(&max_connections) {
-        problems.push("socket.max_connections: must be 1 to 4096".into());
+        problems.push("socket.max_connections", "must be 1 to 4096");
     }
     Some(SocketConfig {
         address: address?,
@@ -459,7 +392,7 @@ fn resolve_all(
     field: &str,
     list: &[IdOrName],
     resolve: fn(&IdOrName) -> Result<u32, String>,
-    problems: &mut Vec<String>,
+    problems: &mut Problems,
 ) -> Option<BTreeSet<u32>> {
     let mut ids = BTreeSet::new();
     let mut ok = true;
@@ -469,7 +402,7 @@ fn resolve_all(
                 ids.insert(id);
             }
             Err(e) => {
-                problems.push(format!("{field}: {e}"));
+                problems.push(field, e);
                 ok = false;
             }
         }
@@ -503,57 +436,51 @@ fn resolve_group(entry: &IdOrName) -> Result<u32, String> {
     }
 }
 
-fn validate_refresh(raw: RawRefresh, problems: &mut Vec<String>) -> Option<RefreshConfig> {
-    let interval = positive("refresh.interval", raw.interval, DEFAULT_INTERVAL, problems);
+fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshConfig> {
+    let interval = problems.positive("refresh.interval", raw.interval, DEFAULT_INTERVAL);
     let jitter = raw.jitter.unwrap_or(DEFAULT_JITTER);
     if !(0.0..=0.5).contains(&jitter) {
-        problems.push(format!(
-            "refresh.jitter: {jitter} must be between 0.0 and 0.5"
-        ));
+        problems.push(
+            "refresh.jitter",
+            format_args!("{jitter} must be between 0.0 and 0.5"),
+        );
     }
-    let backoff_min = positive(
-        "refresh.backoff_min",
-        raw.backoff_min,
-        DEFAULT_BACKOFF_MIN,
-        problems,
-    );
-    let backoff_max = positive(
-        "refresh.backoff_max",
-        raw.backoff_max,
-        DEFAULT_BACKOFF_MAX,
-        problems,
-    );
+    let backoff_min =
+        problems.positive("refresh.backoff_min", raw.backoff_min, DEFAULT_BACKOFF_MIN);
+    let backoff_max =
+        problems.positive("refresh.backoff_max", raw.backoff_max, DEFAULT_BACKOFF_MAX);
     if backoff_max < backoff_min {
-        problems.push("refresh.backoff_max: must not be less than refresh.backoff_min".into());
+        problems.push(
+            "refresh.backoff_max",
+            "must not be less than refresh.backoff_min",
+        );
     }
-    let assumed_validity = positive(
+    let assumed_validity = problems.positive(
         "refresh.assumed_validity",
         raw.assumed_validity,
         DEFAULT_ASSUMED_VALIDITY,
-        problems,
     );
     let raw_data_command = match raw.raw_data_command {
         Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
             problems.push(
-                "refresh.raw_data_command: needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]"
-                    .into(),
+                "refresh.raw_data_command",
+                "needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]",
             );
             None
         }
         Some(cmd) if !Path::new(&cmd[0]).is_absolute() => {
-            problems.push(format!(
-                "refresh.raw_data_command: {:?} must be an absolute path",
-                cmd[0]
-            ));
+            problems.push(
+                "refresh.raw_data_command",
+                format_args!("{:?} must be an absolute path", cmd[0]),
+            );
             None
         }
         other => other,
     };
-    let raw_data_command_timeout = positive(
+    let raw_data_command_timeout = problems.positive(
         "refresh.raw_data_command_timeout",
         raw.raw_data_command_timeout,
         DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
-        problems,
     );
     Some(RefreshConfig {
         interval,
@@ -596,7 +523,7 @@ pub fn test_config(dir: &Path) -> Config {
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
-            ca_pem: String::new(),
+            tls: std::sync::Arc::new(crate::tls::client_config_trusting_nothing()),
             timeout: DEFAULT_PROXY_TIMEOUT,
         },
         socket: SocketConfig {

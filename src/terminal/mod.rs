@@ -3,7 +3,9 @@
 //!
 //! - [`config`]: the TOML config, defaults and validation.
 //! - [`store`]: sled persistence with recovery.
-//! - [`state`]: the shared in-memory state and the status document.
+//! - [`doc`]: the socket API's documents and route table, as types servers and clients share.
+//! - [`device`]: the device health facts as data (checks, records, their document).
+//! - [`state`]: the shared in-memory state: served authinfo, refresh bookkeeping, health.
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
@@ -18,6 +20,8 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod device;
+pub mod doc;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
@@ -51,8 +55,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DaemonError {
     #[error("cannot load the device key")]
     Key(#[source] CryptoError),
-    #[error("the device key {path} is readable by group or others (mode {mode:o}); run chmod 600")]
-    KeyPermissions { path: std::path::PathBuf, mode: u32 },
+    #[error("the device key cannot be used")]
+    KeyFile(#[from] crate::config_file::PrivateFileError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -64,10 +68,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when fixing the configuration (or the files it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            Self::Key(_) | Self::KeyPermissions { .. } | Self::Tls(_)
-        )
+        matches!(self, Self::Key(_) | Self::KeyFile(_) | Self::Tls(_))
     }
 }
 
@@ -77,6 +78,8 @@ pub struct RunOptions {
     pub notifier: Notifier,
     /// systemd's watchdog period (`WATCHDOG_USEC`), when enabled.
     pub watchdog: Option<Duration>,
+    /// The wall clock (the system's; tests shift it).
+    pub clock: Arc<crate::units::WallClock>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -115,15 +118,18 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        check_key_permissions(&config.key_file)?;
+        crate::config_file::check_private_file(&config.key_file)?;
         let key = RsaSigner::from_file(&config.key_file).map_err(DaemonError::Key)?;
         let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(ProxyClient::new(
-            &config.proxy.url,
-            &config.proxy.ca_pem,
-            signer,
-            config.proxy.timeout,
-        )?);
+        let upstream = Arc::new(
+            ProxyClient::new(
+                &config.proxy.url,
+                &config.proxy.tls,
+                signer,
+                config.proxy.timeout,
+            )?
+            .with_clock(options.clock.clone()),
+        );
         Self::start_with_upstream(config, options, upstream).await
     }
 
@@ -141,13 +147,12 @@ impl Daemon {
                 "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
             );
         }
-        let held = store.authinfo()?;
-        let state = State::new(config, store, held);
+        let state = State::load(config, store, options.clock.clone())?;
         match state.current() {
             Some(served) => tracing::info!(
                 authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(crate::units::unix_now()),
-                state = state::freshness_name(served.freshness(crate::units::unix_now(), state.config.refresh.interval)),
+                age_seconds = served.age(state.now()),
+                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
                 "serving the stored authinfo"
             ),
             None => tracing::info!(
@@ -215,17 +220,4 @@ async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {
     for task in tasks {
         let _ = task.await;
     }
-}
-
-fn check_key_permissions(path: &std::path::Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::MetadataExt as _;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.mode() & 0o077 != 0
-    {
-        return Err(DaemonError::KeyPermissions {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o777,
-        });
-    }
-    Ok(())
 }

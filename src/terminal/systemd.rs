@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::state::{State, freshness_name};
-use crate::units::{format_duration, unix_now};
+use super::state::State;
+use crate::units::format_duration;
 
 /// A loop that has not reported in for this long counts as stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(60);
@@ -91,14 +91,14 @@ fn send_abstract(
 
 /// The one-line story for `STATUS=`.
 pub fn status_line(state: &State) -> String {
-    let now = unix_now();
+    let now = state.now();
     let status = state.refresh_status().clone();
     let authinfo = match state.current() {
         None => "no authinfo yet".to_owned(),
         Some(s) => format!(
             "authinfo {} {} (age {}, {} left)",
             s.fingerprint,
-            freshness_name(s.freshness(now, state.config.refresh.interval)),
+            s.freshness(now, state.config.refresh.interval).as_str(),
             format_duration(Duration::from_secs(s.age(now))),
             format_duration(Duration::from_secs(
                 u64::try_from(s.held.expires_at - now).unwrap_or(0)
@@ -106,7 +106,7 @@ pub fn status_line(state: &State) -> String {
         ),
     };
     let next = match (status.waiting_for, status.next_attempt_at) {
-        (Some(w), _) => format!("waiting for {w}"),
+        (Some(w), _) => format!("waiting for {}", w.as_str()),
         (None, Some(t)) => format!(
             "next refresh in {}",
             format_duration(Duration::from_secs(u64::try_from(t - now).unwrap_or(0)))
@@ -198,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = crate::terminal::config::test_config(dir.path());
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::new(config, store, None);
+        let state = State::load(config, store, Arc::default()).expect("state");
         let beat = |slot: &std::sync::atomic::AtomicU64| {
             crate::terminal::state::Heartbeats::beat(
                 slot,

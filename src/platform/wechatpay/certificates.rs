@@ -221,7 +221,7 @@ impl WechatPayClient {
             request_id: raw.request_id.clone(),
             source,
         };
-        let now = super::client::unix_now();
+        let now = crate::units::unix_now();
         let verification = if trusted.contains(&signer) {
             trusted.verify(&raw.headers, &raw.body, now).map_err(bad)?;
             Verification::Trusted(signer)

@@ -7,7 +7,9 @@
 //! failure class and the limits in [`super`]), and must not log keys, signatures, raw_data or
 //! authinfo values; it logs each answer's `Request-ID`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::units::unix_now;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
@@ -480,15 +482,6 @@ impl WechatPayClient {
             body,
         })
     }
-}
-
-/// Unix seconds now (0 on a clock before 1970, which only fails the timestamp window).
-pub(super) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_secs()).ok())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -151,17 +151,14 @@ impl PlatformKeys {
         pem: &str,
         what: &str,
     ) -> Result<Vec<String>, KeysError> {
-        let blocks = crypto::pem_blocks(pem, what).map_err(|source| KeysError::Pem {
-            what: what.to_owned(),
-            source,
-        })?;
+        let certificates =
+            crypto::pem_certificates(pem, what).map_err(|source| KeysError::Pem {
+                what: what.to_owned(),
+                source,
+            })?;
         let mut serials = Vec::new();
-        for (index, block) in blocks
-            .iter()
-            .filter(|b| b.label == "CERTIFICATE")
-            .enumerate()
-        {
-            let info = read_certificate(&block.der, what, index)?;
+        for (index, der) in certificates.iter().enumerate() {
+            let info = read_certificate(der, what, index)?;
             serials.push(info.serial.clone());
             self.add_certificate(info);
         }
@@ -311,32 +308,29 @@ pub fn read_certificate(
 /// Reads the first certificate of a PEM file (`apiclient_cert.pem`: the merchant API
 /// certificate, whose serial is the `serial_no` of every request).
 pub fn read_certificate_pem(pem: &str, what: &str) -> Result<CertificateInfo, KeysError> {
-    let blocks = crypto::pem_blocks(pem, what).map_err(|source| KeysError::Pem {
+    let certificates = crypto::pem_certificates(pem, what).map_err(|source| KeysError::Pem {
         what: what.to_owned(),
         source,
     })?;
-    let block = blocks
-        .iter()
-        .find(|b| b.label == "CERTIFICATE")
+    let der = certificates
+        .first()
         .ok_or_else(|| KeysError::NoCertificate {
             what: what.to_owned(),
         })?;
-    read_certificate(&block.der, what, 0)
+    read_certificate(der, what, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{GeneratedKey, RsaSigner, generate_rsa_key};
-    use std::sync::OnceLock;
+    use crate::crypto::{GeneratedKey, RsaSigner};
 
     const NOW: i64 = 1_763_000_000;
     const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000";
     const BODY: &[u8] = br#"{"authinfo":"A"}"#;
 
     fn platform() -> &'static GeneratedKey {
-        static KEY: OnceLock<GeneratedKey> = OnceLock::new();
-        KEY.get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+        crate::crypto::test_key(1)
     }
 
     fn signed_headers(serial: &str, timestamp: i64, body: &[u8]) -> http::HeaderMap {
