@@ -5,6 +5,7 @@
 //!
 //! - [`config_file`]: what the config files share: TOML reading, the problems collector, the
 //!   one config error type and the private-file permission check.
+//! - [`events`]: the journal MESSAGE_IDs of the log lines an operator acts on.
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
@@ -42,6 +43,7 @@
 
 pub mod config_file;
 pub mod crypto;
+pub mod events;
 pub mod prometheus;
 pub mod schedule;
 pub mod serve;

@@ -145,6 +145,7 @@ impl CertificateKeeper {
         for serial in &added {
             if let Some(c) = known.get(serial) {
                 tracing::info!(
+                    message_id = crate::events::PLATFORM_CERTIFICATE_NEW,
                     serial = %serial,
                     not_after = %crate::units::rfc3339(c.info.not_after),
                     "new wechat pay platform certificate"
@@ -158,6 +159,7 @@ impl CertificateKeeper {
             let left = latest.saturating_sub(now);
             if left < i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
                 tracing::warn!(
+                    message_id = crate::events::PLATFORM_CERTIFICATES_EXPIRING,
                     days_left = left / 86_400,
                     "every wechat pay platform certificate expires within 30 days and no newer one is published"
                 );
@@ -191,10 +193,12 @@ pub async fn run(
         schedule,
         first_in,
         shutdown,
+        crate::events::PLATFORM_CERTIFICATES_FAILED,
         "platform certificate refresh failed; keeping the trusted ones",
         || async {
             let refreshed = keeper.refresh(&client).await?;
             tracing::info!(
+                message_id = crate::events::PLATFORM_CERTIFICATES_REFRESHED,
                 certificates = refreshed.kept.len(),
                 added = refreshed.added.len(),
                 expired = refreshed.expired.len(),

@@ -623,11 +623,13 @@ pub async fn run_sync(
         schedule,
         delay,
         shutdown,
+        crate::events::FLEET_SYNC_FAILED,
         "fleet sync failed; keeping the cached list",
         || async {
             let started = Instant::now();
             let n = fleet.sync(&client).await?;
             tracing::info!(
+                message_id = crate::events::FLEET_SYNCED,
                 devices = n,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "fleet synced from wechat pay"

@@ -122,9 +122,13 @@ impl RunningProxy {
     /// Re-reads the registry; on failure the old one stays and the error is logged.
     pub fn reload_registry(&self) {
         match self.app.registry.reload() {
-            Ok(n) => tracing::info!(devices = n, "registry reloaded"),
+            Ok(n) => tracing::info!(
+                message_id = crate::events::REGISTRY_RELOADED,
+                devices = n,
+                "registry reloaded"
+            ),
             Err(error) => {
-                tracing::error!(error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
+                tracing::error!(message_id = crate::events::REGISTRY_RELOAD_FAILED, error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
             }
         }
     }
@@ -134,7 +138,10 @@ impl RunningProxy {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
-        tracing::info!("authinfo-proxy stopped");
+        tracing::info!(
+            message_id = crate::events::PROXY_STOPPED,
+            "authinfo-proxy stopped"
+        );
     }
 }
 
@@ -151,7 +158,7 @@ fn http(
 /// Builds the platform clients, loads the registry and the fleet cache, binds both listeners and
 /// starts serving, syncing the fleet when enabled.
 pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
-    tracing::info!(
+    tracing::info!(message_id = crate::events::PROXY_STARTED,
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.listen,
         admin_listen = %config.admin_listen,
@@ -292,7 +299,7 @@ async fn start_certificates(
             "stored wechat pay platform certificates loaded"
         ),
         Err(error) => {
-            tracing::error!(error = %crate::error_chain(&error), "stored wechat pay platform certificates are unreadable; downloading them again")
+            tracing::error!(message_id = crate::events::PLATFORM_CERTIFICATES_FAILED, error = %crate::error_chain(&error), "stored wechat pay platform certificates are unreadable; downloading them again")
         }
     }
     if !wechat.keys().is_empty() {
@@ -301,13 +308,14 @@ async fn start_certificates(
     match keeper.refresh(wechat).await {
         Ok(refreshed) => {
             tracing::info!(
+                message_id = crate::events::PLATFORM_CERTIFICATES_REFRESHED,
                 certificates = refreshed.kept.len(),
                 "wechat pay platform certificates downloaded for the first time"
             );
             (keeper, certificates::REFRESH_INTERVAL)
         }
         Err(error) => {
-            tracing::error!(error = %crate::error_chain(&error), "cannot download the wechat pay platform certificates; answers cannot be verified until a retry succeeds");
+            tracing::error!(message_id = crate::events::PLATFORM_CERTIFICATES_FAILED, error = %crate::error_chain(&error), "cannot download the wechat pay platform certificates; answers cannot be verified until a retry succeeds");
             (keeper, std::time::Duration::from_secs(30))
         }
     }

@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 use crate::schedule::{Backoff, Schedule};
 
 /// Runs `duty` first after `first_in`, then on `schedule`, until `shutdown`. A failure is
-/// logged at warning level as `failed` with the error, the attempt and the backoff.
+/// logged at warning level as `failed` (journal `MESSAGE_ID` `failed_id`, one of
+/// [`crate::events`]) with the error, the attempt and the backoff.
 pub async fn repeat<F, Fut, E>(
     schedule: Schedule,
     first_in: Duration,
     shutdown: CancellationToken,
+    failed_id: &'static str,
     failed: &'static str,
     mut duty: F,
 ) where
@@ -43,6 +45,7 @@ pub async fn repeat<F, Fut, E>(
                 // Never sooner than the minimum: a duty is a burst of platform requests.
                 let delay = backoff.failed(None, unit).max(schedule.backoff_min);
                 tracing::warn!(
+                    message_id = failed_id,
                     error = %crate::error_chain(&error),
                     attempt = backoff.failures(),
                     backoff_ms = delay.as_millis() as u64,
@@ -84,6 +87,7 @@ mod tests {
                 schedule,
                 Duration::from_secs(5),
                 shutdown,
+                crate::events::FLEET_SYNC_FAILED,
                 "duty failed",
                 move || {
                     let n = runs.fetch_add(1, Ordering::SeqCst);

@@ -203,7 +203,7 @@ async fn terminal(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
                 app.metrics.count_auth_failure(error.classify().1);
             }
             let upstream = body.upstream.as_ref();
-            tracing::warn!(
+            tracing::warn!(message_id = crate::events::TERMINAL_REFUSED,
                 route,
                 device_id = device_id.as_deref(),
                 code = %body.code,
@@ -509,7 +509,7 @@ async fn fleet_sync(State(app): State<Arc<App>>) -> Response {
         Ok(_) => axum::Json(&*app.fleet.snapshot()).into_response(),
         Err(error) => {
             let refusal = SyncRefusal::from(&error);
-            tracing::warn!(error = %refusal.message, "fleet sync asked on the admin listener failed");
+            tracing::warn!(message_id = crate::events::FLEET_SYNC_FAILED, error = %refusal.message, "fleet sync asked on the admin listener failed");
             let status = match refusal.code {
                 SyncRefusalCode::DailyBudgetSpent => StatusCode::TOO_MANY_REQUESTS,
                 SyncRefusalCode::SyncFailed => StatusCode::BAD_GATEWAY,

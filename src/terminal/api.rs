@@ -296,7 +296,7 @@ fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, Api
     let triggered = state
         .accept_raw_data(value)
         .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
-    tracing::info!(raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
     Ok(ApiResponse::json(
         202,
         &RawDataAccepted {

@@ -102,7 +102,7 @@ impl Daemon {
     /// Loads the key, opens the store (moving a broken one aside), binds the socket and tells
     /// systemd `READY=1`. No network call happens here: a stored authinfo is served at once.
     pub async fn start(config: Config, options: RunOptions) -> Result<Self, DaemonError> {
-        tracing::info!(
+        tracing::info!(message_id = crate::events::DAEMON_STARTED,
             version = env!("CARGO_PKG_VERSION"),
             device_id = %config.device_id,
             proxy = %config.proxy.url,
@@ -141,7 +141,7 @@ impl Daemon {
     ) -> Result<Self, DaemonError> {
         let (store, recovery) = Store::open(&config.state_dir)?;
         if let Some(r) = recovery {
-            tracing::error!(
+            tracing::error!(message_id = crate::events::STORE_RECOVERED,
                 moved_to = %r.moved_to.display(),
                 reason = %r.reason,
                 "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
@@ -149,7 +149,7 @@ impl Daemon {
         }
         let state = State::load(config, store, options.clock.clone())?;
         match state.current() {
-            Some(served) => tracing::info!(
+            Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
                 authinfo_fingerprint = %served.fingerprint,
                 age_seconds = served.age(state.now()),
                 state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
@@ -212,7 +212,10 @@ impl Daemon {
         if let Err(error) = state.store.flush() {
             tracing::error!(error = %crate::error_chain(&error), "final store flush failed");
         }
-        tracing::info!("authinfod stopped");
+        tracing::info!(
+            message_id = crate::events::DAEMON_STOPPED,
+            "authinfod stopped"
+        );
     }
 }
 

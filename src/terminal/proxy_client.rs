@@ -196,6 +196,7 @@ impl ProxyClient {
             Err(SendError::Skewed { proxy_date, .. }) => {
                 let offset = proxy_date - self.clock.now();
                 tracing::warn!(
+                    message_id = crate::events::CLOCK_SKEW_LEARNED,
                     clock_skew_seconds = offset,
                     "proxy refused our timestamp; learned its clock and retrying once"
                 );

@@ -239,6 +239,7 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
             if !allowed {
                 state.metrics.peers_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
+                    message_id = crate::events::PEER_DENIED,
                     peer_uid = uid,
                     peer_gid = gid,
                     peer_pid = cred.pid(),

@@ -163,6 +163,7 @@ pub async fn supervise(
                 notifier.notify("WATCHDOG=1");
             } else {
                 tracing::error!(
+                    message_id = crate::events::WATCHDOG_WITHHELD,
                     "a daemon loop has not reported in; withholding WATCHDOG=1 so systemd restarts us"
                 );
             }
