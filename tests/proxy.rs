@@ -24,6 +24,7 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::support::logs::capture;
 use crate::support::{
     Reply, TestDaemon, device_key, lab_proxy_config, wait_for_authinfo_and_health, wait_until,
 };
@@ -553,6 +554,10 @@ async fn oversized_body_bad_authorization_unknown_route_and_wrong_method_are_ref
     let r = conn.signed(&a, "DELETE", "/v1/inspection", b"").await;
     assert_refused(&r, 405, codes::METHOD_NOT_ALLOWED);
     assert_eq!(r.header("allow").as_deref(), Some("GET"));
+    // HEAD is another method too (an answer without a body, for a platform call and a nonce).
+    let r = conn.signed(&a, "HEAD", "/v1/licence", b"").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow").as_deref(), Some("GET"));
 
     // 64 KiB is the limit: at it the body is read (and refused as a request: raw_data is
     // capped lower), one byte over it is 413, signed or not.
@@ -571,6 +576,88 @@ async fn oversized_body_bad_authorization_unknown_route_and_wrong_method_are_ref
     assert_refused(&r, 413, codes::BODY_TOO_LARGE);
 
     assert_eq!(upstream_calls(&lab), before, "nothing reached a platform");
+    lab.stop().await;
+}
+
+/// Each terminal request is one log line within the request's span: the route (`other` off the
+/// route table), the device once it is authenticated (never the id an unverified header claims),
+/// the outcome code, the platform's status and request id, and the time taken.
+#[tokio::test]
+async fn each_terminal_request_is_logged_with_its_route_device_and_outcome() {
+    let (_dir, lab) = synced_lab(lab::world(0, 45), "").await;
+    let (logs, _guard) = capture();
+    let a = device_a(&lab);
+    let mut conn = ProxyConnection::open(&lab).await;
+    let r = conn.signed(&a, "GET", "/v1/inspection", b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = conn
+        .signed(
+            &signer(DEVICE_ID, device_key()),
+            "POST",
+            "/v1/authinfo",
+            &authinfo_body("RAW-1"),
+        )
+        .await;
+    assert_refused(&r, 401, codes::BAD_SIGNATURE);
+    let r = conn.signed(&a, "GET", "/v1/secrets", b"").await;
+    assert_refused(&r, 404, codes::NOT_FOUND);
+    lab.sandbox.state.faults.set(
+        Platform::WechatPay,
+        Fault {
+            status: Some(500),
+            ..Fault::default()
+        },
+    );
+    let r = conn.signed(&a, "GET", "/v1/inspection", b"").await;
+    let refusal = assert_refused(&r, 502, codes::UPSTREAM_UNAVAILABLE);
+    let request_id = refusal
+        .upstream
+        .and_then(|u| u.request_id)
+        .expect("WeChat Pay's request id");
+
+    let served = logs.lines_with("proxy::server: served ");
+    let device = format!("device_id=\"{DEVICE_ID}\"");
+    assert!(
+        served.len() == 1
+            && served[0].contains(" INFO ")
+            && served[0].contains("route=\"/v1/inspection\"")
+            && served[0].contains(&device)
+            && served[0].contains("elapsed_ms="),
+        "{served:#?}"
+    );
+    let refused = logs.lines_with("proxy::server: refused ");
+    assert_eq!(refused.len(), 3, "{refused:#?}");
+    assert!(refused.iter().all(|l| l.contains(" WARN ")), "{refused:#?}");
+    assert!(
+        refused[0].contains("route=\"/v1/authinfo\"")
+            && refused[0].contains("code=BAD_SIGNATURE")
+            && !refused[0].contains("device_id="),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[1].contains("route=\"other\"") && refused[1].contains("code=NOT_FOUND"),
+        "{}",
+        refused[1]
+    );
+    assert!(
+        refused[2].contains("route=\"/v1/inspection\"")
+            && refused[2].contains(&device)
+            && refused[2].contains("code=UPSTREAM_UNAVAILABLE")
+            && refused[2].contains("upstream_status=500")
+            && refused[2].contains(&format!("request_id=\"{request_id}\""))
+            && refused[2].contains("elapsed_ms="),
+        "{}",
+        refused[2]
+    );
+    // The platform client's own line about the failure is within the span too.
+    assert!(
+        logs.lines_with("wechat pay refused the request")
+            .iter()
+            .any(|l| l.contains(&device) && l.contains("route=\"/v1/inspection\"")),
+        "{}",
+        logs.text()
+    );
     lab.stop().await;
 }
 
@@ -1433,4 +1520,16 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
         "the file is named: {stderr}"
     );
     assert!(stderr.contains("wechatpay.merchant_key"), "{stderr}");
+
+    // The terminal listener's TLS is built at validation: a key that is not the certificate's
+    // is refused by check-config, not first met when the proxy starts.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::copy(&key, files.path("proxy-tls.key")).expect("another private key");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: {stderr}");
+    assert!(
+        stderr.contains("tls_cert/tls_key") && !stderr.contains("wechatpay.merchant_key"),
+        "only the TLS pair is named: {stderr}"
+    );
 }

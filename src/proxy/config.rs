@@ -165,8 +165,8 @@ impl std::fmt::Debug for AliyunConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub tls_cert_pem: String,
-    pub tls_key_pem: String,
+    /// The terminal listener's TLS: `tls_cert` (leaf first) with `tls_key`, built at validation.
+    pub tls: Arc<rustls::ServerConfig>,
     pub registry: PathBuf,
     pub state_dir: PathBuf,
     pub upstream_timeout: Duration,
@@ -308,11 +308,12 @@ impl Validator<'_> {
         let admin_listen = self.addr("admin_listen", raw.admin_listen, DEFAULT_ADMIN_LISTEN);
         let tls_cert_pem = self.read("tls_cert", raw.tls_cert, false);
         let tls_key_pem = self.read("tls_key", raw.tls_key, true);
-        if let (Some(cert), Some(key)) = (&tls_cert_pem, &tls_key_pem)
-            && let Err(e) = crate::tls::server_config(cert, key, "tls_cert/tls_key")
-        {
-            self.problem(format!("tls_cert/tls_key: {e}"));
-        }
+        let tls = tls_cert_pem.zip(tls_key_pem).and_then(|(cert, key)| {
+            crate::tls::server_config(&cert, &key, "tls_cert/tls_key")
+                .map(Arc::new)
+                .map_err(|e| self.problem(format!("tls_cert/tls_key: {e}")))
+                .ok()
+        });
         let registry = self
             .required("registry", raw.registry)
             .map(|p| self.path(&p));
@@ -345,8 +346,7 @@ impl Validator<'_> {
         Some(Config {
             listen: listen?,
             admin_listen: admin_listen?,
-            tls_cert_pem: tls_cert_pem?,
-            tls_key_pem: tls_key_pem?,
+            tls: tls?,
             registry: registry?,
             state_dir,
             upstream_timeout,

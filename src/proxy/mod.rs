@@ -228,11 +228,6 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         metrics: metrics::ProxyMetrics::default(),
         started: tokio::time::Instant::now(),
     });
-    let tls = Arc::new(crate::tls::server_config(
-        &config.tls_cert_pem,
-        &config.tls_key_pem,
-        "tls_cert/tls_key",
-    )?);
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await
@@ -246,7 +241,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
     let tracker = TaskTracker::new();
     tracker.spawn(crate::tls::serve_https(
         listener,
-        tls,
+        config.tls,
         server::terminal_router(app.clone()),
         shutdown.clone(),
     ));

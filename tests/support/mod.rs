@@ -1,5 +1,6 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
-//! a daemon harness on a temporary directory and a real Unix socket, and a raw socket client.
+//! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
+//! log capture ([`logs`]).
 
 #![allow(dead_code)]
 
