@@ -65,6 +65,14 @@ pub const FLEET_SYNCED: &str = "9ab9617144c6465eb5f640c159c9c07f";
 pub const FLEET_SYNC_FAILED: &str = "649500c3953b4ac4b3ca48be2c46fb53";
 /// A terminal's request was refused (authentication, fleet, or the platform's answer).
 pub const TERMINAL_REFUSED: &str = "afe374d2a5d043f8a738d293a83e46ed";
+/// WeChat Pay's platform certificates were downloaded and verified.
+pub const PLATFORM_CERTIFICATES_REFRESHED: &str = "1b3f5067d78042eab0dc1b0e593c4f79";
+/// Downloading the platform certificates failed; the trusted ones stay.
+pub const PLATFORM_CERTIFICATES_FAILED: &str = "f79ce4f80a2e4ec1889b499ec3c18812";
+/// A platform certificate not seen before is trusted now (a rotation began).
+pub const PLATFORM_CERTIFICATE_NEW: &str = "de2b89b1a7ae445595850471c4c62fbc";
+/// Every trusted platform certificate expires within 30 days.
+pub const PLATFORM_CERTIFICATES_EXPIRING: &str = "2e6ee522f42b462b90f3250335c8e548";
 
 /// Every id and its name, as the catalog lists them.
 pub const ALL: &[(&str, &str)] = &[
@@ -95,6 +103,16 @@ pub const ALL: &[(&str, &str)] = &[
     (FLEET_SYNCED, "FLEET_SYNCED"),
     (FLEET_SYNC_FAILED, "FLEET_SYNC_FAILED"),
     (TERMINAL_REFUSED, "TERMINAL_REFUSED"),
+    (
+        PLATFORM_CERTIFICATES_REFRESHED,
+        "PLATFORM_CERTIFICATES_REFRESHED",
+    ),
+    (PLATFORM_CERTIFICATES_FAILED, "PLATFORM_CERTIFICATES_FAILED"),
+    (PLATFORM_CERTIFICATE_NEW, "PLATFORM_CERTIFICATE_NEW"),
+    (
+        PLATFORM_CERTIFICATES_EXPIRING,
+        "PLATFORM_CERTIFICATES_EXPIRING",
+    ),
 ];
 
 #[cfg(test)]

@@ -14,8 +14,10 @@
 //! - [`sync`]: poison-tolerant locking.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
-//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
-//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync, HTTPS server.
+//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients, and
+//!   how their calls go out (egress proxy, trusted roots).
+//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync and its daily
+//!   budget, platform certificates, its store, HTTPS server.
 //! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
 //! - `demo` (feature `merchant`): the whole chain in one process.
 //!

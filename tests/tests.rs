@@ -3,6 +3,8 @@
 
 mod support;
 
+mod certificates;
 mod daemon;
+mod egress;
 mod health;
 mod proxy;

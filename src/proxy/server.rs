@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::auth::{AuthError, NonceCache, authenticate};
-use super::fleet::{Fleet, FleetStatus};
+use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
 use crate::platform::alipay::AlipayClient;
@@ -509,12 +509,14 @@ async fn licence(
 
 // === admin ===
 
-/// `/healthz`, `/metrics` and `/fleet`, for the admin listener (loopback by default).
+/// `/healthz`, `/metrics`, `/fleet` and `POST /fleet/sync`, for the admin listener (loopback by
+/// default).
 pub fn admin_router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/fleet", get(fleet))
+        .route("/fleet/sync", axum::routing::post(fleet_sync))
         .with_state(app)
 }
 
@@ -588,4 +590,22 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 async fn fleet(State(app): State<Arc<App>>) -> Response {
     Json(&*app.fleet.snapshot()).into_response()
+}
+
+/// `POST /fleet/sync` (`devices --live` while the proxy runs): pages the list now, in this
+/// proxy's pacing and daily budget, and answers with it; 429 when the budget is spent, 502 when
+/// the sync failed (the cached list stays).
+async fn fleet_sync(State(app): State<Arc<App>>) -> Response {
+    match app.fleet.sync(&app.wechat).await {
+        Ok(_) => Json(&*app.fleet.snapshot()).into_response(),
+        Err(error) => {
+            let refusal = SyncRefusal::from(&error);
+            tracing::warn!(message_id = crate::events::FLEET_SYNC_FAILED, error = %refusal.message, "fleet sync asked on the admin listener failed");
+            let status = match refusal.code {
+                SyncRefusalCode::DailyBudgetSpent => StatusCode::TOO_MANY_REQUESTS,
+                SyncRefusalCode::SyncFailed => StatusCode::BAD_GATEWAY,
+            };
+            (status, Json(refusal)).into_response()
+        }
+    }
 }

@@ -52,6 +52,33 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
     }
 }
 
+/// Waits until `daemon` holds an authinfo and its three health checks (inspection, Alipay
+/// binding, licence) are `ok`.
+pub async fn wait_for_authinfo_and_health(daemon: &TestDaemon) {
+    use authinfod::terminal::doc::CheckState;
+    let state = daemon.state.clone();
+    wait_until("an authinfo is held and the health checks are done", || {
+        let d = state.status().device;
+        state.current().is_some()
+            && [d.inspection.state, d.alipay_binding.state, d.licence.state]
+                .iter()
+                .all(|c| *c == CheckState::Ok)
+    })
+    .await;
+}
+
+/// The lab's proxy config, loaded as the lab loads it (no environment: the lab's platforms are
+/// on loopback, and a CI machine's `HTTPS_PROXY` must not apply to them).
+pub fn lab_proxy_config(
+    files: &authinfod::demo::lab::LabFiles,
+) -> authinfod::proxy::config::Config {
+    authinfod::proxy::config::load_with_env(
+        &files.path("authinfo-proxy.toml"),
+        &authinfod::proxy::config::no_environment,
+    )
+    .expect("the lab's proxy config")
+}
+
 /// An answer read from the daemon's socket or the proxy.
 #[derive(Debug)]
 pub struct Reply {
