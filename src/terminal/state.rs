@@ -178,6 +178,9 @@ pub struct State {
     completions: watch::Sender<Completion>,
     health: Mutex<DeviceHealth>,
     raw_data: Mutex<Option<RawDataMeta>>,
+    /// Bumped whenever something status shows changes (a new authinfo, a finished refresh, a
+    /// health check, new raw_data): `STATUS=` and the metrics textfile follow it at once.
+    changes: watch::Sender<u64>,
     pub metrics: Metrics,
     pub heartbeats: Heartbeats,
     /// Monotonic start time, the origin of heartbeats and uptime.
@@ -226,6 +229,7 @@ impl State {
             }),
             health: Mutex::new(health),
             raw_data: Mutex::new(loaded.raw_data.as_ref().map(RawDataMeta::from)),
+            changes: watch::Sender::new(0),
             metrics: Metrics::default(),
             heartbeats: Heartbeats::default(),
             started: Instant::now(),
@@ -256,7 +260,20 @@ impl State {
     pub fn publish(&self, held: HeldAuthinfo) -> Arc<Served> {
         let served = Arc::new(Served::new(held));
         self.authinfo.send_replace(Some(served.clone()));
+        self.changed();
         served
+    }
+
+    // === change notification ===
+
+    /// Says that something status shows has changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes on every [`changed`](Self::changed).
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The served authinfo's freshness now (`None` when nothing is held).
@@ -293,6 +310,7 @@ impl State {
     pub fn save_raw_data(&self, raw: RawData) -> Result<(), StoreError> {
         self.store.save_raw_data(&raw)?;
         *lock(&self.raw_data) = Some(RawDataMeta::from(&raw));
+        self.changed();
         Ok(())
     }
 
@@ -372,6 +390,7 @@ impl State {
             c.seq += 1;
             c.record = Some(record);
         });
+        self.changed();
     }
 
     /// Ends a refresh that was cut short (shutdown): waiters are woken with no record.
