@@ -610,3 +610,79 @@ fn ca_pem() -> String {
         .expect("pki")
         .ca_pem
 }
+
+/// `run --once` (provisioning) fetches through the proxy, persists and returns without ever
+/// binding the socket; the next start serves what it stored.
+#[tokio::test]
+async fn run_once_fetches_persists_and_never_binds_the_socket() {
+    use authinfod::terminal::refresher::Outcome;
+    use authinfod::terminal::store::{RawData, Store};
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("ONCE-1".into(), Some(7200))]);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let path = crate::support::write_config(dir.path(), &proxy.url, &proxy.pki.ca_pem, "");
+    let config = authinfod::terminal::config::load(&path).expect("config");
+    let report = authinfod::terminal::run_once(config, Default::default())
+        .await
+        .expect("run --once");
+    assert_eq!(report.refresh, Outcome::Fetched);
+    assert_eq!(
+        report.held.as_ref().map(|h| h.held.authinfo.as_str()),
+        Some("ONCE-1")
+    );
+    assert!(
+        !dir.path().join("authinfod.sock").exists(),
+        "the socket is never bound"
+    );
+    assert_eq!(report.health.len(), 3, "every enabled check ran once");
+    proxy.assert_all_requests_valid();
+    let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
+    assert_eq!(
+        daemon.get("/v1/authinfo").await.json()["authinfo"],
+        "ONCE-1"
+    );
+    daemon.stop().await;
+}
+
+/// The binary: `run --once` against a proxy that is down exits 3 and says why.
+#[test]
+fn binary_run_once_exits_3_with_the_reason_when_the_refresh_fails() {
+    use authinfod::terminal::store::{RawData, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    drop(listener);
+    let config = crate::support::write_config(dir.path(), &dead, &ca_pem(), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run authinfod");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("PROXY_UNREACHABLE"), "{stderr}");
+    assert!(!dir.path().join("authinfod.sock").exists());
+}

@@ -16,7 +16,11 @@ use cli::{Cli, Command, SocketArgs, exit};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            once: false,
+        } => run(&config),
+        Command::Run { config, once: true } => run_once(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen {
             out,
@@ -116,6 +120,39 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
         daemon.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn run_once(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    init_logging("authinfod", "warn");
+    let (config, _) = config::load_for_run(config_path)?;
+    let report =
+        runtime()?.block_on(terminal::run_once(config, terminal::RunOptions::default()))?;
+    for (check, result) in &report.health {
+        match result {
+            Ok(()) => println!("health {}: ok", check.name()),
+            Err(_) => println!("health {}: not fetched (see the log above)", check.name()),
+        }
+    }
+    let fetched = report.refresh == terminal::refresher::Outcome::Fetched;
+    match (&report.held, report.record.as_deref()) {
+        (Some(held), _) if fetched => {
+            println!(
+                "authinfo {} fetched and stored, valid until {}",
+                held.fingerprint,
+                authinfod::units::rfc3339(held.held.expires_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, record) => {
+            let why = record
+                .and_then(|r| r.error.clone())
+                .unwrap_or_else(|| "the refresh did not run".into());
+            let code = record.and_then(|r| r.code.clone()).unwrap_or_default();
+            eprintln!("authinfod: the refresh failed ({code}): {why}");
+            Ok(ExitCode::from(exit::NO_AUTHINFO))
+        }
+    }
 }
 
 /// systemd's watchdog period, when it is enabled for this process.

@@ -116,17 +116,7 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let key = config::preflight(&config)?;
-        let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(
-            ProxyClient::new(
-                &config.proxy.url,
-                &config.proxy.tls,
-                signer,
-                config.proxy.timeout,
-            )?
-            .with_clock(options.clock.clone()),
-        );
+        let upstream = proxy_client(&config, &options)?;
         Self::start_with_upstream(config, options, upstream).await
     }
 
@@ -136,26 +126,7 @@ impl Daemon {
         options: RunOptions,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
-        let (store, recovery) = Store::open(&config.state_dir)?;
-        if let Some(r) = recovery {
-            tracing::error!(message_id = crate::events::STORE_RECOVERED,
-                moved_to = %r.moved_to.display(),
-                reason = %r.reason,
-                "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-            );
-        }
-        let state = State::load(config, store, options.clock.clone())?;
-        match state.current() {
-            Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
-                authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(state.now()),
-                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
-                "serving the stored authinfo"
-            ),
-            None => tracing::info!(
-                "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
-            ),
-        }
+        let state = load_state(config, &options)?;
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
         options
@@ -214,6 +185,85 @@ impl Daemon {
             "authinfod stopped"
         );
     }
+}
+
+/// The signed client of the proxy, after the start-up checks of the key.
+fn proxy_client(config: &Config, options: &RunOptions) -> Result<Arc<ProxyClient>, DaemonError> {
+    let key = config::preflight(config)?;
+    let signer = DeviceSigner::new(config.device_id.clone(), key);
+    Ok(Arc::new(
+        ProxyClient::new(
+            &config.proxy.url,
+            &config.proxy.tls,
+            signer,
+            config.proxy.timeout,
+        )?
+        .with_clock(options.clock.clone()),
+    ))
+}
+
+/// Opens the store (recovering a broken one) and makes the state serving what it holds.
+fn load_state(config: Config, options: &RunOptions) -> Result<Arc<State>, DaemonError> {
+    let (store, recovery) = Store::open(&config.state_dir)?;
+    if let Some(r) = recovery {
+        tracing::error!(message_id = crate::events::STORE_RECOVERED,
+            moved_to = %r.moved_to.display(),
+            reason = %r.reason,
+            "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
+        );
+    }
+    let state = State::load(config, store, options.clock.clone())?;
+    match state.current() {
+        Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
+            authinfo_fingerprint = %served.fingerprint,
+            age_seconds = served.age(state.now()),
+            state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+            "serving the stored authinfo"
+        ),
+        None => tracing::info!(
+            "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
+        ),
+    }
+    Ok(state)
+}
+
+/// What `authinfod run --once` did.
+#[derive(Debug)]
+pub struct OnceReport {
+    /// The refresh attempt's outcome and its record.
+    pub refresh: refresher::Outcome,
+    pub record: Option<Arc<store::AttemptRecord>>,
+    /// Each enabled health check, and whether it succeeded.
+    pub health: Vec<(device::Check, Result<(), proxy_client::Disposition>)>,
+    /// The authinfo now held (new, or the one stored before).
+    pub held: Option<Arc<state::Served>>,
+}
+
+/// `authinfod run --once`, for provisioning: one refresh and one round of health checks
+/// through the proxy, persisted and flushed; the socket is never started. The stored raw_data
+/// (or `raw_data_command`) is used, as by the running daemon.
+pub async fn run_once(config: Config, options: RunOptions) -> Result<OnceReport, DaemonError> {
+    let upstream = proxy_client(&config, &options)?;
+    let state = load_state(config, &options)?;
+    let refresh = refresher::Refresher::new(state.clone(), upstream.clone())
+        .refresh_once()
+        .await;
+    let record = state.refresh_status().last_attempt.clone();
+    let checks = state.health().enabled_checks();
+    let mut health = Vec::new();
+    for check in checks {
+        health.push((
+            check,
+            health::check_once(check, &state, upstream.as_ref()).await,
+        ));
+    }
+    state.store.flush()?;
+    Ok(OnceReport {
+        refresh,
+        record,
+        health,
+        held: state.current(),
+    })
 }
 
 async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {

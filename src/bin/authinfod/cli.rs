@@ -92,6 +92,10 @@ pub enum Command {
         /// The configuration file.
         #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// For provisioning: fetch an authinfo and the device health once, persist them and
+        /// exit (0, or 3 when the refresh failed, with the reason); the socket is not started.
+        #[arg(long)]
+        once: bool,
     },
     /// Validate a config file and list every invalid field (exit 78 if any).
     CheckConfig {
