@@ -686,3 +686,58 @@ fn binary_run_once_exits_3_with_the_reason_when_the_refresh_fails() {
     assert!(stderr.contains("PROXY_UNREACHABLE"), "{stderr}");
     assert!(!dir.path().join("authinfod.sock").exists());
 }
+
+/// Metrics off the terminal: the textfile is written at start and rewritten when a new
+/// authinfo arrives (no minute's wait), and the loopback listener serves `/metrics` (with the
+/// process series and the text format's content type) and nothing else.
+#[tokio::test]
+async fn metrics_reach_a_textfile_and_a_loopback_listener() {
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("M1".into(), None)]);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let textfile = dir.path().join("authinfod.prom");
+    let extra = format!(
+        "[metrics]\ntextfile = \"{}\"\nlisten = \"{addr}\"\n",
+        textfile.display()
+    );
+    let daemon = TestDaemon::start_in(dir.clone(), &proxy.url, &proxy.pki.ca_pem, &extra).await;
+    wait_until("the textfile is written", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 0"))
+    })
+    .await;
+    assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
+    wait_until("the textfile shows the new authinfo", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 1"))
+    })
+    .await;
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.expect("read");
+        text
+    };
+    let page = get("/metrics").await;
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(
+        page.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{page}"
+    );
+    for series in [
+        "authinfod_authinfo_present 1",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(page.contains(series), "{series} in {page}");
+    }
+    assert!(!page.contains("M1"), "the secret never appears in metrics");
+    assert!(get("/v1/authinfo").await.starts_with("HTTP/1.0 404"));
+    daemon.stop().await;
+}

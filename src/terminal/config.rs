@@ -57,6 +57,14 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +198,17 @@ pub struct HealthConfig {
     pub licence: bool,
 }
 
+/// Where the metrics go besides the socket's `/metrics` (Prometheus cannot scrape a Unix
+/// socket).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A file rewritten atomically for node_exporter's textfile collector, on every change and
+    /// at least every [`TEXTFILE_EVERY`](super::exporter::TEXTFILE_EVERY).
+    pub textfile: Option<PathBuf>,
+    /// A loopback TCP address serving `GET /metrics` only.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -202,6 +221,7 @@ pub struct Config {
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -266,8 +286,10 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let metrics = validate_metrics(raw.metrics, problems);
     Some(Config {
         path: path.to_owned(),
+        metrics: metrics?,
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -305,6 +327,46 @@ fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig>
         ca_file: ca_file?,
         tls: std::sync::Arc::new(tls?),
         timeout,
+    })
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(p) if p.is_absolute() && p.file_name().is_some() => Some(Some(p)),
+        Some(p) => {
+            problems.push(
+                "metrics.textfile",
+                format_args!("{} must be an absolute path to a file", p.display()),
+            );
+            None
+        }
+    };
+    let listen = match raw.listen {
+        None => Some(None),
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(Some(addr)),
+            Ok(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!(
+                        "{text:?} must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the metrics have no authentication"
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!("{text:?} is not an address like 127.0.0.1:9101"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricsConfig {
+        textfile: textfile?,
+        listen: listen?,
     })
 }
 
@@ -636,6 +698,7 @@ pub fn test_config(dir: &Path) -> Config {
             alipay_binding: true,
             licence: true,
         },
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -857,5 +920,28 @@ raw_data_command = ["rawdata"]
         assert!(check_https_url("https://u:p@p.example").is_err());
         assert!(check_https_url("https://p.example/api").is_err());
         assert!(check_https_url("not a url").is_err());
+    }
+
+    #[test]
+    fn metrics_go_to_an_absolute_file_and_a_loopback_address_only() {
+        let ok = |textfile: Option<&str>, listen: Option<&str>| {
+            let mut problems = Problems::new("config file");
+            let raw = RawMetrics {
+                textfile: textfile.map(PathBuf::from),
+                listen: listen.map(String::from),
+            };
+            let got = validate_metrics(raw, &mut problems);
+            assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
+            got
+        };
+        let m = ok(Some("/var/lib/node_exporter/authinfod.prom"), Some("127.0.0.1:9101"))
+            .expect("valid");
+        assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
+        assert!(ok(None, Some("[::1]:9101")).is_some());
+        assert!(ok(None, Some("0.0.0.0:9101")).is_none(), "no unauthenticated wide listener");
+        assert!(ok(None, Some("192.168.1.5:9101")).is_none());
+        assert!(ok(None, Some("localhost")).is_none());
+        assert!(ok(Some("relative.prom"), None).is_none());
+        assert!(ok(Some("/"), None).is_none());
     }
 }

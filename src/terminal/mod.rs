@@ -10,7 +10,8 @@
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
 //! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
-//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters.
+//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
+//!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
 //!
 //! [`Daemon::start`] does everything up to `READY=1` (config is already valid; the store is
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod device;
 pub mod doc;
+pub mod exporter;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
@@ -59,6 +61,12 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Socket(#[from] ServerError),
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up TLS to the proxy")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -84,6 +92,8 @@ pub struct RunOptions {
 pub struct Daemon {
     state: Arc<State>,
     server: SocketServer,
+    /// The loopback `/metrics` listener, when configured.
+    metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
     options: RunOptions,
 }
@@ -129,12 +139,23 @@ impl Daemon {
         let state = load_state(config, &options)?;
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
+        let metrics_listener = match state.config.metrics.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+                tracing::info!(%addr, "metrics listener bound");
+                Some(listener)
+            }
+            None => None,
+        };
         options
             .notifier
             .notify(&format!("READY=1\nSTATUS={}", systemd::status_line(&state)));
         Ok(Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
         })
@@ -152,9 +173,25 @@ impl Daemon {
         let Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
         } = self;
+        let mut exporters = Vec::new();
+        if let Some(listener) = metrics_listener {
+            exporters.push(tokio::spawn(exporter::serve_metrics(
+                listener,
+                state.clone(),
+                token.clone(),
+            )));
+        }
+        if let Some(path) = state.config.metrics.textfile.clone() {
+            exporters.push(tokio::spawn(exporter::keep_textfile(
+                state.clone(),
+                path,
+                token.clone(),
+            )));
+        }
         let tasks = [
             tokio::spawn(
                 refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
@@ -171,10 +208,13 @@ impl Daemon {
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         token.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks))
-            .await
-            .is_err()
-        {
+        let stopped = async {
+            futures_join(tasks).await;
+            for task in exporters {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, stopped).await.is_err() {
             tracing::warn!("some tasks did not stop within the timeout");
         }
         if let Err(error) = state.store.flush() {
