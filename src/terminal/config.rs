@@ -40,6 +40,8 @@ pub const DEFAULT_ASSUMED_VALIDITY: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of `raw_data_command`.
 pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
@@ -50,6 +52,7 @@ struct RawConfig {
     device_id: Option<String>,
     key_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    log_level: Option<String>,
     proxy: Option<RawProxy>,
     #[serde(default)]
     socket: RawSocket,
@@ -217,6 +220,8 @@ pub struct Config {
     pub device_id: String,
     pub key_file: PathBuf,
     pub state_dir: PathBuf,
+    /// The log filter (EnvFilter syntax) unless `$RUST_LOG` is set; reloaded on SIGHUP.
+    pub log_level: String,
     pub proxy: ProxyConfig,
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
@@ -287,7 +292,17 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
         licence: raw.health.licence.unwrap_or(true),
     };
     let metrics = validate_metrics(raw.metrics, problems);
+    let log_level = raw.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    if let Err(e) = crate::logging::check_filter(&log_level) {
+        problems.push(
+            "log_level",
+            format_args!(
+                "{log_level:?} is not a log filter like info or authinfod=debug,warn: {e}"
+            ),
+        );
+    }
     Some(Config {
+        log_level,
         path: path.to_owned(),
         metrics: metrics?,
         device_id: device_id?,
@@ -669,6 +684,7 @@ pub fn test_config(dir: &Path) -> Config {
         device_id: "T-TEST".into(),
         key_file: dir.join("device.key"),
         state_dir: dir.join("state"),
+        log_level: DEFAULT_LOG_LEVEL.into(),
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
@@ -934,11 +950,17 @@ raw_data_command = ["rawdata"]
             assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
             got
         };
-        let m = ok(Some("/var/lib/node_exporter/authinfod.prom"), Some("127.0.0.1:9101"))
-            .expect("valid");
+        let m = ok(
+            Some("/var/lib/node_exporter/authinfod.prom"),
+            Some("127.0.0.1:9101"),
+        )
+        .expect("valid");
         assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
         assert!(ok(None, Some("[::1]:9101")).is_some());
-        assert!(ok(None, Some("0.0.0.0:9101")).is_none(), "no unauthenticated wide listener");
+        assert!(
+            ok(None, Some("0.0.0.0:9101")).is_none(),
+            "no unauthenticated wide listener"
+        );
         assert!(ok(None, Some("192.168.1.5:9101")).is_none());
         assert!(ok(None, Some("localhost")).is_none());
         assert!(ok(Some("relative.prom"), None).is_none());

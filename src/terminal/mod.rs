@@ -29,6 +29,7 @@ pub mod keygen;
 pub mod metrics;
 pub mod proxy_client;
 pub mod refresher;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -86,6 +87,8 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// The wall clock (the system's; tests shift it).
     pub clock: Arc<crate::units::WallClock>,
+    /// Changes the log filter on a reload (the binary's subscriber; nothing by default).
+    pub log: crate::logging::LogControl,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -95,6 +98,8 @@ pub struct Daemon {
     /// The loopback `/metrics` listener, when configured.
     metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
+    /// The same upstream when it is the real proxy client, whose CA a reload replaces.
+    proxy: Option<Arc<ProxyClient>>,
     options: RunOptions,
 }
 
@@ -126,8 +131,10 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let upstream = proxy_client(&config, &options)?;
-        Self::start_with_upstream(config, options, upstream).await
+        let proxy = proxy_client(&config, &options)?;
+        let mut daemon = Self::start_with_upstream(config, options, proxy.clone()).await?;
+        daemon.proxy = Some(proxy);
+        Ok(daemon)
     }
 
     /// [`start`](Self::start) with a given upstream (tests of the loop use scripted ones).
@@ -157,8 +164,18 @@ impl Daemon {
             server,
             metrics_listener,
             upstream,
+            proxy: None,
             options,
         })
+    }
+
+    /// What applies a reload of the config file (`systemctl reload`, SIGHUP) to this daemon.
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        Arc::new(reload::Reloader::new(
+            self.state.clone(),
+            self.proxy.clone(),
+            self.options.log.clone(),
+        ))
     }
 
     /// The shared state (tests inspect it).
@@ -176,6 +193,7 @@ impl Daemon {
             metrics_listener,
             upstream,
             options,
+            ..
         } = self;
         let mut exporters = Vec::new();
         if let Some(listener) = metrics_listener {
