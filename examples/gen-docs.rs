@@ -432,6 +432,7 @@ mod tests {
         assert_eq!(
             pages,
             [
+                "authinfo-proxy-certificates.1",
                 "authinfo-proxy-check-config.1",
                 "authinfo-proxy-devices.1",
                 "authinfo-proxy-sandbox.1",

@@ -70,6 +70,47 @@ pub fn parse_toml<R: DeserializeOwned>(
     })
 }
 
+/// Parses TOML `text` of `path` into the raw shape `R`, collecting the fields `R` does not know
+/// into `problems` (as `field: unknown field`) instead of stopping there, so that a typo does
+/// not hide the file's other problems. `R` must not deny unknown fields itself.
+pub fn parse_toml_lenient<R: DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+    path: &Path,
+    problems: &mut Problems,
+) -> Result<R, ConfigError> {
+    let parse_error = |message: String| ConfigError::Parse {
+        what,
+        path: path.to_owned(),
+        message,
+    };
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(e.to_string()))?;
+    let mut unknown = Vec::new();
+    let raw = serde_ignored::deserialize(deserializer, |field| unknown.push(dotted(&field)))
+        .map_err(|e| parse_error(e.to_string()))?;
+    for field in unknown {
+        problems.push(&field, "unknown field");
+    }
+    Ok(raw)
+}
+
+/// A field's path as the file writes it, `section.field` or `device[2].field` (serde_ignored's
+/// own rendering shows `?` for every optional section on the way).
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
+        P::Map { parent, key } => match dotted(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            dotted(parent)
+        }
+    }
+}
+
 /// Every problem found in one file, each as `field: what is wrong`.
 #[derive(Debug)]
 pub struct Problems {

@@ -5,6 +5,7 @@
 //!
 //! - [`config_file`]: what the config files share: TOML reading, the problems collector, the
 //!   one config error type and the private-file permission check.
+//! - [`events`]: the journal MESSAGE_IDs of the log lines an operator acts on.
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
@@ -13,8 +14,10 @@
 //! - [`sync`]: poison-tolerant locking.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
-//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
-//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync, HTTPS server.
+//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients, and
+//!   how their calls go out (egress proxy, trusted roots).
+//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync and its daily
+//!   budget, platform certificates, its store, HTTPS server.
 //! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
 //! - `demo` (feature `merchant`): the whole chain in one process.
 //!
@@ -42,6 +45,7 @@
 
 pub mod config_file;
 pub mod crypto;
+pub mod events;
 pub mod prometheus;
 pub mod schedule;
 pub mod serve;

@@ -136,7 +136,7 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
         check_once(Check::Licence, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("licence");
+        let lines = logs.lines_with("check=\"licence\"");
         assert!(
             lines.iter().any(|l| l.contains(level)
                 && l.contains(words)
@@ -179,7 +179,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
         check_once(Check::Inspection, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("inspection");
+        let lines = logs.lines_with("check=\"inspection\"");
         assert!(
             lines.iter().any(|l| l.contains("WARN")
                 && l.contains(words)
@@ -198,7 +198,7 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
             .await
             .is_err()
     );
-    let lines = logs.lines_for("alipay_binding");
+    let lines = logs.lines_with("check=\"alipay_binding\"");
     assert!(
         lines
             .iter()

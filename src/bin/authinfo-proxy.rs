@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Devices { json, live, config } => devices(&config, json, live),
+        Command::Certificates { out, config } => certificates(&config, out.as_deref()),
         Command::Sandbox {
             dir,
             listen,
@@ -52,6 +53,7 @@ fn init_logging(default: &str) {
         default,
         "authinfo-proxy",
     );
+    // The proxy's log filter is `$RUST_LOG` only; it is not reloaded.
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -90,13 +92,29 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let registry = proxy::registry::Registry::load(&config.registry)?;
     println!(
-        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}), Alipay {}, Alibaba Cloud {}, fleet sync {}",
+        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}, serial {}, answers verified with {}), Alipay {}, Alibaba Cloud {}, fleet sync {}, egress {}, trust {:?}",
         path.display(),
         config.listen,
         config.admin_listen,
         registry.len(),
         config.wechatpay.base_url,
         config.wechatpay.mchid,
+        config.wechatpay.merchant_serial,
+        {
+            let configured = config
+                .wechatpay
+                .platform_keys
+                .serials()
+                .collect::<Vec<_>>()
+                .join(", ");
+            match (configured.is_empty(), config.wechatpay.apiv3_key.is_some()) {
+                (true, _) => "platform certificates downloaded with the APIv3 key".to_owned(),
+                (false, true) => {
+                    format!("{configured} and platform certificates downloaded with the APIv3 key")
+                }
+                (false, false) => configured,
+            }
+        },
         if config.alipay.is_some() {
             "configured"
         } else {
@@ -108,6 +126,8 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             "not configured"
         },
         if config.fleet.enabled { "on" } else { "off" },
+        config.upstream.egress.redacted(),
+        config.upstream.trust,
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -117,7 +137,10 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     let snapshot = runtime()?.block_on(async {
         if live {
             init_logging("warn");
-            proxy::fleet_now(config).await.map_err(anyhow::Error::from)
+            let admin = config.admin_listen;
+            proxy::fleet_live(config, admin)
+                .await
+                .map_err(anyhow::Error::from)
         } else {
             let url = format!("http://{}/fleet", config.admin_listen);
             proxy::admin_fleet(config.admin_listen)
@@ -127,7 +150,15 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     });
     let snapshot = match snapshot {
         Ok(s) => s,
-        Err(e) if !live => {
+        // The running proxy is the one to ask and cannot be reached: its cache (without
+        // --live), or its store held by a process that does not answer (with --live).
+        Err(e)
+            if !live
+                || matches!(
+                    e.downcast_ref::<proxy::ProxyError>(),
+                    Some(proxy::ProxyError::StoreBusy { .. })
+                ) =>
+        {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(e.as_ref()));
             return Ok(ExitCode::from(exit::UNAVAILABLE));
         }
@@ -137,6 +168,27 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", proxy::fleet::render_table(&snapshot));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certificates(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    init_logging("warn");
+    let config = config::load(path)?;
+    let report = runtime()?.block_on(proxy::certificates_now(config))?;
+    print!(
+        "{}",
+        proxy::certificates::render_table(&report.certificates, &report.verification)
+    );
+    if !report.store_read {
+        println!(
+            "(a running proxy holds its store: the certificates it downloaded before were not consulted)"
+        );
+    }
+    if let Some(out) = out {
+        let bundle: String = report.certificates.iter().map(|c| c.pem.as_str()).collect();
+        std::fs::write(out, bundle).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("written to {}", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -71,6 +71,40 @@ pub fn pem_certificates(text: &str, what: &str) -> Result<Vec<Vec<u8>>, CryptoEr
     Ok(certs)
 }
 
+/// One certificate's DER as a `CERTIFICATE` PEM block.
+pub fn certificate_pem(der: &[u8]) -> String {
+    use rsa::pkcs8::der::pem::{LineEnding, encode_string};
+    // Encoding bytes as PEM cannot fail but for allocation; an empty string is refused by any
+    // reader, never taken for a certificate.
+    encode_string("CERTIFICATE", LineEnding::LF, der).unwrap_or_default()
+}
+
+/// True when `text` holds PEM armour (a `-----BEGIN ` line).
+fn is_pem(text: &str) -> bool {
+    text.contains("-----BEGIN ")
+}
+
+/// Decodes a key given as bare base64 (no PEM armour): whitespace and a byte-order mark are
+/// ignored, anything else that is not base64 is an error.
+fn bare_base64(text: &str, what: &str) -> Result<Vec<u8>, CryptoError> {
+    let compact: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '\u{feff}')
+        .collect();
+    if compact.is_empty() {
+        return Err(CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "the file is empty",
+        });
+    }
+    BASE64
+        .decode(compact.as_bytes())
+        .map_err(|_| CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "neither a -----BEGIN ...----- block nor bare base64",
+        })
+}
+
 // === impl RsaSigner ===
 
 /// An RSA private key that signs SHA256withRSA (PKCS#1 v1.5) with ring.
@@ -111,6 +145,26 @@ impl RsaSigner {
             _ => return Err(bad("not an RSA key (an EC key?)".into())),
         }
         .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            key,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// Parses a private key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER without armour (the Alipay key tool's and console's form), PKCS#8
+    /// or PKCS#1, on one line or wrapped.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        let key = signature::RsaKeyPair::from_pkcs8(&der)
+            .or_else(|pkcs8| signature::RsaKeyPair::from_der(&der).map_err(|_| pkcs8))
+            .map_err(|e| CryptoError::BadPrivateKey {
+                what: what.to_owned(),
+                reason: format!("bare base64, but neither PKCS#8 nor PKCS#1 DER: {e}"),
+            })?;
         Ok(Self {
             key,
             rng: ring::rand::SystemRandom::new(),
@@ -192,6 +246,25 @@ impl RsaVerifier {
                 reason: pem_reason(&e),
             }),
         }
+    }
+
+    /// Parses a public key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER (the Alipay console's "支付宝公钥"), SubjectPublicKeyInfo or
+    /// PKCS#1.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        Self::from_spki_der(&der, what).or_else(|spki| {
+            Self::from_pkcs1_der(&der, what).map_err(|_| match spki {
+                CryptoError::BadPublicKey { what, reason } => CryptoError::BadPublicKey {
+                    what,
+                    reason: format!("bare base64, but neither SPKI nor PKCS#1 DER: {reason}"),
+                },
+                other => other,
+            })
+        })
     }
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
@@ -416,6 +489,99 @@ mod tests {
         let pub_only = key().public.to_pem();
         let err = RsaSigner::from_pem(&pub_only, "k").unwrap_err();
         assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    }
+
+    /// The DER inside one PEM block (tests).
+    fn der_of(pem: &str) -> Vec<u8> {
+        let (_, der) = rustls_pki_types::pem::from_buf(&mut pem.as_bytes())
+            .expect("pem")
+            .expect("one block");
+        der
+    }
+
+    /// The Alipay console hands out keys as bare base64 (PKCS#8 or PKCS#1 private, SPKI
+    /// public), on one line or wrapped; each is the same key as its PEM.
+    #[test]
+    fn bare_base64_keys_are_accepted_in_every_console_form() {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let pkcs8 = der_of(&key().private_pem);
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_der(&pkcs8)
+            .expect("pkcs8")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        let one_line = |der: &[u8]| BASE64.encode(der);
+        let wrapped = |der: &[u8]| {
+            let b64 = BASE64.encode(der);
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).expect("ascii"))
+                .collect();
+            format!("\u{feff}{}\r\n", lines.join("\r\n"))
+        };
+        for (form, text) in [
+            ("pkcs8 one line", one_line(&pkcs8)),
+            ("pkcs8 wrapped", wrapped(&pkcs8)),
+            ("pkcs1 one line", one_line(&pkcs1)),
+            ("pkcs1 wrapped", wrapped(&pkcs1)),
+            ("pem", key().private_pem.clone()),
+        ] {
+            let signer = RsaSigner::from_pem_or_base64(&text, "app_private_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(signer.public_key().expect("pub"), key().public, "{form}");
+        }
+        let spki = der_of(&key().public.to_pem());
+        let pkcs1_public = rsa::RsaPublicKey::from_public_key_der(&spki)
+            .expect("spki")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        for (form, text) in [
+            ("spki one line", one_line(&spki)),
+            ("spki wrapped", wrapped(&spki)),
+            ("pkcs1 public", one_line(&pkcs1_public)),
+            ("pem", key().public.to_pem()),
+        ] {
+            let public = RsaVerifier::from_pem_or_base64(&text, "alipay_public_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(public, key().public, "{form}");
+        }
+    }
+
+    #[test]
+    fn bare_base64_that_is_no_key_is_refused_by_name() {
+        let err = RsaSigner::from_pem_or_base64("not a key at all!", "alipay.app_private_key")
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("alipay.app_private_key")
+                && err.to_string().contains("bare base64"),
+            "{err}"
+        );
+        let err =
+            RsaSigner::from_pem_or_base64("AAAA", "alipay.app_private_key").expect_err("refused");
+        assert!(
+            err.to_string().contains("neither PKCS#8 nor PKCS#1"),
+            "{err}"
+        );
+        // A public key where a private one is wanted.
+        let spki = BASE64.encode(der_of(&key().public.to_pem()));
+        assert!(RsaSigner::from_pem_or_base64(&spki, "k").is_err());
+        let err = RsaVerifier::from_pem_or_base64("AAAA", "alipay.alipay_public_key")
+            .expect_err("refused");
+        assert!(err.to_string().contains("neither SPKI nor PKCS#1"), "{err}");
+        assert!(RsaSigner::from_pem_or_base64(" \n", "k").is_err());
+    }
+
+    #[test]
+    fn certificate_pem_round_trips() {
+        let der = vec![0x30, 0x03, 0x02, 0x01, 0x07];
+        let pem = certificate_pem(&der);
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+        assert_eq!(pem_certificates(&pem, "bundle").expect("pem"), [der]);
     }
 
     #[test]

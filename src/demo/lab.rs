@@ -26,6 +26,11 @@ pub const DEVICE_SN: &str = "SANDBOX0000001001";
 pub const BIZ_TID: &str = "01017sandboxbiztid1001";
 pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
 
+/// A name the sandbox's certificate also holds that never resolves (`.invalid`, RFC 2606): a lab
+/// whose platforms are named so ([`LabOptions::host`]) reaches them only through an egress
+/// proxy that knows the name, which proves every call went through it.
+pub const SANDBOX_ALIAS_HOST: &str = "platforms.sandbox.invalid";
+
 /// The proxy's `upstream_timeout` in the lab. Generous on purpose: the lab also runs under qemu
 /// on a loaded machine (10-20x slower RSA and TLS), and a test that checks a fault other than a
 /// timeout must never see a timeout instead. Tests of timeouts use a server that never answers.
@@ -126,9 +131,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
             begin_day: day(today - time::Duration::days(365)),
             expired_day: day(today + time::Duration::days(licence_days)),
         }],
-        authinfo_expires_in: None,
-        armed_faults: Vec::new(),
-        device_list_window: None,
+        ..World::default()
     }
 }
 
@@ -210,13 +213,13 @@ pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> 
         &keys.alipay_platform,
     )?;
     let cert = |name: &str| {
-        generate_pki(name, &["127.0.0.1", "localhost"])
+        generate_pki(name, &["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST])
             .map_err(|e| LabError::Certificate(e.to_string()))
     };
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
     let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
     let device = &keys.device;
-    let files: [(&str, &str, u32); 10] = [
+    let files: [(&str, &str, u32); 12] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
         ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
         ("proxy-ca.pem", &proxy_pki.ca_pem, 0o644),
@@ -227,10 +230,16 @@ pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> 
             0o600,
         ),
         (
+            "wechatpay-merchant-cert.pem",
+            &secrets.wechat_merchant_certificate_pem,
+            0o644,
+        ),
+        (
             "wechatpay-public.pem",
             &secrets.wechat_platform_public.to_pem(),
             0o644,
         ),
+        ("wechatpay-apiv3.key", &secrets.wechat_apiv3_key, 0o600),
         ("alipay-app.key", &secrets.alipay_app_private_pem, 0o600),
         (
             "alipay-public.pem",
@@ -277,7 +286,8 @@ impl LabFiles {
     }
 
     /// Writes `authinfo-proxy.toml` for a proxy on `listen` / `admin_listen` whose three
-    /// platforms are the sandbox at `sandbox_url`, followed by `extra` TOML.
+    /// platforms are the sandbox at `sandbox_url`, WeChat Pay's answers verified as
+    /// `verification` says, followed by `extra` TOML.
     pub fn write_proxy_config(
         &self,
         generated: &GeneratedLab,
@@ -285,9 +295,17 @@ impl LabFiles {
         listen: &str,
         admin_listen: &str,
         extra: &str,
+        verification: WechatVerification,
     ) -> Result<PathBuf, LabError> {
         let path = self.path("authinfo-proxy.toml");
         let k = &generated.sandbox_keys;
+        let verification = match verification {
+            WechatVerification::PublicKey => format!(
+                "public_key_id = \"{}\"\npublic_key = \"wechatpay-public.pem\"",
+                k.wechat_platform_key_id
+            ),
+            WechatVerification::DownloadedCertificates => "# Platform-certificate mode: downloaded (GET /v3/certificates) with the APIv3 key.\napiv3_key_file = \"wechatpay-apiv3.key\"".to_owned(),
+        };
         write(
             &path,
             &format!(
@@ -306,9 +324,9 @@ ca_file = "sandbox-ca.pem"
 mchid = "{mchid}"
 sp_appid = "wxsandboxspapp0001"
 merchant_key = "wechatpay-merchant.key"
-merchant_serial = "{serial}"
-public_key_id = "{key_id}"
-public_key = "wechatpay-public.pem"
+# The serial is read from the certificate (merchant_serial = "{serial}" would say the same).
+merchant_certificate = "wechatpay-merchant-cert.pem"
+{verification}
 
 [alipay]
 gateway = "{sandbox_url}/gateway.do"
@@ -327,12 +345,13 @@ access_key_secret_file = "aliyun-secret"
 "#,
                 mchid = k.wechat_mchid,
                 serial = k.wechat_merchant_serial,
-                key_id = k.wechat_platform_key_id,
                 app_id = k.alipay_app_id,
                 ak = generated.aliyun_access_key_id,
                 upstream_timeout = LAB_UPSTREAM_TIMEOUT,
             ),
-            0o644,
+            // 0600: `extra` may give an [upstream] http_proxy with a password, which makes the
+            // file a secret (the proxy refuses it readable by others then).
+            0o600,
         )?;
         Ok(path)
     }
@@ -365,6 +384,30 @@ pub fn start_sandbox(
 ) -> Result<RunningSandbox, LabError> {
     let tls = Arc::new(crate::tls::server_config_generated(pki)?);
     sandbox::start(listener, Some(tls), SandboxState::new(keys, world)).map_err(LabError::Listen)
+}
+
+/// How the lab's proxy verifies WeChat Pay's answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WechatVerification {
+    /// `public_key_id` + `public_key` (WeChat Pay public key mode).
+    #[default]
+    PublicKey,
+    /// `apiv3_key_file`: the platform certificates are downloaded (and the sandbox must sign
+    /// with one: [`World::wechat_sign_with_certificate`]).
+    DownloadedCertificates,
+}
+
+/// What a lab is started with beyond its world.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions<'a> {
+    /// TOML appended to the proxy's config (sections of its own).
+    pub proxy_extra: &'a str,
+    /// TOML appended to the daemon's config.
+    pub daemon_extra: &'a str,
+    /// The platforms' host name in the proxy's config; `None`: 127.0.0.1
+    /// ([`SANDBOX_ALIAS_HOST`] behind an egress proxy).
+    pub host: Option<&'a str>,
+    pub wechat: WechatVerification,
 }
 
 /// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
@@ -410,6 +453,28 @@ impl Lab {
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
+        let options = LabOptions {
+            proxy_extra,
+            daemon_extra,
+            ..LabOptions::default()
+        };
+        Self::start_with(dir, keys, world, &options).await
+    }
+
+    /// [`start_with_keys`](Self::start_with_keys) with every option.
+    pub async fn start_with(
+        dir: &Path,
+        keys: &LabKeys,
+        world: World,
+        options: &LabOptions<'_>,
+    ) -> Result<Self, LabError> {
+        let LabOptions {
+            proxy_extra,
+            daemon_extra,
+            host,
+            wechat,
+        } = *options;
+        let host = host.unwrap_or("127.0.0.1");
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
@@ -422,8 +487,11 @@ impl Lab {
         files.write_registry(&generated.device_public)?;
         let sandbox_listener = loopback().await?;
         let sandbox_url = format!(
-            "https://{}",
-            sandbox_listener.local_addr().map_err(LabError::Listen)?
+            "https://{host}:{}",
+            sandbox_listener
+                .local_addr()
+                .map_err(LabError::Listen)?
+                .port()
         );
         let proxy_config = files.write_proxy_config(
             &generated,
@@ -431,6 +499,7 @@ impl Lab {
             "127.0.0.1:0",
             "127.0.0.1:0",
             proxy_extra,
+            wechat,
         )?;
         let device_public = generated.device_public.clone();
         let sandbox = start_sandbox(
@@ -439,7 +508,13 @@ impl Lab {
             sandbox_listener,
             world,
         )?;
-        let proxy = crate::proxy::start(crate::proxy::config::load(&proxy_config)?).await?;
+        // The lab's platforms are on loopback: no egress proxy or system store from the
+        // environment applies (a test sets them in `proxy_extra` when it wants them).
+        let config = crate::proxy::config::load_with_env(
+            &proxy_config,
+            &crate::proxy::config::no_environment,
+        )?;
+        let proxy = crate::proxy::start(config).await?;
         let net = NetCut::start(loopback().await?, proxy.addr).map_err(LabError::Listen)?;
         let daemon_config = files.write_daemon_config(
             &format!("https://127.0.0.1:{}", net.addr.port()),
@@ -484,8 +559,14 @@ pub async fn run_standalone_sandbox(
     };
     files.write_registry(&generated.device_public)?;
     let admin = "127.0.0.1:9464";
-    let proxy_config =
-        files.write_proxy_config(&generated, &sandbox_url, proxy_listen, admin, "")?;
+    let proxy_config = files.write_proxy_config(
+        &generated,
+        &sandbox_url,
+        proxy_listen,
+        admin,
+        "",
+        WechatVerification::PublicKey,
+    )?;
     let daemon_config = files.write_daemon_config(&format!("https://{proxy_listen}"), "")?;
     let sandbox = start_sandbox(
         generated.sandbox_keys,

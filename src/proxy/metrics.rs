@@ -1,7 +1,8 @@
 //! The proxy's counters and histograms for `/metrics` on the admin listener.
 //!
 //! Owns: the series and their Prometheus text rendering. Label values come from fixed sets
-//! (routes, codes, platforms), so cardinality stays bounded whatever terminals send.
+//! (the router's routes or `other`, codes, platforms), so cardinality stays bounded whatever
+//! terminals send.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -24,7 +25,7 @@ struct Histogram {
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     /// Terminal requests by (route, outcome code; `OK` for success).
-    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
+    requests: Mutex<BTreeMap<(String, String), u64>>,
     /// Refused authentications by reason code.
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Upstream call latency by platform.
@@ -34,9 +35,10 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    pub fn count_request(&self, route: &'static str, outcome: &str) {
+    /// Counts a terminal request; `route` is a route the router matched, or `other`.
+    pub fn count_request(&self, route: &str, outcome: &str) {
         *lock(&self.requests)
-            .entry((route, outcome.to_owned()))
+            .entry((route.to_owned(), outcome.to_owned()))
             .or_default() += 1;
     }
 

@@ -346,7 +346,7 @@ async fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiRespons
             .map_err(|e| ApiError::Store(format!("the store write did not finish: {e}")))?
             .map_err(|e| ApiError::Store(crate::error_chain(&e)))?
     };
-    tracing::info!(raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
     Ok(ApiResponse::json(
         202,
         &RawDataAccepted {
@@ -424,6 +424,18 @@ fn healthz(state: &State) -> ApiResponse {
 }
 
 fn metrics(state: &State) -> ApiResponse {
+    ApiResponse {
+        status: 200,
+        content_type: crate::prometheus::CONTENT_TYPE,
+        etag: None,
+        allow: None,
+        retry_after: false,
+        body: metrics_page(state).into(),
+    }
+}
+
+/// The metrics page (the socket's `/metrics`, the textfile, the loopback listener).
+pub fn metrics_page(state: &State) -> String {
     let now = state.now();
     let current = state.current();
     let status = state.refresh_status().clone();
@@ -463,14 +475,7 @@ fn metrics(state: &State) -> ApiResponse {
             skew as f64,
         ));
     }
-    ApiResponse {
-        status: 200,
-        content_type: "text/plain; version=0.0.4",
-        etag: None,
-        allow: None,
-        retry_after: false,
-        body: state.metrics.render(&gauges).into(),
-    }
+    state.metrics.render(&gauges)
 }
 
 #[cfg(test)]
@@ -685,7 +690,7 @@ mod tests {
             503
         );
         let m = handle(get("/metrics", None, None), &state, &token).await;
-        assert_eq!(m.content_type, "text/plain; version=0.0.4");
+        assert_eq!(m.content_type, "text/plain; version=0.0.4; charset=utf-8");
         let text = String::from_utf8(m.body.to_vec()).expect("utf8");
         assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
         assert!(

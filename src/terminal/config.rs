@@ -58,16 +58,19 @@ pub const DEFAULT_ASSUMED_VALIDITY: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of `raw_data_command`.
 pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
-/// The config file as written.
+/// The config file as written. Unknown fields are not denied here: `parse` collects them as
+/// problems beside the others (`config_file::parse_toml_lenient`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     device_id: Option<String>,
     key_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    log_level: Option<String>,
     proxy: Option<RawProxy>,
     #[serde(default)]
     socket: RawSocket,
@@ -75,10 +78,17 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProxy {
     url: Option<String>,
     ca_file: Option<PathBuf>,
@@ -86,7 +96,6 @@ struct RawProxy {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSocket {
     path: Option<String>,
     mode: Option<String>,
@@ -103,7 +112,6 @@ struct RawSocket {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRefresh {
     interval: Option<HumanDuration>,
     jitter: Option<f64>,
@@ -115,7 +123,6 @@ struct RawRefresh {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawHealth {
     interval: Option<HumanDuration>,
     inspection: Option<bool>,
@@ -245,16 +252,32 @@ pub struct HealthConfig {
     pub licence: bool,
 }
 
+/// Where the metrics go besides the socket's `/metrics` (Prometheus cannot scrape a Unix
+/// socket).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A file rewritten atomically for node_exporter's textfile collector, on every change and
+    /// at least every [`TEXTFILE_EVERY`](super::exporter::TEXTFILE_EVERY).
+    pub textfile: Option<PathBuf>,
+    /// A loopback TCP address serving `GET /metrics` only.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (named in the start-up checks' errors).
+    pub path: PathBuf,
     pub device_id: String,
     pub key_file: PathBuf,
     pub state_dir: PathBuf,
+    /// The log filter (EnvFilter syntax) unless `$RUST_LOG` is set; reloaded on SIGHUP.
+    pub log_level: String,
     pub proxy: ProxyConfig,
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -270,13 +293,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates config text; `path` names it in errors and anchors nothing else.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = crate::config_file::parse_toml(WHAT, text, path)?;
     let mut problems = Problems::new(WHAT);
-    let config = validate(raw, &mut problems);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, text, path, &mut problems)?;
+    let config = validate(raw, path, &mut problems);
     problems.finish(path, config)
 }
 
-fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
+fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Config> {
     let device_id = match raw.device_id {
         Some(id) if crate::wire::valid_device_id(&id) => Some(id),
         Some(id) => {
@@ -319,7 +342,20 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let metrics = validate_metrics(raw.metrics, problems);
+    let log_level = raw.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    if let Err(e) = crate::logging::check_filter(&log_level) {
+        problems.push(
+            "log_level",
+            format_args!(
+                "{log_level:?} is not a log filter like info or authinfod=debug,warn: {e}"
+            ),
+        );
+    }
     Some(Config {
+        log_level,
+        path: path.to_owned(),
+        metrics: metrics?,
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -358,6 +394,133 @@ fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig>
         tls: std::sync::Arc::new(tls?),
         timeout,
     })
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(p) if p.is_absolute() && p.file_name().is_some() => Some(Some(p)),
+        Some(p) => {
+            problems.push(
+                "metrics.textfile",
+                format_args!("{} must be an absolute path to a file", p.display()),
+            );
+            None
+        }
+    };
+    let listen = match raw.listen {
+        None => Some(None),
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(Some(addr)),
+            Ok(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!(
+                        "{text:?} must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the metrics have no authentication"
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!("{text:?} is not an address like 127.0.0.1:9101"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricsConfig {
+        textfile: textfile?,
+        listen: listen?,
+    })
+}
+
+/// Reads and validates the config file at `path` and checks what `run` checks at start beyond
+/// the file itself, listing every problem of both kinds at once: the device key is private
+/// (0600), readable and an RSA key; the state directory is (or can be made) a writable
+/// directory. `check-config` and `run` both start here, so the one predicts the other. Returns
+/// the config and the key's signer.
+pub fn load_for_run(path: &Path) -> Result<(Config, crate::crypto::RsaSigner), ConfigError> {
+    let text = crate::config_file::read(WHAT, path)?;
+    let mut problems = Problems::new(WHAT);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, &text, path, &mut problems)?;
+    let key_file = raw.key_file.clone().filter(|p| p.is_absolute());
+    let state_dir = raw
+        .state_dir
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_STATE_DIR)))
+        .filter(|p| p.is_absolute());
+    let config = validate(raw, path, &mut problems);
+    let signer = check_files(key_file.as_deref(), state_dir.as_deref(), &mut problems);
+    let both = config.zip(signer);
+    problems.finish(path, both)
+}
+
+/// The start-up file checks of [`load_for_run`] for a config already loaded (the daemon
+/// repeats them at start; tests and the demo load configs themselves).
+pub fn preflight(config: &Config) -> Result<crate::crypto::RsaSigner, ConfigError> {
+    let mut problems = Problems::new(WHAT);
+    let signer = check_files(
+        Some(&config.key_file),
+        Some(&config.state_dir),
+        &mut problems,
+    );
+    problems.finish(&config.path, signer)
+}
+
+fn check_files(
+    key_file: Option<&Path>,
+    state_dir: Option<&Path>,
+    problems: &mut Problems,
+) -> Option<crate::crypto::RsaSigner> {
+    if let Some(dir) = state_dir
+        && let Err(e) = writable_dir(dir)
+    {
+        problems.push("state_dir", e);
+    }
+    let key_file = key_file?;
+    let pem = problems.read_private("key_file", key_file)?;
+    crate::crypto::RsaSigner::from_pem(&pem, &key_file.display().to_string())
+        .map_err(|e| problems.push("key_file", e))
+        .ok()
+}
+
+/// Whether `dir` is a directory this process can write, or could be created as one (its nearest
+/// existing ancestor is a writable directory). Nothing is created.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if meta.is_dir() => {
+                return access(at, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+                    if at == dir {
+                        format!("{} is not writable: {e}", dir.display())
+                    } else {
+                        format!(
+                            "{} does not exist and {} is not writable to create it: {e}",
+                            dir.display(),
+                            at.display()
+                        )
+                    }
+                });
+            }
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(parent) => at = parent,
+                    None => return Err(format!("{} cannot be created", dir.display())),
+                }
+            }
+            Err(e) => return Err(format!("cannot inspect {}: {e}", at.display())),
+        }
+    }
 }
 
 /// Accepts `https://host[:port][/]` only: no path, query or credentials (the request paths are
@@ -635,9 +798,11 @@ pub fn client_socket(config_path: &Path) -> SocketAddress {
 #[cfg(test)]
 pub fn test_config(dir: &Path) -> Config {
     Config {
+        path: dir.join("authinfod.toml"),
         device_id: "T-TEST".into(),
         key_file: dir.join("device.key"),
         state_dir: dir.join("state"),
+        log_level: DEFAULT_LOG_LEVEL.into(),
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
@@ -667,6 +832,7 @@ pub fn test_config(dir: &Path) -> Config {
             alipay_binding: true,
             licence: true,
         },
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -749,10 +915,80 @@ raw_data_command = ["rawdata"]
         assert_eq!(problems.len(), 11, "{problems:#?}");
     }
 
+    /// An unknown field is named, and does not hide the other problems of the file (the
+    /// misspelt key_file is also "missing"; proxy.url is not https).
     #[test]
-    fn unknown_fields_and_bad_durations_are_parse_errors_naming_them() {
-        let err = parse("device_id = \"a\"\nkey_fle = \"/k\"\n", Path::new("x.toml")).unwrap_err();
-        assert!(err.to_string().contains("key_fle"), "{err}");
+    fn unknown_fields_are_listed_beside_the_other_problems() {
+        let err = parse(
+            "device_id = \"a\"\nkey_fle = \"/k\"\n[proxy]\nurl = \"http://p\"\nca_fil = \"/c\"\n[sokcet]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        for expected in [
+            "key_fle: unknown field",
+            "proxy.ca_fil: unknown field",
+            "sokcet: unknown field",
+            "key_file: missing",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected} in {problems:#?}"
+            );
+        }
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("proxy.url:") && p.contains("https")),
+            "{problems:#?}"
+        );
+    }
+
+    /// What `run` refuses at start, `preflight` (and so `check-config`) refuses too, naming
+    /// each problem: a missing key, a key others can read, a file that is no key, a state
+    /// directory that cannot be one.
+    #[test]
+    fn preflight_refuses_what_run_would_refuse() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        let err = preflight(&config).unwrap_err();
+        assert!(
+            err.problems()
+                .iter()
+                .any(|p| p.starts_with("key_file: cannot read")),
+            "{err}"
+        );
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.to_string().contains("mode 644"), "{err}");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let signer = preflight(&config).expect("a private RSA key and a creatable state dir");
+        assert_eq!(
+            signer.public_key().expect("public"),
+            crate::crypto::test_key(0).public
+        );
+        std::fs::write(&config.key_file, "not a key").expect("write");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.problems()[0].starts_with("key_file: "), "{err}");
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        config.state_dir = file.join("state");
+        let err = preflight(&config).unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert!(err.problems()[0].contains("is not a directory"), "{err}");
+        assert!(
+            err.to_string().contains("authinfod.toml"),
+            "names the file: {err}"
+        );
+    }
+
+    #[test]
+    fn bad_durations_are_parse_errors_naming_them() {
         let err = parse("[refresh]\ninterval = \"1 hour\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("unknown unit"), "{err}");
     }
@@ -818,5 +1054,34 @@ raw_data_command = ["rawdata"]
         assert!(check_https_url("https://u:p@p.example").is_err());
         assert!(check_https_url("https://p.example/api").is_err());
         assert!(check_https_url("not a url").is_err());
+    }
+
+    #[test]
+    fn metrics_go_to_an_absolute_file_and_a_loopback_address_only() {
+        let ok = |textfile: Option<&str>, listen: Option<&str>| {
+            let mut problems = Problems::new("config file");
+            let raw = RawMetrics {
+                textfile: textfile.map(PathBuf::from),
+                listen: listen.map(String::from),
+            };
+            let got = validate_metrics(raw, &mut problems);
+            assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
+            got
+        };
+        let m = ok(
+            Some("/var/lib/node_exporter/authinfod.prom"),
+            Some("127.0.0.1:9101"),
+        )
+        .expect("valid");
+        assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
+        assert!(ok(None, Some("[::1]:9101")).is_some());
+        assert!(
+            ok(None, Some("0.0.0.0:9101")).is_none(),
+            "no unauthenticated wide listener"
+        );
+        assert!(ok(None, Some("192.168.1.5:9101")).is_none());
+        assert!(ok(None, Some("localhost")).is_none());
+        assert!(ok(Some("relative.prom"), None).is_none());
+        assert!(ok(Some("/"), None).is_none());
     }
 }

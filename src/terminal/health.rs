@@ -186,9 +186,9 @@ where
                     c.contains("DEVICE_NOT_EXIST") || c.contains("RECORD_NOT_EXIST")
                 });
             if unbound {
-                tracing::warn!(check = name, error = %text, "the device is not bound in Alipay (or Alipay does not know it)");
+                tracing::warn!(message_id = crate::events::ALIPAY_UNBOUND, check = name, error = %text, "the device is not bound in Alipay (or Alipay does not know it)");
             } else if record.last_error.is_none() {
-                tracing::warn!(check = name, code = %error.code(), error = %text, "health check failed; keeping the previous result");
+                tracing::warn!(message_id = crate::events::HEALTH_CHECK_FAILED, check = name, code = %error.code(), error = %text, "health check failed; keeping the previous result");
             } else {
                 // Already reported; status shows it. Keep the journal for news.
                 tracing::debug!(check = name, code = %error.code(), error = %text, "health check failed again");
@@ -202,6 +202,7 @@ where
         tracing::error!(check = name, error = %crate::error_chain(&error), "cannot store the health record");
     }
     *slot(&mut state.health()) = record;
+    state.changed();
     outcome
 }
 
@@ -210,24 +211,28 @@ fn log_inspection(i: &wire::Inspection, _now: i64) {
     let check = Check::Inspection.name();
     match i.result {
         wire::InspectionResult::Success => {
-            tracing::info!(check, result = "SUCCESS", inspect_time = %i.inspect_time, "factory inspection passed");
+            tracing::info!(message_id = crate::events::INSPECTION_PASSED, check, result = "SUCCESS", inspect_time = %i.inspect_time, "factory inspection passed");
         }
-        wire::InspectionResult::Warn => tracing::warn!(
-            check,
-            result = "WARN",
-            errors = ?i.errors,
-            warnings = ?i.warnings,
-            inspect_time = %i.inspect_time,
-            "factory inspection reported warnings"
-        ),
-        wire::InspectionResult::Fail => tracing::warn!(
-            check,
-            result = "FAIL",
-            errors = ?i.errors,
-            warnings = ?i.warnings,
-            inspect_time = %i.inspect_time,
-            "factory inspection FAILED"
-        ),
+        wire::InspectionResult::Warn => {
+            tracing::warn!(message_id = crate::events::INSPECTION_WARNING,
+                check,
+                result = "WARN",
+                errors = ?i.errors,
+                warnings = ?i.warnings,
+                inspect_time = %i.inspect_time,
+                "factory inspection reported warnings"
+            )
+        }
+        wire::InspectionResult::Fail => {
+            tracing::warn!(message_id = crate::events::INSPECTION_WARNING,
+                check,
+                result = "FAIL",
+                errors = ?i.errors,
+                warnings = ?i.warnings,
+                inspect_time = %i.inspect_time,
+                "factory inspection FAILED"
+            )
+        }
     }
 }
 
@@ -245,16 +250,16 @@ fn log_licence(l: &wire::Licence, now: i64) {
     };
     match licence_severity(days_left) {
         LicenceSeverity::Ok => {
-            tracing::info!(check, expired_day = %l.expired_day, days_left, "face SDK licence valid")
+            tracing::info!(message_id = crate::events::LICENCE_VALID, check, expired_day = %l.expired_day, days_left, "face SDK licence valid")
         }
         LicenceSeverity::Soon => {
-            tracing::warn!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 30 days")
+            tracing::warn!(message_id = crate::events::LICENCE_EXPIRING, check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 30 days")
         }
         LicenceSeverity::Urgent if days_left < 0 => {
-            tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence has LAPSED")
+            tracing::error!(message_id = crate::events::LICENCE_URGENT, check, expired_day = %l.expired_day, days_left, "face SDK licence has LAPSED")
         }
         LicenceSeverity::Urgent => {
-            tracing::error!(check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 7 days")
+            tracing::error!(message_id = crate::events::LICENCE_URGENT, check, expired_day = %l.expired_day, days_left, "face SDK licence expires within 7 days")
         }
     }
 }

@@ -287,6 +287,7 @@ impl Metrics {
             "Socket requests waiting now (?wait=).",
             self.requests_waiting.load(Ordering::Relaxed),
         );
+        t.process();
         t.finish()
     }
 }

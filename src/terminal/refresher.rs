@@ -120,6 +120,7 @@ impl Refresher {
                     .current()
                     .is_some_and(|s| s.age(wall) >= self.schedule.interval.as_secs());
                 tracing::info!(
+                    message_id = crate::events::CLOCK_JUMP,
                     jump_seconds = slept,
                     stale,
                     "wall clock moved ahead of the monotonic clock (suspend or clock set)"
@@ -236,14 +237,14 @@ impl Refresher {
                 if let Err(error) = self.state.store.save_authinfo(&held) {
                     // Serving the new authinfo from memory is still better for the face app
                     // than keeping the old one; it just will not survive a restart.
-                    tracing::error!(
+                    tracing::error!(message_id = crate::events::PERSIST_FAILED,
                         error = %crate::error_chain(&error),
                         "cannot persist the new authinfo; serving it from memory only"
                     );
                 }
                 let served = self.state.publish(held);
                 self.state.metrics.count_refresh("ok");
-                tracing::info!(
+                tracing::info!(message_id = crate::events::REFRESH_OK,
                     authinfo_fingerprint = %served.fingerprint,
                     expires_at = %crate::units::rfc3339(served.held.expires_at),
                     expires_in = ?served.held.expires_in,
@@ -273,7 +274,7 @@ impl Refresher {
         };
         if permanent {
             self.state.metrics.count_refresh("permanent_error");
-            tracing::error!(
+            tracing::error!(message_id = crate::events::REFRESH_REFUSED,
                 code = %failure.code(),
                 %error,
                 upstream_status,
@@ -282,7 +283,7 @@ impl Refresher {
             );
         } else {
             self.state.metrics.count_refresh("retryable_error");
-            tracing::warn!(
+            tracing::warn!(message_id = crate::events::REFRESH_FAILED,
                 code = %failure.code(),
                 %error,
                 upstream_status,

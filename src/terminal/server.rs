@@ -271,11 +271,11 @@ impl Socket {
     }
 
     fn peer(&self, stream: &UnixStream) -> Peer {
-        let socket = &self.state.config.socket;
         match stream.peer_cred() {
             Ok(cred) => {
                 let (uid, gid) = (cred.uid(), cred.gid());
-                if socket.allowed_uids.contains(&uid) || socket.allowed_gids.contains(&gid) {
+                // The allow-list of now: a reload (SIGHUP) may have replaced it.
+                if self.state.peers().allow(uid, gid) {
                     Peer::Allowed { uid }
                 } else {
                     Peer::Denied(Refused {
@@ -304,6 +304,7 @@ impl Socket {
         };
         match r.reason {
             Denial::NotAllowed => tracing::warn!(
+                message_id = crate::events::PEER_DENIED,
                 peer_uid = r.uid,
                 peer_gid = r.gid,
                 peer_pid = r.pid,
@@ -312,6 +313,7 @@ impl Socket {
                 "socket peer denied: not in socket.allowed_uids or socket.allowed_gids (one line per peer per interval)"
             ),
             Denial::NoCredentials => tracing::warn!(
+                message_id = crate::events::PEER_DENIED,
                 denied_unlogged = unlogged,
                 interval_seconds = self.denials.interval().as_secs(),
                 "socket peer denied: its credentials cannot be read (one line per interval)"
@@ -347,6 +349,7 @@ impl Socket {
         };
         for (uid, count) in denials {
             tracing::warn!(
+                message_id = crate::events::PEER_DENIED,
                 peer_uid = uid,
                 denied = count,
                 "socket peer denied again since its last line"

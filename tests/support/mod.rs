@@ -1,5 +1,6 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
-//! a daemon harness on a temporary directory and a real Unix socket, and a raw socket client.
+//! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
+//! log capture ([`logs`]).
 
 #![allow(dead_code)]
 
@@ -49,6 +50,33 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `daemon` holds an authinfo and its three health checks (inspection, Alipay
+/// binding, licence) are `ok`.
+pub async fn wait_for_authinfo_and_health(daemon: &TestDaemon) {
+    use authinfod::terminal::doc::CheckState;
+    let state = daemon.state.clone();
+    wait_until("an authinfo is held and the health checks are done", || {
+        let d = state.status().device;
+        state.current().is_some()
+            && [d.inspection.state, d.alipay_binding.state, d.licence.state]
+                .iter()
+                .all(|c| *c == CheckState::Ok)
+    })
+    .await;
+}
+
+/// The lab's proxy config, loaded as the lab loads it (no environment: the lab's platforms are
+/// on loopback, and a CI machine's `HTTPS_PROXY` must not apply to them).
+pub fn lab_proxy_config(
+    files: &authinfod::demo::lab::LabFiles,
+) -> authinfod::proxy::config::Config {
+    authinfod::proxy::config::load_with_env(
+        &files.path("authinfo-proxy.toml"),
+        &authinfod::proxy::config::no_environment,
+    )
+    .expect("the lab's proxy config")
 }
 
 /// An answer read from the daemon's socket or the proxy.
@@ -126,6 +154,8 @@ pub struct TestDaemon {
     pub dir: Arc<tempfile::TempDir>,
     pub socket: PathBuf,
     pub state: Arc<State>,
+    /// What SIGHUP calls in the binary.
+    pub reloader: Arc<authinfod::terminal::reload::Reloader>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -169,6 +199,7 @@ impl TestDaemon {
         };
         let daemon = Daemon::start(config, options).await.expect("daemon starts");
         let state = daemon.state();
+        let reloader = daemon.reloader();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
@@ -176,6 +207,7 @@ impl TestDaemon {
             dir,
             socket,
             state,
+            reloader,
             shutdown,
             task,
         }

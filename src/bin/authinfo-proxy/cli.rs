@@ -27,7 +27,7 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
     (exit::USAGE, "usage error"),
     (
         exit::UNAVAILABLE,
-        "the running proxy cannot be reached (devices)",
+        "the running proxy cannot be reached (devices), or its store is held by a process that does not answer on the admin listener (devices --live)",
     ),
     (
         exit::CONFIG,
@@ -44,6 +44,18 @@ pub const SERVE_ENVIRONMENT: &[(&str, &str)] = &[
     (
         "JOURNAL_STREAM",
         "Set by systemd when standard error is the journal: log to journald with structured fields; otherwise, plain lines on standard error.",
+    ),
+    (
+        "https_proxy, HTTPS_PROXY, all_proxy, ALL_PROXY",
+        "When [upstream] http_proxy is not set: the forward proxy (http://[user:pass@]host:port) every platform call goes through, the first of these that is set.",
+    ),
+    (
+        "no_proxy, NO_PROXY",
+        "With a proxy from the environment: the hosts that are reached directly (names and their subdomains, IPs, CIDR ranges, *).",
+    ),
+    (
+        "SSL_CERT_FILE, SSL_CERT_DIR",
+        "With [upstream] trust = \"system\": where the system's trusted roots are (default: where OpenSSL keeps them).",
     ),
 ];
 
@@ -79,10 +91,22 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Page WeChat Pay's list now (within its rate limits) instead of asking the running proxy.
+        /// Page WeChat Pay's list now, within its limits and the merchant's daily budget: the
+        /// running proxy does it (admin listener) when it answers, else this command on the
+        /// proxy's store.
         #[arg(long)]
         live: bool,
         /// The configuration file (the running proxy's admin address, or the WeChat Pay keys for --live).
+        #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Download WeChat Pay's platform certificates now (with `[wechatpay] apiv3_key_file`), verify
+    /// them and print each serial and validity; changes nothing the running proxy keeps.
+    Certificates {
+        /// Also write them as one PEM file (what `[wechatpay] platform_certificates` reads).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The configuration file (the WeChat Pay keys and the APIv3 key file).
         #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },

@@ -78,6 +78,13 @@ pub enum WechatPayError {
         #[source]
         source: SignatureError,
     },
+    #[error("WeChat Pay's answer to {endpoint} cannot be opened: {reason}")]
+    Decrypt {
+        endpoint: &'static str,
+        status: u16,
+        request_id: Option<String>,
+        reason: String,
+    },
     #[error("WeChat Pay's answer to {endpoint} is not of the documented shape: {reason}")]
     Malformed {
         endpoint: &'static str,
@@ -132,6 +139,20 @@ impl WechatPayError {
                 status: *status,
                 code: None,
                 message: Some(source.to_string()),
+                request_id: request_id.clone(),
+                retry_after: None,
+            },
+            // An answer that does not open with the APIv3 key is not known to be WeChat Pay's.
+            Self::Decrypt {
+                status,
+                request_id,
+                reason,
+                ..
+            } => Failure {
+                class: FailureClass::BadSignature,
+                status: *status,
+                code: None,
+                message: Some(reason.clone()),
                 request_id: request_id.clone(),
                 retry_after: None,
             },
@@ -197,6 +218,14 @@ struct Answer<T> {
     request_id: Option<String>,
 }
 
+/// A 2xx answer as received, not yet verified.
+pub(super) struct RawAnswer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+    pub request_id: Option<String>,
+}
+
 /// The device-list page as sent: every field optional.
 #[derive(Deserialize)]
 struct RawDevicePage {
@@ -214,7 +243,8 @@ struct RawDevicePage {
 pub struct WechatPayClient {
     base_url: reqwest::Url,
     signer: MerchantSigner,
-    keys: PlatformKeys,
+    /// Replaced whole when platform certificates are downloaded; readers take a snapshot.
+    keys: std::sync::RwLock<std::sync::Arc<PlatformKeys>>,
     http: reqwest::Client,
 }
 
@@ -230,9 +260,25 @@ impl WechatPayClient {
         Self {
             base_url,
             signer,
-            keys,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(keys)),
             http,
         }
+    }
+
+    /// The keys answers are verified with now.
+    pub fn keys(&self) -> std::sync::Arc<PlatformKeys> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the keys answers are verified with (downloaded platform certificates).
+    pub fn set_keys(&self, keys: PlatformKeys) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
     }
 
     /// `POST /v3/offlineface/authinfo`: a fresh authinfo for the face SDK that made `raw_data`.
@@ -325,6 +371,61 @@ impl WechatPayClient {
         body: Option<Vec<u8>>,
         endpoint: &'static str,
     ) -> Result<Answer<T>, WechatPayError> {
+        let RawAnswer {
+            status,
+            headers,
+            body,
+            request_id,
+        } = self.send(method, path, query, body, endpoint).await?;
+        if let Err(source) = self.keys().verify(&headers, &body, unix_now()) {
+            tracing::warn!(
+                endpoint,
+                upstream_status = status,
+                request_id = request_id.as_deref(),
+                error = %source,
+                "wechat pay answer failed verification"
+            );
+            return Err(WechatPayError::BadSignature {
+                endpoint,
+                status,
+                request_id,
+                source,
+            });
+        }
+        let value = serde_json::from_slice(&body).map_err(|e| {
+            // The position and category only: serde_json's message may quote body values.
+            let reason = format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column());
+            tracing::warn!(endpoint, upstream_status = status, request_id = request_id.as_deref(), %reason, "wechat pay answer is malformed");
+            WechatPayError::Malformed {
+                endpoint,
+                status,
+                request_id: request_id.clone(),
+                reason,
+            }
+        })?;
+        tracing::debug!(
+            endpoint,
+            upstream_status = status,
+            request_id = request_id.as_deref(),
+            "wechat pay answered"
+        );
+        Ok(Answer {
+            value,
+            status,
+            request_id,
+        })
+    }
+
+    /// Signs and sends one request and reads its answer: a 2xx answer as received (not yet
+    /// verified), any other as its [`WechatPayError::Api`].
+    pub(super) async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: Option<&str>,
+        body: Option<Vec<u8>>,
+        endpoint: &'static str,
+    ) -> Result<RawAnswer, WechatPayError> {
         let mut url = self.base_url.clone();
         url.set_path(&format!(
             "{}{path}",
@@ -374,43 +475,11 @@ impl WechatPayClient {
             );
             return Err(error);
         }
-        let request_id = request_id(&headers);
-        if let Err(source) = self.keys.verify(&headers, &body, unix_now()) {
-            tracing::warn!(
-                endpoint,
-                upstream_status = status,
-                request_id = request_id.as_deref(),
-                error = %source,
-                "wechat pay answer failed verification"
-            );
-            return Err(WechatPayError::BadSignature {
-                endpoint,
-                status,
-                request_id,
-                source,
-            });
-        }
-        let value = serde_json::from_slice(&body).map_err(|e| {
-            // The position and category only: serde_json's message may quote body values.
-            let reason = format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column());
-            tracing::warn!(endpoint, upstream_status = status, request_id = request_id.as_deref(), %reason, "wechat pay answer is malformed");
-            WechatPayError::Malformed {
-                endpoint,
-                status,
-                request_id: request_id.clone(),
-                reason,
-            }
-        })?;
-        tracing::debug!(
-            endpoint,
-            upstream_status = status,
-            request_id = request_id.as_deref(),
-            "wechat pay answered"
-        );
-        Ok(Answer {
-            value,
+        Ok(RawAnswer {
             status,
-            request_id,
+            request_id: request_id(&headers),
+            headers,
+            body,
         })
     }
 }
