@@ -3,16 +3,19 @@
 use std::time::Duration;
 
 use crate::support::fake_proxy::{FakeProxy, Script};
-use crate::support::{TestDaemon, dead_url, device_key, socket_request, wait_until};
+use crate::support::{
+    NO_FORCED_LIMIT, TestDaemon, dead_url, device_key, socket_request, wait_until,
+};
 
 async fn proxy() -> FakeProxy {
     FakeProxy::start(&device_key().public.to_pem()).await
 }
 
-/// Starts a daemon with a first authinfo `A1` already fetched and served.
+/// Starts a daemon with a first authinfo `A1` already fetched and served, and no forced-refresh
+/// limit (its callers force one refresh per fault).
 async fn daemon_with_authinfo(proxy: &FakeProxy) -> (TestDaemon, String) {
     proxy.script([Script::Authinfo("A1".into(), None)]);
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, NO_FORCED_LIMIT).await;
     let r = daemon.put_raw_data("RAW-1").await;
     assert_eq!(r.status, 202);
     let state = daemon.state.clone();
@@ -28,7 +31,7 @@ async fn daemon_with_authinfo(proxy: &FakeProxy) -> (TestDaemon, String) {
 async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     let proxy = proxy().await;
     proxy.script([Script::Authinfo("A1".into(), Some(5400))]);
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, NO_FORCED_LIMIT).await;
     let t0 = std::time::Instant::now();
 
     let r = daemon.get("/v1/authinfo").await;
@@ -302,7 +305,7 @@ async fn a_proxy_certificate_from_another_ca_is_refused() {
     let proxy = proxy().await;
     proxy.fallback(Script::Authinfo("EVIL".into(), None));
     let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
-    let daemon = TestDaemon::start(&proxy.url, &other.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &other.ca_pem, NO_FORCED_LIMIT).await;
     daemon.put_raw_data("RAW").await;
     let r = daemon
         .request("POST", "/v1/refresh?wait=true", &[], None)

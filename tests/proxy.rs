@@ -722,10 +722,11 @@ async fn daemon_gets_authinfo_and_inspection_through_the_proxy_over_real_tls() {
 /// stays; the proxy's error body names the platform's status and request id.
 #[tokio::test]
 async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as_an_authinfo() {
-    // Backoff far beyond the test, so that no background retry joins a refresh asked for here.
+    // Backoff far beyond the test, so that no background retry joins a refresh asked for here,
+    // and no forced-refresh limit: the test forces one refresh per fault.
     let (dir, lab) = synced_lab(
         lab::world(0, 45),
-        "[refresh]\nbackoff_min = \"24h\"\nbackoff_max = \"24h\"\n",
+        "[refresh]\nbackoff_min = \"24h\"\nbackoff_max = \"24h\"\nmin_forced_interval = \"0s\"\n",
     )
     .await;
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;

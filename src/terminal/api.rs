@@ -17,7 +17,7 @@ use super::doc::{
     AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataAccepted, RawDataBody, RefreshAccepted,
     RefreshDone, Route,
 };
-use super::state::{Freshness, Served, State};
+use super::state::{Freshness, Hold, RefreshHeld, Served, State, whole_seconds_up};
 use crate::units::rfc3339;
 use crate::wire::MAX_RAW_DATA;
 
@@ -44,6 +44,8 @@ pub struct ApiResponse {
     pub etag: Option<String>,
     /// `Allow` on a 405.
     pub allow: Option<&'static str>,
+    /// `Retry-After` (seconds) on a 429.
+    pub retry_after: Option<u64>,
     pub body: Vec<u8>,
 }
 
@@ -55,6 +57,7 @@ impl ApiResponse {
                 content_type: "application/json",
                 etag: None,
                 allow: None,
+                retry_after: None,
                 body,
             },
             // The documents are plain structs of strings and numbers; should one ever fail to
@@ -66,6 +69,7 @@ impl ApiResponse {
                     content_type: "application/json",
                     etag: None,
                     allow: None,
+                    retry_after: None,
                     body: br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#
                         .to_vec(),
                 }
@@ -79,6 +83,7 @@ impl ApiResponse {
             content_type: "application/json",
             etag: None,
             allow: None,
+            retry_after: None,
             body: Vec::new(),
         }
     }
@@ -120,6 +125,11 @@ pub enum ApiError {
     RefreshFailed { code: String, message: String },
     #[error("the refresh did not finish within {0} s")]
     RefreshTimeout(u64),
+    #[error(
+        "no refresh started: {hold}; the next forced refresh is allowed in {}",
+        crate::units::format_duration(Duration::from_secs(whole_seconds_up(*wait)))
+    )]
+    RefreshHeld { wait: Duration, hold: Hold },
 }
 
 impl ApiError {
@@ -138,6 +148,7 @@ impl ApiError {
             Self::Store(_) => (500, "STORE_FAILED"),
             Self::RefreshFailed { .. } => (502, "REFRESH_FAILED"),
             Self::RefreshTimeout(_) => (504, "REFRESH_TIMEOUT"),
+            Self::RefreshHeld { .. } => (429, "REFRESH_RATE_LIMITED"),
         }
     }
 
@@ -147,16 +158,22 @@ impl ApiError {
             Self::RefreshFailed { code, .. } => code.clone(),
             _ => code.to_owned(),
         };
+        let retry_after = match self {
+            Self::RefreshHeld { wait, .. } => Some(whole_seconds_up(*wait)),
+            _ => None,
+        };
         let mut response = ApiResponse::json(
             status,
             &ErrorDoc {
                 code,
                 message: self.to_string(),
+                retry_after_seconds: retry_after,
             },
         );
         if let Self::MethodNotAllowed { allow, .. } = self {
             response.allow = Some(allow);
         }
+        response.retry_after = retry_after;
         response
     }
 }
@@ -296,12 +313,19 @@ fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, Api
     let triggered = state
         .accept_raw_data(value)
         .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
-    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    // A refresh it triggers is never refused, but within the forced-refresh limit it starts
+    // when the limit allows.
+    let deferred = triggered
+        .then(|| state.forced_refresh_held())
+        .flatten()
+        .map(|h| whole_seconds_up(h.wait));
+    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, refresh_deferred_seconds = deferred, "raw_data received");
     Ok(ApiResponse::json(
         202,
         &RawDataAccepted {
             accepted: true,
             refresh_triggered: triggered,
+            refresh_deferred_seconds: deferred,
         },
     ))
 }
@@ -320,7 +344,9 @@ async fn post_refresh(
             )));
         }
     };
-    let seq = state.request_refresh();
+    let seq = state
+        .request_refresh()
+        .map_err(|RefreshHeld { wait, hold }| ApiError::RefreshHeld { wait, hold })?;
     if !wait {
         return Ok(ApiResponse::json(202, &RefreshAccepted { accepted: true }));
     }
@@ -418,6 +444,7 @@ fn metrics(state: &State) -> ApiResponse {
         content_type: "text/plain; version=0.0.4",
         etag: None,
         allow: None,
+        retry_after: None,
         body: state.metrics.render(&gauges).into_bytes(),
     }
 }

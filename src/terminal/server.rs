@@ -337,5 +337,8 @@ fn to_hyper(r: ApiResponse) -> hyper::Response<Full<bytes::Bytes>> {
     if let Some(allow) = r.allow {
         headers.insert(ALLOW, HeaderValue::from_static(allow));
     }
+    if let Some(secs) = r.retry_after {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     response
 }
