@@ -7,6 +7,7 @@
 //! - [`auth`]: terminal request authentication and the nonce cache.
 //! - [`certificates`]: WeChat Pay's platform certificates, downloaded and rotated.
 //! - [`fleet`]: WeChat Pay's device list: paced sync, the day's budget, cache, lookup.
+//! - [`limits`]: per-device token buckets per route and per-merchant platform ceilings.
 //! - [`store`]: the proxy's sled store (fleet cache, device-list budget, platform certificates).
 //! - [`server`]: the terminal routes, the admin routes and the error table.
 //! - [`metrics`]: Prometheus series.
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod certificates;
 pub mod config;
 pub mod fleet;
+pub mod limits;
 pub mod metrics;
 pub mod periodic;
 pub mod registry;
@@ -226,6 +228,15 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         alipay,
         aliyun,
         metrics: metrics::ProxyMetrics::default(),
+        limits: limits::Limits::new(
+            config.limits.clone(),
+            if config.fleet.enabled {
+                config.fleet.requests_per_second
+            } else {
+                0
+            },
+            Arc::new(limits::MemoryLimits::default()),
+        ),
         started: tokio::time::Instant::now(),
     });
     let bind = |addr| async move {
