@@ -829,6 +829,17 @@ mod tests {
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()
         );
+        let l = raw.limits;
+        assert!(
+            l.authinfo_burst.is_some()
+                && l.authinfo_every.is_some()
+                && l.health_burst.is_some()
+                && l.health_every.is_some()
+                && l.wechatpay_per_second.is_some()
+                && l.alipay_per_second.is_some()
+                && l.aliyun_per_second.is_some(),
+            "every [limits] field is documented"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -867,6 +878,34 @@ mod tests {
 
     fn merchant_key() -> RsaSigner {
         RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    }
+
+    /// `[limits]`: absent, the documented defaults; zero bursts, refills and ceilings, and a
+    /// WeChat Pay ceiling that leaves terminals nothing beyond the fleet sync, are all listed.
+    #[test]
+    fn limits_default_as_documented_and_refuse_what_admits_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = |v: &mut Validator<'_>| v.fleet(RawFleet::default());
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        assert_eq!(v.limits(RawLimits::default(), &f), LimitsConfig::default());
+        assert!(v.problems.is_empty());
+        let raw: RawLimits = toml::from_str(
+            "authinfo_burst = 0\nhealth_every = \"0s\"\nwechatpay_per_second = 20\naliyun_per_second = 0",
+        )
+        .expect("toml");
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        let _ = v.limits(raw, &f);
+        assert_eq!(
+            listed(v),
+            [
+                "limits.authinfo_burst: must be at least 1",
+                "limits.health_every: must be more than zero",
+                "limits.aliyun_per_second: must be at least 1",
+                "limits.wechatpay_per_second: 20 must be more than fleet.requests_per_second (20): the fleet sync's share is kept from it and terminals get the rest",
+            ]
+        );
     }
 
     const SERIAL: [u8; 20] = [

@@ -17,7 +17,8 @@
 //! downloaded platform certificates), so several replicas can run behind any load balancer; the
 //! nonce cache and the store are per replica, so a replay is caught only by the replica that saw
 //! the first use (route a terminal to one replica, or accept that window), and each replica
-//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's.
+//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's,
+//! and its own request limits until a shared [`limits::RateLimitStore`] replaces the memory one.
 
 pub mod auth;
 pub mod certificates;
