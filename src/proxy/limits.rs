@@ -101,6 +101,25 @@ impl LimitedRoute {
     }
 }
 
+/// The platforms terminals cause calls to, each with its own ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Platform {
+    WechatPay,
+    Alipay,
+    Aliyun,
+}
+
+impl Platform {
+    /// The platform's name in metrics, logs and error bodies.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::WechatPay => "wechatpay",
+            Self::Alipay => "alipay",
+            Self::Aliyun => "aliyun",
+        }
+    }
+}
+
 /// What a bucket is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LimitKey {
@@ -110,7 +129,7 @@ pub enum LimitKey {
         route: LimitedRoute,
     },
     /// The merchant's calls to one platform caused by terminals.
-    Merchant { platform: &'static str },
+    Merchant { platform: Platform },
 }
 
 impl std::fmt::Display for LimitKey {
@@ -118,7 +137,7 @@ impl std::fmt::Display for LimitKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Device { device_id, route } => write!(f, "device/{device_id}{}", route.path()),
-            Self::Merchant { platform } => write!(f, "merchant/{platform}"),
+            Self::Merchant { platform } => write!(f, "merchant/{}", platform.name()),
         }
     }
 }
@@ -231,7 +250,7 @@ pub enum Limited {
     },
     /// Terminals together reached the merchant's ceiling on this platform.
     Merchant {
-        platform: &'static str,
+        platform: Platform,
         per_second: u32,
         retry_after: Duration,
     },
@@ -261,7 +280,8 @@ impl std::fmt::Display for Limited {
                 ..
             } => write!(
                 f,
-                "the merchant's terminals together reached the ceiling of {per_second} {platform} calls a second"
+                "the merchant's terminals together reached the ceiling of {per_second} {} calls a second",
+                platform.name()
             ),
         }
     }
@@ -317,11 +337,11 @@ impl Limits {
     }
 
     /// The ceiling on `platform` calls a second caused by terminals.
-    pub fn merchant_per_second(&self, platform: &'static str) -> u32 {
+    pub fn merchant_per_second(&self, platform: Platform) -> u32 {
         match platform {
-            "wechatpay" => self.wechatpay_terminals,
-            "alipay" => self.config.alipay_per_second,
-            _ => self.config.aliyun_per_second,
+            Platform::WechatPay => self.wechatpay_terminals,
+            Platform::Alipay => self.config.alipay_per_second,
+            Platform::Aliyun => self.config.aliyun_per_second,
         }
     }
 
@@ -343,7 +363,7 @@ impl Limits {
     }
 
     /// Takes one terminal-caused call to `platform` from the merchant's ceiling.
-    pub async fn admit_platform(&self, platform: &'static str) -> Result<(), Limited> {
+    pub async fn admit_platform(&self, platform: Platform) -> Result<(), Limited> {
         let per_second = self.merchant_per_second(platform);
         let key = LimitKey::Merchant { platform };
         match self.take(&key, Bucket::per_second(per_second)).await {
@@ -484,7 +504,7 @@ mod tests {
         assert_eq!(key("T-1").to_string(), "device/T-1/v1/authinfo");
         assert_eq!(
             LimitKey::Merchant {
-                platform: "wechatpay"
+                platform: Platform::WechatPay
             }
             .to_string(),
             "merchant/wechatpay"
@@ -508,19 +528,22 @@ mod tests {
             20,
             Arc::new(MemoryLimits::default()),
         );
-        assert_eq!(limits.merchant_per_second("wechatpay"), 5);
+        assert_eq!(limits.merchant_per_second(Platform::WechatPay), 5);
         let mut admitted = 0;
-        while limits.admit_platform("wechatpay").await.is_ok() {
+        while limits.admit_platform(Platform::WechatPay).await.is_ok() {
             admitted += 1;
         }
         assert_eq!(admitted, 5);
-        let refused = limits.admit_platform("wechatpay").await.expect_err("full");
+        let refused = limits
+            .admit_platform(Platform::WechatPay)
+            .await
+            .expect_err("full");
         assert!(
             refused.retry_after() <= Duration::from_millis(200),
             "{refused:?}"
         );
         assert!(
-            limits.admit_platform("alipay").await.is_ok(),
+            limits.admit_platform(Platform::Alipay).await.is_ok(),
             "its own ceiling"
         );
     }

@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 
 use super::auth::{AuthError, NonceCache, authenticate};
 use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
-use super::limits::{Limited, LimitedRoute, Limits};
+use super::limits::{Limited, LimitedRoute, Limits, Platform};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
 use crate::platform::alipay::AlipayClient;
@@ -412,12 +412,13 @@ fn count_and_log(
 async fn upstream<T, E>(
     app: &App,
     device: &Device,
-    platform: &'static str,
+    ceiling: Platform,
     call: impl std::future::Future<Output = Result<T, E>>,
     failure: impl Fn(&E) -> Failure,
 ) -> Result<T, RequestError> {
+    let platform = ceiling.name();
     app.limits
-        .admit_platform(platform)
+        .admit_platform(ceiling)
         .await
         .map_err(|limited| RequestError::Limited {
             device_id: device.device_id.clone(),
@@ -468,7 +469,7 @@ async fn authinfo(
     let answer = upstream(
         &app,
         &device,
-        "wechatpay",
+        Platform::WechatPay,
         app.wechat.offlineface_authinfo(&params),
         |e| e.failure(),
     )
@@ -486,7 +487,7 @@ async fn inspection(
     let i = upstream(
         &app,
         &device,
-        "wechatpay",
+        Platform::WechatPay,
         app.wechat.device_inspection(&device.device_sn),
         |e| e.failure(),
     )
@@ -531,9 +532,13 @@ async fn alipay_binding(
     let query = device.alipay.as_ref().ok_or(RequestError::NotConfigured(
         "this device's registry entry has no [device.alipay] identity",
     ))?;
-    let b = upstream(&app, &device, "alipay", client.device_query(query), |e| {
-        e.failure()
-    })
+    let b = upstream(
+        &app,
+        &device,
+        Platform::Alipay,
+        client.device_query(query),
+        |e| e.failure(),
+    )
     .await?;
     Ok(Json(wire::AlipayBinding {
         merchant_type: b.merchant_type,
@@ -556,7 +561,7 @@ async fn licence(
     let info = upstream(
         &app,
         &device,
-        "aliyun",
+        Platform::Aliyun,
         client.find_device(cloudauth_id, biz_type.as_deref()),
         |e| e.failure(),
     )
