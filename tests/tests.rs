@@ -7,4 +7,5 @@ mod certificates;
 mod daemon;
 mod egress;
 mod health;
+mod journal;
 mod proxy;
