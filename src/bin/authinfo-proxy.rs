@@ -24,7 +24,8 @@ fn main() -> ExitCode {
             listen,
             proxy_listen,
             devices,
-        } => sandbox(&dir, &listen, &proxy_listen, devices),
+            authinfo_per_minute,
+        } => sandbox(&dir, &listen, &proxy_listen, devices, authinfo_per_minute),
     };
     match result {
         Ok(code) => code,
@@ -198,13 +199,19 @@ fn sandbox(
     listen: &str,
     proxy_listen: &str,
     devices: usize,
+    authinfo_per_minute: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     init_logging("info");
+    let authinfo_limit = authinfo_per_minute.map(|requests| authinfod::sandbox::AuthinfoLimit {
+        requests,
+        window: std::time::Duration::from_secs(60),
+    });
     runtime()?.block_on(authinfod::demo::lab::run_standalone_sandbox(
         dir,
         listen,
         proxy_listen,
         devices,
+        authinfo_limit,
         shutdown_signal(),
     ))?;
     Ok(ExitCode::SUCCESS)

@@ -275,13 +275,17 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
 }
 
 async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
-    if !wait {
-        client::request_refresh(&address).await?;
-        println!("refresh requested");
-        return Ok(ExitCode::SUCCESS);
-    }
-    match client::refresh_and_wait(&address).await {
-        Ok(done) => {
+    let result = if wait {
+        client::refresh_and_wait(&address).await.map(Some)
+    } else {
+        client::request_refresh(&address).await.map(|()| None)
+    };
+    match result {
+        Ok(None) => {
+            println!("refresh requested");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Some(done)) => {
             println!(
                 "refreshed: authinfo {} ({}), expires {}",
                 done.fingerprint,
@@ -289,6 +293,19 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
                 done.expires_at
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Err(client::ClientError::Refused {
+            status: 429,
+            message,
+            retry_after_seconds,
+            ..
+        }) => {
+            let now = authinfod::units::unix_now();
+            eprintln!(
+                "authinfod: {}",
+                client::render_refresh_held(&message, retry_after_seconds, now)
+            );
+            Ok(ExitCode::from(exit::TEMPFAIL))
         }
         Err(client::ClientError::Refused { code, message, .. }) => {
             eprintln!("authinfod: refresh failed ({code}): {message}");

@@ -540,12 +540,14 @@ impl Lab {
 
 /// `authinfo-proxy sandbox`: generates a lab in `dir` (keys, proxy config for a proxy on
 /// `proxy_listen`, registry, terminal config), serves the simulated platforms on `listen` with
-/// `devices` extra fleet devices, and prints what to run next; until `shutdown`.
+/// `devices` extra fleet devices (and the merchant's `authinfo_limit`, if any), and prints what
+/// to run next; until `shutdown`.
 pub async fn run_standalone_sandbox(
     dir: &Path,
     listen: &str,
     proxy_listen: &str,
     devices: usize,
+    authinfo_limit: Option<crate::sandbox::AuthinfoLimit>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LabError> {
     let listener = TcpListener::bind(listen).await.map_err(LabError::Listen)?;
@@ -572,7 +574,10 @@ pub async fn run_standalone_sandbox(
         generated.sandbox_keys,
         &generated.sandbox_pki,
         listener,
-        world(devices, 45),
+        World {
+            authinfo_limit,
+            ..world(devices, 45)
+        },
     )?;
     println!("Simulated WeChat Pay, Alipay and Alibaba Cloud at {sandbox_url}");
     println!("Fresh keys, certificates and configs in {}:", dir.display());

@@ -18,6 +18,7 @@ use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
 use crate::platform::wechatpay::certificates::ApiV3Key;
 use crate::platform::{Egress, Trust, Upstream};
+use crate::proxy::limits::{Bucket, LimitsConfig};
 use crate::units::HumanDuration;
 
 /// Where `authinfo-proxy` looks for its config when `--config` is not given.
@@ -49,6 +50,8 @@ struct RawConfig {
     wechatpay: Option<RawWechatPay>,
     #[serde(default)]
     fleet: RawFleet,
+    #[serde(default)]
+    limits: RawLimits,
     alipay: Option<RawAlipay>,
     aliyun: Option<RawAliyun>,
 }
@@ -83,6 +86,18 @@ struct RawFleet {
     sync_interval: Option<HumanDuration>,
     requests_per_second: Option<u32>,
     requests_per_day: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    authinfo_burst: Option<u32>,
+    authinfo_every: Option<HumanDuration>,
+    health_burst: Option<u32>,
+    health_every: Option<HumanDuration>,
+    wechatpay_per_second: Option<u32>,
+    alipay_per_second: Option<u32>,
+    aliyun_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +189,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub wechatpay: WechatPayConfig,
     pub fleet: FleetConfig,
+    /// Per-device buckets and per-merchant ceilings (`[limits]`).
+    pub limits: LimitsConfig,
     pub alipay: Option<AlipayConfig>,
     pub aliyun: Option<AliyunConfig>,
 }
@@ -335,6 +352,7 @@ impl Validator<'_> {
             }
         };
         let fleet = self.fleet(raw.fleet);
+        let limits = self.limits(raw.limits, &fleet);
         let alipay = match raw.alipay {
             Some(a) => self.alipay(a).map(Some),
             None => Some(None),
@@ -353,6 +371,7 @@ impl Validator<'_> {
             upstream: upstream?,
             wechatpay: wechatpay?,
             fleet,
+            limits,
             alipay: alipay?,
             aliyun: aliyun?,
         })
@@ -642,6 +661,74 @@ impl Validator<'_> {
         }
     }
 
+    /// `[limits]`: every bucket admits at least one request and refills; WeChat Pay's ceiling
+    /// leaves the terminals something beyond the fleet sync's share.
+    fn limits(&mut self, raw: RawLimits, fleet: &FleetConfig) -> LimitsConfig {
+        use crate::proxy::limits as l;
+        let mut bucket =
+            |name: &str, burst: Option<u32>, every: Option<HumanDuration>, default: Bucket| {
+                let bucket = Bucket {
+                    burst: burst.unwrap_or(default.burst),
+                    every: every.map_or(default.every, |d| d.0),
+                };
+                if bucket.burst == 0 {
+                    self.problem(format!("limits.{name}_burst: must be at least 1"));
+                }
+                if bucket.every.is_zero() {
+                    self.problem(format!("limits.{name}_every: must be more than zero"));
+                }
+                bucket
+            };
+        let defaults = LimitsConfig::default();
+        let authinfo = bucket(
+            "authinfo",
+            raw.authinfo_burst,
+            raw.authinfo_every,
+            defaults.authinfo,
+        );
+        let health = bucket(
+            "health",
+            raw.health_burst,
+            raw.health_every,
+            defaults.health,
+        );
+        let mut per_second = |name: &str, value: Option<u32>, default: u32| {
+            let n = value.unwrap_or(default);
+            if n == 0 {
+                self.problem(format!("limits.{name}: must be at least 1"));
+            }
+            n
+        };
+        let wechatpay_per_second = per_second(
+            "wechatpay_per_second",
+            raw.wechatpay_per_second,
+            l::DEFAULT_WECHATPAY_PER_SECOND,
+        );
+        let alipay_per_second = per_second(
+            "alipay_per_second",
+            raw.alipay_per_second,
+            l::DEFAULT_ALIPAY_PER_SECOND,
+        );
+        let aliyun_per_second = per_second(
+            "aliyun_per_second",
+            raw.aliyun_per_second,
+            l::DEFAULT_ALIYUN_PER_SECOND,
+        );
+        if fleet.enabled && wechatpay_per_second <= fleet.requests_per_second {
+            self.problem(format!(
+                "limits.wechatpay_per_second: {wechatpay_per_second} must be more than fleet.requests_per_second ({}): the fleet sync's share is kept from it and terminals get the rest",
+                fleet.requests_per_second
+            ));
+        }
+        LimitsConfig {
+            authinfo,
+            health,
+            wechatpay_per_second,
+            alipay_per_second,
+            aliyun_per_second,
+        }
+    }
+
     fn alipay(&mut self, raw: RawAlipay) -> Option<AlipayConfig> {
         let gateway = self
             .url(
@@ -742,6 +829,17 @@ mod tests {
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()
         );
+        let l = raw.limits;
+        assert!(
+            l.authinfo_burst.is_some()
+                && l.authinfo_every.is_some()
+                && l.health_burst.is_some()
+                && l.health_every.is_some()
+                && l.wechatpay_per_second.is_some()
+                && l.alipay_per_second.is_some()
+                && l.aliyun_per_second.is_some(),
+            "every [limits] field is documented"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -780,6 +878,34 @@ mod tests {
 
     fn merchant_key() -> RsaSigner {
         RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    }
+
+    /// `[limits]`: absent, the documented defaults; zero bursts, refills and ceilings, and a
+    /// WeChat Pay ceiling that leaves terminals nothing beyond the fleet sync, are all listed.
+    #[test]
+    fn limits_default_as_documented_and_refuse_what_admits_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = |v: &mut Validator<'_>| v.fleet(RawFleet::default());
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        assert_eq!(v.limits(RawLimits::default(), &f), LimitsConfig::default());
+        assert!(v.problems.is_empty());
+        let raw: RawLimits = toml::from_str(
+            "authinfo_burst = 0\nhealth_every = \"0s\"\nwechatpay_per_second = 20\naliyun_per_second = 0",
+        )
+        .expect("toml");
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        let _ = v.limits(raw, &f);
+        assert_eq!(
+            listed(v),
+            [
+                "limits.authinfo_burst: must be at least 1",
+                "limits.health_every: must be more than zero",
+                "limits.aliyun_per_second: must be at least 1",
+                "limits.wechatpay_per_second: 20 must be more than fleet.requests_per_second (20): the fleet sync's share is kept from it and terminals get the rest",
+            ]
+        );
     }
 
     const SERIAL: [u8; 20] = [

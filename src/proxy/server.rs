@@ -2,7 +2,8 @@
 //!
 //! Owns: the route table (axum routes each path to its one method; any other method is a JSON
 //! 405 with `Allow`, any other path a JSON 404), the checks every terminal route makes before it
-//! forwards, in order body → authenticate → fleet ([`Authenticated`]), what each route sends to
+//! forwards, in order body → authenticate → fleet → the device's bucket ([`Authenticated`]),
+//! the merchant's ceiling right before each platform call ([`upstream`]), what each route sends to
 //! its platform (filled from the signing device's registry entry, never from the request: a
 //! device can only ask about itself), each request's span, counters and log line (`observe`),
 //! and the one table from error to status, code and retryability ([`RequestError`]). It must not
@@ -24,6 +25,7 @@ use tracing::Instrument as _;
 
 use super::auth::{AuthError, NonceCache, authenticate};
 use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
+use super::limits::{Limited, LimitedRoute, Limits, Platform};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
 use crate::platform::alipay::AlipayClient;
@@ -45,6 +47,8 @@ pub struct App {
     pub alipay: Option<AlipayClient>,
     pub aliyun: Option<AliyunClient>,
     pub metrics: ProxyMetrics,
+    /// Per-device buckets and per-merchant ceilings.
+    pub limits: Limits,
     pub started: Instant,
 }
 
@@ -74,6 +78,9 @@ pub enum RequestError {
     BadRequest(String),
     #[error("the body is larger than {} bytes", wire::MAX_REQUEST_BODY)]
     BodyTooLarge,
+    /// A limit refused `device_id`'s request before anything was forwarded.
+    #[error("{limited}; retry in {} s", whole_seconds(limited.retry_after()))]
+    Limited { device_id: String, limited: Limited },
     #[error("{platform}: {}", failure.message.as_deref().unwrap_or("failed"))]
     Upstream {
         platform: &'static str,
@@ -104,6 +111,14 @@ impl RequestError {
             }
             Self::BadRequest(_) => (S::BAD_REQUEST, codes::BAD_REQUEST, false),
             Self::BodyTooLarge => (S::PAYLOAD_TOO_LARGE, codes::BODY_TOO_LARGE, false),
+            Self::Limited {
+                limited: Limited::Device { .. },
+                ..
+            } => (S::TOO_MANY_REQUESTS, codes::DEVICE_RATE_LIMITED, true),
+            Self::Limited {
+                limited: Limited::Merchant { .. },
+                ..
+            } => (S::TOO_MANY_REQUESTS, codes::MERCHANT_RATE_LIMITED, true),
             Self::Upstream { failure, .. } => match failure.class {
                 FailureClass::Transport | FailureClass::ServerError => {
                     (S::BAD_GATEWAY, codes::UPSTREAM_UNAVAILABLE, true)
@@ -133,6 +148,7 @@ impl RequestError {
                     request_id: failure.request_id.clone(),
                 }),
             ),
+            Self::Limited { limited, .. } => (Some(whole_seconds(limited.retry_after())), None),
             _ => (None, None),
         };
         ErrorBody {
@@ -167,12 +183,19 @@ impl IntoResponse for RequestError {
     }
 }
 
+/// `d` in whole seconds, rounded up and at least 1: what a client is told to wait.
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 // === the checks every terminal route makes ===
 
 /// A terminal request that passed the checks every terminal route makes, in this order: its
 /// body read once (at most [`wire::MAX_REQUEST_BODY`]), its signature by an enrolled device
-/// ([`authenticate`], which records the nonce), and WeChat Pay's fleet list. Taken by every
-/// terminal handler, it also records `device_id` on the request's span.
+/// ([`authenticate`], which records the nonce), WeChat Pay's fleet list, and the device's
+/// bucket for the route ([`Limits::admit_device`]; only a request the device really signed
+/// spends its budget, so nobody can spend another device's). Taken by every terminal handler,
+/// it also records `device_id` on the request's span.
 #[derive(Debug)]
 pub struct Authenticated {
     /// The device that signed the request: the only device the route may ask about.
@@ -215,6 +238,19 @@ impl FromRequest<Arc<App>> for Authenticated {
         )?;
         tracing::Span::current().record("device_id", device.device_id.as_str());
         check_fleet(app, &device)?;
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .and_then(|m| LimitedRoute::of_path(m.as_str()));
+        if let Some(route) = route {
+            app.limits
+                .admit_device(&device.device_id, route)
+                .await
+                .map_err(|limited| RequestError::Limited {
+                    device_id: device.device_id.clone(),
+                    limited,
+                })?;
+        }
         Ok(Self { device, body })
     }
 }
@@ -333,6 +369,29 @@ fn count_and_log(
     if let RequestError::Auth(_) = error {
         app.metrics.count_auth_failure(error.classify().1);
     }
+    if let RequestError::Limited { device_id, limited } = error {
+        let (limit, metric_route) = match limited {
+            Limited::Device { route, .. } => ("device", route.path()),
+            Limited::Merchant { .. } => (
+                "merchant",
+                LimitedRoute::of_path(route).map_or("other", LimitedRoute::path),
+            ),
+        };
+        app.metrics.count_rate_limited(metric_route, limit);
+        // One line per device per interval, however fast it is refused.
+        if let Some(refused) = app.limits.refusal_to_log(device_id) {
+            tracing::warn!(
+                message_id = crate::events::TERMINAL_RATE_LIMITED,
+                code = %body.code,
+                error = %error,
+                limit,
+                refused_since_last_line = refused,
+                elapsed_ms,
+                "rate limited"
+            );
+        }
+        return;
+    }
     let upstream = body.upstream.as_ref();
     tracing::warn!(
         message_id = crate::events::TERMINAL_REFUSED,
@@ -348,13 +407,23 @@ fn count_and_log(
 
 // === platform calls ===
 
-/// Times a platform call and counts its failure class.
+/// Makes a platform call for `device` within the merchant's ceiling ([`Limits::admit_platform`]:
+/// refused, the call is never made), times it and counts its failure class.
 async fn upstream<T, E>(
     app: &App,
-    platform: &'static str,
+    device: &Device,
+    ceiling: Platform,
     call: impl std::future::Future<Output = Result<T, E>>,
     failure: impl Fn(&E) -> Failure,
 ) -> Result<T, RequestError> {
+    let platform = ceiling.name();
+    app.limits
+        .admit_platform(ceiling)
+        .await
+        .map_err(|limited| RequestError::Limited {
+            device_id: device.device_id.clone(),
+            limited,
+        })?;
     let started = Instant::now();
     let result = call.await;
     app.metrics.observe_upstream(platform, started.elapsed());
@@ -399,7 +468,8 @@ async fn authinfo(
     };
     let answer = upstream(
         &app,
-        "wechatpay",
+        &device,
+        Platform::WechatPay,
         app.wechat.offlineface_authinfo(&params),
         |e| e.failure(),
     )
@@ -416,7 +486,8 @@ async fn inspection(
 ) -> Result<Json<wire::Inspection>, RequestError> {
     let i = upstream(
         &app,
-        "wechatpay",
+        &device,
+        Platform::WechatPay,
         app.wechat.device_inspection(&device.device_sn),
         |e| e.failure(),
     )
@@ -461,7 +532,14 @@ async fn alipay_binding(
     let query = device.alipay.as_ref().ok_or(RequestError::NotConfigured(
         "this device's registry entry has no [device.alipay] identity",
     ))?;
-    let b = upstream(&app, "alipay", client.device_query(query), |e| e.failure()).await?;
+    let b = upstream(
+        &app,
+        &device,
+        Platform::Alipay,
+        client.device_query(query),
+        |e| e.failure(),
+    )
+    .await?;
     Ok(Json(wire::AlipayBinding {
         merchant_type: b.merchant_type,
         pid: b.pid,
@@ -482,7 +560,8 @@ async fn licence(
     ))?;
     let info = upstream(
         &app,
-        "aliyun",
+        &device,
+        Platform::Aliyun,
         client.find_device(cloudauth_id, biz_type.as_deref()),
         |e| e.failure(),
     )

@@ -62,6 +62,11 @@ pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
+/// Default shortest time between the starts of two fetches when the second is forced (`POST
+/// /v1/refresh`, `authinfod refresh`, new raw_data) while a fresh authinfo is held: a face app
+/// looping on refresh costs the merchant one platform call a minute, not one per loop. A shorter
+/// `refresh.interval` lowers it to the interval.
+pub const DEFAULT_MIN_FORCED_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The config file as written. Unknown fields are not denied here: `parse` collects them as
 /// problems beside the others (`config_file::parse_toml_lenient`).
@@ -120,6 +125,7 @@ struct RawRefresh {
     assumed_validity: Option<HumanDuration>,
     raw_data_command: Option<Vec<String>>,
     raw_data_command_timeout: Option<HumanDuration>,
+    min_forced_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +247,22 @@ pub struct RefreshConfig {
     pub assumed_validity: Duration,
     pub raw_data_command: Option<Vec<String>>,
     pub raw_data_command_timeout: Duration,
+    /// A forced refresh starts at most this long after the previous start while a fresh
+    /// authinfo is held; otherwise after the backoff ceiling of the failures so far, at most
+    /// this. Zero turns the daemon's limit off (the proxy's per-device limits still apply).
+    pub min_forced_interval: Duration,
+}
+
+impl RefreshConfig {
+    /// The timing rules of the refresh loop, and of the forced-refresh limit's backoff.
+    pub fn schedule(&self) -> crate::schedule::Schedule {
+        crate::schedule::Schedule {
+            interval: self.interval,
+            jitter: self.jitter,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+        }
+    }
 }
 
 /// Which device health checks run, and how often.
@@ -763,6 +785,17 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         raw.raw_data_command_timeout,
         DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
     );
+    // The default never exceeds a shorter interval; a value written above it is refused: a
+    // forced refresh held past the next scheduled one would be no limit but a stall.
+    let min_forced_interval = raw
+        .min_forced_interval
+        .map_or(DEFAULT_MIN_FORCED_INTERVAL.min(interval), |d| d.0);
+    if !interval.is_zero() && min_forced_interval > interval {
+        problems.push(
+            "refresh.min_forced_interval",
+            "must not be more than refresh.interval",
+        );
+    }
     Some(RefreshConfig {
         interval,
         jitter,
@@ -771,6 +804,7 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         assumed_validity,
         raw_data_command,
         raw_data_command_timeout,
+        min_forced_interval,
     })
 }
 
@@ -825,6 +859,7 @@ pub fn test_config(dir: &Path) -> Config {
             assumed_validity: DEFAULT_ASSUMED_VALIDITY,
             raw_data_command: None,
             raw_data_command_timeout: DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
+            min_forced_interval: DEFAULT_MIN_FORCED_INTERVAL,
         },
         health: HealthConfig {
             interval: DEFAULT_HEALTH_INTERVAL,
@@ -861,6 +896,7 @@ pub(crate) mod tests {
         assert_eq!(c.proxy.url, "https://proxy.example:8443");
         assert_eq!(c.refresh.interval, DEFAULT_INTERVAL);
         assert_eq!(c.refresh.backoff_max, DEFAULT_BACKOFF_MAX);
+        assert_eq!(c.refresh.min_forced_interval, DEFAULT_MIN_FORCED_INTERVAL);
         assert_eq!(c.socket.mode, 0o660);
         assert_eq!(
             c.socket.address,
@@ -985,6 +1021,34 @@ raw_data_command = ["rawdata"]
             err.to_string().contains("authinfod.toml"),
             "names the file: {err}"
         );
+    }
+
+    #[test]
+    fn min_forced_interval_may_be_zero_but_not_above_the_interval() {
+        let problems = |refresh: &str| {
+            parse(&format!("[refresh]\n{refresh}\n"), Path::new("x.toml"))
+                .unwrap_err()
+                .problems()
+                .iter()
+                .filter(|p| p.starts_with("refresh."))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("interval = \"30m\"\nmin_forced_interval = \"1h\""),
+            ["refresh.min_forced_interval: must not be more than refresh.interval"]
+        );
+        assert!(problems("min_forced_interval = \"0s\"").is_empty());
+        let raw: RawRefresh = toml::from_str("interval = \"30s\"").expect("toml");
+        let mut none = Problems::new(WHAT);
+        let c = validate_refresh(raw, &mut none).expect("valid");
+        assert!(none.is_empty());
+        assert_eq!(
+            c.min_forced_interval,
+            Duration::from_secs(30),
+            "the default follows a shorter interval"
+        );
+        assert!(problems("min_forced_interval = \"5m\"").is_empty());
     }
 
     #[test]

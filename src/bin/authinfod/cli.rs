@@ -19,6 +19,8 @@ pub mod exit {
     pub const NO_AUTHINFO: u8 = 3;
     /// EX_UNAVAILABLE: the daemon cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
+    /// EX_TEMPFAIL: `refresh`: the daemon's forced-refresh limit holds it; try again later.
+    pub const TEMPFAIL: u8 = 75;
     /// EX_CONFIG: the configuration (or a file it names) is invalid.
     pub const CONFIG: u8 = 78;
 }
@@ -35,6 +37,10 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
     (
         exit::UNAVAILABLE,
         "the daemon cannot be reached (client commands)",
+    ),
+    (
+        exit::TEMPFAIL,
+        "refresh: not started, the forced-refresh limit holds it; the message says when the next is allowed",
     ),
     (
         exit::CONFIG,
@@ -131,7 +137,9 @@ pub enum Command {
     },
     /// Ask for a refresh now.
     Refresh {
-        /// Wait for the refresh and report its outcome (exit 3 if it failed).
+        /// Wait for the refresh and report its outcome (exit 3 if it failed). Either way, a
+        /// refresh the forced-refresh limit holds is not started (exit 75, and when the next
+        /// one is allowed).
         #[arg(long)]
         wait: bool,
         #[command(flatten)]
