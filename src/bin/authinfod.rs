@@ -20,16 +20,15 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen {
             out,
+            pkcs11,
             force,
             device_id,
-        } => match keygen::keygen(&out, force) {
-            Ok(public) => {
-                print!("{}", keygen::enrolment_text(&public, device_id.as_deref()));
-                eprintln!("wrote the private key to {} (mode 0600)", out.display());
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => Err(anyhow::Error::new(e)),
-        },
+        } => keygen(
+            out.as_deref(),
+            pkcs11.as_deref(),
+            force,
+            device_id.as_deref(),
+        ),
         Command::Status { json, socket } => client_command(socket, |addr| status(addr, json)),
         Command::Get { socket } => client_command(socket, get),
         Command::Refresh { wait, socket } => {
@@ -64,10 +63,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `keygen`: a key file at `out`, or a key inside the token the `pkcs11` URI names (clap
+/// requires exactly one).
+fn keygen(
+    out: Option<&std::path::Path>,
+    pkcs11: Option<&str>,
+    force: bool,
+    device_id: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let (public, made) = match (out, pkcs11) {
+        (Some(out), _) => (
+            keygen::keygen(out, force)?,
+            format!("wrote the private key to {} (mode 0600)", out.display()),
+        ),
+        (None, Some(uri)) => {
+            let (public, uri) = keygen::keygen_in_token(uri, force)?;
+            (
+                public,
+                format!(
+                    "generated the private key inside the token (sensitive, not extractable); in authinfod.toml:\nkey_file = \"{uri}\""
+                ),
+            )
+        }
+        (None, None) => anyhow::bail!("give --out FILE or --pkcs11 URI"),
+    };
+    print!("{}", keygen::enrolment_text(&public, device_id));
+    eprintln!("{made}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The one function from error to exit code.
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<config::ConfigError>().is_some() {
         return exit::CONFIG;
+    }
+    // keygen --pkcs11 with a URI or token that cannot be used: fixing the URI (or the token
+    // setup it names) is the cure, as for a config.
+    if let Some(e) = err.downcast_ref::<keygen::KeygenError>() {
+        return if e.is_config() {
+            exit::CONFIG
+        } else {
+            exit::FAILURE
+        };
     }
     if let Some(e) = err.downcast_ref::<terminal::DaemonError>() {
         return if e.is_config() {
@@ -105,14 +142,15 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     init_logging("authinfod", "info");
-    let (config, _) = config::load_for_run(config_path)?;
+    // The key opened here is the daemon's: a PKCS#11 token is logged in to once per start.
+    let (config, key) = config::load_for_run(config_path)?;
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
         ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {
-        let daemon = terminal::Daemon::start(config, options).await?;
+        let daemon = terminal::Daemon::start_with_key(config, key, options).await?;
         daemon.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
     })
@@ -154,7 +192,10 @@ async fn shutdown_signal() {
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     // The file, and what `run` checks at start (the key, the state directory): a config that
     // passes here starts.
-    let (config, _) = config::load_for_run(file)?;
+    let (config, key) = config::load_for_run(file)?;
+    for warning in key.warnings() {
+        eprintln!("authinfod: warning: key_file: {warning}");
+    }
     println!(
         "{} is valid: device {}, proxy {}, socket {}, refresh every {}",
         file.display(),

@@ -100,9 +100,22 @@ impl Daemon {
     /// Loads the key, opens the store (moving a broken one aside), binds the socket and tells
     /// systemd `READY=1`. No network call happens here: a stored authinfo is served at once.
     pub async fn start(config: Config, options: RunOptions) -> Result<Self, DaemonError> {
+        let key = config::preflight(&config)?;
+        Self::start_with_key(config, key, options).await
+    }
+
+    /// [`start`](Self::start) with the device key already opened (by
+    /// [`config::load_for_run`]: a token is logged in to once, not twice, since every wrong PIN
+    /// counts towards locking it).
+    pub async fn start_with_key(
+        config: Config,
+        key: crate::crypto::Signer,
+        options: RunOptions,
+    ) -> Result<Self, DaemonError> {
         tracing::info!(message_id = crate::events::DAEMON_STARTED,
             version = env!("CARGO_PKG_VERSION"),
             device_id = %config.device_id,
+            key_file = %config.key_file,
             proxy = %config.proxy.url,
             socket = %config.socket.address,
             state_dir = %config.state_dir.display(),
@@ -116,7 +129,9 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let key = config::preflight(&config)?;
+        for warning in key.warnings() {
+            tracing::warn!(warning = %warning, key_file = %config.key_file, "the device key needs attention");
+        }
         let signer = DeviceSigner::new(config.device_id.clone(), key);
         let upstream = Arc::new(
             ProxyClient::new(
