@@ -7,4 +7,6 @@ mod certificates;
 mod daemon;
 mod egress;
 mod health;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 mod proxy;

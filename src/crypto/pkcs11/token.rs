@@ -703,12 +703,39 @@ impl TokenSigner {
         }
     }
 
-    /// A new session with the key found in it.
+    /// A new session with the key found in it. A token that is not in the slot list may have
+    /// come back: most modules (SoftHSM among them) build their slot list once, in
+    /// `C_Initialize`, so the module is finalised and initialised again and the token looked
+    /// for once more.
     fn connect(&self) -> Result<Live, TokenError> {
-        let token = find_token(&self.pkcs11, &self.uri)?;
+        let token = match find_token(&self.pkcs11, &self.uri) {
+            Ok(token) => token,
+            Err(e) if e.is_transient() => {
+                self.reinitialize();
+                find_token(&self.pkcs11, &self.uri)?
+            }
+            Err(e) => return Err(e),
+        };
         let session = open_session(&self.pkcs11, &token, self.pin.as_ref(), false)?;
         let key = find_key(&session, &self.uri, &token)?;
         Ok(Live { session, key })
+    }
+
+    /// `C_Finalize` then `C_Initialize`: the module forgets every session and login of this
+    /// process (another key in the same module finds its sessions gone, which is transient for
+    /// it too, and reconnects) and looks at its slots afresh. Failures show in the next lookup.
+    fn reinitialize(&self) {
+        crate::sync::lock(&self.idle).clear();
+        let finalized = self.pkcs11.clone().finalize();
+        let initialized = self
+            .pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        tracing::debug!(
+            module = %self.uri.module_path.display(),
+            finalized = ?finalized.err().map(Pkcs11Failure),
+            initialized = ?initialized.err().map(Pkcs11Failure),
+            "pkcs11 module initialised again to look for the token"
+        );
     }
 
     fn put_back(&self, live: Live) {
