@@ -47,7 +47,14 @@ pub enum CryptoError {
     Random,
     #[cfg(feature = "pkcs11")]
     #[error(transparent)]
-    Token(#[from] pkcs11::TokenError),
+    Token(Box<pkcs11::TokenError>),
+}
+
+#[cfg(feature = "pkcs11")]
+impl From<pkcs11::TokenError> for CryptoError {
+    fn from(e: pkcs11::TokenError) -> Self {
+        Self::Token(Box::new(e))
+    }
 }
 
 impl CryptoError {
@@ -224,10 +231,12 @@ impl RsaSigner {
 /// A private key that signs SHA256withRSA (PKCS#1 v1.5): in memory with ring, or inside a
 /// PKCS#11 token (feature `pkcs11`), where the private half never leaves the token.
 #[derive(Debug)]
+// One per configured key, made at start and never moved in a hot path: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Signer {
     Software(RsaSigner),
     #[cfg(feature = "pkcs11")]
-    Token(pkcs11::TokenSigner),
+    Token(Box<pkcs11::TokenSigner>),
 }
 
 impl From<RsaSigner> for Signer {
@@ -239,7 +248,7 @@ impl From<RsaSigner> for Signer {
 #[cfg(feature = "pkcs11")]
 impl From<pkcs11::TokenSigner> for Signer {
     fn from(key: pkcs11::TokenSigner) -> Self {
-        Self::Token(key)
+        Self::Token(Box::new(key))
     }
 }
 
@@ -248,7 +257,7 @@ impl Signer {
     /// caller's file checks and parser: see `config_file::Problems::signer`).
     #[cfg(feature = "pkcs11")]
     pub fn open_token(uri: &pkcs11::Pkcs11Uri) -> Result<Self, CryptoError> {
-        Ok(Self::Token(pkcs11::TokenSigner::open(uri)?))
+        Ok(Self::Token(Box::new(pkcs11::TokenSigner::open(uri)?)))
     }
 
     /// SHA256withRSA over `message`, raw signature bytes.
@@ -291,14 +300,14 @@ impl Signer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     File(PathBuf),
-    Pkcs11(pkcs11::Pkcs11Uri),
+    Pkcs11(Box<pkcs11::Pkcs11Uri>),
 }
 
 impl KeySource {
     /// A `pkcs11:` URI (which must parse), else a file path.
     pub fn parse(text: &str) -> Result<Self, pkcs11::UriError> {
         if pkcs11::Pkcs11Uri::is_uri(text) {
-            pkcs11::Pkcs11Uri::parse(text).map(Self::Pkcs11)
+            pkcs11::Pkcs11Uri::parse(text).map(|uri| Self::Pkcs11(Box::new(uri)))
         } else {
             Ok(Self::File(PathBuf::from(text)))
         }

@@ -56,7 +56,7 @@ impl KeygenError {
             Self::Uri(_) | Self::NoPkcs11 => true,
             #[cfg(feature = "pkcs11")]
             Self::Crypto(CryptoError::Token(e)) => {
-                !matches!(e, crate::crypto::pkcs11::TokenError::Exists { .. })
+                !matches!(**e, crate::crypto::pkcs11::TokenError::Exists { .. })
             }
             _ => false,
         }

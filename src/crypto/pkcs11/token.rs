@@ -92,7 +92,7 @@ pub enum TokenError {
     #[error("token {token:?} needs a PIN: add pin-source=file:/path/to/pin (mode 0600) to the URI")]
     NoPin { token: String },
     #[error(
-        "the PIN for token {token:?} is wrong{}: correct the PIN file; every wrong PIN brings the token closer to locking itself",
+        "the PIN for token {token:?} is wrong{}: correct the PIN (the pin-source file, or pin-value); every wrong PIN brings the token closer to locking itself",
         if *final_try { " (the token says one more wrong PIN locks it)" } else { "" }
     )]
     WrongPin { token: String, final_try: bool },

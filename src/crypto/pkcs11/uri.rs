@@ -423,9 +423,9 @@ mod tests {
             uri.id.as_deref(),
             Some(&[0x69, 0x95, 0x3e, 0x5c, 0xf4, 0xbd, 0xec, 0x91][..])
         );
-        let uri = Pkcs11Uri::parse(&format!(
-            "pkcs11:object=my-sign-key;type=private?module-path=/mnt/libmypkcs11.so.1&pin-value=12%7C34"
-        ))
+        let uri = Pkcs11Uri::parse(
+            "pkcs11:object=my-sign-key;type=private?module-path=/mnt/libmypkcs11.so.1&pin-value=12%7C34",
+        )
         .expect("parses");
         assert_eq!(uri.pin, Some(PinSource::Value("12|34".into())));
         assert_eq!(uri.module_path, PathBuf::from("/mnt/libmypkcs11.so.1"));
