@@ -405,3 +405,162 @@ fn wrong_pin_missing_token_missing_object_and_missing_module_exit_78() {
         "{stderr}"
     );
 }
+
+/// `authinfod check-config` on `config`, seeing `hsm`'s tokens.
+fn check_config(hsm: &SoftHsm, config: &Path) -> Output {
+    authinfod(hsm, &["check-config", &config.to_string_lossy()])
+}
+
+/// Issue 17: a token that cannot sign SHA256withRSA (here SoftHSM with the mechanism turned off)
+/// is refused at start, exit 78, naming the mechanism.
+#[test]
+fn a_token_without_the_mechanism_is_refused() {
+    let test = "pkcs11::a_token_without_the_mechanism_is_refused";
+    // Only plain RSA; SoftHSM 2.6 ignores a "-CKM_..." list here.
+    let mechanisms = "slots.mechanisms = CKM_RSA_PKCS_KEY_PAIR_GEN,CKM_RSA_PKCS";
+    let Some(hsm) = SoftHsm::with_config(test, mechanisms) else {
+        return;
+    };
+    hsm.init_token("terminal");
+    hsm.import(
+        "terminal",
+        "device",
+        "01",
+        &crate::support::device_key().private_pem,
+    );
+    let pin = hsm.pin_file("pin", softhsm::PIN);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = authinfod::tls::generate_pki("pkcs11 test CA", &["127.0.0.1"]).expect("pki");
+    let uri = hsm.uri("terminal", "device", &pin);
+    let config = daemon_config(dir.path(), "https://127.0.0.1:9", &ca.ca_pem, &uri);
+    let out = check_config(&hsm, &config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(
+            "key_file: token \"terminal\" does not offer CKM_SHA256_RSA_PKCS (SHA256withRSA) signing"
+        ),
+        "{stderr}"
+    );
+}
+
+/// Issue 17: what works but needs attention is a warning: a key that can leave the token
+/// (CKA_EXTRACTABLE, made here with cryptoki as another tool might), and a PIN in the URI
+/// (`pin-value`, for tests), which also makes the config a secret that must be 0600.
+#[tokio::test]
+async fn an_extractable_key_and_a_pin_in_the_uri_are_warned_about() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let test = "pkcs11::an_extractable_key_and_a_pin_in_the_uri_are_warned_about";
+    let Some(hsm) = SoftHsm::enter(test) else {
+        return;
+    };
+    hsm.init_token("terminal");
+    let pkcs11 = Pkcs11::new(softhsm::module()).expect("module");
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("initialize");
+    let slot = pkcs11
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .is_ok_and(|i| i.label() == "terminal")
+        })
+        .expect("the token");
+    let session = pkcs11.open_rw_session(slot).expect("session");
+    session
+        .login(UserType::User, Some(&AuthPin::from(softhsm::PIN)))
+        .expect("login");
+    let name = [Attribute::Label(b"loose".to_vec()), Attribute::Id(vec![7])];
+    session
+        .generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                [
+                    Attribute::Token(true),
+                    Attribute::Verify(true),
+                    Attribute::ModulusBits(2048.into()),
+                    Attribute::PublicExponent(vec![1, 0, 1]),
+                ]
+                .as_slice(),
+                &name,
+            ]
+            .concat(),
+            &[
+                [
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::Sign(true),
+                ]
+                .as_slice(),
+                &name,
+            ]
+            .concat(),
+        )
+        .expect("an extractable key pair");
+    drop(session);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = authinfod::tls::generate_pki("pkcs11 test CA", &["127.0.0.1"]).expect("pki");
+    let pin = hsm.pin_file("pin", softhsm::PIN);
+    let config = daemon_config(
+        dir.path(),
+        "https://127.0.0.1:9",
+        &ca.ca_pem,
+        &hsm.uri("terminal", "loose", &pin),
+    );
+    let out = check_config(&hsm, &config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: key_file: private key object=\"loose\" in token \"terminal\" is extractable or not sensitive"),
+        "{stderr}"
+    );
+
+    // The PIN in the URI: the config (0644 as written) must be private first.
+    let uri = format!(
+        "pkcs11:token=terminal;object=loose?module-path={}&pin-value={}",
+        softhsm::module().display(),
+        softhsm::PIN
+    );
+    let config = daemon_config(dir.path(), "https://127.0.0.1:9", &ca.ca_pem, &uri);
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = check_config(&hsm, &config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("key_file: the URI holds a PIN (pin-value), so the file is a secret"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(softhsm::PIN),
+        "the PIN is never shown: {stderr}"
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = check_config(&hsm, &config);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: key_file: the URI carries its PIN (pin-value), which is meant for tests"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains(softhsm::PIN) && !stderr.contains(softhsm::PIN),
+        "the PIN is never shown: {stdout}{stderr}"
+    );
+}

@@ -60,6 +60,11 @@ impl SoftHsm {
     /// A fresh SoftHSM directory for a test that runs the binaries; `None` (and a line saying
     /// why) when SoftHSM2 is not installed.
     pub fn new(test: &str) -> Option<Self> {
+        Self::with_config(test, "")
+    }
+
+    /// [`new`](Self::new) with `extra` lines in `softhsm2.conf` (`slots.mechanisms = ...`).
+    pub fn with_config(test: &str, extra: &str) -> Option<Self> {
         if let Some(why) = missing() {
             eprintln!(
                 "{test}: SKIPPED: SoftHSM2 is not installed ({why}; apt-get install softhsm2, or run scripts/setup)"
@@ -71,7 +76,7 @@ impl SoftHsm {
             dir: temp.path().to_owned(),
             _temp: Some(temp),
         };
-        hsm.write_config();
+        hsm.write_config(extra);
         Some(hsm)
     }
 
@@ -111,12 +116,12 @@ impl SoftHsm {
         self.dir.join("tokens")
     }
 
-    fn write_config(&self) {
+    fn write_config(&self, extra: &str) {
         std::fs::create_dir_all(self.tokens()).expect("token directory");
         std::fs::write(
             self.config(),
             format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = true\n",
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = true\n{extra}\n",
                 self.tokens().display()
             ),
         )
