@@ -329,6 +329,29 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
+    /// The static musl build has no PKCS#11: a `pkcs11:` URI is a problem that says so, not a
+    /// path that cannot be read.
+    #[cfg(not(feature = "pkcs11"))]
+    #[test]
+    fn a_pkcs11_uri_without_the_feature_is_a_problem_that_says_why() {
+        let source =
+            KeySource::parse("pkcs11:token=t;object=k?module-path=/usr/lib/softhsm/libsofthsm2.so")
+                .expect("parses");
+        let mut p = Problems::new("config file");
+        let signer = p.signer(
+            "key_file",
+            &source,
+            Path::new("/nonexistent.toml"),
+            |_, _| unreachable!("not a file"),
+        );
+        assert!(signer.is_none());
+        let err = p.finish::<()>(Path::new("/x.toml"), None).unwrap_err();
+        assert!(
+            err.problems()[0].starts_with("key_file: this build has no PKCS#11 support"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn every_problem_is_listed_and_the_file_named() {
         let mut p = Problems::new("config file");
