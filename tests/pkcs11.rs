@@ -209,8 +209,9 @@ async fn a_token_that_goes_away_fails_the_refresh_until_it_returns() {
 /// Issue 17: every private key of the chain in a token: the device key in the terminal's, the
 /// WeChat Pay merchant key and the Alipay app key in the merchant's (imported, as a merchant
 /// imports the key WeChat Pay's tool made). A refresh and the health checks go end to end
-/// through the proxy to the sandbox, which verifies every platform request's signature.
-#[tokio::test]
+/// through the proxy to the sandbox, which verifies every platform request's signature. On a
+/// multi-threaded runtime, as the binaries run, where token signatures hand their worker over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_goes_end_to_end_with_every_key_in_a_token() {
     let test = "pkcs11::a_refresh_goes_end_to_end_with_every_key_in_a_token";
     let Some(hsm) = SoftHsm::enter(test) else {

@@ -264,8 +264,20 @@ impl Signer {
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
         match self {
             Self::Software(key) => key.sign(message),
+            // A token answers in milliseconds to seconds (a network HSM, a TPM, a token being
+            // looked for again after it went away): on a multi-threaded runtime the worker is
+            // handed over meanwhile, so other requests are not stalled behind the signature.
             #[cfg(feature = "pkcs11")]
-            Self::Token(key) => Ok(key.sign(message)?),
+            Self::Token(key) => {
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    Ok(tokio::task::block_in_place(|| key.sign(message))?)
+                } else {
+                    Ok(key.sign(message)?)
+                }
+            }
         }
     }
 
