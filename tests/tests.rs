@@ -7,6 +7,7 @@ mod certificates;
 mod daemon;
 mod egress;
 mod health;
+mod journal;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
 mod proxy;

@@ -374,6 +374,17 @@ fn healthz(state: &State) -> ApiResponse {
 }
 
 fn metrics(state: &State) -> ApiResponse {
+    ApiResponse {
+        status: 200,
+        content_type: crate::prometheus::CONTENT_TYPE,
+        etag: None,
+        allow: None,
+        body: metrics_page(state).into_bytes(),
+    }
+}
+
+/// The metrics page (the socket's `/metrics`, the textfile, the loopback listener).
+pub fn metrics_page(state: &State) -> String {
     let now = state.now();
     let current = state.current();
     let status = state.refresh_status().clone();
@@ -413,13 +424,7 @@ fn metrics(state: &State) -> ApiResponse {
             skew as f64,
         ));
     }
-    ApiResponse {
-        status: 200,
-        content_type: "text/plain; version=0.0.4",
-        etag: None,
-        allow: None,
-        body: state.metrics.render(&gauges).into_bytes(),
-    }
+    state.metrics.render(&gauges)
 }
 
 #[cfg(test)]
@@ -634,7 +639,7 @@ mod tests {
             503
         );
         let m = handle(get("/metrics", None, None), &state, &token).await;
-        assert_eq!(m.content_type, "text/plain; version=0.0.4");
+        assert_eq!(m.content_type, "text/plain; version=0.0.4; charset=utf-8");
         let text = String::from_utf8(m.body).expect("utf8");
         assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
         assert!(

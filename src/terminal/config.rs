@@ -41,6 +41,8 @@ pub const DEFAULT_ASSUMED_VALIDITY: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of `raw_data_command`.
 pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
@@ -51,6 +53,7 @@ struct RawConfig {
     device_id: Option<String>,
     key_file: Option<String>,
     state_dir: Option<PathBuf>,
+    log_level: Option<String>,
     proxy: Option<RawProxy>,
     #[serde(default)]
     socket: RawSocket,
@@ -58,6 +61,14 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +202,17 @@ pub struct HealthConfig {
     pub licence: bool,
 }
 
+/// Where the metrics go besides the socket's `/metrics` (Prometheus cannot scrape a Unix
+/// socket).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A file rewritten atomically for node_exporter's textfile collector, on every change and
+    /// at least every [`TEXTFILE_EVERY`](super::exporter::TEXTFILE_EVERY).
+    pub textfile: Option<PathBuf>,
+    /// A loopback TCP address serving `GET /metrics` only.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -200,10 +222,13 @@ pub struct Config {
     /// The device key: an absolute path to a PEM file, or a `pkcs11:` URI.
     pub key_file: KeySource,
     pub state_dir: PathBuf,
+    /// The log filter (EnvFilter syntax) unless `$RUST_LOG` is set; reloaded on SIGHUP.
+    pub log_level: String,
     pub proxy: ProxyConfig,
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -268,8 +293,20 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let metrics = validate_metrics(raw.metrics, problems);
+    let log_level = raw.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    if let Err(e) = crate::logging::check_filter(&log_level) {
+        problems.push(
+            "log_level",
+            format_args!(
+                "{log_level:?} is not a log filter like info or authinfod=debug,warn: {e}"
+            ),
+        );
+    }
     Some(Config {
+        log_level,
         path: path.to_owned(),
+        metrics: metrics?,
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -326,6 +363,46 @@ fn key_source(text: Option<&str>, problems: &mut Problems) -> Option<KeySource> 
             None
         }
     }
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(p) if p.is_absolute() && p.file_name().is_some() => Some(Some(p)),
+        Some(p) => {
+            problems.push(
+                "metrics.textfile",
+                format_args!("{} must be an absolute path to a file", p.display()),
+            );
+            None
+        }
+    };
+    let listen = match raw.listen {
+        None => Some(None),
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(Some(addr)),
+            Ok(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!(
+                        "{text:?} must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the metrics have no authentication"
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!("{text:?} is not an address like 127.0.0.1:9101"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricsConfig {
+        textfile: textfile?,
+        listen: listen?,
+    })
 }
 
 /// Reads and validates the config file at `path` and checks what `run` checks at start beyond
@@ -632,6 +709,7 @@ pub fn test_config(dir: &Path) -> Config {
         device_id: "T-TEST".into(),
         key_file: KeySource::File(dir.join("device.key")),
         state_dir: dir.join("state"),
+        log_level: DEFAULT_LOG_LEVEL.into(),
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
@@ -661,6 +739,7 @@ pub fn test_config(dir: &Path) -> Config {
             alipay_binding: true,
             licence: true,
         },
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -881,5 +960,34 @@ raw_data_command = ["rawdata"]
         assert!(check_https_url("https://u:p@p.example").is_err());
         assert!(check_https_url("https://p.example/api").is_err());
         assert!(check_https_url("not a url").is_err());
+    }
+
+    #[test]
+    fn metrics_go_to_an_absolute_file_and_a_loopback_address_only() {
+        let ok = |textfile: Option<&str>, listen: Option<&str>| {
+            let mut problems = Problems::new("config file");
+            let raw = RawMetrics {
+                textfile: textfile.map(PathBuf::from),
+                listen: listen.map(String::from),
+            };
+            let got = validate_metrics(raw, &mut problems);
+            assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
+            got
+        };
+        let m = ok(
+            Some("/var/lib/node_exporter/authinfod.prom"),
+            Some("127.0.0.1:9101"),
+        )
+        .expect("valid");
+        assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
+        assert!(ok(None, Some("[::1]:9101")).is_some());
+        assert!(
+            ok(None, Some("0.0.0.0:9101")).is_none(),
+            "no unauthenticated wide listener"
+        );
+        assert!(ok(None, Some("192.168.1.5:9101")).is_none());
+        assert!(ok(None, Some("localhost")).is_none());
+        assert!(ok(Some("relative.prom"), None).is_none());
+        assert!(ok(Some("/"), None).is_none());
     }
 }

@@ -96,6 +96,7 @@ impl Metrics {
             "Socket connections open now.",
             self.connections_open.load(Ordering::Relaxed),
         );
+        t.process();
         t.finish()
     }
 }

@@ -10,7 +10,8 @@
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
 //! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
-//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters.
+//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
+//!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
 //!
 //! [`Daemon::start`] does everything up to `READY=1` (config is already valid; the store is
@@ -22,11 +23,13 @@ pub mod client;
 pub mod config;
 pub mod device;
 pub mod doc;
+pub mod exporter;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
 pub mod proxy_client;
 pub mod refresher;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -59,6 +62,12 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Socket(#[from] ServerError),
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up TLS to the proxy")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -78,13 +87,19 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// The wall clock (the system's; tests shift it).
     pub clock: Arc<crate::units::WallClock>,
+    /// Changes the log filter on a reload (the binary's subscriber; nothing by default).
+    pub log: crate::logging::LogControl,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
 pub struct Daemon {
     state: Arc<State>,
     server: SocketServer,
+    /// The loopback `/metrics` listener, when configured.
+    metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
+    /// The same upstream when it is the real proxy client, whose CA a reload replaces.
+    proxy: Option<Arc<ProxyClient>>,
     options: RunOptions,
 }
 
@@ -132,17 +147,10 @@ impl Daemon {
         for warning in key.warnings() {
             tracing::warn!(warning = %warning, key_file = %config.key_file, "the device key needs attention");
         }
-        let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(
-            ProxyClient::new(
-                &config.proxy.url,
-                &config.proxy.tls,
-                signer,
-                config.proxy.timeout,
-            )?
-            .with_clock(options.clock.clone()),
-        );
-        Self::start_with_upstream(config, options, upstream).await
+        let proxy = proxy_client(&config, key, &options)?;
+        let mut daemon = Self::start_with_upstream(config, options, proxy.clone()).await?;
+        daemon.proxy = Some(proxy);
+        Ok(daemon)
     }
 
     /// [`start`](Self::start) with a given upstream (tests of the loop use scripted ones).
@@ -151,37 +159,39 @@ impl Daemon {
         options: RunOptions,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
-        let (store, recovery) = Store::open(&config.state_dir)?;
-        if let Some(r) = recovery {
-            tracing::error!(message_id = crate::events::STORE_RECOVERED,
-                moved_to = %r.moved_to.display(),
-                reason = %r.reason,
-                "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-            );
-        }
-        let state = State::load(config, store, options.clock.clone())?;
-        match state.current() {
-            Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
-                authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(state.now()),
-                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
-                "serving the stored authinfo"
-            ),
-            None => tracing::info!(
-                "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
-            ),
-        }
+        let state = load_state(config, &options)?;
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
+        let metrics_listener = match state.config.metrics.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+                tracing::info!(%addr, "metrics listener bound");
+                Some(listener)
+            }
+            None => None,
+        };
         options
             .notifier
             .notify(&format!("READY=1\nSTATUS={}", systemd::status_line(&state)));
         Ok(Self {
             state,
             server,
+            metrics_listener,
             upstream,
+            proxy: None,
             options,
         })
+    }
+
+    /// What applies a reload of the config file (`systemctl reload`, SIGHUP) to this daemon.
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        Arc::new(reload::Reloader::new(
+            self.state.clone(),
+            self.proxy.clone(),
+            self.options.log.clone(),
+        ))
     }
 
     /// The shared state (tests inspect it).
@@ -196,9 +206,26 @@ impl Daemon {
         let Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
+            ..
         } = self;
+        let mut exporters = Vec::new();
+        if let Some(listener) = metrics_listener {
+            exporters.push(tokio::spawn(exporter::serve_metrics(
+                listener,
+                state.clone(),
+                token.clone(),
+            )));
+        }
+        if let Some(path) = state.config.metrics.textfile.clone() {
+            exporters.push(tokio::spawn(exporter::keep_textfile(
+                state.clone(),
+                path,
+                token.clone(),
+            )));
+        }
         let tasks = [
             tokio::spawn(
                 refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
@@ -215,10 +242,13 @@ impl Daemon {
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         token.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks))
-            .await
-            .is_err()
-        {
+        let stopped = async {
+            futures_join(tasks).await;
+            for task in exporters {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, stopped).await.is_err() {
             tracing::warn!("some tasks did not stop within the timeout");
         }
         if let Err(error) = state.store.flush() {
@@ -229,6 +259,99 @@ impl Daemon {
             "authinfod stopped"
         );
     }
+}
+
+/// The signed client of the proxy, after the start-up checks of the key.
+fn proxy_client(
+    config: &Config,
+    key: crate::crypto::Signer,
+    options: &RunOptions,
+) -> Result<Arc<ProxyClient>, DaemonError> {
+    let signer = DeviceSigner::new(config.device_id.clone(), key);
+    Ok(Arc::new(
+        ProxyClient::new(
+            &config.proxy.url,
+            &config.proxy.tls,
+            signer,
+            config.proxy.timeout,
+        )?
+        .with_clock(options.clock.clone()),
+    ))
+}
+
+/// Opens the store (recovering a broken one) and makes the state serving what it holds.
+fn load_state(config: Config, options: &RunOptions) -> Result<Arc<State>, DaemonError> {
+    let (store, recovery) = Store::open(&config.state_dir)?;
+    if let Some(r) = recovery {
+        tracing::error!(message_id = crate::events::STORE_RECOVERED,
+            moved_to = %r.moved_to.display(),
+            reason = %r.reason,
+            "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
+        );
+    }
+    let state = State::load(config, store, options.clock.clone())?;
+    match state.current() {
+        Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
+            authinfo_fingerprint = %served.fingerprint,
+            age_seconds = served.age(state.now()),
+            state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+            "serving the stored authinfo"
+        ),
+        None => tracing::info!(
+            "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
+        ),
+    }
+    Ok(state)
+}
+
+/// What `authinfod run --once` did.
+#[derive(Debug)]
+pub struct OnceReport {
+    /// The refresh attempt's outcome and its record.
+    pub refresh: refresher::Outcome,
+    pub record: Option<Arc<store::AttemptRecord>>,
+    /// Each enabled health check, and whether it succeeded.
+    pub health: Vec<(device::Check, Result<(), proxy_client::Disposition>)>,
+    /// The authinfo now held (new, or the one stored before).
+    pub held: Option<Arc<state::Served>>,
+}
+
+/// `authinfod run --once`, for provisioning: one refresh and one round of health checks
+/// through the proxy, persisted and flushed; the socket is never started. The stored raw_data
+/// (or `raw_data_command`) is used, as by the running daemon.
+pub async fn run_once(config: Config, options: RunOptions) -> Result<OnceReport, DaemonError> {
+    let key = config::preflight(&config)?;
+    run_once_with_key(config, key, options).await
+}
+
+/// [`run_once`] with the device key already opened (by [`config::load_for_run`]: a token is
+/// logged in to once).
+pub async fn run_once_with_key(
+    config: Config,
+    key: crate::crypto::Signer,
+    options: RunOptions,
+) -> Result<OnceReport, DaemonError> {
+    let upstream = proxy_client(&config, key, &options)?;
+    let state = load_state(config, &options)?;
+    let refresh = refresher::Refresher::new(state.clone(), upstream.clone())
+        .refresh_once()
+        .await;
+    let record = state.refresh_status().last_attempt.clone();
+    let checks = state.health().enabled_checks();
+    let mut health = Vec::new();
+    for check in checks {
+        health.push((
+            check,
+            health::check_once(check, &state, upstream.as_ref()).await,
+        ));
+    }
+    state.store.flush()?;
+    Ok(OnceReport {
+        refresh,
+        record,
+        health,
+        held: state.current(),
+    })
 }
 
 async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {

@@ -234,8 +234,7 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
     let denied = match stream.peer_cred() {
         Ok(cred) => {
             let (uid, gid) = (cred.uid(), cred.gid());
-            let allowed = state.config.socket.allowed_uids.contains(&uid)
-                || state.config.socket.allowed_gids.contains(&gid);
+            let allowed = state.peers().allow(uid, gid);
             if !allowed {
                 state.metrics.peers_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
