@@ -4,8 +4,9 @@
 //!
 //! Owns: [`ConfigError`] (exit 78 at the binaries' edge), [`Problems`] (the collector and the
 //! checks every file uses: required fields, positive durations, absolute paths, readable files,
-//! private key files, signing keys in files or PKCS#11 tokens), and [`check_private_file`], the one permission check for key and secret
-//! files. It must not know any file's fields: each file's module validates its own shape.
+//! private key files, signing keys in files or PKCS#11 tokens), and [`check_private_file`], the
+//! one permission check for key and secret files. It must not know any file's fields: each
+//! file's module validates its own shape.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use authinfod::terminal::metrics::Denial;
+
 use crate::support::fake_proxy::{FakeProxy, Script};
 use crate::support::{TestDaemon, dead_url, device_key, socket_request, wait_until};
 
@@ -399,14 +401,7 @@ async fn a_peer_outside_the_allow_list_gets_403_and_nothing_else() {
         daemon.state.store.raw_data().expect("store").is_none(),
         "a denied peer changes nothing"
     );
-    assert_eq!(
-        daemon
-            .state
-            .metrics
-            .peers_denied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(daemon.state.metrics.denials(Denial::NotAllowed), 4);
     daemon.stop().await;
 }
 

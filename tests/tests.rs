@@ -11,3 +11,4 @@ mod journal;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
 mod proxy;
+mod socket;

@@ -5,8 +5,8 @@
 //! POST, verification of the answer over the raw JSON text of the response object exactly as
 //! received, and the mapping of gateway errors to [`Failure`]. It must not re-serialise an
 //! answer before verifying it, must not sign with anything but [`Signer`] (ring, or a PKCS#11
-//! token), and must not log keys, signatures or the app auth token. Certificate mode (`alipay_cert_sn`) is not
-//! supported: the merchant configures the Alipay public key.
+//! token), and must not log keys, signatures or the app auth token. Certificate mode
+//! (`alipay_cert_sn`) is not supported: the merchant configures the Alipay public key.
 
 use std::fmt;
 use std::time::Duration;

@@ -9,7 +9,8 @@
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
-//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
+//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport;
+//!   [`admission`]: who gets room on the socket (slots, per-uid shares, eviction, budgets).
 //! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
 //!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
@@ -18,6 +19,7 @@
 //! opened and loaded, the socket bound) without touching the network; [`Daemon::run`] then
 //! serves until its shutdown future resolves.
 
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -7,8 +7,8 @@
 //!
 //! Owns: the signing string and the header's text form. It must not parse headers (that is the
 //! platform's side, simulated in [`crate::sandbox::wechatpay`]) and signs only through
-//! [`Signer`] (ring, or a PKCS#11 token). The terminal's own scheme in `wire::auth` has the same signing-string
-//! shape but is kept apart: `platform` does not depend on the wire contract.
+//! [`Signer`] (ring, or a PKCS#11 token). The terminal's own scheme in `wire::auth` has the same
+//! signing-string shape but is kept apart: `platform` does not depend on the wire contract.
 
 use crate::crypto::{CryptoError, Signer};
 
