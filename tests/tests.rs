@@ -8,5 +8,7 @@ mod daemon;
 mod egress;
 mod health;
 mod journal;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 mod proxy;
 mod socket;

@@ -92,6 +92,9 @@ fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let registry = proxy::registry::Registry::load(&config.registry)?;
+    for warning in config.key_warnings() {
+        eprintln!("authinfo-proxy: warning: {warning}");
+    }
     println!(
         "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}, serial {}, answers verified with {}), Alipay {}, Alibaba Cloud {}, fleet sync {}, egress {}, trust {:?}",
         path.display(),

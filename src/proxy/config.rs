@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_file::Problems;
-use crate::crypto::{RsaSigner, RsaVerifier};
+use crate::crypto::{KeySource, RsaSigner, RsaVerifier, Signer};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
 use crate::platform::wechatpay::certificates::ApiV3Key;
@@ -62,7 +62,8 @@ struct RawWechatPay {
     base_url: Option<String>,
     mchid: Option<String>,
     sp_appid: Option<String>,
-    merchant_key: Option<PathBuf>,
+    /// A key file, or a `pkcs11:` URI.
+    merchant_key: Option<String>,
     merchant_serial: Option<String>,
     merchant_certificate: Option<PathBuf>,
     public_key_id: Option<String>,
@@ -105,7 +106,8 @@ struct RawLimits {
 struct RawAlipay {
     gateway: Option<String>,
     app_id: Option<String>,
-    app_private_key: Option<PathBuf>,
+    /// A key file, or a `pkcs11:` URI.
+    app_private_key: Option<String>,
     alipay_public_key: Option<PathBuf>,
     app_auth_token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
@@ -127,7 +129,8 @@ pub struct WechatPayConfig {
     pub base_url: reqwest::Url,
     pub mchid: String,
     pub sp_appid: String,
-    pub merchant_key: RsaSigner,
+    /// The merchant API key: from a file, or inside a PKCS#11 token.
+    pub merchant_key: Signer,
     pub merchant_serial: String,
     pub platform_keys: PlatformKeys,
     /// The APIv3 key: when given, platform certificates are downloaded and kept up to date.
@@ -150,7 +153,8 @@ pub struct FleetConfig {
 pub struct AlipayConfig {
     pub gateway: String,
     pub app_id: String,
-    pub app_key: RsaSigner,
+    /// The app private key: from a file, or inside a PKCS#11 token.
+    pub app_key: Signer,
     pub alipay_public: RsaVerifier,
     pub app_auth_token: Option<String>,
     pub ca_pem: Option<String>,
@@ -193,6 +197,24 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub alipay: Option<AlipayConfig>,
     pub aliyun: Option<AliyunConfig>,
+}
+
+impl Config {
+    /// What an operator should hear about the configured keys at start (an extractable key in
+    /// a token), each naming its field.
+    pub fn key_warnings(&self) -> Vec<String> {
+        let named = |field: &'static str, key: &Signer| {
+            key.warnings()
+                .into_iter()
+                .map(move |w| format!("{field}: {w}"))
+        };
+        let mut warnings: Vec<String> =
+            named("wechatpay.merchant_key", &self.wechatpay.merchant_key).collect();
+        if let Some(alipay) = &self.alipay {
+            warnings.extend(named("alipay.app_private_key", &alipay.app_key));
+        }
+        warnings
+    }
 }
 
 /// Why a config could not be used (shared with the daemon's config and the registry).
@@ -278,6 +300,26 @@ impl Validator<'_> {
         } else {
             self.problems.read_file(field, &path)
         }
+    }
+
+    /// A private key field: a key file (relative to the config file, readable by its owner
+    /// only, parsed by `parse`) or a `pkcs11:` URI (the token checked now).
+    fn signer(
+        &mut self,
+        field: &str,
+        value: Option<String>,
+        parse: impl FnOnce(&str, &str) -> Result<RsaSigner, crate::crypto::CryptoError>,
+    ) -> Option<Signer> {
+        let text = self.required(field, value)?;
+        let source = match KeySource::parse(&text) {
+            Ok(KeySource::File(path)) => KeySource::File(self.path(&path)),
+            Ok(source) => source,
+            Err(e) => {
+                self.problem(format!("{field}: the pkcs11: URI {e}"));
+                return None;
+            }
+        };
+        self.problems.signer(field, &source, self.path, parse)
     }
 
     fn read_optional(
@@ -519,13 +561,9 @@ impl Validator<'_> {
         );
         let mchid = self.required("wechatpay.mchid", raw.mchid);
         let sp_appid = self.required("wechatpay.sp_appid", raw.sp_appid);
-        let merchant_key = self
-            .read("wechatpay.merchant_key", raw.merchant_key, true)
-            .and_then(|pem| {
-                RsaSigner::from_pem(&pem, "wechatpay.merchant_key")
-                    .map_err(|e| self.problem(format!("wechatpay.merchant_key: {e}")))
-                    .ok()
-            });
+        let merchant_key = self.signer("wechatpay.merchant_key", raw.merchant_key, |pem, _| {
+            RsaSigner::from_pem(pem, "wechatpay.merchant_key")
+        });
         let merchant_serial = self.merchant_serial(
             raw.merchant_serial,
             raw.merchant_certificate,
@@ -594,7 +632,7 @@ impl Validator<'_> {
         &mut self,
         serial: Option<String>,
         certificate: Option<PathBuf>,
-        merchant_key: Option<&RsaSigner>,
+        merchant_key: Option<&Signer>,
     ) -> Option<String> {
         let Some(path) = certificate else {
             if serial.is_none() {
@@ -738,13 +776,9 @@ impl Validator<'_> {
             )
             .map(|u| u.to_string());
         let app_id = self.required("alipay.app_id", raw.app_id);
-        let app_key = self
-            .read("alipay.app_private_key", raw.app_private_key, true)
-            .and_then(|text| {
-                RsaSigner::from_pem_or_base64(&text, "alipay.app_private_key")
-                    .map_err(|e| self.problem(format!("alipay.app_private_key: {e}")))
-                    .ok()
-            });
+        let app_key = self.signer("alipay.app_private_key", raw.app_private_key, |text, _| {
+            RsaSigner::from_pem_or_base64(text, "alipay.app_private_key")
+        });
         let alipay_public = self
             .read("alipay.alipay_public_key", raw.alipay_public_key, false)
             .and_then(|text| {
@@ -876,8 +910,10 @@ mod tests {
         }
     }
 
-    fn merchant_key() -> RsaSigner {
-        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    fn merchant_key() -> Signer {
+        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k")
+            .expect("key")
+            .into()
     }
 
     /// `[limits]`: absent, the documented defaults; zero bursts, refills and ceilings, and a
@@ -1013,7 +1049,7 @@ mod tests {
             .alipay(RawAlipay {
                 gateway: None,
                 app_id: Some("2021000000000001".into()),
-                app_private_key: Some(private),
+                app_private_key: Some(private.display().to_string()),
                 alipay_public_key: Some(public),
                 app_auth_token_file: None,
                 ca_file: None,

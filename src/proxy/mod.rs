@@ -176,6 +176,9 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         trust = ?config.upstream.trust,
         "authinfo-proxy starting"
     );
+    for warning in config.key_warnings() {
+        tracing::warn!(warning = %warning, "a configured key needs attention");
+    }
     let registry = SharedRegistry::load(&config.registry)?;
     tracing::info!(devices = registry.current().len(), "registry loaded");
     let timeout = config.upstream_timeout;

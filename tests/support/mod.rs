@@ -6,6 +6,7 @@
 
 pub mod fake_proxy;
 pub mod logs;
+pub mod softhsm;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -110,11 +110,19 @@ pub enum Command {
         #[arg(value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         file: PathBuf,
     },
-    /// Make the device's RSA-2048 key (mode 0600) and print its public key for enrolment.
+    /// Make the device's RSA-2048 key (a 0600 file, or inside a PKCS#11 token) and print its public key for enrolment.
     Keygen {
         /// Where to write the private key; missing parent directories are created (0700).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "pkcs11",
+            conflicts_with = "pkcs11"
+        )]
+        out: Option<PathBuf>,
+        /// Generate the key inside the PKCS#11 token this RFC 7512 URI names (sensitive, never extractable), e.g. 'pkcs11:token=terminal;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/authinfod/pin'; key_file then takes the same URI.
+        #[arg(long, value_name = "URI")]
+        pkcs11: Option<String>,
         /// Replace an existing key (its enrolment at the proxy stops working).
         #[arg(long)]
         force: bool,
