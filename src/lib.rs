@@ -5,6 +5,7 @@
 //!
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
+//! - [`json`]: reading the JSON documents other parties send (objects only).
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
@@ -35,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+pub mod json;
 pub mod prometheus;
 pub mod schedule;
 pub mod terminal;

@@ -25,9 +25,6 @@ use crate::platform::{Failure, FailureClass};
 use crate::units::unix_now;
 use crate::wire::{self, ErrorBody, UpstreamDetail, codes};
 
-/// Largest raw_data forwarded.
-const MAX_RAW_DATA: usize = 48 * 1024;
-
 /// Everything the routes use.
 #[derive(Debug)]
 pub struct App {
@@ -324,13 +321,7 @@ async fn authinfo(
     device: &Device,
     body: &[u8],
 ) -> Result<wire::AuthinfoResponse, ProxyError> {
-    let request: wire::AuthinfoRequest = serde_json::from_slice(body)
-        .map_err(|e| ProxyError::BadRequest(format!("expected {{\"raw_data\": \"...\"}}: {e}")))?;
-    if request.raw_data.trim().is_empty() || request.raw_data.len() > MAX_RAW_DATA {
-        return Err(ProxyError::BadRequest(format!(
-            "raw_data must be 1 to {MAX_RAW_DATA} bytes"
-        )));
-    }
+    let request = wire::AuthinfoRequest::from_body(body).map_err(ProxyError::BadRequest)?;
     let params = AuthinfoParams {
         sp_appid: app.sp_appid.clone(),
         sub_appid: device.sub_appid.clone(),

@@ -288,13 +288,7 @@ impl Store {
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         self.get_raw(key)?
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: key.to_owned(),
-                    reason: e.to_string(),
-                })
-            })
+            .map(|bytes| decode_record(&self.path, key, &bytes))
             .transpose()
     }
 
@@ -318,6 +312,21 @@ impl Store {
                 source,
             })
     }
+}
+
+/// Decodes the record stored under `key` from the bytes sled handed back: the record, or
+/// [`StoreError::Corrupt`] naming the store at `path` and the key. Every read of a record goes
+/// through here (and so does the fuzz target `store_records`).
+pub fn decode_record<T: DeserializeOwned>(
+    path: &Path,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Opens sled at `path`. sled's own file lock can outlive a closed handle for a moment (its IO
