@@ -5,4 +5,5 @@ mod support;
 
 mod daemon;
 mod health;
+mod link;
 mod proxy;

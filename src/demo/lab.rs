@@ -6,6 +6,7 @@
 //! files exactly as an operator would, so they are loaded through the real config parsers. It
 //! must not bypass those parsers: what it writes is also documentation of a working setup.
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -127,6 +128,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
             expired_day: day(today + time::Duration::days(licence_days)),
         }],
         authinfo_expires_in: None,
+        authinfo_len: None,
         armed_faults: Vec::new(),
     }
 }
@@ -160,17 +162,24 @@ impl std::fmt::Debug for GeneratedLab {
 /// public key, the Alipay app key and Alipay public key, the Alibaba Cloud secret and the device
 /// key. Private files are 0600.
 pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
+    generate_keys_for(dir, None)
+}
+
+/// [`generate_keys`], with the proxy's certificate also naming `proxy_host` (beside
+/// `127.0.0.1` and `localhost`): for a proxy that terminals reach at another address.
+pub fn generate_keys_for(dir: &Path, proxy_host: Option<&str>) -> Result<GeneratedLab, LabError> {
     std::fs::create_dir_all(dir).map_err(|source| LabError::Write {
         path: dir.to_owned(),
         source,
     })?;
     let (sandbox_keys, secrets) = SandboxKeys::generate()?;
-    let cert = |name: &str| {
-        generate_pki(name, &["127.0.0.1", "localhost"])
-            .map_err(|e| LabError::Certificate(e.to_string()))
+    let cert = |name: &str, extra: Option<&str>| {
+        let mut hosts = vec!["127.0.0.1", "localhost"];
+        hosts.extend(extra.filter(|h| !hosts.contains(h)));
+        generate_pki(name, &hosts).map_err(|e| LabError::Certificate(e.to_string()))
     };
-    let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
-    let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
+    let sandbox_pki = cert("authinfod sandbox platforms CA (generated)", None)?;
+    let proxy_pki = cert("authinfod lab proxy CA (generated)", proxy_host)?;
     let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
     let files: [(&str, &str, u32); 10] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
@@ -348,19 +357,39 @@ impl std::fmt::Debug for Lab {
 impl Lab {
     /// Generates everything under `dir`, starts the sandbox (knowing `world`), the proxy (with
     /// `proxy_extra` TOML appended to its config) and the relay, and writes the daemon config
-    /// (with `daemon_extra`).
+    /// (with `daemon_extra`). Everything listens on loopback.
     pub async fn start(
         dir: &Path,
         world: World,
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
+        Self::start_at(
+            dir,
+            world,
+            proxy_extra,
+            daemon_extra,
+            IpAddr::from([127, 0, 0, 1]),
+        )
+        .await
+    }
+
+    /// [`start`](Self::start) with the proxy and the relay in front of it listening on `host`
+    /// (and named in the proxy's certificate), for a daemon that reaches the proxy from another
+    /// network namespace or machine. The sandbox stays on loopback.
+    pub async fn start_at(
+        dir: &Path,
+        world: World,
+        proxy_extra: &str,
+        daemon_extra: &str,
+        host: IpAddr,
+    ) -> Result<Self, LabError> {
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(LabError::Listen)
         };
-        let generated = generate_keys(dir)?;
+        let generated = generate_keys_for(dir, Some(&host.to_string()))?;
         let files = LabFiles {
             dir: dir.to_owned(),
         };
@@ -373,7 +402,7 @@ impl Lab {
         let proxy_config = files.write_proxy_config(
             &generated,
             &sandbox_url,
-            "127.0.0.1:0",
+            &SocketAddr::new(host, 0).to_string(),
             "127.0.0.1:0",
             proxy_extra,
         )?;
@@ -385,11 +414,12 @@ impl Lab {
             world,
         )?;
         let proxy = crate::proxy::start(crate::proxy::config::load(&proxy_config)?).await?;
-        let net = NetCut::start(loopback().await?, proxy.addr).map_err(LabError::Listen)?;
-        let daemon_config = files.write_daemon_config(
-            &format!("https://127.0.0.1:{}", net.addr.port()),
-            daemon_extra,
-        )?;
+        let relay = TcpListener::bind(SocketAddr::new(host, 0))
+            .await
+            .map_err(LabError::Listen)?;
+        let net = NetCut::start(relay, proxy.addr).map_err(LabError::Listen)?;
+        let daemon_config =
+            files.write_daemon_config(&format!("https://{}", net.addr), daemon_extra)?;
         Ok(Self {
             files,
             sandbox,
@@ -423,7 +453,15 @@ pub async fn run_standalone_sandbox(
         "https://{}",
         listener.local_addr().map_err(LabError::Listen)?
     );
-    let generated = generate_keys(dir)?;
+    // Terminals connect to the proxy at `proxy_listen`, so its certificate must name that host
+    // (an unspecified address like 0.0.0.0 names nothing a terminal can connect to).
+    let proxy_host = proxy_listen
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string());
+    let generated = generate_keys_for(dir, proxy_host.as_deref())?;
     let files = LabFiles {
         dir: dir.to_owned(),
     };

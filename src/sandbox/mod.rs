@@ -126,6 +126,10 @@ pub struct World {
     pub licences: Vec<aliyun_api::DeviceInfo>,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
+    /// The length of the authinfo values answered, when not the usual 65 characters: a large
+    /// one makes an answer span several TLS records and TCP segments (the link tests cut the
+    /// network in the middle of such a body).
+    pub authinfo_len: Option<usize>,
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,

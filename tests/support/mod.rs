@@ -1,9 +1,12 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
-//! a daemon harness on a temporary directory and a real Unix socket, and a raw socket client.
+//! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
+//! the network namespaces and userspace netem of the link tests.
 
 #![allow(dead_code)]
 
 pub mod fake_proxy;
+pub mod netem;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
