@@ -725,7 +725,9 @@ async fn store(seeds: &mut Seeds, lab: &Lab) -> Result<(), Error> {
 // === the socket API ===
 
 fn socket(seeds: &mut Seeds) -> Result<(), Error> {
-    let requests: &[(&str, &str, &[(&str, &str)], &[u8])] = &[
+    /// A file name, the request line, headers, the body.
+    type Request<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a [u8]);
+    let requests: &[Request<'_>] = &[
         ("authinfo", "GET /v1/authinfo", &[], b""),
         (
             "authinfo-long-poll",

@@ -89,11 +89,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        "raw_data" => {
-            if decode::<RawData>(key, bytes).is_some() {
-                serve_all(secret);
-            }
-        }
+        "raw_data" if decode::<RawData>(key, bytes).is_some() => serve_all(secret),
         "attempt.last" => {
             if let Some(attempt) = decode::<AttemptRecord>(key, bytes) {
                 let before = state.refresh_status().last_attempt.replace(attempt);

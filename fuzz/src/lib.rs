@@ -120,11 +120,11 @@ impl<'a> Members<'a> {
     }
 
     /// The one member named `key`: `Err` when there are several.
-    pub fn one(&self, key: &str) -> Result<Option<&'a RawValue>, ()> {
+    pub fn one(&self, key: &str) -> Result<Option<&'a RawValue>, Repeated> {
         match self.all(key).as_slice() {
             [] => Ok(None),
             [v] => Ok(Some(*v)),
-            _ => Err(()),
+            _ => Err(Repeated),
         }
     }
 
@@ -133,6 +133,10 @@ impl<'a> Members<'a> {
         self.0.iter().map(|(k, _)| k.as_str()).collect()
     }
 }
+
+/// An object names a member more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated;
 
 struct MembersVisitor;
 
