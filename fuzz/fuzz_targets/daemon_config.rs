@@ -2,7 +2,7 @@
 //!
 //! Properties: every input gives either a config or a list of problems, each naming its field
 //! (`field: reason`); a config that validates holds only values the daemon can run with: a
-//! valid device id, absolute paths, an https proxy URL without path, a socket mode without
+//! valid device id, absolute paths, an https proxy origin (no path), a socket mode without
 //! access for others, a jitter in [0, 0.5], positive durations with `backoff_min <=
 //! backoff_max`, and every sum the daemon forms from them (the next refresh and retry instants,
 //! the health check instant, the bound of `POST /v1/refresh?wait=true`, `expires_at` from the
@@ -28,8 +28,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(authinfod::wire::valid_device_id(&c.device_id));
             assert!(c.key_file.is_absolute() && c.state_dir.is_absolute());
             assert!(c.proxy.ca_file.is_absolute());
-            assert!(c.proxy.url.starts_with("https://"), "{}", c.proxy.url);
-            assert!(!c.proxy.url.ends_with('/'));
+            // The URL is kept as written (less a trailing slash); what reqwest makes of it is
+            // an https origin.
+            let url = url::Url::parse(&c.proxy.url).expect("the proxy URL parses");
+            assert_eq!((url.scheme(), url.path(), url.query()), ("https", "/", None));
+            assert!(url.host_str().is_some_and(|h| !h.is_empty()));
             assert!(c.socket.mode & 0o007 == 0 && c.socket.mode <= 0o777);
             assert!((1..=4096).contains(&c.socket.max_connections));
             let r = &c.refresh;

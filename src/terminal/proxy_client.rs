@@ -280,20 +280,24 @@ async fn read_limited(
 }
 
 /// What a non-2xx answer of the proxy says: its error (the body read as an [`ErrorBody`] when it
-/// is one, else one made of the status and the body's first 200 bytes) and, for a 401
+/// is one, else one made of the status and the body's first 200 bytes; a body with a blank code
+/// is named `HTTP_<status>` too, so status never shows an empty code) and, for a 401
 /// `TIMESTAMP_SKEW` that carries a `Date`, the proxy's clock in Unix seconds.
 pub fn read_refusal(
     status: u16,
     headers: &http::HeaderMap,
     bytes: &[u8],
 ) -> (UpstreamError, Option<i64>) {
-    let body: ErrorBody = crate::json::from_slice(bytes).unwrap_or_else(|_| ErrorBody {
-        code: format!("HTTP_{status}"),
+    let mut body: ErrorBody = crate::json::from_slice(bytes).unwrap_or_else(|_| ErrorBody {
+        code: String::new(),
         message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
         retryable: status == 429 || status >= 500,
         retry_after_seconds: None,
         upstream: None,
     });
+    if body.code.trim().is_empty() {
+        body.code = format!("HTTP_{status}");
+    }
     let retry_after = headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
@@ -386,6 +390,25 @@ mod tests {
             }),
             retry_after: None,
         }
+    }
+
+    /// Found by the `proxy_request` fuzz target: an error body with `"code":""` left status and
+    /// the journal with an empty error code.
+    #[test]
+    fn a_refusal_without_a_code_is_named_by_its_status() {
+        let body = br#"{"code":"","message":"the req-es from t s)","retryable":true}"#;
+        let (error, date) = read_refusal(401, &http::HeaderMap::new(), body);
+        assert_eq!(error.code(), "HTTP_401");
+        assert_eq!(date, None);
+        let (error, _) = read_refusal(503, &http::HeaderMap::new(), b"<html>busy</html>");
+        assert_eq!(error.code(), "HTTP_503");
+        assert!(matches!(error.disposition(), Disposition::Retry { .. }));
+        let (error, _) = read_refusal(
+            422,
+            &http::HeaderMap::new(),
+            br#"{"code":"UPSTREAM_REJECTED","message":"m"}"#,
+        );
+        assert_eq!(error.code(), "UPSTREAM_REJECTED");
     }
 
     #[test]
