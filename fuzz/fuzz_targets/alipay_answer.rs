@@ -88,14 +88,16 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // The object read as if verified, against serde_json.
+    // The object read as if verified, against serde_json's Value. serde_json skips the members
+    // a struct ignores without checking them (a lone surrogate escape, a number out of range),
+    // where its Value refuses the whole document: those are compared by code only when the
+    // Value reads.
     if let Ok(text) = &extracted {
         let read = read_object(text.object, true, None);
-        let common = serde_json::from_str::<serde_json::Value>(text.object).ok();
-        let code = common
-            .as_ref()
-            .and_then(|c| c.get("code"))
-            .and_then(|c| c.as_str());
+        let Ok(common) = serde_json::from_str::<serde_json::Value>(text.object) else {
+            return;
+        };
+        let code = common.get("code").and_then(|c| c.as_str());
         match read {
             Ok(binding) => {
                 assert_eq!(code, Some("10000"));

@@ -31,13 +31,6 @@ fuzz_target!(|data: &[u8]| {
         let Ok(page) = read_page(&body) else {
             return;
         };
-        let seen: serde_json::Value = serde_json::from_str(&body).expect("a page is JSON");
-        assert_eq!(seen["RequestId"].as_str(), Some(page.request_id.as_str()));
-        assert_eq!(seen["TotalCount"].as_u64(), Some(page.total_count));
-        let listed = seen["DeviceInfoList"]["DeviceInfo"]
-            .as_array()
-            .map_or(0, Vec::len);
-        assert_eq!(page.device_info_list.len(), listed);
         for info in &page.device_info_list {
             for text in [&info.begin_day, &info.expired_day] {
                 if let Some(day) = parse_day(text) {
@@ -46,6 +39,18 @@ fuzz_target!(|data: &[u8]| {
             }
             assert_eq!(info.expiry_date(), parse_day(&info.expired_day));
         }
+        // serde_json skips the fields a struct ignores without checking them (a number out of
+        // range, a lone surrogate escape) where its Value refuses the whole document; the page
+        // is compared with the Value where that reads.
+        let Ok(seen) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return;
+        };
+        assert_eq!(seen["RequestId"].as_str(), Some(page.request_id.as_str()));
+        assert_eq!(seen["TotalCount"].as_u64(), Some(page.total_count));
+        let listed = seen["DeviceInfoList"]["DeviceInfo"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(page.device_info_list.len(), listed);
         return;
     }
 

@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
             // The URL is kept as written (less a trailing slash); what reqwest makes of it is
             // an https origin.
             let url = url::Url::parse(&c.proxy.url).expect("the proxy URL parses");
-            assert_eq!((url.scheme(), url.path(), url.query()), ("https", "/", None));
+            assert_eq!(
+                (url.scheme(), url.path(), url.query()),
+                ("https", "/", None)
+            );
             assert!(url.host_str().is_some_and(|h| !h.is_empty()));
             assert!(c.socket.mode & 0o007 == 0 && c.socket.mode <= 0o777);
             assert!((1..=4096).contains(&c.socket.max_connections));

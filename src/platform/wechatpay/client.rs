@@ -6,6 +6,10 @@
 //! knows its [`Failure`]. It must not retry, cache or pace calls (the proxy does, from the
 //! failure class and the limits in [`super`]), and must not log keys, signatures, raw_data or
 //! authinfo values; it logs each answer's `Request-ID`.
+//!
+//! Reading is apart from the transport: [`read_answer`] and the readers per endpoint are pure
+//! functions of the answer (status, headers, body), the keys and the clock, so tests and the
+//! fuzz targets call them without a network.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
