@@ -77,8 +77,8 @@ const VERIFIES_PER_REQUEST: f64 = 3.0;
 const TICKS_PER_SECOND: f64 = 100.0;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match Options::parse(&args).and_then(|options| run(&options)) {
+    let options = <Options as clap::Parser>::parse();
+    match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench proxy: setup failed: {e:#}");
@@ -87,57 +87,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the command line asked for.
-#[derive(Debug)]
+/// `POST /v1/authinfo` through the proxy to the sandbox, beside the RSA signing cost.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench proxy")]
 struct Options {
+    /// Requests per client count.
+    #[arg(long, default_value_t = 3000, value_parser = positive)]
     requests: usize,
+    /// Client counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = positive)]
     clients: Vec<usize>,
+    /// How long ring's signing is timed, seconds.
+    #[arg(long = "sign-seconds", default_value = "2", value_parser = seconds)]
     sign_window: Duration,
+    /// How long `openssl speed rsa2048` runs, seconds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     openssl_seconds: u64,
+    /// Skip `openssl speed`.
+    #[arg(long = "no-openssl", action = clap::ArgAction::SetFalse)]
     openssl: bool,
+    /// Passed by cargo to every bench executable.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options = Self {
-            requests: 3000,
-            clients: vec![1, 8, 32],
-            sign_window: Duration::from_secs(2),
-            openssl_seconds: 3,
-            openssl: true,
-        };
-        let positive = |name: &str, v: &str| -> anyhow::Result<u64> {
-            v.parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| anyhow!("{name}: {v:?} is not a positive whole number"))
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = || {
-                args.next()
-                    .map(String::as_str)
-                    .ok_or_else(|| anyhow!("{arg} needs a value"))
-            };
-            match arg.as_str() {
-                "--requests" => options.requests = usize::try_from(positive(arg, value()?)?)?,
-                "--clients" => {
-                    options.clients = value()?
-                        .split(',')
-                        .map(|c| Ok(usize::try_from(positive(arg, c.trim())?)?))
-                        .collect::<anyhow::Result<_>>()?;
-                }
-                "--sign-seconds" => {
-                    options.sign_window = Duration::from_secs(positive(arg, value()?)?);
-                }
-                "--openssl-seconds" => options.openssl_seconds = positive(arg, value()?)?,
-                "--no-openssl" => options.openssl = false,
-                // cargo passes `--bench` to every bench executable.
-                "--bench" => {}
-                other => bail!("unknown argument {other:?}"),
-            }
-        }
-        Ok(options)
+/// A positive whole number.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{text:?} is not a positive whole number")),
+    }
+}
+
+/// A positive whole number of seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "{text:?} is not a positive whole number of seconds"
+        )),
     }
 }
 

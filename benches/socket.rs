@@ -72,8 +72,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    let result = Options::parse(&args).and_then(|options| run(&options));
-    match result {
+    let options = <Options as clap::Parser>::parse();
+    match run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bench socket: setup failed: {e:#}");
@@ -82,43 +82,42 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the command line asked for.
-#[derive(Debug)]
+/// The daemon's socket latency, throughput and RSS, against a trivial hyper server.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench socket")]
 struct Options {
+    /// Sequential requests per latency run.
+    #[arg(long, default_value_t = 20_000, value_parser = positive)]
     requests: usize,
+    /// Length of the concurrent run, seconds.
+    #[arg(long = "seconds", default_value = "10", value_parser = seconds)]
     window: Duration,
+    /// Concurrent keep-alive clients.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     clients: usize,
+    /// Skip the trivial-server baseline.
+    #[arg(long = "no-baseline", action = clap::ArgAction::SetFalse)]
     baseline: bool,
+    /// Passed by cargo to every bench executable.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options = Self {
-            requests: 20_000,
-            window: Duration::from_secs(10),
-            clients: 32,
-            baseline: true,
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = |name: &str| -> anyhow::Result<u64> {
-                let v = args.next().ok_or_else(|| anyhow!("{name} needs a value"))?;
-                v.parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{name}: {v:?} is not a positive whole number"))
-            };
-            match arg.as_str() {
-                "--requests" => options.requests = usize::try_from(value(arg)?)?,
-                "--seconds" => options.window = Duration::from_secs(value(arg)?),
-                "--clients" => options.clients = usize::try_from(value(arg)?)?,
-                "--no-baseline" => options.baseline = false,
-                // cargo passes `--bench` to every bench executable.
-                "--bench" => {}
-                other => bail!("unknown argument {other:?}"),
-            }
-        }
-        Ok(options)
+/// A positive whole number.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{text:?} is not a positive whole number")),
+    }
+}
+
+/// A positive whole number of seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "{text:?} is not a positive whole number of seconds"
+        )),
     }
 }
 

@@ -3,15 +3,22 @@
 //!
 //! # Layout
 //!
+//! - [`config_file`]: what the config files share: TOML reading, the problems collector, the
+//!   one config error type and the private-file permission check.
+//! - [`events`]: the journal MESSAGE_IDs of the log lines an operator acts on.
 //! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`json`]: reading the JSON documents other parties send (objects only).
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
+//! - [`serve`]: the one accept, serve and drain loop of every listener.
+//! - [`sync`]: poison-tolerant locking.
 //! - [`wire`]: the terminal ⇄ proxy contract: routes, bodies, the device request signature.
 //! - [`terminal`]: the daemon: config, sled store, refresh loop, socket API, systemd, client.
-//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients.
-//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync, HTTPS server.
+//! - `platform` (feature `merchant`): WeChat Pay APIv3, Alipay RSA2, Alibaba Cloud clients, and
+//!   how their calls go out (egress proxy, trusted roots).
+//! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync and its daily
+//!   budget, platform certificates, its store, HTTPS server.
 //! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
 //! - `demo` (feature `merchant`): the whole chain in one process.
 //!
@@ -35,10 +42,14 @@
 //! requests finish within a bound, the store is flushed and the socket file removed.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod crypto;
+pub mod events;
 pub mod json;
 pub mod prometheus;
 pub mod schedule;
+pub mod serve;
+pub mod sync;
 pub mod terminal;
 pub mod tls;
 pub mod units;
@@ -66,6 +77,19 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// `Heading:` and one indented, aligned line per `(name, meaning)`: the binaries' `--help`
+/// footers (exit codes, environment), which their man pages show as sections.
+pub fn help_table<K: std::fmt::Display>(heading: &str, rows: &[(K, &str)]) -> String {
+    let names: Vec<String> = rows.iter().map(|(k, _)| k.to_string()).collect();
+    let width = names.iter().map(String::len).max().unwrap_or(0);
+    let mut out = format!("{heading}:\n");
+    for (name, (_, meaning)) in names.iter().zip(rows) {
+        out.push_str(&format!("  {name:<width$}  {meaning}\n"));
+    }
+    out
+}
+
 #[cfg(feature = "merchant")]
 pub mod demo;
 pub mod logging;

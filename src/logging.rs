@@ -47,7 +47,17 @@ pub fn init(target: LogTarget, filter: Option<&str>, default: &str, identifier: 
     {
         use tracing_subscriber::layer::SubscriberExt as _;
         use tracing_subscriber::util::SubscriberInitExt as _;
-        let layer = layer.with_syslog_identifier(identifier.to_owned());
+        // Fields keep their names (`CODE=PROXY_UNREACHABLE`, `MESSAGE_ID=…`), not the crate's
+        // default `F_` prefix: none of ours collides with a journal field, and the README's
+        // queries are written this way. INFO is "informational" (6), not "notice" (5).
+        let layer = layer
+            .with_syslog_identifier(identifier.to_owned())
+            .with_field_prefix(None)
+            .with_priority_mappings(tracing_journald::PriorityMappings {
+                info: tracing_journald::Priority::Informational,
+                debug: tracing_journald::Priority::Debug,
+                ..tracing_journald::PriorityMappings::new()
+            });
         if tracing_subscriber::registry()
             .with(filter)
             .with(layer)

@@ -1,8 +1,9 @@
 //! Jitter and backoff arithmetic, shared by the daemon's refresh and health loops and the
 //! proxy's fleet sync.
 //!
-//! Owns: pure functions of their inputs (the random draw is passed in), so every bound can be
-//! checked exhaustively. It must not sleep or read clocks.
+//! Owns: [`Schedule`], pure functions of their inputs (the random draw is passed in), so every
+//! bound can be checked exhaustively, and [`Backoff`], the one failure counter the three loops
+//! share. It must not sleep or read clocks.
 
 use std::time::Duration;
 
@@ -42,6 +43,41 @@ impl Schedule {
             Some(after) => jittered.max(after.min(self.interval)),
             None => jittered,
         }
+    }
+}
+
+/// A loop's consecutive failures and what they make it wait: the one backoff the refresh loop,
+/// the health checks and the fleet sync share.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    pub schedule: Schedule,
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn new(schedule: Schedule) -> Self {
+        Self {
+            schedule,
+            failures: 0,
+        }
+    }
+
+    /// Consecutive failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// After a success (or an answer retrying cannot change): clears the failures and returns
+    /// the wait until the next scheduled run.
+    pub fn succeeded(&mut self, unit: f64) -> Duration {
+        self.failures = 0;
+        self.schedule.next_interval(unit)
+    }
+
+    /// After a failure: counts it and returns the wait before the retry.
+    pub fn failed(&mut self, retry_after: Option<Duration>, unit: f64) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.schedule.retry_delay(self.failures, retry_after, unit)
     }
 }
 
@@ -98,6 +134,23 @@ mod tests {
         assert_eq!(
             s.retry_delay(1, Some(Duration::from_secs(86400)), 0.0),
             Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn backoff_counts_failures_until_a_success() {
+        let mut b = Backoff::new(schedule());
+        let waits: Vec<u64> = (0..3)
+            .map(|_| b.failed(None, 0.999_999).as_secs())
+            .collect();
+        assert_eq!(waits, [4, 9, 19], "full jitter under 5, 10, 20 s");
+        assert_eq!(b.failures(), 3);
+        assert_eq!(b.succeeded(0.0), Duration::from_secs(3600));
+        assert_eq!(b.failures(), 0);
+        assert_eq!(
+            b.failed(None, 0.999_999).as_secs(),
+            4,
+            "back to the first ceiling"
         );
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! Owns: building client configs that trust exactly the given roots (the terminal pins the
 //! proxy's CA; no system trust store, so it works on Android), server configs from PEM files,
-//! and (feature `merchant`) the HTTPS accept loop the proxy and the sandbox share and the
-//! certificate authority made on the fly for tests and the demo. It must not pick a crypto
-//! provider implicitly: every config names ring, so no aws-lc enters the build.
+//! and (feature `merchant`) HTTPS serving for the proxy and the sandbox, on the accept loop of
+//! [`crate::serve`], and the certificate authority made on the fly for tests and the demo. It
+//! must not pick a crypto provider implicitly: every config names ring, so no aws-lc enters the
+//! build.
 
 use std::sync::Arc;
 
@@ -58,6 +59,17 @@ pub fn client_config_pinned(roots_pem: &str, what: &str) -> Result<rustls::Clien
         .with_no_client_auth())
 }
 
+/// A client config that trusts no certificate at all: every handshake fails. For configs made
+/// in tests that never connect.
+pub fn client_config_trusting_nothing() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        // The ring provider supports the default protocol versions; this cannot fail.
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// A server config presenting `chain_pem` (leaf first) with `key_pem`.
 pub fn server_config(
     chain_pem: &str,
@@ -82,14 +94,11 @@ pub use merchant::*;
 
 #[cfg(feature = "merchant")]
 mod merchant {
-    use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
 
-    use hyper_util::rt::{TokioIo, TokioTimer};
     use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
 
     use super::{TlsError, provider};
 
@@ -130,73 +139,46 @@ mod merchant {
         shutdown: CancellationToken,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let tracker = TaskTracker::new();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let service = hyper_util::service::TowerToHyperService::new(
-                router.clone().layer(axum::Extension(PeerAddr(peer))),
-            );
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, %peer, "tls handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "tls handshake timed out");
-                        return;
-                    }
-                };
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(64 * 1024);
-                let conn = builder.serve_connection(TokioIo::new(tls), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    res = conn.as_mut() => {
-                        if let Err(error) = res {
-                            tracing::debug!(%error, %peer, "connection ended with an error");
-                        }
-                    }
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-            });
-        }
-        tracker.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
-            .await
-            .is_err()
-        {
+        let limits = crate::serve::Http1Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_head: 64 * 1024,
+            keep_alive: true,
+        };
+        let still_open = crate::serve::accept_loop(
+            &listener,
+            &shutdown,
+            None,
+            DRAIN_TIMEOUT,
+            |tcp, peer| -> Option<crate::serve::Connection> {
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let shutdown = shutdown.clone();
+                Some(Box::pin(async move {
+                    let tls =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, %peer, "tls handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "tls handshake timed out");
+                                return;
+                            }
+                        };
+                    crate::serve::http1(tls, service, limits, &shutdown).await;
+                }))
+            },
+        )
+        .await;
+        if still_open > 0 {
             tracing::warn!(
-                open = tracker.len(),
+                open = still_open,
                 "connections still open after the drain timeout; dropping them"
             );
         }
     }
-
-    /// The remote address of the connection a request came on (an axum extension).
-    #[derive(Debug, Clone, Copy)]
-    pub struct PeerAddr(pub SocketAddr);
 
     /// A certificate authority and a server certificate made on the fly (tests, the demo, the
     /// sandbox). Nothing here is ever written to the repository.

@@ -118,6 +118,27 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// The wall clock a daemon reads: the system's, shifted by an offset that is zero in
+/// production. Tests shift it to play a clock set back or forward while the daemon runs, without
+/// sleeping; the monotonic clock (tokio's) is not affected, as with a real clock change.
+#[derive(Debug, Default)]
+pub struct WallClock {
+    offset: std::sync::atomic::AtomicI64,
+}
+
+impl WallClock {
+    /// Unix seconds now, as this clock reads.
+    pub fn now(&self) -> i64 {
+        unix_now().saturating_add(self.offset.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Moves the clock by `seconds` (negative: back).
+    pub fn shift(&self, seconds: i64) {
+        self.offset
+            .fetch_add(seconds, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The wall clock as Unix seconds (negative before 1970, which a terminal with a dead RTC can
 /// report).
 pub fn unix_now() -> i64 {

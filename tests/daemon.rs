@@ -360,13 +360,16 @@ async fn restart_with_the_proxy_down_serves_the_persisted_authinfo_at_once_with_
     let proxy = proxy().await;
     let (daemon, etag) = daemon_with_authinfo(&proxy).await;
     let dir = daemon.stop().await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
+    // The restart comes "two minutes later": the daemon's clock is shifted, nothing sleeps.
+    let later = authinfod::terminal::RunOptions::default();
+    later.clock.shift(120);
+    let config = crate::support::write_config(dir.path(), &dead_url().await, &proxy.pki.ca_pem, "");
+    let daemon = TestDaemon::start_with_options(dir, &config, later).await;
     // Served before any network call could have succeeded: the proxy is down.
     let r = daemon.get("/v1/authinfo").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["authinfo"], "A1");
-    assert!(r.json()["age_seconds"].as_u64().expect("age") >= 1);
+    assert!(r.json()["age_seconds"].as_u64().expect("age") >= 120);
     assert_eq!(
         r.header("etag"),
         Some(etag),
@@ -508,6 +511,7 @@ async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
     let options = RunOptions {
         notifier: Notifier::new(Some(notify.into_os_string())),
         watchdog: Some(Duration::from_millis(400)),
+        ..RunOptions::default()
     };
     let daemon = Daemon::start(config, options).await.expect("start");
     let socket = dir.path().join("authinfod.sock");
@@ -555,4 +559,185 @@ async fn systemd_is_told_ready_after_bind_then_watchdog_status_and_stopping() {
         last.starts_with("STOPPING=1"),
         "last notification: {last:?}"
     );
+}
+
+/// `authinfod check-config` predicts `run`: a missing key and a key others can read fail it
+/// (exit 78, naming the file) as they fail `run`, an unknown field is listed beside the other
+/// problems, and a config `run` accepts passes. Executes the built binary (skipped under qemu by
+/// `scripts/cross`: an emulated test's child runs natively without the target's libraries).
+#[test]
+fn check_config_fails_where_run_fails_and_lists_every_problem() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::write_config(dir.path(), "https://127.0.0.1:9", &ca_pem(), "");
+    let key = dir.path().join("device.key");
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .expect("run authinfod")
+    };
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("key_file") && stderr.contains("644"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&key).expect("rm");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("typo_field = 1\n{text}")).expect("write");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("typo_field: unknown field") && stderr.contains("key_file: cannot read"),
+        "both problems listed: {stderr}"
+    );
+}
+
+/// A CA certificate for configs that never connect.
+fn ca_pem() -> String {
+    authinfod::tls::generate_pki("check-config test ca", &["localhost"])
+        .expect("pki")
+        .ca_pem
+}
+
+/// `run --once` (provisioning) fetches through the proxy, persists and returns without ever
+/// binding the socket; the next start serves what it stored.
+#[tokio::test]
+async fn run_once_fetches_persists_and_never_binds_the_socket() {
+    use authinfod::terminal::refresher::Outcome;
+    use authinfod::terminal::store::{RawData, Store};
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("ONCE-1".into(), Some(7200))]);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let path = crate::support::write_config(dir.path(), &proxy.url, &proxy.pki.ca_pem, "");
+    let config = authinfod::terminal::config::load(&path).expect("config");
+    let report = authinfod::terminal::run_once(config, Default::default())
+        .await
+        .expect("run --once");
+    assert_eq!(report.refresh, Outcome::Fetched);
+    assert_eq!(
+        report.held.as_ref().map(|h| h.held.authinfo.as_str()),
+        Some("ONCE-1")
+    );
+    assert!(
+        !dir.path().join("authinfod.sock").exists(),
+        "the socket is never bound"
+    );
+    assert_eq!(report.health.len(), 3, "every enabled check ran once");
+    proxy.assert_all_requests_valid();
+    let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
+    assert_eq!(
+        daemon.get("/v1/authinfo").await.json()["authinfo"],
+        "ONCE-1"
+    );
+    daemon.stop().await;
+}
+
+/// The binary: `run --once` against a proxy that is down exits 3 and says why.
+#[test]
+fn binary_run_once_exits_3_with_the_reason_when_the_refresh_fails() {
+    use authinfod::terminal::store::{RawData, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    drop(listener);
+    let config = crate::support::write_config(dir.path(), &dead, &ca_pem(), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run authinfod");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("PROXY_UNREACHABLE"), "{stderr}");
+    assert!(!dir.path().join("authinfod.sock").exists());
+}
+
+/// Metrics off the terminal: the textfile is written at start and rewritten when a new
+/// authinfo arrives (no minute's wait), and the loopback listener serves `/metrics` (with the
+/// process series and the text format's content type) and nothing else.
+#[tokio::test]
+async fn metrics_reach_a_textfile_and_a_loopback_listener() {
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("M1".into(), None)]);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let textfile = dir.path().join("authinfod.prom");
+    let extra = format!(
+        "[metrics]\ntextfile = \"{}\"\nlisten = \"{addr}\"\n",
+        textfile.display()
+    );
+    let daemon = TestDaemon::start_in(dir.clone(), &proxy.url, &proxy.pki.ca_pem, &extra).await;
+    wait_until("the textfile is written", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 0"))
+    })
+    .await;
+    assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
+    wait_until("the textfile shows the new authinfo", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 1"))
+    })
+    .await;
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.expect("read");
+        text
+    };
+    let page = get("/metrics").await;
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(
+        page.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{page}"
+    );
+    for series in [
+        "authinfod_authinfo_present 1",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(page.contains(series), "{series} in {page}");
+    }
+    assert!(!page.contains("M1"), "the secret never appears in metrics");
+    assert!(get("/v1/authinfo").await.starts_with("HTTP/1.0 404"));
+    daemon.stop().await;
 }

@@ -1,90 +1,21 @@
 //! Device health end to end: daemon → proxy → simulated WeChat Pay, Alipay and Alibaba Cloud over
 //! real TLS, and the log lines an operator acts on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use authinfod::crypto::RsaSigner;
 use authinfod::demo::lab::{self, Lab};
 use authinfod::sandbox::{Fault, Platform};
+use authinfod::terminal::device::Check;
+use authinfod::terminal::doc::CheckState;
 use authinfod::terminal::health::check_once;
 use authinfod::terminal::proxy_client::{ProxyClient, Upstream};
 use authinfod::terminal::{Daemon, RunOptions, config};
 use authinfod::wire::auth::DeviceSigner;
 
+use crate::support::logs::capture;
 use crate::support::{TestDaemon, wait_until};
-
-/// Log lines captured from the current thread's tracing events (tokio tests run on one thread).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
-    }
-
-    fn clear(&self) {
-        self.0.lock().expect("lock").clear();
-    }
-
-    /// The captured lines about `check`.
-    fn lines_for(&self, check: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|l| l.contains(&format!("check=\"{check}\"")))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-thread_local! {
-    /// Where this thread's log lines go, while a test captures them.
-    static SINK: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Writes to the capturing test's buffer, if the current thread has one.
-struct ThreadSink;
-
-impl std::io::Write for ThreadSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        SINK.with(|s| {
-            if let Some(c) = &*s.borrow() {
-                c.0.lock().expect("lock").extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Stops capturing on drop.
-struct CaptureGuard;
-
-impl Drop for CaptureGuard {
-    fn drop(&mut self) {
-        SINK.with(|s| s.borrow_mut().take());
-    }
-}
-
-/// Captures this thread's INFO and higher log lines. One global subscriber serves every test
-/// (thread-local subscribers race with tracing's global callsite-interest cache when tests run
-/// in parallel); it writes each line to the buffer of the thread that logged it. `#[tokio::test]`
-/// runs the test and the parts it starts on that one thread.
-fn capture() -> (Captured, CaptureGuard) {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(|| ThreadSink)
-            .try_init();
-    });
-    let captured = Captured::default();
-    SINK.with(|s| *s.borrow_mut() = Some(captured.clone()));
-    (captured, CaptureGuard)
-}
 
 /// A daemon state and an upstream client for calling `check_once` directly.
 async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
@@ -93,7 +24,7 @@ async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
     let upstream: Arc<dyn Upstream> = Arc::new(
         ProxyClient::new(
             &config.proxy.url,
-            &config.proxy.ca_pem,
+            &config.proxy.tls,
             DeviceSigner::new(config.device_id.clone(), key),
             crate::support::GENEROUS,
         )
@@ -108,13 +39,19 @@ async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
 #[tokio::test]
 async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start(dir.path(), lab::world(3, 90), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(3, 90),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
     let state = daemon.state.clone();
     wait_until("all three checks have a value", || {
-        let doc = state.status().device;
+        let doc = serde_json::to_value(state.status().device).expect("json");
         ["inspection", "alipay_binding", "licence"]
             .iter()
             .all(|c| doc[c]["state"] == "ok")
@@ -153,7 +90,7 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
         );
     }
     // The human status shows them.
-    let status: authinfod::terminal::state::StatusDoc =
+    let status: authinfod::terminal::doc::StatusDoc =
         serde_json::from_value(daemon.status().await).expect("status doc");
     let text = authinfod::terminal::client::render_status(&status);
     assert!(text.contains("health    inspection: SUCCESS"), "{text}");
@@ -170,9 +107,15 @@ async fn binding_licence_and_inspection_reach_the_device_route_through_real_tls(
 async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_or_lapsed() {
     let (logs, _guard) = capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 120), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 120),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     let today = time::OffsetDateTime::now_utc().date();
@@ -190,10 +133,10 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
             .state
             .update_world(|w| w.licences[0].expired_day = expiry.clone());
         logs.clear();
-        check_once("licence", &state, upstream.as_ref())
+        check_once(Check::Licence, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("licence");
+        let lines = logs.lines_with("check=\"licence\"");
         assert!(
             lines.iter().any(|l| l.contains(level)
                 && l.contains(words)
@@ -214,9 +157,15 @@ async fn licence_expiry_is_logged_at_warning_within_30_days_and_error_within_7_o
 async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() {
     let (logs, _guard) = capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 120), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 120),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     for (result, words) in [("WARN", "reported warnings"), ("FAIL", "FAILED")] {
@@ -227,10 +176,10 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
             i.warnings = vec!["该设备已经进行过出厂检查".into()];
         });
         logs.clear();
-        check_once("inspection", &state, upstream.as_ref())
+        check_once(Check::Inspection, &state, upstream.as_ref())
             .await
             .expect("check");
-        let lines = logs.lines_for("inspection");
+        let lines = logs.lines_with("check=\"inspection\"");
         assert!(
             lines.iter().any(|l| l.contains("WARN")
                 && l.contains(words)
@@ -245,11 +194,11 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
         .update_world(|w| w.alipay_bindings.clear());
     logs.clear();
     assert!(
-        check_once("alipay_binding", &state, upstream.as_ref())
+        check_once(Check::AlipayBinding, &state, upstream.as_ref())
             .await
             .is_err()
     );
-    let lines = logs.lines_for("alipay_binding");
+    let lines = logs.lines_with("check=\"alipay_binding\"");
     assert!(
         lines
             .iter()
@@ -263,20 +212,27 @@ async fn inspection_warn_or_fail_and_an_unbound_device_are_logged_as_warnings() 
 #[tokio::test]
 async fn faults_in_either_platform_keep_the_previous_result_with_the_error_beside_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 60), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 60),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
-    for check in ["alipay_binding", "licence"] {
+    for check in [Check::AlipayBinding, Check::Licence] {
         check_once(check, &state, upstream.as_ref())
             .await
             .expect("first check succeeds");
     }
-    let before = state.status().device;
+    let device_json = || serde_json::to_value(state.status().device).expect("json");
+    let before = device_json();
     for (check, platform, fault) in [
         (
-            "alipay_binding",
+            Check::AlipayBinding,
             Platform::Alipay,
             Fault {
                 status: Some(500),
@@ -284,7 +240,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "alipay_binding",
+            Check::AlipayBinding,
             Platform::Alipay,
             Fault {
                 bad_signature: true,
@@ -292,7 +248,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "licence",
+            Check::Licence,
             Platform::Aliyun,
             Fault {
                 status: Some(503),
@@ -300,7 +256,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
             },
         ),
         (
-            "licence",
+            Check::Licence,
             Platform::Aliyun,
             Fault {
                 malformed_body: true,
@@ -311,8 +267,9 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
         lab.sandbox.state.faults.set(platform, fault.clone());
         let result = check_once(check, &state, upstream.as_ref()).await;
         lab.sandbox.state.faults.clear(platform);
+        let check = check.name();
         assert!(result.is_err(), "{check} with {fault:?}");
-        let doc = state.status().device;
+        let doc = device_json();
         assert_eq!(
             doc[check]["value"], before[check]["value"],
             "{check} kept its value under {fault:?}"
@@ -326,7 +283,7 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
         );
     }
     // Survives a restart: the store has the record, error included.
-    let stored: authinfod::terminal::health::CheckRecord = state
+    let stored: authinfod::terminal::device::CheckRecord<authinfod::wire::Licence> = state
         .store
         .health("licence")
         .expect("store")
@@ -339,9 +296,15 @@ async fn faults_in_either_platform_keep_the_previous_result_with_the_error_besid
 #[tokio::test]
 async fn a_platform_the_merchant_does_not_use_for_the_device_shows_as_not_configured() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lab = Lab::start(dir.path(), lab::world(0, 60), "", "")
-        .await
-        .expect("lab");
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        lab::world(0, 60),
+        "",
+        "",
+    )
+    .await
+    .expect("lab");
     let registry = dir.path().join("devices.toml");
     let text = std::fs::read_to_string(&registry).expect("registry");
     let without_alipay = text.replace(
@@ -354,10 +317,10 @@ async fn a_platform_the_merchant_does_not_use_for_the_device_shows_as_not_config
     let (daemon, upstream) = daemon_parts(&lab).await;
     let state = daemon.state();
     let before = lab.sandbox.state.received_by(Platform::Alipay);
-    let _ = check_once("alipay_binding", &state, upstream.as_ref()).await;
+    let _ = check_once(Check::AlipayBinding, &state, upstream.as_ref()).await;
     let doc = state.status().device;
-    assert_eq!(doc["alipay_binding"]["state"], "not_configured");
-    assert!(doc["alipay_binding"]["last_error"].is_null());
+    assert_eq!(doc.alipay_binding.state, CheckState::NotConfigured);
+    assert!(doc.alipay_binding.last_error.is_none());
     assert_eq!(
         lab.sandbox.state.received_by(Platform::Alipay),
         before,

@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use authinfod::demo::lab::{self, Lab};
+use authinfod::demo::lab::{self, Lab, LabOptions};
+use authinfod::terminal::doc::HeldState;
 use authinfod::terminal::state::State;
 use authinfod::terminal::{Daemon, RunOptions, config};
 use tokio::sync::oneshot;
@@ -29,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::support::netem::{Netem, Shape};
 use crate::support::netns::{self, Link};
-use crate::support::socket_request;
+use crate::support::{lab_keys, socket_request};
 
 /// The faults the link is put through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +232,7 @@ fn track_attempts(state: Arc<State>, attempts: Arc<Mutex<Vec<Attempt>>>) {
                 start: starts.lock().expect("starts").take(),
                 end: Instant::now(),
                 ok: record.ok,
-                code: record.code,
+                code: record.code.clone(),
             });
         }
     });
@@ -380,7 +381,12 @@ async fn scenario(n: u8, fault: Fault) -> Result<Report, String> {
                     BACKOFF_MIN.as_secs(),
                     BACKOFF_MAX.as_secs()
                 );
-                match Lab::start_at(dir.path(), world, "", &extra, host.into()).await {
+                let options = LabOptions {
+                    daemon_extra: &extra,
+                    proxy_host: Some(host.into()),
+                    ..LabOptions::default()
+                };
+                match Lab::start_with(dir.path(), lab_keys(), world, &options).await {
                     Ok(lab) => {
                         let _ = lab_tx.send(Ok(lab.daemon_config.clone()));
                         let _ = stop_lab_rx.await;
@@ -633,7 +639,7 @@ async fn exercise(
 fn check(
     report: &Report,
     state: &State,
-    during: &authinfod::terminal::state::StatusDoc,
+    during: &authinfod::terminal::doc::StatusDoc,
     bad_reads: &[String],
     first: &str,
 ) -> Result<(), String> {
@@ -722,7 +728,7 @@ fn check(
                 during.refresh, during.proxy
             ));
         }
-        if during.authinfo.state == "none" {
+        if during.authinfo.state == HeldState::None {
             return fail("status lost the authinfo".into());
         }
         if matches!(fault, Fault::PartitionInHandshake | Fault::PartitionInBody)

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use authinfod::crypto::{GeneratedKey, RsaSigner};
 use authinfod::demo::lab::{self, DEVICE_ID, DEVICE_SN, Lab};
-use authinfod::proxy::fleet::{self, RateLimiter};
+use authinfod::proxy::fleet::{self, FleetError, SyncRefusalCode};
+use authinfod::proxy::{self as proxy_lib, ProxyError};
 use authinfod::sandbox::{Fault, Platform, World};
+use authinfod::terminal::doc::CheckState;
 use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{ErrorBody, MAX_REQUEST_BODY, codes};
@@ -22,7 +24,10 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::support::{Reply, TestDaemon, device_key, wait_until};
+use crate::support::logs::capture;
+use crate::support::{
+    Reply, TestDaemon, device_key, lab_proxy_config, wait_for_authinfo_and_health, wait_until,
+};
 
 /// Device B: enrolled by the tests that need a second terminal.
 const DEVICE_B_ID: &str = "T-2002";
@@ -40,16 +45,31 @@ async fn start_lab(
     daemon_extra: &str,
 ) -> (Arc<tempfile::TempDir>, Lab) {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let lab = Lab::start(dir.path(), world, proxy_extra, daemon_extra)
-        .await
-        .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
+    let lab = Lab::start_with_keys(
+        dir.path(),
+        crate::support::lab_keys(),
+        world,
+        proxy_extra,
+        daemon_extra,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("lab: {}", authinfod::error_chain(&e)));
     (dir, lab)
 }
 
 /// A lab whose proxy has finished its first fleet sync, so that every later upstream call is
 /// one a test caused.
 async fn synced_lab(world: World, daemon_extra: &str) -> (Arc<tempfile::TempDir>, Lab) {
-    let (dir, lab) = start_lab(world, "", daemon_extra).await;
+    synced_lab_with(world, "", daemon_extra).await
+}
+
+/// [`synced_lab`] with `proxy_extra` TOML in the proxy's config.
+async fn synced_lab_with(
+    world: World,
+    proxy_extra: &str,
+    daemon_extra: &str,
+) -> (Arc<tempfile::TempDir>, Lab) {
+    let (dir, lab) = start_lab(world, proxy_extra, daemon_extra).await;
     let fleet = lab.proxy.app.fleet.clone();
     wait_until("the proxy's first fleet sync is done", || {
         fleet.snapshot().synced_at.is_some()
@@ -534,6 +554,10 @@ async fn oversized_body_bad_authorization_unknown_route_and_wrong_method_are_ref
     let r = conn.signed(&a, "DELETE", "/v1/inspection", b"").await;
     assert_refused(&r, 405, codes::METHOD_NOT_ALLOWED);
     assert_eq!(r.header("allow").as_deref(), Some("GET"));
+    // HEAD is another method too (an answer without a body, for a platform call and a nonce).
+    let r = conn.signed(&a, "HEAD", "/v1/licence", b"").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow").as_deref(), Some("GET"));
 
     // 64 KiB is the limit: at it the body is read (and refused as a request: raw_data is
     // capped lower), one byte over it is 413, signed or not.
@@ -555,6 +579,88 @@ async fn oversized_body_bad_authorization_unknown_route_and_wrong_method_are_ref
     lab.stop().await;
 }
 
+/// Each terminal request is one log line within the request's span: the route (`other` off the
+/// route table), the device once it is authenticated (never the id an unverified header claims),
+/// the outcome code, the platform's status and request id, and the time taken.
+#[tokio::test]
+async fn each_terminal_request_is_logged_with_its_route_device_and_outcome() {
+    let (_dir, lab) = synced_lab(lab::world(0, 45), "").await;
+    let (logs, _guard) = capture();
+    let a = device_a(&lab);
+    let mut conn = ProxyConnection::open(&lab).await;
+    let r = conn.signed(&a, "GET", "/v1/inspection", b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = conn
+        .signed(
+            &signer(DEVICE_ID, device_key()),
+            "POST",
+            "/v1/authinfo",
+            &authinfo_body("RAW-1"),
+        )
+        .await;
+    assert_refused(&r, 401, codes::BAD_SIGNATURE);
+    let r = conn.signed(&a, "GET", "/v1/secrets", b"").await;
+    assert_refused(&r, 404, codes::NOT_FOUND);
+    lab.sandbox.state.faults.set(
+        Platform::WechatPay,
+        Fault {
+            status: Some(500),
+            ..Fault::default()
+        },
+    );
+    let r = conn.signed(&a, "GET", "/v1/inspection", b"").await;
+    let refusal = assert_refused(&r, 502, codes::UPSTREAM_UNAVAILABLE);
+    let request_id = refusal
+        .upstream
+        .and_then(|u| u.request_id)
+        .expect("WeChat Pay's request id");
+
+    let served = logs.lines_with("proxy::server: served ");
+    let device = format!("device_id=\"{DEVICE_ID}\"");
+    assert!(
+        served.len() == 1
+            && served[0].contains(" INFO ")
+            && served[0].contains("route=\"/v1/inspection\"")
+            && served[0].contains(&device)
+            && served[0].contains("elapsed_ms="),
+        "{served:#?}"
+    );
+    let refused = logs.lines_with("proxy::server: refused ");
+    assert_eq!(refused.len(), 3, "{refused:#?}");
+    assert!(refused.iter().all(|l| l.contains(" WARN ")), "{refused:#?}");
+    assert!(
+        refused[0].contains("route=\"/v1/authinfo\"")
+            && refused[0].contains("code=BAD_SIGNATURE")
+            && !refused[0].contains("device_id="),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        refused[1].contains("route=\"other\"") && refused[1].contains("code=NOT_FOUND"),
+        "{}",
+        refused[1]
+    );
+    assert!(
+        refused[2].contains("route=\"/v1/inspection\"")
+            && refused[2].contains(&device)
+            && refused[2].contains("code=UPSTREAM_UNAVAILABLE")
+            && refused[2].contains("upstream_status=500")
+            && refused[2].contains(&format!("request_id=\"{request_id}\""))
+            && refused[2].contains("elapsed_ms="),
+        "{}",
+        refused[2]
+    );
+    // The platform client's own line about the failure is within the span too.
+    assert!(
+        logs.lines_with("wechat pay refused the request")
+            .iter()
+            .any(|l| l.contains(&device) && l.contains("route=\"/v1/inspection\"")),
+        "{}",
+        logs.text()
+    );
+    lab.stop().await;
+}
+
 // === end to end: daemon → proxy → sandbox ===
 
 #[tokio::test]
@@ -565,7 +671,7 @@ async fn daemon_gets_authinfo_and_inspection_through_the_proxy_over_real_tls() {
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
     let state = daemon.state.clone();
     wait_until("the daemon holds an authinfo and the inspection", || {
-        state.current().is_some() && state.status().device["inspection"]["state"] == "ok"
+        state.current().is_some() && state.status().device.inspection.state == CheckState::Ok
     })
     .await;
 
@@ -624,15 +730,7 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
     .await;
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
-    let state = daemon.state.clone();
-    wait_until("an authinfo is held and the health checks are done", || {
-        let device = state.status().device;
-        state.current().is_some()
-            && ["inspection", "alipay_binding", "licence"]
-                .iter()
-                .all(|c| device[c]["state"] == "ok")
-    })
-    .await;
+    wait_for_authinfo_and_health(&daemon).await;
     let held = daemon.get("/v1/authinfo").await;
     let (held_authinfo, held_etag) = (held.json()["authinfo"].clone(), held.header("etag"));
     let a = device_a(&lab);
@@ -783,6 +881,49 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
     lab.stop().await;
 }
 
+/// Alipay's "device not bound" refusal is permanent only when Alipay signed it: the same
+/// refusal unsigned (what a man in the middle could send to stop a terminal's checks) is an
+/// untrusted, retryable answer, as alipay-sdk-python treats it.
+#[tokio::test]
+async fn an_unsigned_alipay_refusal_is_not_trusted_and_stays_retryable() {
+    let mut world = lab::world(0, 45);
+    world.alipay_bindings.clear();
+    let (_dir, lab) = synced_lab(world, "").await;
+    let a = device_a(&lab);
+    let mut conn = ProxyConnection::open(&lab).await;
+
+    let r = conn.signed(&a, "GET", "/v1/alipay-binding", b"").await;
+    let body = assert_refused(&r, 422, codes::UPSTREAM_REJECTED);
+    assert!(!body.retryable, "a signed DEVICE_NOT_EXIST is permanent");
+    assert_eq!(
+        body.upstream.and_then(|u| u.code).as_deref(),
+        Some("DEVICE_NOT_EXIST")
+    );
+
+    lab.sandbox.state.faults.set(
+        Platform::Alipay,
+        Fault {
+            unsigned_answer: true,
+            count: Some(1),
+            ..Fault::default()
+        },
+    );
+    let r = conn.signed(&a, "GET", "/v1/alipay-binding", b"").await;
+    let body = assert_refused(&r, 502, codes::UPSTREAM_BAD_SIGNATURE);
+    assert!(body.retryable, "an unsigned refusal is not taken as final");
+    assert!(
+        body.message.contains("no sign") && body.message.contains("unverified"),
+        "{}",
+        body.message
+    );
+    let sent: Vec<String> = upstream_calls(&lab)
+        .into_iter()
+        .filter(|c| c.starts_with("POST /gateway.do"))
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    lab.stop().await;
+}
+
 // === fleet ===
 
 /// When each device-list request arrived at the sandbox.
@@ -798,17 +939,13 @@ fn list_arrivals(lab: &Lab) -> Vec<Instant> {
 
 #[tokio::test]
 async fn fleet_sync_pages_261_devices_within_the_configured_rate_and_lists_them() {
-    let (_dir, lab) = start_lab(
+    let (_dir, lab) = synced_lab_with(
         lab::world(260, 45),
         "[fleet]\nrequests_per_second = 2\n",
         "",
     )
     .await;
     let fleet = lab.proxy.app.fleet.clone();
-    wait_until("the fleet is synced", || {
-        fleet.snapshot().synced_at.is_some()
-    })
-    .await;
     // Two pages fit in one second; the third is sent only once the first answer is a second
     // old, so WeChat Pay (which counts arrivals) never sees three within a second.
     let pages = list_arrivals(&lab);
@@ -888,6 +1025,59 @@ fn cell_columns(line: &str) -> Vec<usize> {
     columns
 }
 
+/// The most arrivals within any one second (a window `[t, t + 1 s)` opening at an arrival).
+fn most_in_one_second(arrivals: &[Instant]) -> usize {
+    let mut seen = arrivals.to_vec();
+    seen.sort();
+    (0..seen.len())
+        .map(|i| {
+            seen[i..]
+                .iter()
+                .take_while(|t| **t - seen[i] < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A few hundred devices in pages of 20 at 3 requests/second, with up to 400 ms of network
+/// jitter each way: where the requests arrive (the sandbox, which counts like WeChat Pay and
+/// admits 3 a second here), no one-second window ever holds more than 3, and nothing is refused.
+/// A pacer that counted from the send would lose here: a request held up on the way arrives late
+/// and lands in the same second as the ones sent a second after it.
+#[tokio::test]
+async fn fleet_sync_under_jittered_latency_never_gives_wechat_pay_more_than_the_limit_in_a_second()
+{
+    let mut world = lab::world(299, 45);
+    world.wechat_list_page_cap = Some(20);
+    world.wechat_list_requests_per_second = Some(3);
+    world.armed_faults.push((
+        Platform::WechatPay,
+        Fault {
+            latency_jitter: Some(Duration::from_millis(400)),
+            target_contains: Some("/v3/iotmanage/devices?".into()),
+            ..Fault::default()
+        },
+    ));
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_second = 3\n", "").await;
+    let fleet = lab.proxy.app.fleet.clone();
+    assert_eq!(
+        list_calls(&lab),
+        (0..15)
+            .map(|page| format!("GET /v3/iotmanage/devices?offset={}&limit=100", page * 20))
+            .collect::<Vec<_>>(),
+        "fifteen pages of 20, each asked for once: no 429 and no retry"
+    );
+    let arrivals = list_arrivals(&lab);
+    let worst = most_in_one_second(&arrivals);
+    assert!(
+        worst <= 3,
+        "{worst} device-list requests arrived within one second: {arrivals:?}"
+    );
+    assert_eq!(fleet.snapshot().devices.len(), 300);
+    lab.stop().await;
+}
+
 #[tokio::test]
 async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
     // One 429 for the third page, armed before the proxy's first request.
@@ -902,12 +1092,8 @@ async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
             ..Fault::default()
         },
     ));
-    let (_dir, lab) = start_lab(world, "[fleet]\nrequests_per_second = 2\n", "").await;
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_second = 2\n", "").await;
     let fleet = lab.proxy.app.fleet.clone();
-    wait_until("the fleet is synced", || {
-        fleet.snapshot().synced_at.is_some()
-    })
-    .await;
     assert_eq!(
         list_calls(&lab),
         [0, 100, 200, 200]
@@ -922,6 +1108,124 @@ async fn fleet_sync_backs_off_on_a_429_and_still_completes() {
         pages[3] - pages[2]
     );
     assert_eq!(fleet.snapshot().devices.len(), 261);
+    lab.stop().await;
+}
+
+/// The day's device-list budget is the merchant's, kept in the proxy's store: `serve`'s
+/// start-up sync, `devices --live` through the running proxy, `devices --live` with the proxy
+/// stopped and a restarted proxy all count in it, and WeChat Pay never gets more than
+/// `requests_per_day` (10 here, 3 pages a sync).
+#[tokio::test]
+async fn the_daily_device_list_budget_is_shared_by_serve_its_restarts_and_devices_live() {
+    let mut world = lab::world(59, 45);
+    world.wechat_list_page_cap = Some(20);
+    let (_dir, lab) = synced_lab_with(world, "[fleet]\nrequests_per_day = 10\n", "").await;
+    let load = || lab_proxy_config(&lab.files);
+    assert_eq!(list_calls(&lab).len(), 3, "serve's start-up sync");
+
+    // `devices --live` while the proxy runs: the proxy pages it, in its budget.
+    let live = proxy_lib::fleet_live(load(), lab.proxy.admin_addr)
+        .await
+        .expect("devices --live through the admin listener");
+    assert_eq!(live.devices.len(), 60);
+    assert_eq!(list_calls(&lab).len(), 6);
+
+    // With the proxy stopped, `devices --live` opens the store itself: same budget, and the
+    // cache it leaves is what the next `serve` starts from.
+    let Lab {
+        proxy,
+        sandbox,
+        files,
+        ..
+    } = lab;
+    let admin = proxy.admin_addr;
+    proxy.stop().await;
+    let offline = proxy_lib::fleet_live(lab_proxy_config(&files), admin)
+        .await
+        .expect("devices --live on the store");
+    assert_eq!(offline.devices.len(), 60);
+    let calls = |sandbox: &authinfod::sandbox::RunningSandbox| {
+        sandbox
+            .state
+            .received()
+            .iter()
+            .filter(|r| r.request.starts_with("GET /v3/iotmanage/devices?"))
+            .count()
+    };
+    assert_eq!(calls(&sandbox), 9);
+
+    // A restarted proxy finds the count (and the fresh cache: no start-up sync).
+    let restarted = proxy_lib::start(lab_proxy_config(&files))
+        .await
+        .expect("restart");
+    assert_eq!(restarted.app.fleet.snapshot().synced_at, offline.synced_at);
+    let refused = proxy_lib::fleet_live(lab_proxy_config(&files), restarted.admin_addr)
+        .await
+        .expect_err("the budget runs out on the second page");
+    assert!(
+        matches!(&refused, ProxyError::AdminRefused(r) if r.code == SyncRefusalCode::DailyBudgetSpent),
+        "{refused:?}"
+    );
+    assert_eq!(calls(&sandbox), 10, "requests_per_day, and not one more");
+    assert_eq!(
+        restarted.app.fleet.snapshot().synced_at,
+        offline.synced_at,
+        "a sync cut short keeps the cached list"
+    );
+
+    // While it runs, its store is not opened a second time: an admin address where nothing
+    // answers is an error naming both, not a second count.
+    let nobody = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let busy = proxy_lib::fleet_live(lab_proxy_config(&files), nobody)
+        .await
+        .expect_err("the store is held");
+    assert!(matches!(busy, ProxyError::StoreBusy { .. }), "{busy:?}");
+    restarted.stop().await;
+
+    // And with nothing running, the spent budget refuses before any request.
+    let spent = proxy_lib::fleet_live(lab_proxy_config(&files), admin)
+        .await
+        .expect_err("spent");
+    assert!(
+        matches!(
+            &spent,
+            ProxyError::Fleet(FleetError::DailyBudget { limit: 10, .. })
+        ),
+        "{spent:?}"
+    );
+    assert_eq!(calls(&sandbox), 10);
+    sandbox.stop().await;
+}
+
+/// `devices --live` while the proxy's own sync runs waits for it and takes its list: one
+/// paging of the list, not two, out of the day's budget (whichever of the two starts first).
+#[tokio::test]
+async fn devices_live_during_a_sync_takes_that_sync_instead_of_paging_again() {
+    let mut world = lab::world(59, 45);
+    world.wechat_list_page_cap = Some(20);
+    world.armed_faults.push((
+        Platform::WechatPay,
+        Fault {
+            latency: Some(Duration::from_millis(500)),
+            target_contains: Some("/v3/iotmanage/devices?".into()),
+            ..Fault::default()
+        },
+    ));
+    let (_dir, lab) = start_lab(world, "", "").await;
+    let live = proxy_lib::fleet_live(lab_proxy_config(&lab.files), lab.proxy.admin_addr)
+        .await
+        .expect("devices --live");
+    assert_eq!(live.devices.len(), 60);
+    let fleet = lab.proxy.app.fleet.clone();
+    wait_until("the start-up sync is done", || {
+        fleet.snapshot().synced_at.is_some()
+    })
+    .await;
+    assert_eq!(list_calls(&lab).len(), 3, "{:?}", list_calls(&lab));
     lab.stop().await;
 }
 
@@ -941,7 +1245,7 @@ async fn inactivated_and_unlisted_devices_get_403_and_nothing_is_forwarded() {
         .proxy
         .app
         .fleet
-        .sync(&lab.proxy.app.wechat, &RateLimiter::new(20, 50_000))
+        .sync(&lab.proxy.app.wechat)
         .await
         .expect("sync");
     assert_eq!(synced, 1);
@@ -1031,8 +1335,7 @@ async fn a_broken_registry_on_reload_keeps_the_previous_one() {
 #[tokio::test]
 async fn sighup_reloads_the_registry_of_a_running_proxy() {
     let (dir, lab) = synced_lab(lab::world(1, 45), "").await;
-    let mut config =
-        authinfod::proxy::config::load(&lab.proxy_config).expect("the lab's proxy config");
+    let mut config = lab_proxy_config(&lab.files);
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = free.local_addr().expect("addr");
     drop(free);
@@ -1171,7 +1474,7 @@ async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream
 fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_name() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("tempdir");
-    let generated = lab::generate_keys(dir.path()).expect("keys");
+    let generated = lab::write_keys(dir.path(), crate::support::lab_keys()).expect("keys");
     let files = lab::LabFiles {
         dir: dir.path().to_owned(),
     };
@@ -1185,6 +1488,7 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
             "127.0.0.1:8443",
             "127.0.0.1:9464",
             "",
+            lab::WechatVerification::PublicKey,
         )
         .expect("config");
     let check = || {
@@ -1216,4 +1520,16 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
         "the file is named: {stderr}"
     );
     assert!(stderr.contains("wechatpay.merchant_key"), "{stderr}");
+
+    // The terminal listener's TLS is built at validation: a key that is not the certificate's
+    // is refused by check-config, not first met when the proxy starts.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::copy(&key, files.path("proxy-tls.key")).expect("another private key");
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: {stderr}");
+    assert!(
+        stderr.contains("tls_cert/tls_key") && !stderr.contains("wechatpay.merchant_key"),
+        "only the TLS pair is named: {stderr}"
+    );
 }

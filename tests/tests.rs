@@ -3,7 +3,10 @@
 
 mod support;
 
+mod certificates;
 mod daemon;
+mod egress;
 mod health;
+mod journal;
 mod link;
 mod proxy;

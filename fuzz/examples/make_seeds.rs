@@ -665,15 +665,19 @@ async fn store(seeds: &mut Seeds, lab: &Lab) -> Result<(), Error> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();
     let running = tokio::spawn(daemon.run(async move { token.cancelled().await }));
-    authinfod::terminal::refresher::accept_raw_data(&state, "RAW-1".into())?;
+    state.accept_raw_data("RAW-1".into())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let fetched = |state: &authinfod::terminal::state::State| {
-        let device = state
-            .health
-            .lock()
-            .map(|h| h.to_json(authinfod::units::unix_now()).to_string())
-            .unwrap_or_default();
-        state.current().is_some() && device.matches("\"state\":\"ok\"").count() >= 3
+        use authinfod::terminal::doc::CheckState;
+        let device = state.health().doc(state.now());
+        state.current().is_some()
+            && [
+                device.inspection.state,
+                device.alipay_binding.state,
+                device.licence.state,
+            ]
+            .iter()
+            .all(|s| *s == CheckState::Ok)
     };
     while !fetched(&state) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -10,7 +10,9 @@
 #![no_main]
 
 use authinfod::terminal::api::ApiRequest;
-use authinfod::terminal::health::CheckRecord;
+use std::sync::Arc;
+
+use authinfod::terminal::device::{CheckRecord, DeviceHealth};
 use authinfod::terminal::store::{AttemptRecord, HeldAuthinfo, RawData, StoreError, decode_record};
 use authinfod_fuzz::daemon::{self, SECRET};
 use authinfod_fuzz::{Message, check_api_response};
@@ -36,6 +38,23 @@ fn decode<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
         }
         Err(other) => panic!("decoding gave {other}"),
     }
+}
+
+/// A health record of one check decoded, then served in place of the fixture's for a round of
+/// the read routes.
+fn swap_health<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
+    key: &str,
+    bytes: &[u8],
+    secret: &str,
+    slot: impl Fn(&mut DeviceHealth) -> &mut CheckRecord<T>,
+) {
+    let Some(record) = decode::<CheckRecord<T>>(key, bytes) else {
+        return;
+    };
+    let state = &daemon::fixture().state;
+    let before = std::mem::replace(slot(&mut state.health()), record);
+    serve_all(secret);
+    *slot(&mut state.health()) = before;
 }
 
 /// Every read route, answered within the contract.
@@ -92,28 +111,17 @@ fuzz_target!(|data: &[u8]| {
         "raw_data" if decode::<RawData>(key, bytes).is_some() => serve_all(secret),
         "attempt.last" => {
             if let Some(attempt) = decode::<AttemptRecord>(key, bytes) {
-                let before = state.refresh_status().last_attempt.replace(attempt);
+                let before = state
+                    .refresh_status()
+                    .last_attempt
+                    .replace(Arc::new(attempt));
                 serve_all(secret);
                 state.refresh_status().last_attempt = before;
             }
         }
-        "health.inspection" | "health.alipay_binding" | "health.licence" => {
-            if let Some(record) = decode::<CheckRecord>(key, bytes) {
-                let check = &key["health.".len()..];
-                let before = {
-                    let mut health = state.health.lock().expect("health");
-                    health
-                        .record_mut(check)
-                        .map(|slot| std::mem::replace(slot, record))
-                };
-                serve_all(secret);
-                if let Some(before) = before
-                    && let Some(slot) = state.health.lock().expect("health").record_mut(check)
-                {
-                    *slot = before;
-                }
-            }
-        }
+        "health.inspection" => swap_health(key, bytes, secret, |h| &mut h.inspection),
+        "health.alipay_binding" => swap_health(key, bytes, secret, |h| &mut h.alipay_binding),
+        "health.licence" => swap_health(key, bytes, secret, |h| &mut h.licence),
         _ => {}
     }
 });

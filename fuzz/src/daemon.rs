@@ -9,6 +9,7 @@ use authinfod::terminal::api::{self, ApiRequest, ApiResponse};
 use authinfod::terminal::config;
 use authinfod::terminal::state::State;
 use authinfod::terminal::store::{HeldAuthinfo, Store};
+use authinfod::units::WallClock;
 use tokio_util::sync::CancellationToken;
 
 /// The authinfo the fixture holds: a secret that must appear only where the contract serves it.
@@ -48,8 +49,10 @@ pub fn fixture() -> &'static Fixture {
             expires_in: Some(7260),
         };
         store.save_authinfo(&held).expect("store the held authinfo");
-        let state =
-            crate::paused_runtime().block_on(async { State::new(config, store, Some(held)) });
+        let clock = Arc::new(WallClock::default());
+        let state = crate::paused_runtime()
+            .block_on(async { State::load(config, store, clock) })
+            .expect("the fixture store reads back");
         Fixture {
             state,
             shutdown: CancellationToken::new(),

@@ -19,7 +19,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use authinfod::terminal::api::{ApiResponse, ErrorDoc};
+use authinfod::terminal::api::ApiResponse;
+use authinfod::terminal::doc::ErrorDoc;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 

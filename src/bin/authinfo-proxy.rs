@@ -1,69 +1,16 @@
 //! `authinfo-proxy`: the merchant's signing proxy. Parses the command line, reads the
 //! environment, and maps every error to an exit code; the work is in the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use authinfod::proxy::{self, config};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
-/// EX_CONFIG: the configuration (or a file it names) is invalid.
-const EXIT_CONFIG: u8 = 78;
-/// EX_UNAVAILABLE: the running proxy cannot be reached.
-const EXIT_UNAVAILABLE: u8 = 69;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "authinfo-proxy",
-    version,
-    about = "The merchant's signing proxy: authenticates terminals and signs their own calls to WeChat Pay, Alipay and Alibaba Cloud.",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 69 proxy unreachable, 78 bad config."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve terminals (HTTPS) and the admin listener; SIGHUP reloads the registry.
-    Serve {
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Validate a config file (keys loaded, permissions checked) and its registry; list every problem.
-    CheckConfig {
-        #[arg(default_value = config::DEFAULT_CONFIG_PATH)]
-        file: PathBuf,
-    },
-    /// Print the merchant's fleet as WeChat Pay lists it (from the running proxy's cache).
-    Devices {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Page WeChat Pay's list now (within its rate limits) instead of asking the running proxy.
-        #[arg(long)]
-        live: bool,
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Run the simulated platforms and write a ready proxy config, registry and terminal config
-    /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them.
-    Sandbox {
-        #[arg(long)]
-        dir: PathBuf,
-        /// Where the simulated platforms listen.
-        #[arg(long, default_value = "127.0.0.1:8600")]
-        listen: String,
-        /// Where the written proxy config makes the proxy listen.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        proxy_listen: String,
-        /// Extra devices in the simulated WeChat Pay fleet list.
-        #[arg(long, default_value_t = 250)]
-        devices: usize,
-    },
-}
+// The clap definitions, in their own file so that examples/gen-docs.rs can include them too.
+#[path = "authinfo-proxy/cli.rs"]
+mod cli;
+use cli::{Cli, Command, exit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -71,6 +18,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Devices { json, live, config } => devices(&config, json, live),
+        Command::Certificates { out, config } => certificates(&config, out.as_deref()),
         Command::Sandbox {
             dir,
             listen,
@@ -82,14 +30,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(err.as_ref()));
+            // The config file and the registry fail with the same error type.
             let config_error = err.downcast_ref::<config::ConfigError>().is_some()
-                || err
-                    .downcast_ref::<proxy::registry::RegistryError>()
-                    .is_some()
                 || err
                     .downcast_ref::<proxy::ProxyError>()
                     .is_some_and(proxy::ProxyError::is_config);
-            ExitCode::from(if config_error { EXIT_CONFIG } else { 1 })
+            ExitCode::from(if config_error {
+                exit::CONFIG
+            } else {
+                exit::FAILURE
+            })
         }
     }
 }
@@ -141,13 +91,29 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let registry = proxy::registry::Registry::load(&config.registry)?;
     println!(
-        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}), Alipay {}, Alibaba Cloud {}, fleet sync {}",
+        "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}, serial {}, answers verified with {}), Alipay {}, Alibaba Cloud {}, fleet sync {}, egress {}, trust {:?}",
         path.display(),
         config.listen,
         config.admin_listen,
         registry.len(),
         config.wechatpay.base_url,
         config.wechatpay.mchid,
+        config.wechatpay.merchant_serial,
+        {
+            let configured = config
+                .wechatpay
+                .platform_keys
+                .serials()
+                .collect::<Vec<_>>()
+                .join(", ");
+            match (configured.is_empty(), config.wechatpay.apiv3_key.is_some()) {
+                (true, _) => "platform certificates downloaded with the APIv3 key".to_owned(),
+                (false, true) => {
+                    format!("{configured} and platform certificates downloaded with the APIv3 key")
+                }
+                (false, false) => configured,
+            }
+        },
         if config.alipay.is_some() {
             "configured"
         } else {
@@ -159,6 +125,8 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             "not configured"
         },
         if config.fleet.enabled { "on" } else { "off" },
+        config.upstream.egress.redacted(),
+        config.upstream.trust,
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -168,7 +136,10 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     let snapshot = runtime()?.block_on(async {
         if live {
             init_logging("warn");
-            proxy::fleet_now(config).await.map_err(anyhow::Error::from)
+            let admin = config.admin_listen;
+            proxy::fleet_live(config, admin)
+                .await
+                .map_err(anyhow::Error::from)
         } else {
             let url = format!("http://{}/fleet", config.admin_listen);
             proxy::admin_fleet(config.admin_listen)
@@ -178,9 +149,17 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
     });
     let snapshot = match snapshot {
         Ok(s) => s,
-        Err(e) if !live => {
+        // The running proxy is the one to ask and cannot be reached: its cache (without
+        // --live), or its store held by a process that does not answer (with --live).
+        Err(e)
+            if !live
+                || matches!(
+                    e.downcast_ref::<proxy::ProxyError>(),
+                    Some(proxy::ProxyError::StoreBusy { .. })
+                ) =>
+        {
             eprintln!("authinfo-proxy: {}", authinfod::error_chain(e.as_ref()));
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+            return Ok(ExitCode::from(exit::UNAVAILABLE));
         }
         Err(e) => return Err(e),
     };
@@ -188,6 +167,27 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", proxy::fleet::render_table(&snapshot));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certificates(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    init_logging("warn");
+    let config = config::load(path)?;
+    let report = runtime()?.block_on(proxy::certificates_now(config))?;
+    print!(
+        "{}",
+        proxy::certificates::render_table(&report.certificates, &report.verification)
+    );
+    if !report.store_read {
+        println!(
+            "(a running proxy holds its store: the certificates it downloaded before were not consulted)"
+        );
+    }
+    if let Some(out) = out {
+        let bundle: String = report.certificates.iter().map(|c| c.pem.as_str()).collect();
+        std::fs::write(out, bundle).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("written to {}", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,111 +2,25 @@
 //! the environment, and maps every error to an exit code; the work is in the library.
 
 use std::io::{IsTerminal as _, Read as _};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use authinfod::terminal::{self, client, config, keygen};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
-/// Exit codes (sysexits.h where one fits).
-mod exit {
-    /// The command failed.
-    pub const FAILURE: u8 = 1;
-    /// `get`: no authinfo is held; `refresh --wait`: the refresh failed.
-    pub const NO_AUTHINFO: u8 = 3;
-    /// EX_UNAVAILABLE: the daemon cannot be reached.
-    pub const UNAVAILABLE: u8 = 69;
-    /// EX_CONFIG: the configuration (or a file it names) is invalid.
-    pub const CONFIG: u8 = 78;
-}
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "authinfod",
-    version,
-    about = "Keeps a fresh WeChat Pay offline-face authinfo on a face-payment terminal and serves it over a Unix socket.",
-    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 no authinfo / refresh failed, 69 daemon unreachable, 78 bad config."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, clap::Args)]
-struct SocketArgs {
-    /// The daemon's socket (a path or @abstract-name); default: the config's, else /run/authinfod/authinfod.sock.
-    #[arg(long)]
-    socket: Option<String>,
-    /// Config file to read the socket path from.
-    #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the daemon (under systemd: Type=notify).
-    Run {
-        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Validate a config file and list every invalid field (exit 78 if any).
-    CheckConfig {
-        #[arg(default_value = config::DEFAULT_CONFIG_PATH)]
-        file: PathBuf,
-    },
-    /// Make the device's RSA-2048 key (mode 0600) and print its public key for enrolment.
-    Keygen {
-        /// Where to write the private key.
-        #[arg(long)]
-        out: PathBuf,
-        /// Replace an existing key (its enrolment at the proxy stops working).
-        #[arg(long)]
-        force: bool,
-        /// Device id to put in the printed registry entry.
-        #[arg(long)]
-        device_id: Option<String>,
-    },
-    /// Show the daemon's status: authinfo, refresh, raw_data, proxy, device health.
-    Status {
-        /// Print the raw status JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        socket: SocketArgs,
-    },
-    /// Print the held authinfo (exit 3 when there is none).
-    Get {
-        #[command(flatten)]
-        socket: SocketArgs,
-    },
-    /// Ask for a refresh now.
-    Refresh {
-        /// Wait for the refresh and report its outcome (exit 3 if it failed).
-        #[arg(long)]
-        wait: bool,
-        #[command(flatten)]
-        socket: SocketArgs,
-    },
-    /// Hand the daemon the face SDK's raw_data (argument, or standard input when absent).
-    PutRawData {
-        raw_data: Option<String>,
-        #[command(flatten)]
-        socket: SocketArgs,
-    },
-    /// Run the whole chain (sandbox platforms, proxy, daemon) in this process and tell its story.
-    #[cfg(feature = "merchant")]
-    Demo {
-        /// How long to keep running after the story (e.g. 60s, 5m); Ctrl-C stops earlier.
-        #[arg(long, default_value = "60s")]
-        duration: String,
-    },
-}
+// The clap definitions, in their own file so that examples/gen-docs.rs can include them too.
+#[path = "authinfod/cli.rs"]
+mod cli;
+use cli::{Cli, Command, SocketArgs, exit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            once: false,
+        } => run(&config),
+        Command::Run { config, once: true } => run_once(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen {
             out,
@@ -195,16 +109,50 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     init_logging("authinfod", "info");
-    let config = config::load(config_path)?;
+    let (config, _) = config::load_for_run(config_path)?;
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
+        ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {
         let daemon = terminal::Daemon::start(config, options).await?;
         daemon.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn run_once(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    init_logging("authinfod", "warn");
+    let (config, _) = config::load_for_run(config_path)?;
+    let report =
+        runtime()?.block_on(terminal::run_once(config, terminal::RunOptions::default()))?;
+    for (check, result) in &report.health {
+        match result {
+            Ok(()) => println!("health {}: ok", check.name()),
+            Err(_) => println!("health {}: not fetched (see the log above)", check.name()),
+        }
+    }
+    let fetched = report.refresh == terminal::refresher::Outcome::Fetched;
+    match (&report.held, report.record.as_deref()) {
+        (Some(held), _) if fetched => {
+            println!(
+                "authinfo {} fetched and stored, valid until {}",
+                held.fingerprint,
+                authinfod::units::rfc3339(held.held.expires_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, record) => {
+            let why = record
+                .and_then(|r| r.error.clone())
+                .unwrap_or_else(|| "the refresh did not run".into());
+            let code = record.and_then(|r| r.code.clone()).unwrap_or_default();
+            eprintln!("authinfod: the refresh failed ({code}): {why}");
+            Ok(ExitCode::from(exit::NO_AUTHINFO))
+        }
+    }
 }
 
 /// systemd's watchdog period, when it is enabled for this process.
@@ -241,7 +189,9 @@ async fn shutdown_signal() {
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let config = config::load(file)?;
+    // The file, and what `run` checks at start (the key, the state directory): a config that
+    // passes here starts.
+    let (config, _) = config::load_for_run(file)?;
     println!(
         "{} is valid: device {}, proxy {}, socket {}, refresh every {}",
         file.display(),
@@ -272,31 +222,22 @@ where
 }
 
 async fn status(address: config::SocketAddress, json: bool) -> anyhow::Result<ExitCode> {
-    let answer = client::request(&address, http::Method::GET, "/v1/status", None)
-        .await?
-        .ok()?;
+    let doc = client::status(&address).await?;
     if json {
-        println!("{}", String::from_utf8_lossy(&answer.body));
+        println!("{}", serde_json::to_string(&doc)?);
     } else {
-        let doc: terminal::state::StatusDoc =
-            serde_json::from_slice(&answer.body).context("the status answer is malformed")?;
         print!("{}", client::render_status(&doc));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
-    let answer = client::request(&address, http::Method::GET, "/v1/authinfo", None).await?;
-    if answer.status == 503 {
+    let Some(doc) = client::authinfo(&address).await? else {
         eprintln!("authinfod: no authinfo has been fetched yet");
         return Ok(ExitCode::from(exit::NO_AUTHINFO));
-    }
-    let doc = answer.ok()?.json()?;
-    let authinfo = doc["authinfo"]
-        .as_str()
-        .context("the answer has no authinfo")?;
-    println!("{authinfo}");
-    if doc["state"] == "expired" {
+    };
+    println!("{}", doc.authinfo);
+    if doc.state == terminal::doc::Freshness::Expired {
         eprintln!("authinfod: warning: this authinfo is expired");
         return Ok(ExitCode::from(exit::NO_AUTHINFO));
     }
@@ -304,28 +245,22 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
 }
 
 async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
-    let path = if wait {
-        "/v1/refresh?wait=true"
-    } else {
-        "/v1/refresh"
-    };
-    let answer = client::request(&address, http::Method::POST, path, None).await?;
-    match answer.ok() {
-        Ok(a) if wait => {
-            let doc = a.json()?;
+    if !wait {
+        client::request_refresh(&address).await?;
+        println!("refresh requested");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match client::refresh_and_wait(&address).await {
+        Ok(done) => {
             println!(
                 "refreshed: authinfo {} ({}), expires {}",
-                doc["fingerprint"].as_str().unwrap_or("?"),
-                doc["state"].as_str().unwrap_or("?"),
-                doc["expires_at"].as_str().unwrap_or("?")
+                done.fingerprint,
+                done.state.as_str(),
+                done.expires_at
             );
             Ok(ExitCode::SUCCESS)
         }
-        Ok(_) => {
-            println!("refresh requested");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(client::ClientError::Refused { code, message, .. }) if wait => {
+        Err(client::ClientError::Refused { code, message, .. }) => {
             eprintln!("authinfod: refresh failed ({code}): {message}");
             Ok(ExitCode::from(exit::NO_AUTHINFO))
         }
@@ -334,14 +269,10 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
 }
 
 async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Result<ExitCode> {
-    let body = serde_json::to_vec(&serde_json::json!({ "raw_data": raw.trim() }))?;
-    let doc = client::request(&address, http::Method::PUT, "/v1/raw-data", Some(body))
-        .await?
-        .ok()?
-        .json()?;
+    let accepted = client::put_raw_data(&address, raw.trim()).await?;
     println!(
         "raw_data accepted{}",
-        if doc["refresh_triggered"] == true {
+        if accepted.refresh_triggered {
             "; refresh triggered"
         } else {
             ""

@@ -1,6 +1,6 @@
 //! RSA and hashing primitives shared by the wire contract and the platform clients.
 //!
-//! Owns: PEM decoding, RSA SHA256withRSA (PKCS#1 v1.5) signing with ring (constant-time),
+//! Owns: PEM decoding (with rustls-pki-types), RSA SHA256withRSA (PKCS#1 v1.5) signing with ring (constant-time),
 //! verification with ring, RSA key generation and public-key parsing with the `rsa` crate,
 //! fingerprints, nonces and base64. It must not sign with the `rsa` crate (RUSTSEC-2023-0071:
 //! its private-key operation is not constant-time); the `rsa` crate only generates keys and
@@ -45,72 +45,64 @@ pub enum CryptoError {
 
 // === PEM ===
 
-/// One PEM block: its label (`PRIVATE KEY`, `PUBLIC KEY`, ...) and DER contents.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PemBlock {
-    pub label: String,
-    pub der: Vec<u8>,
+/// The reason a PEM text did not decode, for [`CryptoError::NotPem`].
+fn pem_reason(e: &rustls_pki_types::pem::Error) -> &'static str {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "a BEGIN line has no matching END line",
+        E::IllegalSectionStart { .. } => "a BEGIN line is malformed",
+        E::Base64Decode(_) => "a block is not valid base64",
+        E::NoItemsFound => "no -----BEGIN ...----- block of the expected kind found",
+        _ => "it cannot be read as PEM",
+    }
 }
 
-/// Decodes every PEM block in `text`, in order. Text outside blocks is ignored (OpenSSL writes
-/// comments there); a block that does not end or whose base64 is bad is an error.
-pub fn pem_blocks(text: &str, what: &str) -> Result<Vec<PemBlock>, CryptoError> {
-    let mut blocks = Vec::new();
-    let mut lines = text.lines().map(str::trim);
-    while let Some(line) = lines.next() {
-        let Some(label) = line
-            .strip_prefix("-----BEGIN ")
-            .and_then(|l| l.strip_suffix("-----"))
-        else {
-            continue;
-        };
-        let end = format!("-----END {label}-----");
-        let mut body = String::new();
-        let mut ended = false;
-        for line in lines.by_ref() {
-            if line == end {
-                ended = true;
-                break;
-            }
-            body.push_str(line);
-        }
-        if !ended {
-            return Err(CryptoError::NotPem {
-                what: what.to_owned(),
-                reason: "a BEGIN line has no matching END line",
-            });
-        }
-        let der = BASE64
-            .decode(body.as_bytes())
-            .map_err(|_| CryptoError::NotPem {
-                what: what.to_owned(),
-                reason: "the block is not valid base64",
-            })?;
-        blocks.push(PemBlock {
-            label: label.to_owned(),
-            der,
-        });
-    }
-    if blocks.is_empty() {
+/// The DER of every `CERTIFICATE` block in `text`, in order (other blocks are skipped; none
+/// at all is for the caller to judge).
+pub fn pem_certificates(text: &str, what: &str) -> Result<Vec<Vec<u8>>, CryptoError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(text.as_bytes())
+        .map(|c| c.map(|c| c.as_ref().to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: pem_reason(&e),
+        })?;
+    Ok(certs)
+}
+
+/// One certificate's DER as a `CERTIFICATE` PEM block.
+pub fn certificate_pem(der: &[u8]) -> String {
+    use rsa::pkcs8::der::pem::{LineEnding, encode_string};
+    // Encoding bytes as PEM cannot fail but for allocation; an empty string is refused by any
+    // reader, never taken for a certificate.
+    encode_string("CERTIFICATE", LineEnding::LF, der).unwrap_or_default()
+}
+
+/// True when `text` holds PEM armour (a `-----BEGIN ` line).
+fn is_pem(text: &str) -> bool {
+    text.contains("-----BEGIN ")
+}
+
+/// Decodes a key given as bare base64 (no PEM armour): whitespace and a byte-order mark are
+/// ignored, anything else that is not base64 is an error.
+fn bare_base64(text: &str, what: &str) -> Result<Vec<u8>, CryptoError> {
+    let compact: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '\u{feff}')
+        .collect();
+    if compact.is_empty() {
         return Err(CryptoError::NotPem {
             what: what.to_owned(),
-            reason: "no -----BEGIN ...----- block found",
+            reason: "the file is empty",
         });
     }
-    Ok(blocks)
-}
-
-/// Encodes DER as a PEM block with 64-column lines.
-pub fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = BASE64.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    BASE64
+        .decode(compact.as_bytes())
+        .map_err(|_| CryptoError::NotPem {
+            what: what.to_owned(),
+            reason: "neither a -----BEGIN ...----- block nor bare base64",
+        })
 }
 
 // === impl RsaSigner ===
@@ -132,20 +124,47 @@ impl fmt::Debug for RsaSigner {
 impl RsaSigner {
     /// Parses a PEM private key: `PRIVATE KEY` (PKCS#8) or `RSA PRIVATE KEY` (PKCS#1).
     pub fn from_pem(pem: &str, what: &str) -> Result<Self, CryptoError> {
+        use rustls_pki_types::PrivateKeyDer;
+        use rustls_pki_types::pem::PemObject as _;
         let bad = |reason: String| CryptoError::BadPrivateKey {
             what: what.to_owned(),
             reason,
         };
-        let block = pem_blocks(pem, what)?
-            .into_iter()
-            .find(|b| b.label == "PRIVATE KEY" || b.label == "RSA PRIVATE KEY")
-            .ok_or_else(|| bad("no PRIVATE KEY or RSA PRIVATE KEY block".into()))?;
-        let key = if block.label == "PRIVATE KEY" {
-            signature::RsaKeyPair::from_pkcs8(&block.der)
-        } else {
-            signature::RsaKeyPair::from_der(&block.der)
+        let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| match e {
+            rustls_pki_types::pem::Error::NoItemsFound => {
+                bad("no PRIVATE KEY or RSA PRIVATE KEY block".into())
+            }
+            e => CryptoError::NotPem {
+                what: what.to_owned(),
+                reason: pem_reason(&e),
+            },
+        })?;
+        let key = match &der {
+            PrivateKeyDer::Pkcs8(k) => signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+            PrivateKeyDer::Pkcs1(k) => signature::RsaKeyPair::from_der(k.secret_pkcs1_der()),
+            _ => return Err(bad("not an RSA key (an EC key?)".into())),
         }
         .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            key,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    /// Parses a private key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER without armour (the Alipay key tool's and console's form), PKCS#8
+    /// or PKCS#1, on one line or wrapped.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        let key = signature::RsaKeyPair::from_pkcs8(&der)
+            .or_else(|pkcs8| signature::RsaKeyPair::from_der(&der).map_err(|_| pkcs8))
+            .map_err(|e| CryptoError::BadPrivateKey {
+                what: what.to_owned(),
+                reason: format!("bare base64, but neither PKCS#8 nor PKCS#1 DER: {e}"),
+            })?;
         Ok(Self {
             key,
             rng: ring::rand::SystemRandom::new(),
@@ -201,18 +220,51 @@ impl fmt::Debug for RsaVerifier {
 impl RsaVerifier {
     /// Parses a PEM public key: `PUBLIC KEY` (SPKI) or `RSA PUBLIC KEY` (PKCS#1).
     pub fn from_pem(pem: &str, what: &str) -> Result<Self, CryptoError> {
-        let block = pem_blocks(pem, what)?
-            .into_iter()
-            .find(|b| b.label == "PUBLIC KEY" || b.label == "RSA PUBLIC KEY")
-            .ok_or_else(|| CryptoError::BadPublicKey {
+        use rustls_pki_types::SubjectPublicKeyInfoDer;
+        use rustls_pki_types::pem::PemObject as _;
+        match SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes()) {
+            Ok(spki) => Self::from_spki_der(spki.as_ref(), what),
+            // rustls-pki-types knows no `RSA PUBLIC KEY` label; the rsa crate reads PKCS#1.
+            Err(rustls_pki_types::pem::Error::NoItemsFound)
+                if pem.contains("-----BEGIN RSA PUBLIC KEY-----") =>
+            {
+                use rsa::pkcs1::DecodeRsaPublicKey as _;
+                let key = rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()).map_err(|e| {
+                    CryptoError::BadPublicKey {
+                        what: what.to_owned(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                Self::from_rsa(&key, what)
+            }
+            Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(CryptoError::BadPublicKey {
                 what: what.to_owned(),
                 reason: "no PUBLIC KEY or RSA PUBLIC KEY block".into(),
-            })?;
-        if block.label == "PUBLIC KEY" {
-            Self::from_spki_der(&block.der, what)
-        } else {
-            Self::from_pkcs1_der(&block.der, what)
+            }),
+            Err(e) => Err(CryptoError::NotPem {
+                what: what.to_owned(),
+                reason: pem_reason(&e),
+            }),
         }
+    }
+
+    /// Parses a public key as consoles hand it out: PEM (as [`from_pem`](Self::from_pem)), or
+    /// bare base64 of the DER (the Alipay console's "支付宝公钥"), SubjectPublicKeyInfo or
+    /// PKCS#1.
+    pub fn from_pem_or_base64(text: &str, what: &str) -> Result<Self, CryptoError> {
+        if is_pem(text) {
+            return Self::from_pem(text, what);
+        }
+        let der = bare_base64(text, what)?;
+        Self::from_spki_der(&der, what).or_else(|spki| {
+            Self::from_pkcs1_der(&der, what).map_err(|_| match spki {
+                CryptoError::BadPublicKey { what, reason } => CryptoError::BadPublicKey {
+                    what,
+                    reason: format!("bare base64, but neither SPKI nor PKCS#1 DER: {reason}"),
+                },
+                other => other,
+            })
+        })
     }
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
@@ -277,13 +329,17 @@ impl RsaVerifier {
 
     /// The key as a `PUBLIC KEY` (SPKI) PEM.
     pub fn to_pem(&self) -> String {
-        pem_encode("PUBLIC KEY", &self.spki)
+        use rsa::pkcs8::der::pem::{LineEnding, encode_string};
+        // Encoding DER that we hold as PEM cannot fail but for allocation; an empty string
+        // would be refused by any reader, never taken for a key.
+        encode_string("PUBLIC KEY", LineEnding::LF, &self.spki).unwrap_or_default()
     }
 }
 
 // === key generation ===
 
 /// A freshly generated RSA key pair, as PEM text.
+#[derive(Clone)]
 pub struct GeneratedKey {
     /// PKCS#8 `PRIVATE KEY` PEM. A secret: write it 0600, never log it.
     pub private_pem: String,
@@ -304,10 +360,10 @@ pub fn generate_rsa_key(bits: usize) -> Result<GeneratedKey, CryptoError> {
     let mut rng = rsa::rand_core::OsRng;
     let key = rsa::RsaPrivateKey::new(&mut rng, bits)
         .map_err(|e| CryptoError::Generate(e.to_string()))?;
-    let der = key
-        .to_pkcs8_der()
-        .map_err(|e| CryptoError::Generate(e.to_string()))?;
-    let private_pem = pem_encode("PRIVATE KEY", der.as_bytes());
+    let private_pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .map_err(|e| CryptoError::Generate(e.to_string()))?
+        .to_string();
     let public = RsaSigner::from_pem(&private_pem, "the generated key")?.public_key()?;
     Ok(GeneratedKey {
         private_pem,
@@ -374,7 +430,7 @@ pub fn random_unit() -> f64 {
 #[cfg(test)]
 pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
     use std::sync::OnceLock;
-    const POOL: usize = 4;
+    const POOL: usize = 6;
     static KEYS: [OnceLock<GeneratedKey>; POOL] = [const { OnceLock::new() }; POOL];
     assert!(i < POOL, "the test key pool has {POOL} keys");
     KEYS[i].get_or_init(|| generate_rsa_key(2048).expect("keygen"))
@@ -404,8 +460,10 @@ mod tests {
         use rsa::pkcs1::EncodeRsaPrivateKey as _;
         use rsa::pkcs8::DecodePrivateKey as _;
         let k = rsa::RsaPrivateKey::from_pkcs8_pem(&key().private_pem).expect("pkcs8");
-        let pkcs1 = k.to_pkcs1_der().expect("pkcs1");
-        let pem = pem_encode("RSA PRIVATE KEY", pkcs1.as_bytes());
+        let pem = k
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .expect("pkcs1")
+            .to_string();
         let signer = RsaSigner::from_pem(&pem, "pkcs1").expect("parse pkcs1");
         assert_eq!(signer.public_key().expect("pub"), key().public);
     }
@@ -414,13 +472,116 @@ mod tests {
     fn pem_errors_say_what_is_wrong() {
         let err = RsaSigner::from_pem("garbage", "device key").unwrap_err();
         assert!(err.to_string().contains("device key"), "{err}");
-        let err = pem_blocks("-----BEGIN X-----\nAAAA\n", "k").unwrap_err();
+        let err = RsaSigner::from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n", "k").unwrap_err();
         assert!(err.to_string().contains("END"), "{err}");
-        let err = pem_blocks("-----BEGIN X-----\n!!!\n-----END X-----\n", "k").unwrap_err();
+        let err = RsaSigner::from_pem(
+            "-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n",
+            "k",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("base64"), "{err}");
+        assert_eq!(
+            pem_certificates(&key().public.to_pem(), "ca").ok(),
+            Some(vec![])
+        );
+        let err = pem_certificates("-----BEGIN CERTIFICATE-----\n!!\n", "ca").unwrap_err();
+        assert!(err.to_string().contains("ca"), "{err}");
         let pub_only = key().public.to_pem();
         let err = RsaSigner::from_pem(&pub_only, "k").unwrap_err();
         assert!(err.to_string().contains("PRIVATE KEY"), "{err}");
+    }
+
+    /// The DER inside one PEM block (tests).
+    fn der_of(pem: &str) -> Vec<u8> {
+        let (_, der) = rustls_pki_types::pem::from_buf(&mut pem.as_bytes())
+            .expect("pem")
+            .expect("one block");
+        der
+    }
+
+    /// The Alipay console hands out keys as bare base64 (PKCS#8 or PKCS#1 private, SPKI
+    /// public), on one line or wrapped; each is the same key as its PEM.
+    #[test]
+    fn bare_base64_keys_are_accepted_in_every_console_form() {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let pkcs8 = der_of(&key().private_pem);
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_der(&pkcs8)
+            .expect("pkcs8")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        let one_line = |der: &[u8]| BASE64.encode(der);
+        let wrapped = |der: &[u8]| {
+            let b64 = BASE64.encode(der);
+            let lines: Vec<&str> = b64
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).expect("ascii"))
+                .collect();
+            format!("\u{feff}{}\r\n", lines.join("\r\n"))
+        };
+        for (form, text) in [
+            ("pkcs8 one line", one_line(&pkcs8)),
+            ("pkcs8 wrapped", wrapped(&pkcs8)),
+            ("pkcs1 one line", one_line(&pkcs1)),
+            ("pkcs1 wrapped", wrapped(&pkcs1)),
+            ("pem", key().private_pem.clone()),
+        ] {
+            let signer = RsaSigner::from_pem_or_base64(&text, "app_private_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(signer.public_key().expect("pub"), key().public, "{form}");
+        }
+        let spki = der_of(&key().public.to_pem());
+        let pkcs1_public = rsa::RsaPublicKey::from_public_key_der(&spki)
+            .expect("spki")
+            .to_pkcs1_der()
+            .expect("pkcs1")
+            .as_bytes()
+            .to_vec();
+        for (form, text) in [
+            ("spki one line", one_line(&spki)),
+            ("spki wrapped", wrapped(&spki)),
+            ("pkcs1 public", one_line(&pkcs1_public)),
+            ("pem", key().public.to_pem()),
+        ] {
+            let public = RsaVerifier::from_pem_or_base64(&text, "alipay_public_key")
+                .unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(public, key().public, "{form}");
+        }
+    }
+
+    #[test]
+    fn bare_base64_that_is_no_key_is_refused_by_name() {
+        let err = RsaSigner::from_pem_or_base64("not a key at all!", "alipay.app_private_key")
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("alipay.app_private_key")
+                && err.to_string().contains("bare base64"),
+            "{err}"
+        );
+        let err =
+            RsaSigner::from_pem_or_base64("AAAA", "alipay.app_private_key").expect_err("refused");
+        assert!(
+            err.to_string().contains("neither PKCS#8 nor PKCS#1"),
+            "{err}"
+        );
+        // A public key where a private one is wanted.
+        let spki = BASE64.encode(der_of(&key().public.to_pem()));
+        assert!(RsaSigner::from_pem_or_base64(&spki, "k").is_err());
+        let err = RsaVerifier::from_pem_or_base64("AAAA", "alipay.alipay_public_key")
+            .expect_err("refused");
+        assert!(err.to_string().contains("neither SPKI nor PKCS#1"), "{err}");
+        assert!(RsaSigner::from_pem_or_base64(" \n", "k").is_err());
+    }
+
+    #[test]
+    fn certificate_pem_round_trips() {
+        let der = vec![0x30, 0x03, 0x02, 0x01, 0x07];
+        let pem = certificate_pem(&der);
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+        assert_eq!(pem_certificates(&pem, "bundle").expect("pem"), [der]);
     }
 
     #[test]
@@ -434,11 +595,27 @@ mod tests {
 
     #[test]
     fn fingerprint_is_sha256_of_spki() {
+        use rustls_pki_types::pem::PemObject as _;
         let pem = key().public.to_pem();
-        let der = &pem_blocks(&pem, "p").expect("pem")[0].der;
+        let der =
+            rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes()).expect("pem");
         assert_eq!(
             key().public.fingerprint(),
-            format!("SHA256:{}", sha256_hex(der))
+            format!("SHA256:{}", sha256_hex(der.as_ref()))
+        );
+        assert_eq!(
+            RsaVerifier::from_pem(&pem, "p").expect("round trip"),
+            key().public
+        );
+        // PKCS#1 public keys (`RSA PUBLIC KEY`) read too.
+        use rsa::pkcs1::EncodeRsaPublicKey as _;
+        let pkcs1 = rsa::RsaPublicKey::from_public_key_der(der.as_ref())
+            .expect("spki")
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .expect("pkcs1");
+        assert_eq!(
+            RsaVerifier::from_pem(&pkcs1, "p").expect("pkcs1"),
+            key().public
         );
         assert_eq!(
             sha256_hex(b"abc"),

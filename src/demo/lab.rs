@@ -27,6 +27,11 @@ pub const DEVICE_SN: &str = "SANDBOX0000001001";
 pub const BIZ_TID: &str = "01017sandboxbiztid1001";
 pub const CLOUDAUTH_DEVICE_ID: &str = "wd.sandbox-1001";
 
+/// A name the sandbox's certificate also holds that never resolves (`.invalid`, RFC 2606): a lab
+/// whose platforms are named so ([`LabOptions::host`]) reaches them only through an egress
+/// proxy that knows the name, which proves every call went through it.
+pub const SANDBOX_ALIAS_HOST: &str = "platforms.sandbox.invalid";
+
 /// The proxy's `upstream_timeout` in the lab. Generous on purpose: the lab also runs under qemu
 /// on a loaded machine (10-20x slower RSA and TLS), and a test that checks a fault other than a
 /// timeout must never see a timeout instead. Tests of timeouts use a server that never answers.
@@ -127,9 +132,7 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
             begin_day: day(today - time::Duration::days(365)),
             expired_day: day(today + time::Duration::days(licence_days)),
         }],
-        authinfo_expires_in: None,
-        authinfo_len: None,
-        armed_faults: Vec::new(),
+        ..World::default()
     }
 }
 
@@ -140,6 +143,39 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), LabError> {
     };
     std::fs::write(path, text).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// The RSA keys of a lab: the sandbox's four and the device's. Generating them is the slow part
+/// of a lab; tests make one set and share it across their labs.
+#[derive(Clone)]
+pub struct LabKeys {
+    pub wechat_merchant: GeneratedKey,
+    pub wechat_platform: GeneratedKey,
+    pub alipay_app: GeneratedKey,
+    pub alipay_platform: GeneratedKey,
+    pub device: GeneratedKey,
+}
+
+impl std::fmt::Debug for LabKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabKeys")
+            .field("device", &self.device.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LabKeys {
+    /// Five fresh RSA-2048 keys.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let key = || crypto::generate_rsa_key(2048);
+        Ok(Self {
+            wechat_merchant: key()?,
+            wechat_platform: key()?,
+            alipay_app: key()?,
+            alipay_platform: key()?,
+            device: key()?,
+        })
+    }
 }
 
 /// What [`generate_keys`] returns: what the sandbox and the registry need. The private halves
@@ -162,26 +198,40 @@ impl std::fmt::Debug for GeneratedLab {
 /// public key, the Alipay app key and Alipay public key, the Alibaba Cloud secret and the device
 /// key. Private files are 0600.
 pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
-    generate_keys_for(dir, None)
+    write_keys(dir, &LabKeys::generate()?)
 }
 
-/// [`generate_keys`], with the proxy's certificate also naming `proxy_host` (beside
-/// `127.0.0.1` and `localhost`): for a proxy that terminals reach at another address.
-pub fn generate_keys_for(dir: &Path, proxy_host: Option<&str>) -> Result<GeneratedLab, LabError> {
+/// [`generate_keys`] with given RSA keys (fresh certificates, serials and AccessKey still).
+pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> {
+    write_keys_for(dir, keys, None)
+}
+
+/// [`write_keys`], with the proxy's certificate also naming `proxy_host` (beside `127.0.0.1`
+/// and `localhost`): for a proxy that terminals reach at another address.
+pub fn write_keys_for(
+    dir: &Path,
+    keys: &LabKeys,
+    proxy_host: Option<&str>,
+) -> Result<GeneratedLab, LabError> {
     std::fs::create_dir_all(dir).map_err(|source| LabError::Write {
         path: dir.to_owned(),
         source,
     })?;
-    let (sandbox_keys, secrets) = SandboxKeys::generate()?;
+    let (sandbox_keys, secrets) = SandboxKeys::from_rsa_keys(
+        &keys.wechat_merchant,
+        &keys.wechat_platform,
+        &keys.alipay_app,
+        &keys.alipay_platform,
+    )?;
     let cert = |name: &str, extra: Option<&str>| {
-        let mut hosts = vec!["127.0.0.1", "localhost"];
+        let mut hosts = vec!["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST];
         hosts.extend(extra.filter(|h| !hosts.contains(h)));
         generate_pki(name, &hosts).map_err(|e| LabError::Certificate(e.to_string()))
     };
     let sandbox_pki = cert("authinfod sandbox platforms CA (generated)", None)?;
     let proxy_pki = cert("authinfod lab proxy CA (generated)", proxy_host)?;
-    let device: GeneratedKey = crypto::generate_rsa_key(2048)?;
-    let files: [(&str, &str, u32); 10] = [
+    let device = &keys.device;
+    let files: [(&str, &str, u32); 12] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
         ("proxy-tls.key", &proxy_pki.key_pem, 0o600),
         ("proxy-ca.pem", &proxy_pki.ca_pem, 0o644),
@@ -192,10 +242,16 @@ pub fn generate_keys_for(dir: &Path, proxy_host: Option<&str>) -> Result<Generat
             0o600,
         ),
         (
+            "wechatpay-merchant-cert.pem",
+            &secrets.wechat_merchant_certificate_pem,
+            0o644,
+        ),
+        (
             "wechatpay-public.pem",
             &secrets.wechat_platform_public.to_pem(),
             0o644,
         ),
+        ("wechatpay-apiv3.key", &secrets.wechat_apiv3_key, 0o600),
         ("alipay-app.key", &secrets.alipay_app_private_pem, 0o600),
         (
             "alipay-public.pem",
@@ -211,7 +267,7 @@ pub fn generate_keys_for(dir: &Path, proxy_host: Option<&str>) -> Result<Generat
     Ok(GeneratedLab {
         sandbox_keys,
         sandbox_pki,
-        device_public: device.public,
+        device_public: device.public.clone(),
         aliyun_access_key_id: secrets.aliyun_access_key_id,
     })
 }
@@ -242,7 +298,8 @@ impl LabFiles {
     }
 
     /// Writes `authinfo-proxy.toml` for a proxy on `listen` / `admin_listen` whose three
-    /// platforms are the sandbox at `sandbox_url`, followed by `extra` TOML.
+    /// platforms are the sandbox at `sandbox_url`, WeChat Pay's answers verified as
+    /// `verification` says, followed by `extra` TOML.
     pub fn write_proxy_config(
         &self,
         generated: &GeneratedLab,
@@ -250,9 +307,17 @@ impl LabFiles {
         listen: &str,
         admin_listen: &str,
         extra: &str,
+        verification: WechatVerification,
     ) -> Result<PathBuf, LabError> {
         let path = self.path("authinfo-proxy.toml");
         let k = &generated.sandbox_keys;
+        let verification = match verification {
+            WechatVerification::PublicKey => format!(
+                "public_key_id = \"{}\"\npublic_key = \"wechatpay-public.pem\"",
+                k.wechat_platform_key_id
+            ),
+            WechatVerification::DownloadedCertificates => "# Platform-certificate mode: downloaded (GET /v3/certificates) with the APIv3 key.\napiv3_key_file = \"wechatpay-apiv3.key\"".to_owned(),
+        };
         write(
             &path,
             &format!(
@@ -271,9 +336,9 @@ ca_file = "sandbox-ca.pem"
 mchid = "{mchid}"
 sp_appid = "wxsandboxspapp0001"
 merchant_key = "wechatpay-merchant.key"
-merchant_serial = "{serial}"
-public_key_id = "{key_id}"
-public_key = "wechatpay-public.pem"
+# The serial is read from the certificate (merchant_serial = "{serial}" would say the same).
+merchant_certificate = "wechatpay-merchant-cert.pem"
+{verification}
 
 [alipay]
 gateway = "{sandbox_url}/gateway.do"
@@ -292,12 +357,13 @@ access_key_secret_file = "aliyun-secret"
 "#,
                 mchid = k.wechat_mchid,
                 serial = k.wechat_merchant_serial,
-                key_id = k.wechat_platform_key_id,
                 app_id = k.alipay_app_id,
                 ak = generated.aliyun_access_key_id,
                 upstream_timeout = LAB_UPSTREAM_TIMEOUT,
             ),
-            0o644,
+            // 0600: `extra` may give an [upstream] http_proxy with a password, which makes the
+            // file a secret (the proxy refuses it readable by others then).
+            0o600,
         )?;
         Ok(path)
     }
@@ -332,6 +398,34 @@ pub fn start_sandbox(
     sandbox::start(listener, Some(tls), SandboxState::new(keys, world)).map_err(LabError::Listen)
 }
 
+/// How the lab's proxy verifies WeChat Pay's answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WechatVerification {
+    /// `public_key_id` + `public_key` (WeChat Pay public key mode).
+    #[default]
+    PublicKey,
+    /// `apiv3_key_file`: the platform certificates are downloaded (and the sandbox must sign
+    /// with one: [`World::wechat_sign_with_certificate`]).
+    DownloadedCertificates,
+}
+
+/// What a lab is started with beyond its world.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions<'a> {
+    /// TOML appended to the proxy's config (sections of its own).
+    pub proxy_extra: &'a str,
+    /// TOML appended to the daemon's config.
+    pub daemon_extra: &'a str,
+    /// The platforms' host name in the proxy's config; `None`: 127.0.0.1
+    /// ([`SANDBOX_ALIAS_HOST`] behind an egress proxy).
+    pub host: Option<&'a str>,
+    /// The address the proxy and the relay in front of it listen on (and the proxy's
+    /// certificate names), for a daemon that reaches the proxy from another network namespace
+    /// or machine; `None`: 127.0.0.1. The sandbox stays on loopback.
+    pub proxy_host: Option<IpAddr>,
+    pub wechat: WechatVerification,
+}
+
 /// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
 /// is written; starting the daemon is the caller's (the demo, a test).
 pub struct Lab {
@@ -364,47 +458,66 @@ impl Lab {
         proxy_extra: &str,
         daemon_extra: &str,
     ) -> Result<Self, LabError> {
-        Self::start_at(
-            dir,
-            world,
-            proxy_extra,
-            daemon_extra,
-            IpAddr::from([127, 0, 0, 1]),
-        )
-        .await
+        Self::start_with_keys(dir, &LabKeys::generate()?, world, proxy_extra, daemon_extra).await
     }
 
-    /// [`start`](Self::start) with the proxy and the relay in front of it listening on `host`
-    /// (and named in the proxy's certificate), for a daemon that reaches the proxy from another
-    /// network namespace or machine. The sandbox stays on loopback.
-    pub async fn start_at(
+    /// [`start`](Self::start) with given RSA keys.
+    pub async fn start_with_keys(
         dir: &Path,
+        keys: &LabKeys,
         world: World,
         proxy_extra: &str,
         daemon_extra: &str,
-        host: IpAddr,
     ) -> Result<Self, LabError> {
+        let options = LabOptions {
+            proxy_extra,
+            daemon_extra,
+            ..LabOptions::default()
+        };
+        Self::start_with(dir, keys, world, &options).await
+    }
+
+    /// [`start_with_keys`](Self::start_with_keys) with every option.
+    pub async fn start_with(
+        dir: &Path,
+        keys: &LabKeys,
+        world: World,
+        options: &LabOptions<'_>,
+    ) -> Result<Self, LabError> {
+        let LabOptions {
+            proxy_extra,
+            daemon_extra,
+            host,
+            proxy_host,
+            wechat,
+        } = *options;
+        let proxy_host = proxy_host.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let host = host.unwrap_or("127.0.0.1");
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(LabError::Listen)
         };
-        let generated = generate_keys_for(dir, Some(&host.to_string()))?;
+        let generated = write_keys_for(dir, keys, Some(&proxy_host.to_string()))?;
         let files = LabFiles {
             dir: dir.to_owned(),
         };
         files.write_registry(&generated.device_public)?;
         let sandbox_listener = loopback().await?;
         let sandbox_url = format!(
-            "https://{}",
-            sandbox_listener.local_addr().map_err(LabError::Listen)?
+            "https://{host}:{}",
+            sandbox_listener
+                .local_addr()
+                .map_err(LabError::Listen)?
+                .port()
         );
         let proxy_config = files.write_proxy_config(
             &generated,
             &sandbox_url,
-            &SocketAddr::new(host, 0).to_string(),
+            &SocketAddr::new(proxy_host, 0).to_string(),
             "127.0.0.1:0",
             proxy_extra,
+            wechat,
         )?;
         let device_public = generated.device_public.clone();
         let sandbox = start_sandbox(
@@ -413,8 +526,14 @@ impl Lab {
             sandbox_listener,
             world,
         )?;
-        let proxy = crate::proxy::start(crate::proxy::config::load(&proxy_config)?).await?;
-        let relay = TcpListener::bind(SocketAddr::new(host, 0))
+        // The lab's platforms are on loopback: no egress proxy or system store from the
+        // environment applies (a test sets them in `proxy_extra` when it wants them).
+        let config = crate::proxy::config::load_with_env(
+            &proxy_config,
+            &crate::proxy::config::no_environment,
+        )?;
+        let proxy = crate::proxy::start(config).await?;
+        let relay = TcpListener::bind(SocketAddr::new(proxy_host, 0))
             .await
             .map_err(LabError::Listen)?;
         let net = NetCut::start(relay, proxy.addr).map_err(LabError::Listen)?;
@@ -461,14 +580,20 @@ pub async fn run_standalone_sandbox(
         .map(|a| a.ip())
         .filter(|ip| !ip.is_unspecified())
         .map(|ip| ip.to_string());
-    let generated = generate_keys_for(dir, proxy_host.as_deref())?;
+    let generated = write_keys_for(dir, &LabKeys::generate()?, proxy_host.as_deref())?;
     let files = LabFiles {
         dir: dir.to_owned(),
     };
     files.write_registry(&generated.device_public)?;
     let admin = "127.0.0.1:9464";
-    let proxy_config =
-        files.write_proxy_config(&generated, &sandbox_url, proxy_listen, admin, "")?;
+    let proxy_config = files.write_proxy_config(
+        &generated,
+        &sandbox_url,
+        proxy_listen,
+        admin,
+        "",
+        WechatVerification::PublicKey,
+    )?;
     let daemon_config = files.write_daemon_config(&format!("https://{proxy_listen}"), "")?;
     let sandbox = start_sandbox(
         generated.sandbox_keys,

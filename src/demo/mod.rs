@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::terminal::client::{self, ClientError};
 use crate::terminal::config::SocketAddress;
+use crate::terminal::doc::{CheckState, HeldState, StatusDoc};
 use crate::terminal::{self, Daemon, RunOptions};
 
 /// Why the demo stopped early.
@@ -151,36 +152,22 @@ impl Story<'_> {
     }
 }
 
-async fn json(
-    socket: &SocketAddress,
-    method: http::Method,
-    path: &str,
-    body: Option<Vec<u8>>,
-) -> Result<(u16, serde_json::Value), DemoError> {
-    let answer = client::request(socket, method, path, body).await?;
-    let value = if answer.body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        answer.json()?
-    };
-    Ok((answer.status, value))
-}
-
 /// Polls `GET /v1/status` until `cond` holds (at most `limit`).
 async fn wait_status(
     socket: &SocketAddress,
     limit: Duration,
-    mut cond: impl FnMut(&serde_json::Value) -> bool,
-) -> Result<serde_json::Value, DemoError> {
+    mut cond: impl FnMut(&StatusDoc) -> bool,
+) -> Result<StatusDoc, DemoError> {
     let deadline = Instant::now() + limit;
     loop {
-        let (_, status) = json(socket, http::Method::GET, "/v1/status", None).await?;
+        let status = client::status(socket).await?;
         if cond(&status) {
             return Ok(status);
         }
         if Instant::now() >= deadline {
             return Err(DemoError::Story(format!(
-                "gave up waiting; status was {status}"
+                "gave up waiting; status was {}",
+                serde_json::to_string(&status).unwrap_or_default()
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -195,115 +182,121 @@ fn short(authinfo: &str) -> String {
     s
 }
 
+fn or_unknown(v: Option<&str>) -> &str {
+    v.unwrap_or("?")
+}
+
 async fn play(
     story: &mut Story<'_>,
     lab: &lab::Lab,
     socket: &SocketAddress,
 ) -> Result<(), DemoError> {
     story.step("The face app hands over the face SDK's raw_data (PUT /v1/raw-data)")?;
-    let body = serde_json::to_vec(
-        &serde_json::json!({ "raw_data": "SANDBOX-RAWDATA-FROM-getWxpayfaceRawdata" }),
-    )
-    .map_err(|e| DemoError::Story(e.to_string()))?;
-    let (status, answer) = json(socket, http::Method::PUT, "/v1/raw-data", Some(body)).await?;
-    story.say(&format!("  {status} {answer}"))?;
+    let accepted = client::put_raw_data(socket, "SANDBOX-RAWDATA-FROM-getWxpayfaceRawdata").await?;
+    story.say(&format!(
+        "  202 {}",
+        serde_json::to_string(&accepted).unwrap_or_default()
+    ))?;
 
     story.step("authinfod fetches an authinfo: terminal → proxy (device-signed, TLS) → WeChat Pay sandbox (merchant-signed)")?;
-    let status = wait_status(socket, STEP_LIMIT, |s| s["authinfo"]["state"] == "fresh").await?;
-    let first = status["authinfo"]["fingerprint"]
-        .as_str()
-        .unwrap_or("?")
-        .to_owned();
+    let status = wait_status(socket, STEP_LIMIT, |s| s.authinfo.state == HeldState::Fresh).await?;
+    let first = or_unknown(status.authinfo.fingerprint.as_deref()).to_owned();
     story.say(&format!(
         "  stored in sled and served: fingerprint {first}, expires {}",
-        status["authinfo"]["expires_at"].as_str().unwrap_or("?")
+        or_unknown(status.authinfo.expires_at.as_deref())
     ))?;
 
     story.step("The face app reads it over the socket (GET /v1/authinfo)")?;
-    let answer = client::request(socket, http::Method::GET, "/v1/authinfo", None)
+    let doc = client::authinfo(socket)
         .await?
-        .ok()?;
-    let doc = answer.json()?;
+        .ok_or_else(|| DemoError::Story("no authinfo is served".into()))?;
     story.say(&format!(
-        "  200 {{\"authinfo\": \"{}\", \"state\": {}, \"age_seconds\": {}, \"expires_at\": {}}}",
-        short(doc["authinfo"].as_str().unwrap_or("")),
-        doc["state"],
-        doc["age_seconds"],
-        doc["expires_at"]
+        "  200 {{\"authinfo\": \"{}\", \"state\": \"{}\", \"age_seconds\": {}, \"expires_at\": \"{}\"}}",
+        short(&doc.authinfo),
+        doc.state.as_str(),
+        doc.age_seconds,
+        doc.expires_at
     ))?;
 
     story.step(
         "Device health, fetched through the proxy from all three platforms (GET /v1/device)",
     )?;
-    let device = wait_status(socket, STEP_LIMIT, |s| {
-        ["inspection", "alipay_binding", "licence"]
+    let status = wait_status(socket, STEP_LIMIT, |s| {
+        let d = &s.device;
+        [d.inspection.state, d.alipay_binding.state, d.licence.state]
             .iter()
-            .all(|c| s["device"][c]["state"] != "pending")
+            .all(|c| *c != CheckState::Pending)
     })
     .await?;
-    let d = &device["device"];
-    let s = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let d = &status.device;
+    let state = CheckState::as_str;
     story.say(&format!(
         "  inspection (WeChat Pay):      {}: {}",
-        s(&d["inspection"]["state"]),
-        s(&d["inspection"]["value"]["result"])
+        state(d.inspection.state),
+        d.inspection
+            .value
+            .as_ref()
+            .map_or("?", |v| v.result.as_str())
     ))?;
+    let binding = d.alipay_binding.value.as_ref();
     story.say(&format!(
         "  Alipay binding (Alipay):      {}: {} merchant, pid {}, shop {}",
-        s(&d["alipay_binding"]["state"]),
-        s(&d["alipay_binding"]["value"]["merchant_type"]),
-        s(&d["alipay_binding"]["value"]["pid"]),
-        s(&d["alipay_binding"]["value"]["shop_id"])
+        state(d.alipay_binding.state),
+        or_unknown(binding.map(|b| b.merchant_type.as_str())),
+        or_unknown(binding.map(|b| b.pid.as_str())),
+        or_unknown(binding.map(|b| b.shop_id.as_str())),
     ))?;
+    let licence = d.licence.value.as_ref();
     story.say(&format!(
         "  SDK licence (Alibaba Cloud):  {}: valid to {} ({} days left)",
-        s(&d["licence"]["state"]),
-        s(&d["licence"]["value"]["expired_day"]),
-        s(&d["licence"]["value"]["days_left"])
+        state(d.licence.state),
+        or_unknown(licence.map(|l| l.licence.expired_day.as_str())),
+        licence
+            .and_then(|l| l.days_left)
+            .map_or_else(|| "?".into(), |n| n.to_string())
     ))?;
 
     story.step("The network to the proxy is cut")?;
     lab.net.cut();
-    let (status, answer) = json(socket, http::Method::POST, "/v1/refresh?wait=true", None).await?;
-    story.say(&format!(
-        "  a refresh fails: {status} {}",
-        answer["code"].as_str().unwrap_or("?")
-    ))?;
-    let status = wait_status(socket, STEP_LIMIT, |s| {
-        s["refresh"]["consecutive_failures"].as_u64().unwrap_or(0) >= 2
-    })
-    .await?;
-    let answer = client::request(socket, http::Method::GET, "/v1/authinfo", None).await?;
-    let still = answer
-        .json()
-        .map(|d| d["authinfo"].as_str().map(short))
-        .ok()
-        .flatten();
+    match client::refresh_and_wait(socket).await {
+        Err(ClientError::Refused { status, code, .. }) => {
+            story.say(&format!("  a refresh fails: {status} {code}"))?;
+        }
+        Ok(_) => {
+            return Err(DemoError::Story(
+                "a refresh succeeded through a cut network".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let status = wait_status(socket, STEP_LIMIT, |s| s.refresh.consecutive_failures >= 2).await?;
+    let still = client::authinfo(socket).await?;
     story.say(&format!(
         "  the face app is still served: {} {} (the held authinfo is never replaced by a failure)",
-        answer.status,
-        still.unwrap_or_default()
+        if still.is_some() { 200 } else { 503 },
+        still.map(|d| short(&d.authinfo)).unwrap_or_default()
     ))?;
     story.say(&format!(
         "  status: proxy reachable={}, {} consecutive failures (last: {}), retrying with exponential backoff and jitter",
-        status["proxy"]["reachable"],
-        status["refresh"]["consecutive_failures"],
-        status["refresh"]["last_error_code"].as_str().unwrap_or("?")
+        status.proxy.reachable.map_or_else(|| "unknown".into(), |r| r.to_string()),
+        status.refresh.consecutive_failures,
+        or_unknown(status.refresh.last_error_code.as_deref())
     ))?;
 
     story.step("The network comes back")?;
     lab.net.restore();
     let status = wait_status(socket, STEP_LIMIT, |s| {
-        s["authinfo"]["fingerprint"]
-            .as_str()
+        s.authinfo
+            .fingerprint
+            .as_deref()
             .is_some_and(|f| f != first)
-            && s["refresh"]["last_attempt_ok"] == true
+            && s.refresh.last_attempt_ok == Some(true)
     })
     .await?;
     story.say(&format!(
         "  recovered on the next backoff attempt: new authinfo {} (was {first}), proxy reachable={}",
-        status["authinfo"]["fingerprint"].as_str().unwrap_or("?"),
-        status["proxy"]["reachable"]
+        or_unknown(status.authinfo.fingerprint.as_deref()),
+        status.proxy.reachable.map_or_else(|| "unknown".into(), |r| r.to_string())
     ))?;
     story.say(&format!(
         "  {} terminal requests were served by the proxy; the sandbox verified {} signed platform calls",

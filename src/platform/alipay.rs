@@ -107,9 +107,15 @@ pub enum AlipayError {
         sub_msg: Option<String>,
         trace_id: Option<String>,
     },
-    #[error("alipay's answer does not carry a valid signature: {reason}")]
+    #[error(
+        "alipay's answer does not carry a valid signature: {reason}{}",
+        .unverified.as_deref().map(|c| format!(" (unverified, it says {c})")).unwrap_or_default()
+    )]
     BadSignature {
         reason: &'static str,
+        /// What an unsigned answer claims (`code` and `sub_code`, letters, digits and `._-`
+        /// only), for the operator to read; never acted on.
+        unverified: Option<String>,
         trace_id: Option<String>,
     },
     #[error("alipay's answer is not of the documented shape: {reason}")]
@@ -292,10 +298,13 @@ pub fn signed_text(body: &str) -> Result<SignedText<'_>, String> {
 }
 
 /// Verifies and reads an answer body. The signature is checked over the exact text of the
-/// response object (`alipay_merchant_iot_device_query_response`, or `error_response`). A
-/// success must carry a valid signature; an error without a signature is reported as the
-/// error (the gateway leaves some of its own refusals unsigned), one with a bad signature is
-/// not trusted.
+/// response object (`alipay_merchant_iot_device_query_response`, or `error_response`), and every
+/// answer must carry a valid one, errors included: an unsigned refusal is not trusted to be
+/// Alipay's, so it is a [`AlipayError::BadSignature`] (retryable), never a permanent rejection.
+/// This is what alipay-sdk-python does (`DefaultAlipayClient.__parse_response` raises when the
+/// answer has no `sign`, and verifies `error_response` like any other); the Java SDK's
+/// `checkResponseSign` lets an unsigned error through, which is what this client did before.
+/// What an unsigned answer claims is kept, sanitised, in the error for the operator.
 pub fn read_answer(
     body: &str,
     alipay_public: &RsaVerifier,
@@ -305,26 +314,31 @@ pub fn read_answer(
         reason,
         trace_id: trace_id.clone(),
     })?;
-    let verified = match text.sign.as_deref() {
-        Some(sign) if alipay_public.verify_base64(text.object.as_bytes(), sign) => true,
+    match text.sign.as_deref() {
+        Some(sign) if alipay_public.verify_base64(text.object.as_bytes(), sign) => {}
         Some(_) => {
             return Err(AlipayError::BadSignature {
                 reason: "the sign does not verify with the alipay public key",
+                unverified: None,
                 trace_id,
             });
         }
-        None => false,
-    };
-    read_object(text.object, verified, trace_id)
+        None => {
+            return Err(AlipayError::BadSignature {
+                reason: "the answer has no sign",
+                unverified: crate::json::from_str::<Common>(text.object)
+                    .ok()
+                    .map(|c| unverified_claim(&c)),
+                trace_id,
+            });
+        }
+    }
+    read_object(text.object, trace_id)
 }
 
-/// Reads a response object's text once its signature has been checked (`verified`: it carried
-/// a valid one). A success must be verified; a gateway error is reported as such either way.
-pub fn read_object(
-    object: &str,
-    verified: bool,
-    trace_id: Option<String>,
-) -> Result<DeviceBinding, AlipayError> {
+/// Reads a response object's text once its signature has been checked: a gateway error as
+/// [`AlipayError::Gateway`], a success as its binding.
+pub fn read_object(object: &str, trace_id: Option<String>) -> Result<DeviceBinding, AlipayError> {
     let malformed = |reason: String| AlipayError::Malformed {
         reason,
         trace_id: trace_id.clone(),
@@ -340,13 +354,23 @@ pub fn read_object(
             trace_id,
         });
     }
-    if !verified {
-        return Err(AlipayError::BadSignature {
-            reason: "a successful answer without a sign",
-            trace_id,
-        });
-    }
     crate::json::from_str(object).map_err(|e| malformed(format!("no device binding: {e}")))
+}
+
+/// `code` and `sub_code` of an unverified answer, cut to 64 characters each of letters, digits
+/// and `._-`: enough to read `40002 isv.invalid-app-id`, too little to carry anything else into
+/// logs.
+fn unverified_claim(common: &Common) -> String {
+    let clean = |text: &str| -> String {
+        text.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .take(64)
+            .collect()
+    };
+    match &common.sub_code {
+        Some(sub) => format!("{} {}", clean(&common.code), clean(sub)),
+        None => clean(&common.code),
+    }
 }
 
 // === impl AlipayClient ===
@@ -411,7 +435,8 @@ impl AlipayClient {
         let mut params = vec![
             ("app_id", self.app_id.clone()),
             ("method", DEVICE_QUERY_METHOD.to_owned()),
-            ("format", "JSON".to_owned()),
+            // As both official SDKs send it (`AlipayConstants.FORMAT_JSON`, `_format = 'json'`).
+            ("format", "json".to_owned()),
             ("charset", "utf-8".to_owned()),
             ("sign_type", "RSA2".to_owned()),
             ("timestamp", gateway_timestamp(now)),
@@ -506,18 +531,11 @@ fn trace_id(headers: &reqwest::header::HeaderMap) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{GeneratedKey, generate_rsa_key};
+    use crate::crypto::GeneratedKey;
     use base64::Engine as _;
-    use std::sync::OnceLock;
 
     fn key(n: usize) -> &'static GeneratedKey {
-        static KEYS: OnceLock<[GeneratedKey; 2]> = OnceLock::new();
-        &KEYS.get_or_init(|| {
-            [
-                generate_rsa_key(2048).expect("keygen"),
-                generate_rsa_key(2048).expect("keygen"),
-            ]
-        })[n]
+        crate::crypto::test_key(n)
     }
 
     fn signer(n: usize) -> RsaSigner {
@@ -613,7 +631,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{k} missing"))
         };
         assert_eq!(get("sign_type"), "RSA2");
-        assert_eq!(get("format"), "JSON");
+        assert_eq!(get("format"), "json");
         assert_eq!(get("charset"), "utf-8");
         assert_eq!(get("version"), "1.0");
         assert_eq!(get("timestamp"), "2024-03-01 08:00:00");
@@ -747,12 +765,36 @@ mod tests {
         assert_eq!(failure.request_id.as_deref(), Some("trace-9"));
     }
 
+    /// An unsigned refusal is not trusted (alipay-sdk-python raises on it): a retryable
+    /// signature failure that shows, marked unverified, what it claimed, never a permanent
+    /// `Rejected` an attacker could use to stop a terminal's checks.
     #[test]
-    fn unsigned_error_response_is_reported_as_the_error() {
-        let body = r#"{"error_response":{"code":"40002","msg":"Invalid Arguments","sub_code":"isv.invalid-signature","sub_msg":"bad"}}"#;
-        let err = read_answer(body, &key(1).public, None).expect_err("the call must fail");
-        assert!(matches!(err, AlipayError::Gateway { .. }), "{err}");
-        assert_eq!(err.failure().class, FailureClass::Rejected);
+    fn unsigned_error_response_is_refused_and_its_claim_shown_unverified() {
+        let body = r#"{"error_response":{"code":"40002","msg":"Invalid Arguments","sub_code":"isv.invalid-app-id","sub_msg":"bad"}}"#;
+        let err =
+            read_answer(body, &key(1).public, Some("t-1".into())).expect_err("the call must fail");
+        assert!(
+            matches!(&err, AlipayError::BadSignature { unverified: Some(c), .. } if c == "40002 isv.invalid-app-id"),
+            "{err:?}"
+        );
+        let failure = err.failure();
+        assert_eq!(failure.class, FailureClass::BadSignature);
+        assert!(failure.retryable());
+        assert_eq!(failure.request_id.as_deref(), Some("t-1"));
+        assert!(
+            err.to_string()
+                .ends_with("the answer has no sign (unverified, it says 40002 isv.invalid-app-id)"),
+            "{err}"
+        );
+        // A business failure under the method's key, unsigned, alike; odd characters are cut.
+        let body = format!(
+            r#"{{"{DEVICE_QUERY_RESPONSE_KEY}":{{"code":"40004","sub_code":"DEVICE_NOT_EXIST\n<script>"}}}}"#
+        );
+        let err = read_answer(&body, &key(1).public, None).expect_err("the call must fail");
+        assert!(
+            matches!(&err, AlipayError::BadSignature { unverified: Some(c), .. } if c == "40004 DEVICE_NOT_EXISTscript"),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -779,11 +821,12 @@ mod tests {
 
     #[test]
     fn unparseable_answers_are_malformed() {
-        for body in [
-            "<html>",
-            r#"{"sign":"x"}"#,
-            r#"{"error_response":{"msg":"no code"}}"#,
-        ] {
+        let signed_without_code = {
+            let text = r#"{"msg":"no code"}"#;
+            let sign = signer(1).sign_base64(text.as_bytes()).expect("sign");
+            format!(r#"{{"error_response":{text},"sign":"{sign}"}}"#)
+        };
+        for body in ["<html>", r#"{"sign":"x"}"#, &signed_without_code] {
             let err = read_answer(body, &key(1).public, None).expect_err("the call must fail");
             assert_eq!(
                 err.failure().class,

@@ -590,10 +590,14 @@ impl AliyunClient {
         })
     }
 
-    /// The licence of `device_id` (optionally of one `biz_type`): pages through the list
-    /// ([`FIND_PAGE_SIZE`] a page) and returns the matching record that lapses last, since a
-    /// renewed licence can be listed next to the lapsed one. Absent →
-    /// [`AliyunError::DeviceNotListed`].
+    /// The licence of `device_id` (optionally of one `biz_type`): pages through the list and
+    /// returns the matching record that lapses last, since a renewed licence can be listed next
+    /// to the lapsed one. Absent → [`AliyunError::DeviceNotListed`].
+    ///
+    /// It asks for [`FIND_PAGE_SIZE`] a page but pages by what each answer says: a gateway may
+    /// cap the page (answering `"PageSize":20` to a request for 50), and the records covered so
+    /// far are `(CurrentPage - 1) * PageSize` plus the rows of this page, as the answer counts
+    /// them. The list ends at an empty page or when those cover `TotalCount`.
     pub async fn find_device(
         &self,
         device_id: &str,
@@ -611,9 +615,9 @@ impl AliyunClient {
                     ..DeviceInfoQuery::default()
                 })
                 .await?;
-            request_id = Some(page.request_id);
             let last_page = page.device_info_list.is_empty()
-                || u64::from(current_page) * u64::from(FIND_PAGE_SIZE) >= page.total_count;
+                || records_covered(current_page, &page) >= page.total_count;
+            request_id = Some(page.request_id);
             for info in page.device_info_list {
                 let matches = info.device_id == device_id
                     && biz_type.is_none_or(|b| info.biz_type.as_deref() == Some(b));
@@ -634,6 +638,15 @@ impl AliyunClient {
             request_id,
         })
     }
+}
+
+/// How many records of the whole list `page` (asked for as page `current_page`) and the pages
+/// before it cover, by the answer's own `PageSize`: `(page - 1) * PageSize + rows`. An answer
+/// that says `PageSize` 0 (or less than it sent) is taken at its rows.
+fn records_covered(current_page: u32, page: &DeviceInfoPage) -> u64 {
+    let rows = page.device_info_list.len() as u64;
+    let page_size = u64::from(page.page_size).max(rows);
+    u64::from(current_page.saturating_sub(1)).saturating_mul(page_size) + rows
 }
 
 /// The error a non-2xx answer stands for: its body read as `{"RequestId","Code","Message"}`
@@ -921,6 +934,34 @@ print(sig)
             .expect("empty page");
         assert!(empty.device_info_list.is_empty());
         assert!(read_page(r#"{"RequestId":"r"}"#).is_err());
+    }
+
+    #[test]
+    fn records_covered_counts_pages_in_the_size_the_answer_states() {
+        let page = |page_size: u32, rows: usize| DeviceInfoPage {
+            request_id: "r".into(),
+            total_count: 45,
+            page_size,
+            current_page: 1,
+            device_info_list: vec![licence_row(); rows],
+        };
+        // Asked for 50 a page, answered 20: page 2 covers records 21 to 40.
+        assert_eq!(records_covered(1, &page(20, 20)), 20);
+        assert_eq!(records_covered(2, &page(20, 20)), 40);
+        assert_eq!(records_covered(3, &page(20, 5)), 45);
+        // An answer claiming a smaller page than it sent is taken at its rows.
+        assert_eq!(records_covered(2, &page(0, 20)), 40);
+        assert_eq!(records_covered(2, &page(10, 20)), 40);
+    }
+
+    fn licence_row() -> DeviceInfo {
+        DeviceInfo {
+            device_id: "wd.x".into(),
+            user_device_id: None,
+            biz_type: None,
+            begin_day: "20240101".into(),
+            expired_day: "20250101".into(),
+        }
     }
 
     #[test]

@@ -52,10 +52,7 @@ struct NonceInner {
 impl NonceCache {
     /// Records `nonce` for `device_id` at `now` unless already seen; false on a replay.
     pub fn check_and_record(&self, device_id: &str, nonce: &str, timestamp: i64, now: i64) -> bool {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = crate::sync::lock(&self.inner);
         while let Some((forget_at, _, _)) = inner.order.front() {
             if *forget_at > now && inner.order.len() < MAX_NONCES {
                 break;
@@ -79,11 +76,7 @@ impl NonceCache {
     }
 
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .seen
-            .len()
+        crate::sync::lock(&self.inner).seen.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -7,13 +7,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
+use crate::platform::wechatpay::certificates::ApiV3Key;
+use crate::platform::{Egress, Trust, Upstream};
 use crate::units::HumanDuration;
 
 /// Where `authinfo-proxy` looks for its config when `--config` is not given.
@@ -40,6 +44,8 @@ struct RawConfig {
     registry: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     upstream_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    upstream: RawUpstream,
     wechatpay: Option<RawWechatPay>,
     #[serde(default)]
     fleet: RawFleet,
@@ -55,10 +61,19 @@ struct RawWechatPay {
     sp_appid: Option<String>,
     merchant_key: Option<PathBuf>,
     merchant_serial: Option<String>,
+    merchant_certificate: Option<PathBuf>,
     public_key_id: Option<String>,
     public_key: Option<PathBuf>,
     platform_certificates: Option<PathBuf>,
+    apiv3_key_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    http_proxy: Option<String>,
+    trust: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +115,8 @@ pub struct WechatPayConfig {
     pub merchant_key: RsaSigner,
     pub merchant_serial: String,
     pub platform_keys: PlatformKeys,
+    /// The APIv3 key: when given, platform certificates are downloaded and kept up to date.
+    pub apiv3_key: Option<ApiV3Key>,
     /// Extra CA PEM trusted for `base_url` (the sandbox's).
     pub ca_pem: Option<String>,
 }
@@ -148,69 +165,79 @@ impl std::fmt::Debug for AliyunConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub tls_cert_pem: String,
-    pub tls_key_pem: String,
+    /// The terminal listener's TLS: `tls_cert` (leaf first) with `tls_key`, built at validation.
+    pub tls: Arc<rustls::ServerConfig>,
     pub registry: PathBuf,
     pub state_dir: PathBuf,
     pub upstream_timeout: Duration,
+    /// How every platform call goes out: proxy and trusted roots.
+    pub upstream: Upstream,
     pub wechatpay: WechatPayConfig,
     pub fleet: FleetConfig,
     pub alipay: Option<AlipayConfig>,
     pub aliyun: Option<AliyunConfig>,
 }
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid TOML for authinfo-proxy: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
+/// Why a config could not be used (shared with the daemon's config and the registry).
+pub use crate::config_file::ConfigError;
+
+/// What the proxy's config is called in errors.
+const WHAT: &str = "authinfo-proxy config file";
+
+/// The environment variables the config reads, most preferred first: the egress proxy when
+/// `[upstream] http_proxy` is not set (as curl reads them), the hosts it is not for, and where
+/// `trust = "system"` finds the system's roots.
+const PROXY_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"];
+const NO_PROXY_VARIABLES: [&str; 2] = ["no_proxy", "NO_PROXY"];
+const CERT_FILE_VARIABLE: &str = "SSL_CERT_FILE";
+const CERT_DIR_VARIABLE: &str = "SSL_CERT_DIR";
+
+/// Reads an environment variable (the process's, or a test's).
+pub type Environment<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process's environment.
+pub fn process_environment(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
-/// Reads and validates the config file at `path`. Relative file paths in it are relative to
-/// the config file's directory.
+/// No environment at all (the lab, whose platforms are on loopback: no egress proxy applies).
+pub fn no_environment(_: &str) -> Option<String> {
+    None
+}
+
+/// Reads and validates the config file at `path` in the process's environment. Relative file
+/// paths in it are relative to the config file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
+    load_with_env(path, &process_environment)
+}
+
+/// [`load`] reading the environment through `env`.
+pub fn load_with_env(path: &Path, env: Environment<'_>) -> Result<Config, ConfigError> {
+    let text = crate::config_file::read(WHAT, path)?;
+    let raw: RawConfig = crate::config_file::parse_toml(WHAT, &text, path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut v = Validator {
+        path,
         base,
-        problems: Vec::new(),
+        env,
+        problems: Problems::new(WHAT),
     };
     let config = v.config(raw);
-    match config {
-        Some(c) if v.problems.is_empty() => Ok(c),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems: v.problems,
-        }),
-    }
+    v.problems.finish(path, config)
 }
 
+/// The proxy config's checks: the shared problems collector, with paths relative to the file.
 struct Validator<'a> {
+    /// The config file itself.
+    path: &'a Path,
     base: &'a Path,
-    problems: Vec<String>,
+    env: Environment<'a>,
+    problems: Problems,
 }
 
 impl Validator<'_> {
     fn problem(&mut self, text: String) {
-        self.problems.push(text);
+        self.problems.push_line(text);
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -223,36 +250,21 @@ impl Validator<'_> {
 
     /// Refuses a duration longer than [`crate::units::MAX_CONFIG_DURATION`].
     fn at_most_a_year(&mut self, field: &str, d: Duration) {
-        if d > crate::units::MAX_CONFIG_DURATION {
-            self.problem(format!(
-                "{field}: {} is longer than {}",
-                crate::units::format_duration(d),
-                crate::units::format_duration(crate::units::MAX_CONFIG_DURATION)
-            ));
-        }
+        self.problems.at_most_a_year(field, d);
     }
 
     fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
-        if value.is_none() {
-            self.problem(format!("{field}: missing"));
-        }
-        value
+        self.problems.required(field, value)
     }
 
     /// Reads a file; `secret` files must not be readable by group or others.
     fn read(&mut self, field: &str, path: Option<PathBuf>, secret: bool) -> Option<String> {
         let path = self.required(field, path)?;
         let path = self.path(&path);
-        if secret && let Err(e) = check_private(&path) {
-            self.problem(format!("{field}: {e}"));
-            return None;
-        }
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Some(text),
-            Err(e) => {
-                self.problem(format!("{field}: cannot read {}: {e}", path.display()));
-                None
-            }
+        if secret {
+            self.problems.read_private(field, &path)
+        } else {
+            self.problems.read_file(field, &path)
         }
     }
 
@@ -301,11 +313,12 @@ impl Validator<'_> {
         let admin_listen = self.addr("admin_listen", raw.admin_listen, DEFAULT_ADMIN_LISTEN);
         let tls_cert_pem = self.read("tls_cert", raw.tls_cert, false);
         let tls_key_pem = self.read("tls_key", raw.tls_key, true);
-        if let (Some(cert), Some(key)) = (&tls_cert_pem, &tls_key_pem)
-            && let Err(e) = crate::tls::server_config(cert, key, "tls_cert/tls_key")
-        {
-            self.problem(format!("tls_cert/tls_key: {e}"));
-        }
+        let tls = tls_cert_pem.zip(tls_key_pem).and_then(|(cert, key)| {
+            crate::tls::server_config(&cert, &key, "tls_cert/tls_key")
+                .map(Arc::new)
+                .map_err(|e| self.problem(format!("tls_cert/tls_key: {e}")))
+                .ok()
+        });
         let registry = self
             .required("registry", raw.registry)
             .map(|p| self.path(&p));
@@ -319,6 +332,7 @@ impl Validator<'_> {
             self.problem("upstream_timeout: must be more than zero".into());
         }
         self.at_most_a_year("upstream_timeout", upstream_timeout);
+        let upstream = self.upstream(raw.upstream);
         let wechatpay = match raw.wechatpay {
             Some(w) => self.wechatpay(w),
             None => {
@@ -338,16 +352,150 @@ impl Validator<'_> {
         Some(Config {
             listen: listen?,
             admin_listen: admin_listen?,
-            tls_cert_pem: tls_cert_pem?,
-            tls_key_pem: tls_key_pem?,
+            tls: tls?,
             registry: registry?,
             state_dir,
             upstream_timeout,
+            upstream: upstream?,
             wechatpay: wechatpay?,
             fleet,
             alipay: alipay?,
             aliyun: aliyun?,
         })
+    }
+
+    /// `[upstream]`: the egress proxy (configured, or from the environment) and the roots.
+    fn upstream(&mut self, raw: RawUpstream) -> Option<Upstream> {
+        let egress = match raw.http_proxy {
+            // As git's http.proxy: an empty value means no proxy, whatever the environment says.
+            Some(text) if text.is_empty() => Some(Egress::Direct),
+            Some(text) => {
+                let url = self.proxy_url("upstream.http_proxy", &text)?;
+                if url.password().is_some()
+                    && let Err(e) = crate::config_file::check_private_file(self.path)
+                {
+                    self.problem(format!(
+                        "upstream.http_proxy: holds a password, so the config file is a secret: {e}"
+                    ));
+                }
+                Some(Egress::Proxy {
+                    url,
+                    no_proxy: None,
+                })
+            }
+            None => self.environment_proxy(),
+        };
+        let trust = match raw.trust.as_deref() {
+            None | Some("webpki") => Some(Trust::Webpki),
+            Some("system") => self
+                .system_roots()
+                .map(|roots| Trust::System(Arc::new(roots))),
+            Some(other) => {
+                self.problem(format!(
+                    "upstream.trust: {other:?} must be \"webpki\" (the compiled-in Mozilla roots) or \"system\" (the operating system's store)"
+                ));
+                None
+            }
+        };
+        Some(Upstream {
+            egress: egress?,
+            trust: trust?,
+        })
+    }
+
+    /// The proxy the environment names (`https_proxy`, `HTTPS_PROXY`, `all_proxy`,
+    /// `ALL_PROXY`, the first set), with `no_proxy`/`NO_PROXY`; direct when none is set.
+    fn environment_proxy(&mut self) -> Option<Egress> {
+        let env = self.env;
+        let Some((name, value)) = PROXY_VARIABLES
+            .iter()
+            .find_map(|name| env(name).filter(|v| !v.is_empty()).map(|v| (*name, v)))
+        else {
+            return Some(Egress::Direct);
+        };
+        let url = self.proxy_url(&format!("{name} (environment)"), &value)?;
+        let no_proxy = NO_PROXY_VARIABLES
+            .iter()
+            .find_map(|name| env(name).filter(|v| !v.trim().is_empty()));
+        Some(Egress::Proxy { url, no_proxy })
+    }
+
+    /// An `http://[user:pass@]host:port` proxy URL.
+    fn proxy_url(&mut self, field: &str, text: &str) -> Option<reqwest::Url> {
+        let url = match reqwest::Url::parse(text) {
+            Ok(url) => url,
+            Err(e) => {
+                self.problem(format!("{field}: not a URL like http://host:3128: {e}"));
+                return None;
+            }
+        };
+        // Never echo the text back: it may hold a password.
+        let mut bad = Vec::new();
+        if url.scheme() != "http" {
+            bad.push("the scheme must be http (a CONNECT proxy)");
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            bad.push("no host");
+        }
+        if url.port().is_none() {
+            bad.push("give the port (http://host:3128)");
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            bad.push("a proxy URL has no path or query");
+        }
+        if bad.is_empty() {
+            Some(url)
+        } else {
+            self.problem(format!("{field}: {}", bad.join("; ")));
+            None
+        }
+    }
+
+    /// The operating system's roots: from `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else
+    /// where OpenSSL keeps them on this system.
+    fn system_roots(&mut self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        let file = (self.env)(CERT_FILE_VARIABLE).filter(|v| !v.is_empty());
+        let dirs = (self.env)(CERT_DIR_VARIABLE).filter(|v| !v.is_empty());
+        let (found, source) = if file.is_some() || dirs.is_some() {
+            let mut found =
+                rustls_native_certs::load_certs_from_paths(file.as_deref().map(Path::new), None);
+            for dir in dirs
+                .iter()
+                .flat_map(|d| d.split(':'))
+                .filter(|d| !d.is_empty())
+            {
+                let more = rustls_native_certs::load_certs_from_paths(None, Some(Path::new(dir)));
+                found.certs.extend(more.certs);
+                found.errors.extend(more.errors);
+            }
+            let source = [
+                file.map(|f| format!("{CERT_FILE_VARIABLE}={f}")),
+                dirs.map(|d| format!("{CERT_DIR_VARIABLE}={d}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            (found, source)
+        } else {
+            (
+                rustls_native_certs::load_native_certs(),
+                "the system's certificate store".to_owned(),
+            )
+        };
+        if found.certs.is_empty() {
+            let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+            self.problem(format!(
+                "upstream.trust: \"system\", but no certificate was found in {source}{}: install ca-certificates, or set {CERT_FILE_VARIABLE}",
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", errors.join("; "))
+                }
+            ));
+            return None;
+        }
+        Some(found.certs)
     }
 
     fn wechatpay(&mut self, raw: RawWechatPay) -> Option<WechatPayConfig> {
@@ -358,7 +506,6 @@ impl Validator<'_> {
         );
         let mchid = self.required("wechatpay.mchid", raw.mchid);
         let sp_appid = self.required("wechatpay.sp_appid", raw.sp_appid);
-        let merchant_serial = self.required("wechatpay.merchant_serial", raw.merchant_serial);
         let merchant_key = self
             .read("wechatpay.merchant_key", raw.merchant_key, true)
             .and_then(|pem| {
@@ -366,6 +513,11 @@ impl Validator<'_> {
                     .map_err(|e| self.problem(format!("wechatpay.merchant_key: {e}")))
                     .ok()
             });
+        let merchant_serial = self.merchant_serial(
+            raw.merchant_serial,
+            raw.merchant_certificate,
+            merchant_key.as_ref(),
+        );
         let mut platform_keys = PlatformKeys::new();
         match (raw.public_key_id, raw.public_key) {
             (Some(id), Some(path)) => {
@@ -398,9 +550,20 @@ impl Validator<'_> {
         {
             self.problem(format!("wechatpay.platform_certificates: {e}"));
         }
-        if platform_keys.is_empty() {
+        let apiv3_key = self
+            .read_optional("wechatpay.apiv3_key_file", raw.apiv3_key_file, true)
+            .and_then(
+                |text| match text.map(|t| ApiV3Key::from_text(&t)).transpose() {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        self.problem(format!("wechatpay.apiv3_key_file: {e}"));
+                        None
+                    }
+                },
+            );
+        if platform_keys.is_empty() && matches!(apiv3_key, Some(None)) {
             self.problem(
-                "wechatpay: no key to verify WeChat Pay's answers: set public_key_id + public_key, or platform_certificates".into(),
+                "wechatpay: no key to verify WeChat Pay's answers: set public_key_id + public_key, platform_certificates, or apiv3_key_file (to download the platform certificates)".into(),
             );
         }
         let ca_pem = self.read_optional("wechatpay.ca_file", raw.ca_file, false);
@@ -411,8 +574,52 @@ impl Validator<'_> {
             merchant_key: merchant_key?,
             merchant_serial: merchant_serial?,
             platform_keys,
+            apiv3_key: apiv3_key?,
             ca_pem: ca_pem?,
         })
+    }
+
+    /// The merchant certificate's serial: `merchant_serial` as given, or read from
+    /// `merchant_certificate` (`apiclient_cert.pem`), whose key must be `merchant_key`'s; both
+    /// given must name the same serial.
+    fn merchant_serial(
+        &mut self,
+        serial: Option<String>,
+        certificate: Option<PathBuf>,
+        merchant_key: Option<&RsaSigner>,
+    ) -> Option<String> {
+        let Some(path) = certificate else {
+            if serial.is_none() {
+                self.problem(
+                    "wechatpay.merchant_serial: missing (give it, or merchant_certificate to read it from)"
+                        .into(),
+                );
+            }
+            return serial;
+        };
+        let field = "wechatpay.merchant_certificate";
+        let pem = self.read(field, Some(path), false)?;
+        let info = crate::platform::wechatpay::verify::read_certificate_pem(&pem, field)
+            .map_err(|e| self.problem(format!("{field}: {}", crate::error_chain(&e))))
+            .ok()?;
+        if let Some(key) = merchant_key
+            && key.public_key().ok().as_ref() != Some(&info.key)
+        {
+            self.problem(format!(
+                "{field}: certificate {} is not the certificate of wechatpay.merchant_key (another key)",
+                info.serial
+            ));
+        }
+        match serial {
+            Some(given) if !given.eq_ignore_ascii_case(&info.serial) => {
+                self.problem(format!(
+                    "wechatpay.merchant_serial: {given:?} is not the serial of merchant_certificate ({})",
+                    info.serial
+                ));
+                None
+            }
+            _ => Some(info.serial),
+        }
     }
 
     fn fleet(&mut self, raw: RawFleet) -> FleetConfig {
@@ -458,15 +665,15 @@ impl Validator<'_> {
         let app_id = self.required("alipay.app_id", raw.app_id);
         let app_key = self
             .read("alipay.app_private_key", raw.app_private_key, true)
-            .and_then(|pem| {
-                RsaSigner::from_pem(&pem, "alipay.app_private_key")
+            .and_then(|text| {
+                RsaSigner::from_pem_or_base64(&text, "alipay.app_private_key")
                     .map_err(|e| self.problem(format!("alipay.app_private_key: {e}")))
                     .ok()
             });
         let alipay_public = self
             .read("alipay.alipay_public_key", raw.alipay_public_key, false)
-            .and_then(|pem| {
-                RsaVerifier::from_pem(&pem, "alipay.alipay_public_key")
+            .and_then(|text| {
+                RsaVerifier::from_pem_or_base64(&text, "alipay.alipay_public_key")
                     .map_err(|e| self.problem(format!("alipay.alipay_public_key: {e}")))
                     .ok()
             });
@@ -521,21 +728,6 @@ impl Validator<'_> {
     }
 }
 
-/// Refuses a key or secret file that group or others can read.
-pub fn check_private(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable by group or others (mode {mode:o}); run chmod 600 on it",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,7 +744,347 @@ mod tests {
         );
         let raw: RawConfig =
             toml::from_str(&text).unwrap_or_else(|e| panic!("example does not parse: {e}"));
-        assert!(raw.alipay.is_some() && raw.aliyun.is_some() && raw.wechatpay.is_some());
+        let (Some(wechatpay), Some(alipay), Some(aliyun)) = (raw.wechatpay, raw.alipay, raw.aliyun)
+        else {
+            panic!("the example has [wechatpay], [alipay] and [aliyun]");
+        };
+        // Every field this issue added is documented there.
+        assert!(raw.upstream.http_proxy.is_some() && raw.upstream.trust.is_some());
+        assert!(wechatpay.merchant_certificate.is_some() && wechatpay.apiv3_key_file.is_some());
+        assert!(
+            alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()
+        );
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    }
+
+    /// A merchant API certificate (`apiclient_cert.pem`) for test key `key` with `serial`.
+    fn merchant_certificate(key: usize, serial: &[u8]) -> String {
+        let pem = &crate::crypto::test_key(key).private_pem;
+        let key = rcgen::KeyPair::from_pem(pem).expect("rsa key for rcgen");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.self_signed(&key).expect("certificate").pem()
+    }
+
+    fn validator(base: &Path) -> Validator<'_> {
+        Validator {
+            path: base,
+            base,
+            env: &no_environment,
+            problems: Problems::new(WHAT),
+        }
+    }
+
+    /// Every problem `v` collected.
+    fn listed(v: Validator<'_>) -> Vec<String> {
+        match v.problems.finish(Path::new("test.toml"), Some(())) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.problems().to_vec(),
+        }
+    }
+
+    fn merchant_key() -> RsaSigner {
+        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    }
+
+    const SERIAL: [u8; 20] = [
+        0x51, 0x57, 0xF0, 0x9E, 0xFD, 0xC0, 0x96, 0xDE, 0x15, 0xEB, 0xE8, 0x1A, 0x47, 0x05, 0x7A,
+        0x72, 0x32, 0xF1, 0xB8, 0xE1,
+    ];
+
+    #[test]
+    fn merchant_serial_is_read_from_the_merchant_certificate_and_must_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = write(
+            dir.path(),
+            "apiclient_cert.pem",
+            &merchant_certificate(0, &SERIAL),
+        );
+        let mut v = validator(dir.path());
+        let key = merchant_key();
+        let want = "5157F09EFDC096DE15EBE81A47057A7232F1B8E1";
+        assert_eq!(
+            v.merchant_serial(None, Some(cert.clone()), Some(&key))
+                .as_deref(),
+            Some(want)
+        );
+        // Both given and agreeing (in any case): fine.
+        assert_eq!(
+            v.merchant_serial(Some(want.to_lowercase()), Some(cert.clone()), Some(&key))
+                .as_deref(),
+            Some(want)
+        );
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        // Both given and disagreeing: named, with both serials.
+        assert_eq!(
+            v.merchant_serial(Some("0123456789ABCDEF".into()), Some(cert), Some(&key)),
+            None
+        );
+        let problems = listed(v);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("wechatpay.merchant_serial:")
+                && problems[0].contains("0123456789ABCDEF")
+                && problems[0].contains(want),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn merchant_certificate_of_another_key_or_neither_field_is_a_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = write(
+            dir.path(),
+            "other_cert.pem",
+            &merchant_certificate(1, &SERIAL),
+        );
+        let not_a_cert = write(
+            dir.path(),
+            "key.pem",
+            &crate::crypto::test_key(0).public.to_pem(),
+        );
+        let mut v = validator(dir.path());
+        let key = merchant_key();
+        v.merchant_serial(None, Some(other), Some(&key));
+        v.merchant_serial(None, Some(not_a_cert), Some(&key));
+        v.merchant_serial(None, None, Some(&key));
+        let problems = listed(v);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("is not the certificate of wechatpay.merchant_key"));
+        assert!(problems[1].starts_with("wechatpay.merchant_certificate:"));
+        assert!(problems[1].contains("no CERTIFICATE block"), "{problems:?}");
+        assert!(problems[2].starts_with("wechatpay.merchant_serial: missing"));
+    }
+
+    /// The Alipay console's bare base64 keys (PKCS#1 private, SPKI public) load as they are.
+    #[test]
+    fn alipay_keys_load_as_bare_base64() {
+        use crate::crypto::BASE64;
+        use base64::Engine as _;
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pkcs1 = rsa::RsaPrivateKey::from_pkcs8_pem(&crate::crypto::test_key(0).private_pem)
+            .expect("pkcs8")
+            .to_pkcs1_der()
+            .expect("pkcs1");
+        let public_der = {
+            use rustls_pki_types::pem::PemObject as _;
+            rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(
+                crate::crypto::test_key(1).public.to_pem().as_bytes(),
+            )
+            .expect("pem")
+            .as_ref()
+            .to_vec()
+        };
+        let private = write(
+            dir.path(),
+            "app_private_key.txt",
+            &BASE64.encode(pkcs1.as_bytes()),
+        );
+        let public = write(
+            dir.path(),
+            "alipay_public_key.txt",
+            &(BASE64.encode(public_der) + "\n"),
+        );
+        let mut v = validator(dir.path());
+        let alipay = v
+            .alipay(RawAlipay {
+                gateway: None,
+                app_id: Some("2021000000000001".into()),
+                app_private_key: Some(private),
+                alipay_public_key: Some(public),
+                app_auth_token_file: None,
+                ca_file: None,
+            })
+            .unwrap_or_else(|| panic!("{:?}", v.problems));
+        assert_eq!(
+            alipay.app_key.public_key().expect("public"),
+            crate::crypto::test_key(0).public
+        );
+        assert_eq!(alipay.alipay_public, crate::crypto::test_key(1).public);
+    }
+
+    fn upstream_in(
+        dir: &Path,
+        raw: RawUpstream,
+        env: &[(&str, &str)],
+    ) -> (Option<Upstream>, Vec<String>) {
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let config = dir.join("authinfo-proxy.toml");
+        let mut v = Validator {
+            path: &config,
+            base: dir,
+            env: &lookup,
+            problems: Problems::new(WHAT),
+        };
+        let upstream = v.upstream(raw);
+        (upstream, listed(v))
+    }
+
+    fn raw_upstream(http_proxy: Option<&str>, trust: Option<&str>) -> RawUpstream {
+        RawUpstream {
+            http_proxy: http_proxy.map(str::to_owned),
+            trust: trust.map(str::to_owned),
+        }
+    }
+
+    fn proxy_of(upstream: Option<Upstream>) -> (String, Option<String>) {
+        match upstream.map(|u| u.egress) {
+            Some(Egress::Proxy { url, no_proxy }) => (url.to_string(), no_proxy),
+            other => panic!("not a proxy: {other:?}"),
+        }
+    }
+
+    /// Without `http_proxy` the environment's proxy is used (lower case first, as curl), with
+    /// its `NO_PROXY`; `http_proxy = ""` is no proxy whatever the environment; a configured
+    /// proxy applies to every call (the environment's `NO_PROXY` is not read then).
+    #[test]
+    fn http_proxy_comes_from_the_config_or_the_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = [
+            ("HTTPS_PROXY", "http://upper:3128"),
+            ("https_proxy", "http://lower:3128"),
+            ("ALL_PROXY", "http://all:3128"),
+            ("NO_PROXY", "localhost,10.0.0.0/8"),
+        ];
+        let (upstream, problems) = upstream_in(dir.path(), raw_upstream(None, None), &env);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            proxy_of(upstream),
+            (
+                "http://lower:3128/".to_owned(),
+                Some("localhost,10.0.0.0/8".to_owned())
+            )
+        );
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &env[2..]);
+        assert_eq!(proxy_of(upstream).0, "http://all:3128/");
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(Some(""), None), &env);
+        assert_eq!(upstream.map(|u| u.egress), Some(Egress::Direct));
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &[]);
+        assert_eq!(upstream.map(|u| u.egress), Some(Egress::Direct));
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(Some("http://squid.internal:3128"), None),
+            &env,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            proxy_of(upstream),
+            ("http://squid.internal:3128/".to_owned(), None)
+        );
+    }
+
+    #[test]
+    fn bad_proxy_urls_are_named_without_echoing_a_password() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (text, want) in [
+            ("https://u:hunter2@proxy:3128", "the scheme must be http"),
+            ("http://u:hunter2@proxy", "give the port"),
+            ("http://proxy:3128/path", "no path or query"),
+            ("socks5://u:hunter2@proxy:1080", "the scheme must be http"),
+            ("proxy:3128", "the scheme must be http"),
+            ("not a url", "not a URL"),
+        ] {
+            let (upstream, problems) = upstream_in(dir.path(), raw_upstream(Some(text), None), &[]);
+            assert!(upstream.is_none(), "{text}");
+            assert_eq!(problems.len(), 1, "{text}: {problems:?}");
+            assert!(
+                problems[0].starts_with("upstream.http_proxy: ") && problems[0].contains(want),
+                "{text}: {problems:?}"
+            );
+            assert!(!problems[0].contains("hunter2"), "{problems:?}");
+        }
+        let (_, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, None),
+            &[("HTTPS_PROXY", "proxy.internal")],
+        );
+        assert!(
+            problems[0].starts_with("HTTPS_PROXY (environment): "),
+            "{problems:?}"
+        );
+    }
+
+    /// A password in `http_proxy` makes the config file a secret: refused readable by others.
+    #[test]
+    fn a_proxy_password_needs_a_private_config_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("authinfo-proxy.toml");
+        std::fs::write(&config, "").expect("write");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let with_password = raw_upstream(Some("http://u:hunter2@proxy:3128"), None);
+        let (_, problems) = upstream_in(dir.path(), with_password, &[]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("holds a password") && problems[0].contains("chmod 600"),
+            "{problems:?}"
+        );
+        let (_, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(Some("http://u@proxy:3128"), None),
+            &[],
+        );
+        assert!(
+            problems.is_empty(),
+            "a user alone is no secret: {problems:?}"
+        );
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with_password = raw_upstream(Some("http://u:hunter2@proxy:3128"), None);
+        let (_, problems) = upstream_in(dir.path(), with_password, &[]);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    /// `trust = "system"` reads the store `SSL_CERT_FILE` names; an empty store or an unknown
+    /// value is a problem.
+    #[test]
+    fn system_trust_loads_the_named_store_and_refuses_an_empty_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = crate::tls::generate_pki("system store test ca", &["localhost"]).expect("pki");
+        let store = dir.path().join("ca-bundle.crt");
+        std::fs::write(&store, format!("{}{}", pki.ca_pem, pki.cert_pem)).expect("write");
+        let store_text = store.display().to_string();
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, Some("system")),
+            &[("SSL_CERT_FILE", &store_text)],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        match upstream.map(|u| u.trust) {
+            Some(Trust::System(roots)) => assert_eq!(roots.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "").expect("write");
+        let empty_text = empty.display().to_string();
+        let (upstream, problems) = upstream_in(
+            dir.path(),
+            raw_upstream(None, Some("system")),
+            &[("SSL_CERT_FILE", &empty_text)],
+        );
+        assert!(upstream.is_none());
+        assert!(
+            problems[0].starts_with(
+                "upstream.trust: \"system\", but no certificate was found in SSL_CERT_FILE="
+            ),
+            "{problems:?}"
+        );
+        let (_, problems) = upstream_in(dir.path(), raw_upstream(None, Some("mozilla")), &[]);
+        assert!(problems[0].contains("\"webpki\""), "{problems:?}");
+        let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &[]);
+        assert_eq!(upstream.map(|u| u.trust), Some(Trust::Webpki));
     }
 
     /// Found by the `proxy_config` fuzz target: a public key without its id was reported as
@@ -597,12 +1129,14 @@ mod tests {
         let path = dir.path().join("apiclient_key.pem");
         std::fs::write(&path, "x").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-        let err = check_private(&path).unwrap_err();
+        let err = crate::config_file::check_private_file(&path)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("apiclient_key.pem") && err.contains("640"),
             "{err}"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert!(check_private(&path).is_ok());
+        assert!(crate::config_file::check_private_file(&path).is_ok());
     }
 }

@@ -1,14 +1,16 @@
 //! The merchant's fleet as WeChat Pay lists it (`GET /v3/iotmanage/devices`): paged sync within
-//! the documented limits, a sled cache that survives restarts, and the lookup the routes use to
-//! refuse devices that are not listed or not activated.
+//! the documented limits, a cache in the proxy's store that survives restarts, and the lookup
+//! the routes use to refuse devices that are not listed or not activated.
 //!
 //! Owns: paging (limit 100, following `offset`/`total_count`), pacing (at most
-//! `requests_per_second` in any one-second window and `requests_per_day` per day, backing off on
-//! 429), the cache, and the sync schedule. It must not decide what a refused device gets; the
-//! routes map [`FleetStatus`] to an answer.
+//! `requests_per_second` in any one-second window, backing off on 429), the day's budget of
+//! `requests_per_day` ([`DailyBudget`]: counted per merchant in the store, not per process, so
+//! restarts, `devices --live` and the running proxy share it), the cache, and the sync schedule.
+//! It must not decide what a refused device gets; the routes map [`FleetStatus`] to an answer.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -16,8 +18,10 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::store::{Store, StoreError};
 use crate::platform::FailureClass;
 use crate::platform::wechatpay::{Device, MAX_PAGE_LIMIT, WechatPayClient, WechatPayError};
+use crate::sync::{lock, read, write};
 use crate::units::unix_now;
 
 /// The most pages one sync reads (100 000 devices): a guard against a list that never ends.
@@ -48,25 +52,182 @@ pub struct FleetSnapshot {
 /// Why a sync failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("cannot open the fleet cache at {path}")]
-    Open {
-        path: std::path::PathBuf,
-        #[source]
-        source: sled::Error,
-    },
-    #[error("the fleet cache failed")]
-    Cache(#[source] sled::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("listing devices failed at offset {offset}")]
     List {
         offset: u64,
         #[source]
         source: Box<WechatPayError>,
     },
-    #[error("the daily budget of {0} device-list requests is spent")]
-    DailyBudget(u32),
+    #[error(
+        "the daily budget of {limit} device-list requests is spent for {day} (Beijing time; it \
+         is counted for the merchant, across restarts and `devices --live`)"
+    )]
+    DailyBudget { limit: u32, day: String },
     #[error("the device list did not end within {MAX_PAGES} pages")]
     TooManyPages,
 }
+
+/// Why the running proxy did not sync on an admin's `POST /fleet/sync` (the admin listener's
+/// error body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRefusal {
+    pub code: SyncRefusalCode,
+    pub message: String,
+}
+
+/// The kinds of [`SyncRefusal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SyncRefusalCode {
+    /// The day's device-list budget is spent.
+    DailyBudgetSpent,
+    /// WeChat Pay or the store failed part-way; the cached list is unchanged.
+    SyncFailed,
+}
+
+impl std::fmt::Display for SyncRefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::DailyBudgetSpent => "DAILY_BUDGET_SPENT",
+            Self::SyncFailed => "SYNC_FAILED",
+        })
+    }
+}
+
+impl From<&FleetError> for SyncRefusal {
+    fn from(error: &FleetError) -> Self {
+        Self {
+            code: match error {
+                FleetError::DailyBudget { .. } => SyncRefusalCode::DailyBudgetSpent,
+                _ => SyncRefusalCode::SyncFailed,
+            },
+            message: crate::error_chain(error),
+        }
+    }
+}
+
+// === the daily budget ===
+
+/// Unix seconds now, or a test's clock.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(unix_now)
+}
+
+/// The calendar day (`YYYY-MM-DD`) of `unix` in Beijing time (UTC+8, no daylight saving): the
+/// day WeChat Pay's daily limits are counted in.
+pub fn beijing_day(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| t.to_offset(time::macros::offset!(+8)).date())
+        .map_or_else(|_| format!("@{unix}"), crate::platform::aliyun::format_day)
+}
+
+/// What a [`DailyBudget`] answers.
+pub type BudgetFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, FleetError>> + Send + 'a>>;
+
+/// The day's device-list budget of one merchant: WeChat Pay allows `requests_per_day` list
+/// requests a day per merchant, whoever makes them, so the count must live where everything that
+/// pages the list for the merchant sees it. Implemented by [`StoredBudget`] (the proxy's sled
+/// store: one proxy, its restarts and `devices --live`) and [`MemoryBudget`] (tests); a store
+/// shared by replicas (Redis, `[cluster]`) implements the same two calls.
+pub trait DailyBudget: Send + Sync + std::fmt::Debug {
+    /// Counts one request against today's `limit`, durably, before it is sent; refuses with
+    /// [`FleetError::DailyBudget`] once `limit` were counted today.
+    fn take(&self, limit: u32) -> BudgetFuture<'_, ()>;
+    /// The requests counted today.
+    fn used(&self) -> BudgetFuture<'_, u32>;
+}
+
+/// The budget kept in the proxy's store (one key per Beijing day, flushed on every request).
+#[derive(Clone)]
+pub struct StoredBudget {
+    store: Store,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for StoredBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredBudget")
+            .field("store", &self.store.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredBudget {
+    pub fn new(store: Store, clock: Clock) -> Self {
+        Self { store, clock }
+    }
+}
+
+impl DailyBudget for StoredBudget {
+    fn take(&self, limit: u32) -> BudgetFuture<'_, ()> {
+        Box::pin(async move {
+            let day = beijing_day((self.clock)());
+            let before = self.store.take_budget(&day, limit).await?;
+            if before >= limit {
+                return Err(FleetError::DailyBudget { limit, day });
+            }
+            Ok(())
+        })
+    }
+
+    fn used(&self) -> BudgetFuture<'_, u32> {
+        Box::pin(async move { Ok(self.store.budget_used(&beijing_day((self.clock)()))?) })
+    }
+}
+
+/// A budget in memory: this process only (tests).
+pub struct MemoryBudget {
+    today: Mutex<(String, u32)>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBudget")
+            .field("today", &*lock(&self.today))
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryBudget {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            today: Mutex::new((String::new(), 0)),
+            clock,
+        }
+    }
+}
+
+impl DailyBudget for MemoryBudget {
+    fn take(&self, limit: u32) -> BudgetFuture<'_, ()> {
+        let day = beijing_day((self.clock)());
+        let mut today = lock(&self.today);
+        if today.0 != day {
+            *today = (day.clone(), 0);
+        }
+        let result = if today.1 >= limit {
+            Err(FleetError::DailyBudget { limit, day })
+        } else {
+            today.1 += 1;
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn used(&self) -> BudgetFuture<'_, u32> {
+        let day = beijing_day((self.clock)());
+        let today = lock(&self.today);
+        let used = if today.0 == day { today.1 } else { 0 };
+        Box::pin(std::future::ready(Ok(used)))
+    }
+}
+
+// === pacing ===
 
 /// How long after a request has completed it still counts against the per-second limit, beyond
 /// the second itself: a margin for the platform's clock and for how long the answer took to come
@@ -75,8 +236,8 @@ pub enum FleetError {
 const SECOND_WINDOW_MARGIN: Duration = Duration::from_millis(100);
 
 /// Paces device-list requests: at most `per_second` in any one-second window *as the platform
-/// counts them*, and `per_day` in any sliding 24 hours. One limiter is shared by every sync of
-/// this process.
+/// counts them*, and `per_day` a day as counted by the [`DailyBudget`]. One limiter is shared by
+/// every sync of this process.
 ///
 /// A request is counted from the moment it is admitted until one second (plus
 /// [`SECOND_WINDOW_MARGIN`]) after its answer came back ([`Permit`] is dropped). Whatever the
@@ -91,7 +252,7 @@ pub struct RateLimiter {
     per_second: u32,
     per_day: u32,
     second: Mutex<SecondWindow>,
-    day: Mutex<VecDeque<Instant>>,
+    budget: Arc<dyn DailyBudget>,
     /// Woken when a request completes (a slot may have opened).
     completed: tokio::sync::Notify,
 }
@@ -122,33 +283,27 @@ impl Drop for Permit<'_> {
 }
 
 impl RateLimiter {
-    pub fn new(per_second: u32, per_day: u32) -> Self {
+    /// `per_second` in any second, `per_day` a day counted in `budget`.
+    pub fn new(per_second: u32, per_day: u32, budget: Arc<dyn DailyBudget>) -> Self {
         Self {
             per_second: per_second.max(1),
             per_day: per_day.max(1),
             second: Mutex::new(SecondWindow::default()),
-            day: Mutex::new(VecDeque::new()),
+            budget,
             completed: tokio::sync::Notify::new(),
         }
     }
 
-    /// Waits until one more request fits in both windows, then counts it; hold the permit
-    /// until the answer is in. Fails at once when the daily budget is spent (waiting hours
-    /// inside a sync helps nobody).
+    /// The day's budget this limiter counts in.
+    pub fn budget(&self) -> &dyn DailyBudget {
+        &*self.budget
+    }
+
+    /// Waits until one more request fits in the per-second window, then counts it; hold the
+    /// permit until the answer is in. The request is taken from the daily budget first, and
+    /// the call fails at once when that is spent (waiting hours inside a sync helps nobody).
     pub async fn acquire(&self) -> Result<Permit<'_>, FleetError> {
-        {
-            let mut day = lock(&self.day);
-            let now = Instant::now();
-            while day
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(86400))
-            {
-                day.pop_front();
-            }
-            if day.len() >= self.per_day as usize {
-                return Err(FleetError::DailyBudget(self.per_day));
-            }
-        }
+        self.budget.take(self.per_day).await?;
         let hold = Duration::from_secs(1) + SECOND_WINDOW_MARGIN;
         loop {
             // Registered before the window is read, so a completion in between still wakes us.
@@ -166,7 +321,6 @@ impl RateLimiter {
                 let counted = window.in_flight as usize + window.completed.len();
                 if counted < self.per_second as usize {
                     window.in_flight += 1;
-                    lock(&self.day).push_back(now);
                     return Ok(Permit { limiter: self });
                 }
                 // Full: the oldest completion leaves the window, or a request in flight
@@ -189,61 +343,31 @@ impl RateLimiter {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The fleet: the last synced list in memory, cached in sled.
+/// The fleet: the last synced list in memory, cached in the proxy's store, and the pacing of
+/// every request for it.
 #[derive(Debug)]
 pub struct Fleet {
-    snapshot: RwLock<Arc<FleetSnapshot>>,
-    by_sn: RwLock<Arc<HashMap<String, bool>>>,
-    cache: Option<sled::Db>,
+    /// The list and the index derived from it, swapped together under one lock: a reader never
+    /// sees a new index with an old list.
+    current: RwLock<Arc<Indexed>>,
+    store: Store,
+    limiter: RateLimiter,
+    /// One sync at a time (the schedule's and an admin's `POST /fleet/sync`): two would page
+    /// the same list twice over, in one budget.
+    syncing: tokio::sync::Mutex<()>,
+    /// Syncs that succeeded, so a caller that waited for one knows it has a fresh list.
+    synced: std::sync::atomic::AtomicU64,
 }
 
-const CACHE_KEY: &str = "fleet";
+/// A synced list and its lookup by serial (activated or not).
+#[derive(Debug, Default)]
+struct Indexed {
+    snapshot: Arc<FleetSnapshot>,
+    by_sn: HashMap<String, bool>,
+}
 
-impl Fleet {
-    /// Opens the cache under `state_dir/fleet` and loads the last synced list. An undecodable
-    /// cache is ignored (the next sync replaces it).
-    pub fn open(state_dir: &Path) -> Result<Self, FleetError> {
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(state_dir)
-            .map_err(|e| FleetError::Open {
-                path: state_dir.to_owned(),
-                source: sled::Error::Io(e),
-            })?;
-        let path = state_dir.join("fleet");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(4 * 1024 * 1024)
-            .mode(sled::Mode::LowSpace)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| FleetError::Open { path, source })?;
-        let snapshot = db
-            .get(CACHE_KEY)
-            .map_err(FleetError::Cache)?
-            .and_then(|bytes| serde_json::from_slice::<FleetSnapshot>(&bytes).ok())
-            .unwrap_or_default();
-        let fleet = Self::in_memory();
-        fleet.install(snapshot);
-        Ok(Self {
-            cache: Some(db),
-            ..fleet
-        })
-    }
-
-    /// A fleet without a cache (the `devices --live` command, tests).
-    pub fn in_memory() -> Self {
-        Self {
-            snapshot: RwLock::new(Arc::new(FleetSnapshot::default())),
-            by_sn: RwLock::new(Arc::new(HashMap::new())),
-            cache: None,
-        }
-    }
-
-    fn install(&self, snapshot: FleetSnapshot) {
+impl Indexed {
+    fn new(snapshot: FleetSnapshot) -> Self {
         let by_sn = snapshot
             .devices
             .iter()
@@ -252,61 +376,86 @@ impl Fleet {
                 d.device_sn.clone().map(|sn| (sn, activated))
             })
             .collect();
-        *self
-            .by_sn
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(by_sn);
-        *self
-            .snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(snapshot);
+        Self {
+            snapshot: Arc::new(snapshot),
+            by_sn,
+        }
+    }
+}
+
+impl Fleet {
+    /// The fleet cached in `store` (an undecodable cache is ignored: the next sync replaces it),
+    /// paced at `per_second`, with `per_day` counted in the store.
+    pub fn new(store: Store, per_second: u32, per_day: u32) -> Result<Self, FleetError> {
+        let budget = Arc::new(StoredBudget::new(store.clone(), system_clock()));
+        Self::with_limiter(store, RateLimiter::new(per_second, per_day, budget))
+    }
+
+    /// The fleet cached in `store`, paced by `limiter` (tests give it their own budget).
+    pub fn with_limiter(store: Store, limiter: RateLimiter) -> Result<Self, FleetError> {
+        let snapshot = store.fleet()?.unwrap_or_default();
+        let fleet = Self {
+            current: RwLock::new(Arc::new(Indexed::default())),
+            store,
+            limiter,
+            syncing: tokio::sync::Mutex::new(()),
+            synced: std::sync::atomic::AtomicU64::new(0),
+        };
+        fleet.install(snapshot);
+        Ok(fleet)
+    }
+
+    /// A fleet in a temporary store, with WeChat Pay's limits (tests).
+    pub fn in_memory() -> Result<Self, FleetError> {
+        Self::new(
+            Store::temporary()?,
+            crate::platform::wechatpay::LIST_REQUESTS_PER_SECOND,
+            crate::platform::wechatpay::LIST_REQUESTS_PER_DAY,
+        )
+    }
+
+    fn install(&self, snapshot: FleetSnapshot) {
+        *write(&self.current) = Arc::new(Indexed::new(snapshot));
     }
 
     /// The last synced list.
     pub fn snapshot(&self) -> Arc<FleetSnapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        read(&self.current).snapshot.clone()
     }
 
     /// What the list says of `device_sn`.
     pub fn status(&self, device_sn: &str) -> FleetStatus {
-        if self.snapshot().synced_at.is_none() {
+        let current = read(&self.current).clone();
+        if current.snapshot.synced_at.is_none() {
             return FleetStatus::Unknown;
         }
-        match self
-            .by_sn
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(device_sn)
-        {
+        match current.by_sn.get(device_sn) {
             Some(true) => FleetStatus::Activated,
             Some(false) => FleetStatus::Inactivated,
             None => FleetStatus::Unlisted,
         }
     }
 
-    /// Pages through the whole list and, when every page arrived, replaces the cached one.
-    /// A failure part-way keeps the previous list.
-    pub async fn sync(
-        &self,
-        client: &WechatPayClient,
-        limiter: &RateLimiter,
-    ) -> Result<usize, FleetError> {
-        let devices = fetch_all(client, limiter).await?;
+    /// Pages through the whole list and, when every page arrived, replaces the cached one
+    /// (store first, then memory). A failure part-way keeps the previous list. A call made while
+    /// another sync runs waits for it and, when it succeeded, takes its list instead of paging
+    /// again.
+    pub async fn sync(&self, client: &WechatPayClient) -> Result<usize, FleetError> {
+        use std::sync::atomic::Ordering;
+        let succeeded_before = self.synced.load(Ordering::SeqCst);
+        let _one_at_a_time = self.syncing.lock().await;
+        if self.synced.load(Ordering::SeqCst) != succeeded_before {
+            return Ok(self.snapshot().devices.len());
+        }
+        let devices = fetch_all(client, &self.limiter).await?;
         let snapshot = FleetSnapshot {
             synced_at: Some(unix_now()),
             devices,
         };
-        if let Some(db) = &self.cache {
-            let bytes = serde_json::to_vec(&snapshot)
-                .map_err(|e| FleetError::Cache(sled::Error::Io(std::io::Error::other(e))))?;
-            db.insert(CACHE_KEY, bytes).map_err(FleetError::Cache)?;
-            db.flush_async().await.map_err(FleetError::Cache)?;
-        }
+        self.store.save_fleet(&snapshot).await?;
         let n = snapshot.devices.len();
         self.install(snapshot);
+        self.synced.fetch_add(1, Ordering::SeqCst);
         Ok(n)
     }
 }
@@ -453,7 +602,6 @@ pub async fn fetch_all(
 pub async fn run_sync(
     fleet: Arc<Fleet>,
     client: Arc<WechatPayClient>,
-    limiter: Arc<RateLimiter>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -467,50 +615,55 @@ pub async fn run_sync(
         .snapshot()
         .synced_at
         .map(|t| Duration::from_secs(u64::try_from(unix_now() - t).unwrap_or(0)));
-    let mut delay = match age {
+    let delay = match age {
         Some(age) if age < interval => interval - age,
         _ => Duration::ZERO,
     };
-    let mut failures = 0;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        let started = Instant::now();
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = fleet.sync(&client, &limiter) => r,
-        };
-        delay = match result {
-            Ok(n) => {
-                failures = 0;
-                tracing::info!(
-                    devices = n,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "fleet synced from wechat pay"
-                );
-                schedule.next_interval(crate::crypto::random_unit())
-            }
-            Err(error) => {
-                failures += 1;
-                let delay = schedule
-                    .retry_delay(failures, None, crate::crypto::random_unit())
-                    .max(schedule.backoff_min);
-                tracing::warn!(error = %crate::error_chain(&error), attempt = failures, backoff_ms = delay.as_millis() as u64, "fleet sync failed; keeping the cached list");
-                delay
-            }
-        };
-    }
+    super::periodic::repeat(
+        schedule,
+        delay,
+        shutdown,
+        crate::events::FLEET_SYNC_FAILED,
+        "fleet sync failed; keeping the cached list",
+        || async {
+            let started = Instant::now();
+            let n = fleet.sync(&client).await?;
+            tracing::info!(
+                message_id = crate::events::FLEET_SYNCED,
+                devices = n,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "fleet synced from wechat pay"
+            );
+            Ok::<(), FleetError>(())
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    /// A limiter whose budget is in memory, on the system clock.
+    fn limiter(per_second: u32, per_day: u32) -> RateLimiter {
+        RateLimiter::new(
+            per_second,
+            per_day,
+            Arc::new(MemoryBudget::new(system_clock())),
+        )
+    }
+
+    /// A clock a test sets, and the [`Clock`] reading it.
+    fn manual_clock(start: i64) -> (Arc<AtomicI64>, Clock) {
+        let now = Arc::new(AtomicI64::new(start));
+        let read = now.clone();
+        (now, Arc::new(move || read.load(Ordering::SeqCst)))
+    }
 
     #[tokio::test(start_paused = true)]
     async fn limiter_allows_n_per_sliding_second() {
-        let limiter = RateLimiter::new(20, 50_000);
+        let limiter = limiter(20, 50_000);
         let start = Instant::now();
         for _ in 0..60 {
             drop(limiter.acquire().await.expect("budget"));
@@ -532,7 +685,7 @@ mod tests {
     /// receiver count more than the limit.
     #[tokio::test(start_paused = true)]
     async fn the_receiver_never_counts_more_than_the_limit_in_a_second_whatever_the_delays() {
-        let limiter = Arc::new(RateLimiter::new(20, 50_000));
+        let limiter = Arc::new(limiter(20, 50_000));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let start = Instant::now();
         // A small deterministic generator: the same jitter every run.
@@ -584,18 +737,40 @@ mod tests {
         );
     }
 
+    /// Both budgets count per Beijing calendar day and refuse the request past the limit; the
+    /// next Beijing day (16:00 UTC) starts afresh.
     #[tokio::test(start_paused = true)]
-    async fn limiter_refuses_past_the_daily_budget() {
-        let limiter = RateLimiter::new(20, 3);
-        for _ in 0..3 {
-            drop(limiter.acquire().await.expect("budget"));
+    async fn limiter_refuses_past_the_daily_budget_until_the_next_beijing_day() {
+        // 2026-01-05 15:59:58 UTC = 23:59:58 in Beijing.
+        let (now, clock) = manual_clock(1_767_628_798);
+        let store = Store::temporary().expect("store");
+        let budgets: [Arc<dyn DailyBudget>; 2] = [
+            Arc::new(MemoryBudget::new(clock.clone())),
+            Arc::new(StoredBudget::new(store, clock)),
+        ];
+        for budget in budgets {
+            now.store(1_767_628_798, Ordering::SeqCst);
+            let limiter = RateLimiter::new(20, 3, budget);
+            for _ in 0..3 {
+                drop(limiter.acquire().await.expect("budget"));
+            }
+            let refused = limiter.acquire().await.expect_err("the budget is spent");
+            assert!(
+                matches!(&refused, FleetError::DailyBudget { limit: 3, day } if day == "2026-01-05"),
+                "{refused:?}"
+            );
+            assert_eq!(limiter.budget().used().await.expect("used"), 3);
+            now.store(1_767_628_800, Ordering::SeqCst);
+            drop(limiter.acquire().await.expect("the next Beijing day"));
+            assert_eq!(limiter.budget().used().await.expect("used"), 1);
         }
-        assert!(matches!(
-            limiter.acquire().await,
-            Err(FleetError::DailyBudget(3))
-        ));
-        tokio::time::advance(Duration::from_secs(86400)).await;
-        drop(limiter.acquire().await.expect("a day later"));
+    }
+
+    #[test]
+    fn beijing_day_turns_at_16_utc() {
+        assert_eq!(beijing_day(1_767_628_799), "2026-01-05");
+        assert_eq!(beijing_day(1_767_628_800), "2026-01-06");
+        assert_eq!(beijing_day(0), "1970-01-01");
     }
 
     #[test]
@@ -656,7 +831,7 @@ mod tests {
 
     #[test]
     fn status_reads_the_list() {
-        let fleet = Fleet::in_memory();
+        let fleet = Fleet::in_memory().expect("fleet");
         assert_eq!(fleet.status("SN1"), FleetStatus::Unknown);
         let device = |sn: &str, status: &str| Device {
             device_sn: Some(sn.into()),

@@ -1,13 +1,15 @@
 //! The proxy's counters and histograms for `/metrics` on the admin listener.
 //!
 //! Owns: the series and their Prometheus text rendering. Label values come from fixed sets
-//! (routes, codes, platforms), so cardinality stays bounded whatever terminals send.
+//! (the router's routes or `other`, codes, platforms), so cardinality stays bounded whatever
+//! terminals send.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::prometheus::Text;
+use crate::sync::lock;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
 const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -23,7 +25,7 @@ struct Histogram {
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     /// Terminal requests by (route, outcome code; `OK` for success).
-    requests: Mutex<BTreeMap<(&'static str, String), u64>>,
+    requests: Mutex<BTreeMap<(String, String), u64>>,
     /// Refused authentications by reason code.
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Upstream call latency by platform.
@@ -32,14 +34,11 @@ pub struct ProxyMetrics {
     upstream_failures: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl ProxyMetrics {
-    pub fn count_request(&self, route: &'static str, outcome: &str) {
+    /// Counts a terminal request; `route` is a route the router matched, or `other`.
+    pub fn count_request(&self, route: &str, outcome: &str) {
         *lock(&self.requests)
-            .entry((route, outcome.to_owned()))
+            .entry((route.to_owned(), outcome.to_owned()))
             .or_default() += 1;
     }
 

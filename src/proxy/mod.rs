@@ -5,20 +5,28 @@
 //! - [`config`]: the TOML config and its validation (keys loaded, permissions checked).
 //! - [`registry`]: the enrolled devices, reloaded on SIGHUP.
 //! - [`auth`]: terminal request authentication and the nonce cache.
-//! - [`fleet`]: WeChat Pay's device list: paced sync, cache, lookup.
+//! - [`certificates`]: WeChat Pay's platform certificates, downloaded and rotated.
+//! - [`fleet`]: WeChat Pay's device list: paced sync, the day's budget, cache, lookup.
+//! - [`store`]: the proxy's sled store (fleet cache, device-list budget, platform certificates).
 //! - [`server`]: the terminal routes, the admin routes and the error table.
 //! - [`metrics`]: Prometheus series.
+//! - [`periodic`]: the loop background duties run in (interval, jitter, backoff).
 //!
-//! Stateless apart from caches (nonces, fleet list), so several replicas can run behind any load
-//! balancer; the nonce cache is per replica, so a replay is caught only by the replica that saw
-//! the first use (route a terminal to one replica, or accept that window).
+//! Stateless apart from caches (nonces, fleet list) and its store (the day's device-list count,
+//! downloaded platform certificates), so several replicas can run behind any load balancer; the
+//! nonce cache and the store are per replica, so a replay is caught only by the replica that saw
+//! the first use (route a terminal to one replica, or accept that window), and each replica
+//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's.
 
 pub mod auth;
+pub mod certificates;
 pub mod config;
 pub mod fleet;
 pub mod metrics;
+pub mod periodic;
 pub mod registry;
 pub mod server;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,12 +37,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::config::Config;
-use self::fleet::{Fleet, FleetError, RateLimiter};
+use self::fleet::{Fleet, FleetError, FleetSnapshot, SyncRefusal};
 use self::registry::{RegistryError, SharedRegistry};
 use self::server::App;
+use self::store::{Store, StoreError};
 use crate::platform::alipay::AlipayClient;
 use crate::platform::aliyun::{AccessKey, AliyunClient, AliyunError};
 use crate::platform::wechatpay::{MerchantSigner, WechatPayClient};
+use crate::platform::{Upstream, UpstreamError};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +55,8 @@ pub enum ProxyError {
     Fleet(#[from] FleetError),
     #[error("cannot set up TLS")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("HTTP to {platform} failed")]
     Http {
         platform: &'static str,
@@ -53,8 +65,25 @@ pub enum ProxyError {
     },
     #[error("bad Alibaba Cloud settings")]
     Aliyun(#[from] AliyunError),
+    #[error(transparent)]
+    Certificates(#[from] certificates::CertificatesError),
+    #[error(
+        "[wechatpay] apiv3_key_file is not set: platform certificates are downloaded with the APIv3 key"
+    )]
+    NoApiV3Key,
     #[error("the admin listener's answer is malformed: {0}")]
     Admin(String),
+    #[error("the running proxy refused: {} {}", .0.code, .0.message)]
+    AdminRefused(SyncRefusal),
+    #[error(
+        "the proxy's store at {path} is held by another process, and no proxy answers on the \
+         admin listener at {admin}: stop the other process or run this where the admin listener \
+         is reachable"
+    )]
+    StoreBusy {
+        path: std::path::PathBuf,
+        admin: SocketAddr,
+    },
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -66,7 +95,14 @@ pub enum ProxyError {
 impl ProxyError {
     /// True when fixing the configuration (or a file it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(self, Self::Registry(_) | Self::Tls(_) | Self::Aliyun(_))
+        matches!(
+            self,
+            Self::Registry(_)
+                | Self::Tls(_)
+                | Self::Aliyun(_)
+                | Self::Upstream(_)
+                | Self::NoApiV3Key
+        )
     }
 }
 
@@ -86,9 +122,13 @@ impl RunningProxy {
     /// Re-reads the registry; on failure the old one stays and the error is logged.
     pub fn reload_registry(&self) {
         match self.app.registry.reload() {
-            Ok(n) => tracing::info!(devices = n, "registry reloaded"),
+            Ok(n) => tracing::info!(
+                message_id = crate::events::REGISTRY_RELOADED,
+                devices = n,
+                "registry reloaded"
+            ),
             Err(error) => {
-                tracing::error!(error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
+                tracing::error!(message_id = crate::events::REGISTRY_RELOAD_FAILED, error = %crate::error_chain(&error), "registry reload failed; keeping the previous registry")
             }
         }
     }
@@ -98,25 +138,27 @@ impl RunningProxy {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
-        tracing::info!("authinfo-proxy stopped");
+        tracing::info!(
+            message_id = crate::events::PROXY_STOPPED,
+            "authinfo-proxy stopped"
+        );
     }
 }
 
-/// A platform HTTP client trusting the Mozilla roots plus `extra_ca`.
+/// A platform HTTP client going out and trusting as `upstream` says, plus `extra_ca`.
 fn http(
     platform: &'static str,
     extra_ca: Option<&str>,
+    upstream: &Upstream,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, ProxyError> {
-    let tls = crate::tls::client_config_webpki(extra_ca, platform)?;
-    crate::platform::http_client(tls, timeout)
-        .map_err(|source| ProxyError::Http { platform, source })
+    Ok(upstream.client(extra_ca, platform, timeout)?)
 }
 
 /// Builds the platform clients, loads the registry and the fleet cache, binds both listeners and
 /// starts serving, syncing the fleet when enabled.
 pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
-    tracing::info!(
+    tracing::info!(message_id = crate::events::PROXY_STARTED,
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.listen,
         admin_listen = %config.admin_listen,
@@ -127,13 +169,18 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         fleet_enabled = config.fleet.enabled,
         alipay = config.alipay.is_some(),
         aliyun = config.aliyun.is_some(),
+        egress = %config.upstream.egress.redacted(),
+        trust = ?config.upstream.trust,
         "authinfo-proxy starting"
     );
     let registry = SharedRegistry::load(&config.registry)?;
     tracing::info!(devices = registry.current().len(), "registry loaded");
     let timeout = config.upstream_timeout;
     let sp_appid = config.wechatpay.sp_appid.clone();
-    let wechat = Arc::new(wechat_client(config.wechatpay, timeout)?);
+    let upstream = config.upstream;
+    let apiv3_key = config.wechatpay.apiv3_key.clone();
+    let configured_keys = config.wechatpay.platform_keys.clone();
+    let wechat = Arc::new(wechat_client(config.wechatpay, &upstream, timeout)?);
     let alipay = match config.alipay {
         Some(a) => {
             let client = AlipayClient::new(
@@ -141,7 +188,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
                 a.app_id,
                 a.app_key,
                 a.alipay_public,
-                http("alipay", a.ca_pem.as_deref(), timeout)?,
+                http("alipay", a.ca_pem.as_deref(), &upstream, timeout)?,
             );
             Some(match a.app_auth_token {
                 Some(token) => client.with_app_auth_token(token),
@@ -155,11 +202,20 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             &a.endpoint,
             AccessKey::new(a.access_key_id, a.access_key_secret),
             a.scheme,
-            http("aliyun", a.ca_pem.as_deref(), timeout)?,
+            http("aliyun", a.ca_pem.as_deref(), &upstream, timeout)?,
         )?),
         None => None,
     };
-    let fleet = Arc::new(Fleet::open(&config.state_dir)?);
+    let store = Store::open(&config.state_dir).map_err(FleetError::from)?;
+    let keeper = match apiv3_key {
+        Some(key) => Some(start_certificates(configured_keys, key, store.clone(), &wechat).await),
+        None => None,
+    };
+    let fleet = Arc::new(Fleet::new(
+        store,
+        config.fleet.requests_per_second,
+        config.fleet.requests_per_day,
+    )?);
     let app = Arc::new(App {
         registry,
         nonces: auth::NonceCache::default(),
@@ -172,11 +228,6 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         metrics: metrics::ProxyMetrics::default(),
         started: tokio::time::Instant::now(),
     });
-    let tls = Arc::new(crate::tls::server_config(
-        &config.tls_cert_pem,
-        &config.tls_key_pem,
-        "tls_cert/tls_key",
-    )?);
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await
@@ -190,7 +241,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
     let tracker = TaskTracker::new();
     tracker.spawn(crate::tls::serve_https(
         listener,
-        tls,
+        config.tls,
         server::terminal_router(app.clone()),
         shutdown.clone(),
     ));
@@ -201,15 +252,18 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             .with_graceful_shutdown(token.cancelled_owned())
             .await;
     });
-    if config.fleet.enabled {
-        let limiter = Arc::new(RateLimiter::new(
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
+    if let Some((keeper, first_in)) = keeper {
+        tracker.spawn(certificates::run(
+            keeper,
+            wechat.clone(),
+            first_in,
+            shutdown.clone(),
         ));
+    }
+    if config.fleet.enabled {
         tracker.spawn(fleet::run_sync(
             fleet,
             wechat,
-            limiter,
             config.fleet.sync_interval,
             shutdown.clone(),
         ));
@@ -224,49 +278,176 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
     })
 }
 
+/// Gives `wechat` the stored platform certificates, and when it then has no key at all (a
+/// first start in platform-certificate mode: no answer could be verified) downloads them before
+/// the proxy serves. Returns the keeper and when its next refresh is due.
+async fn start_certificates(
+    configured: crate::platform::wechatpay::PlatformKeys,
+    key: crate::platform::wechatpay::certificates::ApiV3Key,
+    store: Store,
+    wechat: &WechatPayClient,
+) -> (Arc<certificates::CertificateKeeper>, std::time::Duration) {
+    let keeper = Arc::new(certificates::CertificateKeeper::new(configured, key, store));
+    match keeper.install_stored(wechat) {
+        Ok(n) => tracing::info!(
+            certificates = n,
+            "stored wechat pay platform certificates loaded"
+        ),
+        Err(error) => {
+            tracing::error!(message_id = crate::events::PLATFORM_CERTIFICATES_FAILED, error = %crate::error_chain(&error), "stored wechat pay platform certificates are unreadable; downloading them again")
+        }
+    }
+    if !wechat.keys().is_empty() {
+        return (keeper, std::time::Duration::ZERO);
+    }
+    match keeper.refresh(wechat).await {
+        Ok(refreshed) => {
+            tracing::info!(
+                message_id = crate::events::PLATFORM_CERTIFICATES_REFRESHED,
+                certificates = refreshed.kept.len(),
+                "wechat pay platform certificates downloaded for the first time"
+            );
+            (keeper, certificates::REFRESH_INTERVAL)
+        }
+        Err(error) => {
+            tracing::error!(message_id = crate::events::PLATFORM_CERTIFICATES_FAILED, error = %crate::error_chain(&error), "cannot download the wechat pay platform certificates; answers cannot be verified until a retry succeeds");
+            (keeper, std::time::Duration::from_secs(30))
+        }
+    }
+}
+
+/// What `authinfo-proxy certificates` shows.
+#[derive(Debug)]
+pub struct CertificatesReport {
+    pub certificates: Vec<crate::platform::wechatpay::certificates::DownloadedCertificate>,
+    pub verification: crate::platform::wechatpay::certificates::Verification,
+    /// Whether the proxy's stored certificates were trusted too (not while a proxy holds the
+    /// store).
+    pub store_read: bool,
+}
+
+/// Downloads and verifies the platform certificates now (`authinfo-proxy certificates`), with
+/// the configured keys and, when no proxy holds the store, the certificates it downloaded
+/// before. Changes nothing.
+pub async fn certificates_now(config: Config) -> Result<CertificatesReport, ProxyError> {
+    let Some(key) = config.wechatpay.apiv3_key.clone() else {
+        return Err(ProxyError::NoApiV3Key);
+    };
+    let configured = config.wechatpay.platform_keys.clone();
+    let state_dir = config.state_dir.clone();
+    let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
+    let store_read = match Store::open(&state_dir) {
+        Ok(store) => {
+            certificates::CertificateKeeper::new(configured, key.clone(), store)
+                .install_stored(&client)?;
+            true
+        }
+        Err(StoreError::Locked { .. }) => false,
+        Err(e) => return Err(FleetError::from(e).into()),
+    };
+    let download = client
+        .download_certificates(&key)
+        .await
+        .map_err(|e| certificates::CertificatesError::Download(Box::new(e)))?;
+    Ok(CertificatesReport {
+        certificates: download.certificates,
+        verification: download.verification,
+        store_read,
+    })
+}
+
 fn wechat_client(
     w: config::WechatPayConfig,
+    upstream: &Upstream,
     timeout: std::time::Duration,
 ) -> Result<WechatPayClient, ProxyError> {
     Ok(WechatPayClient::new(
         w.base_url,
         MerchantSigner::new(w.mchid, w.merchant_serial, w.merchant_key),
         w.platform_keys,
-        http("wechatpay", w.ca_pem.as_deref(), timeout)?,
+        http("wechatpay", w.ca_pem.as_deref(), upstream, timeout)?,
     ))
 }
 
-/// Pages WeChat Pay's device list now, within the configured limits (`devices --live`).
-pub async fn fleet_now(config: Config) -> Result<fleet::FleetSnapshot, ProxyError> {
-    let client = wechat_client(config.wechatpay, config.upstream_timeout)?;
-    let limiter = RateLimiter::new(
+/// How long `devices --live` waits for a running proxy to page the list (a 50 000-device fleet
+/// is 500 pages, 25 s at 20 a second, more when WeChat Pay asks it to back off).
+const ADMIN_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Pages WeChat Pay's device list now (`devices --live`), within the merchant's limits and in
+/// the merchant's one daily budget: when a proxy answers on its admin listener at `admin`, it is
+/// asked to sync (`POST /fleet/sync`: its own pacing and store, and its cache is refreshed);
+/// otherwise the list is paged here on the proxy's store, whose budget and cache the next
+/// `serve` then finds. sled admits one process at a time, so a store held by a process that
+/// does not answer on `admin` is [`ProxyError::StoreBusy`], never a second, separate count.
+pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    match admin_post_sync(admin).await {
+        Err(ProxyError::Http { source, .. }) if source.is_connect() => {}
+        answered => return answered,
+    }
+    let store = match Store::open(&config.state_dir) {
+        Ok(store) => store,
+        Err(StoreError::Locked { path }) => return Err(ProxyError::StoreBusy { path, admin }),
+        Err(e) => return Err(FleetError::from(e).into()),
+    };
+    let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
+    let fleet = Fleet::new(
+        store,
         config.fleet.requests_per_second,
         config.fleet.requests_per_day,
-    );
-    let devices = fleet::fetch_all(&client, &limiter).await?;
-    Ok(fleet::FleetSnapshot {
-        synced_at: Some(crate::units::unix_now()),
-        devices,
-    })
+    )?;
+    fleet.sync(&client).await?;
+    Ok((*fleet.snapshot()).clone())
+}
+
+/// Asks a running proxy's admin listener to sync now and answer with the new list.
+async fn admin_post_sync(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    admin_call(
+        reqwest::Method::POST,
+        admin,
+        "/fleet/sync",
+        ADMIN_SYNC_TIMEOUT,
+    )
+    .await
 }
 
 /// Asks a running proxy's admin listener for its cached fleet (`devices`).
-pub async fn admin_fleet(admin: SocketAddr) -> Result<fleet::FleetSnapshot, ProxyError> {
-    let http = http("admin listener", None, std::time::Duration::from_secs(10))?;
+pub async fn admin_fleet(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+    admin_call(
+        reqwest::Method::GET,
+        admin,
+        "/fleet",
+        std::time::Duration::from_secs(10),
+    )
+    .await
+}
+
+/// One call to the admin listener answering a fleet list, or a [`SyncRefusal`].
+async fn admin_call(
+    method: reqwest::Method,
+    admin: SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<FleetSnapshot, ProxyError> {
+    // The admin listener is local: straight to it, whatever the egress proxy.
+    let http = http("admin listener", None, &Upstream::direct(), timeout)?;
     let failed = |source| ProxyError::Http {
         platform: "admin listener",
         source,
     };
-    let bytes = http
-        .get(format!("http://{admin}/fleet"))
+    let response = http
+        .request(method, format!("http://{admin}{path}"))
         .send()
         .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(failed)?
-        .bytes()
-        .await
         .map_err(failed)?;
-    serde_json::from_slice(&bytes).map_err(|e| ProxyError::Admin(e.to_string()))
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(failed)?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ProxyError::Admin(e.to_string()));
+    }
+    match serde_json::from_slice::<SyncRefusal>(&bytes) {
+        Ok(refusal) => Err(ProxyError::AdminRefused(refusal)),
+        Err(_) => Err(ProxyError::Admin(format!("HTTP {status} on {path}"))),
+    }
 }
 
 fn local(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::crypto::RsaVerifier;
 use crate::platform::alipay::DeviceQuery;
 
@@ -70,26 +71,11 @@ pub struct Device {
     pub aliyun: Option<(String, Option<String>)>,
 }
 
-/// Why a registry could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("cannot read the registry {path}")]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the registry {path} is not valid TOML: {message}")]
-    Parse {
-        path: std::path::PathBuf,
-        message: String,
-    },
-    #[error("the registry {path} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: std::path::PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// Why a registry could not be loaded (shared with the config files).
+pub use crate::config_file::ConfigError as RegistryError;
+
+/// What the registry is called in errors.
+const WHAT: &str = "registry";
 
 /// A loaded registry.
 #[derive(Debug, Default)]
@@ -100,60 +86,58 @@ pub struct Registry {
 impl Registry {
     /// Reads and validates the registry file.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&crate::config_file::read(WHAT, path)?, path)
     }
 
     /// Validates registry text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, RegistryError> {
-        let raw: RawRegistry = toml::from_str(text).map_err(|e| RegistryError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let mut problems = Vec::new();
+        let raw: RawRegistry = crate::config_file::parse_toml(WHAT, text, path)?;
+        let mut problems = Problems::new(WHAT);
         let mut devices = BTreeMap::new();
         let mut keys = HashSet::new();
         let mut serials = HashSet::new();
         for (index, d) in raw.device.into_iter().enumerate() {
             let at = format!("device[{index}] ({})", d.device_id);
             if !crate::wire::valid_device_id(&d.device_id) {
-                problems.push(format!(
-                    "{at}: device_id must be 1 to 64 of A-Z a-z 0-9 . _ -"
-                ));
+                problems.push(
+                    &at,
+                    format_args!("device_id must be 1 to 64 of A-Z a-z 0-9 . _ -"),
+                );
                 continue;
             }
             if devices.contains_key(&d.device_id) {
-                problems.push(format!("{at}: device_id is enrolled twice"));
+                problems.push(&at, format_args!("device_id is enrolled twice"));
                 continue;
             }
             let public_key = match RsaVerifier::from_pem(&d.public_key, &at) {
                 Ok(k) => k,
                 Err(e) => {
-                    problems.push(format!("{at}: public_key: {e}"));
+                    problems.push(&at, format_args!("public_key: {e}"));
                     continue;
                 }
             };
             if !keys.insert(public_key.fingerprint()) {
-                problems.push(format!(
-                    "{at}: the same public key is enrolled for another device"
-                ));
+                problems.push(
+                    &at,
+                    format_args!("the same public key is enrolled for another device"),
+                );
                 continue;
             }
             if !valid_device_sn(&d.device_sn) {
-                problems.push(format!(
-                    "{at}: device_sn must be 5 to 200 ASCII letters and digits (WeChat Pay's rule)"
-                ));
+                problems.push(
+                    &at,
+                    format_args!(
+                        "device_sn must be 5 to 200 ASCII letters and digits (WeChat Pay's rule)"
+                    ),
+                );
                 continue;
             }
             // Two entries with one serial would let one terminal read the other's facts.
             if !serials.insert(d.device_sn.clone()) {
-                problems.push(format!(
-                    "{at}: device_sn {} is enrolled for another device",
-                    d.device_sn
-                ));
+                problems.push(
+                    &at,
+                    format_args!("device_sn {} is enrolled for another device", d.device_sn),
+                );
                 continue;
             }
             for (field, value) in [
@@ -161,7 +145,7 @@ impl Registry {
                 ("organization_id", &d.organization_id),
             ] {
                 if value.trim().is_empty() {
-                    problems.push(format!("{at}: {field} is empty"));
+                    problems.push(&at, format_args!("{field} is empty"));
                 }
             }
             let alipay = match d.alipay {
@@ -180,8 +164,7 @@ impl Registry {
                     device_sn,
                 }),
                 Some(_) => {
-                    problems.push(format!(
-                        "{at}: [device.alipay] needs biz_tid alone (ID mode) or supplier_id and device_sn (SN mode)"
+                    problems.push(&at, format_args!("[device.alipay] needs biz_tid alone (ID mode) or supplier_id and device_sn (SN mode)"
                     ));
                     continue;
                 }
@@ -202,14 +185,7 @@ impl Registry {
                 }),
             );
         }
-        if problems.is_empty() {
-            Ok(Self { devices })
-        } else {
-            Err(RegistryError::Invalid {
-                path: path.to_owned(),
-                problems,
-            })
-        }
+        problems.finish(path, Some(Self { devices }))
     }
 
     pub fn get(&self, device_id: &str) -> Option<Arc<Device>> {
@@ -247,20 +223,14 @@ impl SharedRegistry {
 
     /// The registry now.
     pub fn current(&self) -> Arc<Registry> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.current).clone()
     }
 
     /// Reloads the file; on failure the old registry stays and the error is returned.
     pub fn reload(&self) -> Result<usize, RegistryError> {
         let fresh = Registry::load(&self.path)?;
         let n = fresh.len();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(fresh);
+        *crate::sync::write(&self.current) = Arc::new(fresh);
         Ok(n)
     }
 }
@@ -269,11 +239,9 @@ impl SharedRegistry {
 mod tests {
     use super::*;
 
-    fn key_pem() -> String {
-        crate::crypto::generate_rsa_key(2048)
-            .expect("keygen")
-            .public
-            .to_pem()
+    /// The public half of test key `n` (distinct `n`, distinct keys).
+    fn key_pem(n: usize) -> String {
+        crate::crypto::test_key(n).public.to_pem()
     }
 
     fn entry(id: &str, key: &str, extra: &str) -> String {
@@ -286,11 +254,11 @@ mod tests {
     fn entries_parse_with_their_platform_identities() {
         let text = entry(
             "T1",
-            &key_pem(),
+            &key_pem(0),
             "[device.alipay]\nbiz_tid = \"TID\"\n[device.aliyun]\ndevice_id = \"wd.X\"\n",
         ) + &entry(
             "T2",
-            &key_pem(),
+            &key_pem(1),
             "[device.alipay]\nsupplier_id = \"S\"\ndevice_sn = \"D\"\n",
         );
         let r = Registry::parse(&text, Path::new("devices.toml")).expect("valid");
@@ -313,18 +281,18 @@ mod tests {
 
     #[test]
     fn every_problem_is_listed() {
-        let key = key_pem();
+        let key = key_pem(0);
         let text = entry("T1", &key, "")
-            + &entry("T1", &key_pem(), "")
+            + &entry("T1", &key_pem(1), "")
             + &entry("T2", &key, "")
-            + &entry("bad id", &key_pem(), "")
+            + &entry("bad id", &key_pem(2), "")
             + &entry("T4", "not a key", "")
             + &entry(
                 "T5",
-                &key_pem(),
+                &key_pem(3),
                 "[device.alipay]\nbiz_tid = \"x\"\nsupplier_id = \"y\"\n",
             )
-            + &entry("T1", &key_pem(), "").replace("device_id = \"T1\"", "device_id = \"T6\"");
+            + &entry("T1", &key_pem(4), "").replace("device_id = \"T1\"", "device_id = \"T6\"");
         let err = Registry::parse(&text, Path::new("devices.toml")).unwrap_err();
         let RegistryError::Invalid { problems, .. } = err else {
             panic!("expected Invalid");
@@ -346,12 +314,12 @@ mod tests {
     fn a_bad_reload_keeps_the_old_registry() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("devices.toml");
-        std::fs::write(&path, entry("T1", &key_pem(), "")).expect("write");
+        std::fs::write(&path, entry("T1", &key_pem(0), "")).expect("write");
         let shared = SharedRegistry::load(&path).expect("load");
         std::fs::write(&path, "[[device]]\nthis is not toml").expect("write");
         assert!(shared.reload().is_err());
         assert!(shared.current().get("T1").is_some());
-        std::fs::write(&path, entry("T2", &key_pem(), "")).expect("write");
+        std::fs::write(&path, entry("T2", &key_pem(1), "")).expect("write");
         assert_eq!(shared.reload().expect("reload"), 1);
         assert!(shared.current().get("T1").is_none());
         assert!(shared.current().get("T2").is_some());
@@ -361,7 +329,7 @@ mod tests {
     #[test]
     fn the_example_registry_matches_the_schema() {
         let example = include_str!("../../examples/devices.toml");
-        let key = key_pem();
+        let key = key_pem(0);
         let text = example.replace(
             "-----BEGIN PUBLIC KEY-----\n(paste the terminal's public key here)\n-----END PUBLIC KEY-----\n",
             &key,

@@ -1,21 +1,29 @@
 //! The terminal-facing routes and the admin routes.
 //!
-//! Owns: routing, the order authenticate → fleet check → forward, what each route sends to its
-//! platform (filled from the signing device's registry entry, never from the request: a device
-//! can only ask about itself), and the one table from error to status, code and retryability
-//! ([`ProxyError`]). It must not sign or verify platform calls itself; the platform clients do.
+//! Owns: the route table (axum routes each path to its one method; any other method is a JSON
+//! 405 with `Allow`, any other path a JSON 404), the checks every terminal route makes before it
+//! forwards, in order body → authenticate → fleet ([`Authenticated`]), what each route sends to
+//! its platform (filled from the signing device's registry entry, never from the request: a
+//! device can only ask about itself), each request's span, counters and log line (`observe`),
+//! and the one table from error to status, code and retryability ([`RequestError`]). It must not
+//! sign or verify platform calls itself; the platform clients do.
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
+use axum::Json;
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt as _, Limited};
+use axum::routing::{MethodFilter, MethodRouter, get, on};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::auth::{AuthError, NonceCache, authenticate};
-use super::fleet::{Fleet, FleetStatus};
+use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
 use crate::platform::alipay::AlipayClient;
@@ -40,9 +48,11 @@ pub struct App {
     pub started: Instant,
 }
 
-/// Every error the proxy answers a terminal with: the one table.
+// === errors ===
+
+/// Every error the proxy answers a terminal request with: the one table.
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub enum RequestError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("WeChat Pay does not list device_sn {0} for this merchant")]
@@ -53,8 +63,13 @@ pub enum ProxyError {
     NotConfigured(&'static str),
     #[error("no route {0}")]
     NotFound(String),
+    /// `route` takes `allowed` alone.
     #[error("{method} is not allowed on {route}")]
-    MethodNotAllowed { method: Method, route: &'static str },
+    MethodNotAllowed {
+        method: Method,
+        route: String,
+        allowed: Method,
+    },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("the body is larger than {} bytes", wire::MAX_REQUEST_BODY)]
@@ -66,7 +81,7 @@ pub enum ProxyError {
     },
 }
 
-impl ProxyError {
+impl RequestError {
     /// Status, code and retryability.
     pub fn classify(&self) -> (StatusCode, &'static str, bool) {
         use StatusCode as S;
@@ -130,162 +145,208 @@ impl ProxyError {
     }
 }
 
-impl IntoResponse for ProxyError {
+impl IntoResponse for RequestError {
+    /// The error body with its status (and `Retry-After`, `Allow` where they apply). The error
+    /// itself rides along in the response's extensions for `observe` to count and log.
     fn into_response(self) -> Response {
         let (status, _, _) = self.classify();
         let body = self.body();
-        let mut response = (status, axum::Json(&body)).into_response();
+        let mut response = (status, Json(&body)).into_response();
         if let Some(secs) = body.retry_after_seconds
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        if let Self::MethodNotAllowed { route, .. } = &self {
-            let allow = if *route == wire::ROUTE_AUTHINFO {
-                "POST"
-            } else {
-                "GET"
-            };
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        if let Self::MethodNotAllowed { allowed, .. } = &self
+            && let Ok(v) = HeaderValue::from_str(allowed.as_str())
+        {
+            response.headers_mut().insert(header::ALLOW, v);
         }
+        response.extensions_mut().insert(Arc::new(self));
         response
     }
 }
 
+// === the checks every terminal route makes ===
+
+/// A terminal request that passed the checks every terminal route makes, in this order: its
+/// body read once (at most [`wire::MAX_REQUEST_BODY`]), its signature by an enrolled device
+/// ([`authenticate`], which records the nonce), and WeChat Pay's fleet list. Taken by every
+/// terminal handler, it also records `device_id` on the request's span.
+#[derive(Debug)]
+pub struct Authenticated {
+    /// The device that signed the request: the only device the route may ask about.
+    pub device: Arc<Device>,
+    /// The body, exactly as signed.
+    pub body: Bytes,
+}
+
+impl FromRequest<Arc<App>> for Authenticated {
+    type Rejection = RequestError;
+
+    async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, RequestError> {
+        let (parts, body) = request.into_parts();
+        let body = axum::body::to_bytes(body, wire::MAX_REQUEST_BODY)
+            .await
+            .map_err(|e| {
+                let e = e.into_inner();
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RequestError::BodyTooLarge
+                } else {
+                    RequestError::BadRequest(e.to_string())
+                }
+            })?;
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or(parts.uri.path(), |p| p.as_str());
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let device = authenticate(
+            &app.registry.current(),
+            &app.nonces,
+            authorization,
+            parts.method.as_str(),
+            path_and_query,
+            &body,
+            unix_now(),
+        )?;
+        tracing::Span::current().record("device_id", device.device_id.as_str());
+        check_fleet(app, &device)?;
+        Ok(Self { device, body })
+    }
+}
+
+/// Refuses a device WeChat Pay lists as not activated, or does not list, when the fleet check is
+/// enabled. Until a first list is synced every enrolled device passes (the check fails open).
+fn check_fleet(app: &App, device: &Device) -> Result<(), RequestError> {
+    if !app.fleet_enabled {
+        return Ok(());
+    }
+    match app.fleet.status(&device.device_sn) {
+        FleetStatus::Activated => Ok(()),
+        FleetStatus::Inactivated => Err(RequestError::Inactivated(device.device_sn.clone())),
+        FleetStatus::Unlisted => Err(RequestError::NotInFleet(device.device_sn.clone())),
+        FleetStatus::Unknown => {
+            tracing::debug!("no fleet list yet; not checking the device against it");
+            Ok(())
+        }
+    }
+}
+
+// === the terminal routes ===
+
 /// The routes terminals call.
 pub fn terminal_router(app: Arc<App>) -> axum::Router {
-    axum::Router::new().fallback(terminal).with_state(app)
+    axum::Router::new()
+        .route(wire::ROUTE_AUTHINFO, only(Method::POST, authinfo))
+        .route(wire::ROUTE_INSPECTION, only(Method::GET, inspection))
+        .route(
+            wire::ROUTE_ALIPAY_BINDING,
+            only(Method::GET, alipay_binding),
+        )
+        .route(wire::ROUTE_LICENCE, only(Method::GET, licence))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
 }
 
-/// The route a path names, with the method it takes.
-fn route_of(path: &str) -> Option<(&'static str, Method)> {
-    match path {
-        wire::ROUTE_AUTHINFO => Some((wire::ROUTE_AUTHINFO, Method::POST)),
-        wire::ROUTE_INSPECTION => Some((wire::ROUTE_INSPECTION, Method::GET)),
-        wire::ROUTE_ALIPAY_BINDING => Some((wire::ROUTE_ALIPAY_BINDING, Method::GET)),
-        wire::ROUTE_LICENCE => Some((wire::ROUTE_LICENCE, Method::GET)),
-        _ => None,
+/// `handler` for `method` alone; any other method gets the JSON 405 with `Allow: <method>`.
+/// That includes HEAD, which axum's `get` would answer with the GET handler (so a HEAD would
+/// reach a platform and spend the device's nonce for an answer without a body) and list in
+/// `Allow`: the contract's routes take one method each.
+fn only<H, T>(method: Method, handler: H) -> MethodRouter<Arc<App>>
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    let allowed = method.clone();
+    let refuse = move |method: Method, uri: Uri| async move {
+        RequestError::MethodNotAllowed {
+            method,
+            route: uri.path().to_owned(),
+            allowed,
+        }
+    };
+    // `only` is given the contract's methods, GET and POST, and both are method filters.
+    let filter = MethodFilter::try_from(method.clone()).expect("GET and POST are method filters");
+    let router = on(filter, handler).fallback(refuse.clone());
+    if method == Method::GET {
+        router.head(refuse)
+    } else {
+        router
     }
 }
 
-async fn terminal(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+async fn not_found(uri: Uri) -> RequestError {
+    RequestError::NotFound(uri.path().chars().take(100).collect())
+}
+
+/// Around every terminal request, routed or not: its span (`route`, and `device_id` once
+/// [`Authenticated`] records it), the request and authentication-failure counters, and one log
+/// line with the outcome.
+async fn observe(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // A route of the table or `other`: the metric label stays bounded whatever the path.
+    let route = matched.as_ref().map_or("other", MatchedPath::as_str);
+    // At WARN, the level of the refusal line: a filter that keeps refusals keeps their span.
+    let span = tracing::warn_span!("request", route, device_id = tracing::field::Empty);
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
-    let route = route_of(parts.uri.path()).map_or("other", |(r, _)| r);
-    let mut device_id = None;
-    let result = handle(
-        &app,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        body,
-        &mut device_id,
-    )
-    .await;
+    let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok(response) => {
-            app.metrics.count_request(route, "OK");
-            tracing::info!(
-                route,
-                device_id = device_id.as_deref(),
-                elapsed_ms,
-                "served"
-            );
-            response
-        }
-        Err(error) => {
-            let body = error.body();
-            app.metrics.count_request(route, &body.code);
-            if let ProxyError::Auth(_) = &error {
-                app.metrics.count_auth_failure(error.classify().1);
-            }
-            let upstream = body.upstream.as_ref();
-            tracing::warn!(
-                route,
-                device_id = device_id.as_deref(),
-                code = %body.code,
-                error = %error,
-                upstream_status = upstream.map(|u| u.status),
-                upstream_code = upstream.and_then(|u| u.code.as_deref()),
-                request_id = upstream.and_then(|u| u.request_id.as_deref()),
-                elapsed_ms,
-                "refused"
-            );
-            error.into_response()
-        }
-    }
+    let error = response.extensions_mut().remove::<Arc<RequestError>>();
+    span.in_scope(|| count_and_log(&app, route, error.as_deref(), &response, elapsed_ms));
+    response
 }
 
-async fn handle(
+/// Counts one terminal request by route and outcome and logs it (within its span).
+fn count_and_log(
     app: &App,
-    method: &Method,
-    uri: &axum::http::Uri,
-    headers: &HeaderMap,
-    body: Body,
-    device_id: &mut Option<String>,
-) -> Result<Response, ProxyError> {
-    let (route, allowed) = route_of(uri.path())
-        .ok_or_else(|| ProxyError::NotFound(uri.path().chars().take(100).collect()))?;
-    if method != allowed {
-        return Err(ProxyError::MethodNotAllowed {
-            method: method.clone(),
-            route,
-        });
-    }
-    let body = read_body(body).await?;
-    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let registry = app.registry.current();
-    let device = authenticate(
-        &registry,
-        &app.nonces,
-        authorization,
-        method.as_str(),
-        path_and_query,
-        &body,
-        unix_now(),
-    )?;
-    *device_id = Some(device.device_id.clone());
-    if app.fleet_enabled {
-        match app.fleet.status(&device.device_sn) {
-            FleetStatus::Activated => {}
-            FleetStatus::Inactivated => {
-                return Err(ProxyError::Inactivated(device.device_sn.clone()));
-            }
-            FleetStatus::Unlisted => return Err(ProxyError::NotInFleet(device.device_sn.clone())),
-            FleetStatus::Unknown => {
-                tracing::debug!(device_id = %device.device_id, "no fleet list yet; not checking the device against it");
-            }
+    route: &str,
+    error: Option<&RequestError>,
+    response: &Response,
+    elapsed_ms: u64,
+) {
+    let Some(error) = error else {
+        if response.status().is_success() {
+            app.metrics.count_request(route, "OK");
+            tracing::info!(elapsed_ms, "served");
+        } else {
+            // Every refusal is a `RequestError`; an answer that is neither is the proxy's fault.
+            app.metrics.count_request(route, codes::INTERNAL);
+            tracing::error!(
+                status = response.status().as_u16(),
+                elapsed_ms,
+                "answered an error that is not in the error table"
+            );
         }
+        return;
+    };
+    let body = error.body();
+    app.metrics.count_request(route, &body.code);
+    if let RequestError::Auth(_) = error {
+        app.metrics.count_auth_failure(error.classify().1);
     }
-    let value = match route {
-        wire::ROUTE_AUTHINFO => serde_json::to_value(authinfo(app, &device, &body).await?),
-        wire::ROUTE_INSPECTION => serde_json::to_value(inspection(app, &device).await?),
-        wire::ROUTE_ALIPAY_BINDING => serde_json::to_value(alipay_binding(app, &device).await?),
-        _ => serde_json::to_value(licence(app, &device).await?),
-    }
-    .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-    Ok(axum::Json(value).into_response())
+    let upstream = body.upstream.as_ref();
+    tracing::warn!(
+        message_id = crate::events::TERMINAL_REFUSED,
+        code = %body.code,
+        error = %error,
+        upstream_status = upstream.map(|u| u.status),
+        upstream_code = upstream.and_then(|u| u.code.as_deref()),
+        request_id = upstream.and_then(|u| u.request_id.as_deref()),
+        elapsed_ms,
+        "refused"
+    );
 }
 
-async fn read_body(body: Body) -> Result<bytes::Bytes, ProxyError> {
-    Limited::new(body, wire::MAX_REQUEST_BODY)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ProxyError::BodyTooLarge
-            } else {
-                ProxyError::BadRequest(e.to_string())
-            }
-        })
-}
+// === platform calls ===
 
 /// Times a platform call and counts its failure class.
 async fn upstream<T, E>(
@@ -293,7 +354,7 @@ async fn upstream<T, E>(
     platform: &'static str,
     call: impl std::future::Future<Output = Result<T, E>>,
     failure: impl Fn(&E) -> Failure,
-) -> Result<T, ProxyError> {
+) -> Result<T, RequestError> {
     let started = Instant::now();
     let result = call.await;
     app.metrics.observe_upstream(platform, started.elapsed());
@@ -301,7 +362,7 @@ async fn upstream<T, E>(
         let failure = failure(&e);
         app.metrics
             .count_upstream_failure(platform, class_name(failure.class));
-        ProxyError::Upstream { platform, failure }
+        RequestError::Upstream { platform, failure }
     })
 }
 
@@ -317,11 +378,10 @@ fn class_name(class: FailureClass) -> &'static str {
 }
 
 async fn authinfo(
-    app: &App,
-    device: &Device,
-    body: &[u8],
-) -> Result<wire::AuthinfoResponse, ProxyError> {
-    let request = wire::AuthinfoRequest::from_body(body).map_err(ProxyError::BadRequest)?;
+    State(app): State<Arc<App>>,
+    Authenticated { device, body }: Authenticated,
+) -> Result<Json<wire::AuthinfoResponse>, RequestError> {
+    let request = wire::AuthinfoRequest::from_body(&body).map_err(RequestError::BadRequest)?;
     let params = AuthinfoParams {
         sp_appid: app.sp_appid.clone(),
         sub_appid: device.sub_appid.clone(),
@@ -331,21 +391,24 @@ async fn authinfo(
         organization_id: device.organization_id.clone(),
     };
     let answer = upstream(
-        app,
+        &app,
         "wechatpay",
         app.wechat.offlineface_authinfo(&params),
         |e| e.failure(),
     )
     .await?;
-    Ok(wire::AuthinfoResponse {
+    Ok(Json(wire::AuthinfoResponse {
         authinfo: answer.authinfo,
         expires_in: answer.expires_in,
-    })
+    }))
 }
 
-async fn inspection(app: &App, device: &Device) -> Result<wire::Inspection, ProxyError> {
+async fn inspection(
+    State(app): State<Arc<App>>,
+    Authenticated { device, .. }: Authenticated,
+) -> Result<Json<wire::Inspection>, RequestError> {
     let i = upstream(
-        app,
+        &app,
         "wechatpay",
         app.wechat.device_inspection(&device.device_sn),
         |e| e.failure(),
@@ -356,7 +419,7 @@ async fn inspection(app: &App, device: &Device) -> Result<wire::Inspection, Prox
         "WARN" => wire::InspectionResult::Warn,
         "FAIL" => wire::InspectionResult::Fail,
         other => {
-            return Err(ProxyError::Upstream {
+            return Err(RequestError::Upstream {
                 platform: "wechatpay",
                 failure: Failure::local(
                     FailureClass::Malformed,
@@ -366,7 +429,7 @@ async fn inspection(app: &App, device: &Device) -> Result<wire::Inspection, Prox
         }
     };
     let some = |s: String| (!s.is_empty()).then_some(s);
-    Ok(wire::Inspection {
+    Ok(Json(wire::Inspection {
         device_sn: i.device_sn,
         result,
         errors: i.errors,
@@ -378,34 +441,40 @@ async fn inspection(app: &App, device: &Device) -> Result<wire::Inspection, Prox
         wireless_mac: some(i.wireless_mac),
         bluetooth_mac: some(i.bluetooth_mac),
         imei: some(i.imei),
-    })
+    }))
 }
 
-async fn alipay_binding(app: &App, device: &Device) -> Result<wire::AlipayBinding, ProxyError> {
-    let client = app.alipay.as_ref().ok_or(ProxyError::NotConfigured(
+async fn alipay_binding(
+    State(app): State<Arc<App>>,
+    Authenticated { device, .. }: Authenticated,
+) -> Result<Json<wire::AlipayBinding>, RequestError> {
+    let client = app.alipay.as_ref().ok_or(RequestError::NotConfigured(
         "Alipay is not configured on this proxy",
     ))?;
-    let query = device.alipay.as_ref().ok_or(ProxyError::NotConfigured(
+    let query = device.alipay.as_ref().ok_or(RequestError::NotConfigured(
         "this device's registry entry has no [device.alipay] identity",
     ))?;
-    let b = upstream(app, "alipay", client.device_query(query), |e| e.failure()).await?;
-    Ok(wire::AlipayBinding {
+    let b = upstream(&app, "alipay", client.device_query(query), |e| e.failure()).await?;
+    Ok(Json(wire::AlipayBinding {
         merchant_type: b.merchant_type,
         pid: b.pid,
         shop_id: b.shop_id,
         smid: b.smid,
-    })
+    }))
 }
 
-async fn licence(app: &App, device: &Device) -> Result<wire::Licence, ProxyError> {
-    let client = app.aliyun.as_ref().ok_or(ProxyError::NotConfigured(
+async fn licence(
+    State(app): State<Arc<App>>,
+    Authenticated { device, .. }: Authenticated,
+) -> Result<Json<wire::Licence>, RequestError> {
+    let client = app.aliyun.as_ref().ok_or(RequestError::NotConfigured(
         "Alibaba Cloud is not configured on this proxy",
     ))?;
-    let (cloudauth_id, biz_type) = device.aliyun.as_ref().ok_or(ProxyError::NotConfigured(
+    let (cloudauth_id, biz_type) = device.aliyun.as_ref().ok_or(RequestError::NotConfigured(
         "this device's registry entry has no [device.aliyun] identity",
     ))?;
     let info = upstream(
-        app,
+        &app,
         "aliyun",
         client.find_device(cloudauth_id, biz_type.as_deref()),
         |e| e.failure(),
@@ -414,7 +483,7 @@ async fn licence(app: &App, device: &Device) -> Result<wire::Licence, ProxyError
     let day = |text: &str, field: &str| {
         aliyun::parse_day(text)
             .map(aliyun::format_day)
-            .ok_or_else(|| ProxyError::Upstream {
+            .ok_or_else(|| RequestError::Upstream {
                 platform: "aliyun",
                 failure: Failure::local(
                     FailureClass::Malformed,
@@ -422,38 +491,61 @@ async fn licence(app: &App, device: &Device) -> Result<wire::Licence, ProxyError
                 ),
             })
     };
-    Ok(wire::Licence {
+    Ok(Json(wire::Licence {
         begin_day: day(&info.begin_day, "BeginDay")?,
         expired_day: day(&info.expired_day, "ExpiredDay")?,
         device_id: info.device_id,
         user_device_id: info.user_device_id,
         biz_type: info.biz_type,
-    })
+    }))
 }
 
 // === admin ===
 
-/// `/healthz`, `/metrics` and `/fleet`, for the admin listener (loopback by default).
+/// `/healthz`, `/metrics`, `/fleet` and `POST /fleet/sync`, for the admin listener (loopback by
+/// default).
 pub fn admin_router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
-        .route("/healthz", axum::routing::get(healthz))
-        .route("/metrics", axum::routing::get(metrics))
-        .route("/fleet", axum::routing::get(fleet))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/fleet", get(fleet))
+        .route("/fleet/sync", axum::routing::post(fleet_sync))
         .with_state(app)
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> Response {
+/// The answer to `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthzDoc {
+    pub status: Health,
+    pub version: String,
+    pub uptime_seconds: u64,
+    /// Devices enrolled in the registry.
+    pub registry_devices: usize,
+    pub fleet_enabled: bool,
+    /// Devices in the last synced fleet list.
+    pub fleet_devices: usize,
+    /// When the fleet list was synced (RFC 3339); `null` before the first sync.
+    pub fleet_synced_at: Option<String>,
+}
+
+/// What `/healthz` reports: the admin listener answers only while the proxy serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Ok,
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Json<HealthzDoc> {
     let snapshot = app.fleet.snapshot();
-    axum::Json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs(),
-        "registry_devices": app.registry.current().len(),
-        "fleet_enabled": app.fleet_enabled,
-        "fleet_devices": snapshot.devices.len(),
-        "fleet_synced_at": snapshot.synced_at.map(crate::units::rfc3339),
-    }))
-    .into_response()
+    Json(HealthzDoc {
+        status: Health::Ok,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: app.started.elapsed().as_secs(),
+        registry_devices: app.registry.current().len(),
+        fleet_enabled: app.fleet_enabled,
+        fleet_devices: snapshot.devices.len(),
+        fleet_synced_at: snapshot.synced_at.map(crate::units::rfc3339),
+    })
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -490,5 +582,23 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn fleet(State(app): State<Arc<App>>) -> Response {
-    axum::Json(&*app.fleet.snapshot()).into_response()
+    Json(&*app.fleet.snapshot()).into_response()
+}
+
+/// `POST /fleet/sync` (`devices --live` while the proxy runs): pages the list now, in this
+/// proxy's pacing and daily budget, and answers with it; 429 when the budget is spent, 502 when
+/// the sync failed (the cached list stays).
+async fn fleet_sync(State(app): State<Arc<App>>) -> Response {
+    match app.fleet.sync(&app.wechat).await {
+        Ok(_) => Json(&*app.fleet.snapshot()).into_response(),
+        Err(error) => {
+            let refusal = SyncRefusal::from(&error);
+            tracing::warn!(message_id = crate::events::FLEET_SYNC_FAILED, error = %refusal.message, "fleet sync asked on the admin listener failed");
+            let status = match refusal.code {
+                SyncRefusalCode::DailyBudgetSpent => StatusCode::TOO_MANY_REQUESTS,
+                SyncRefusalCode::SyncFailed => StatusCode::BAD_GATEWAY,
+            };
+            (status, Json(refusal)).into_response()
+        }
+    }
 }

@@ -11,7 +11,11 @@
 //! Faults: `latency` delays the answer; `status: 429` answers `40005 isv.app-call-limited`;
 //! `status: 500` answers the gateway's `20000 isp.unknow-error`; any other 5xx is a bare HTTP
 //! error (what a load balancer in front of the gateway sends); `bad_signature` signs with a key
-//! that is not Alipay's; `malformed_body` answers 200 with a cut-off body.
+//! that is not Alipay's; `unsigned_answer` leaves `sign` out (whatever the answer);
+//! `malformed_body` answers 200 with a cut-off body.
+//!
+//! `format` must be absent or `json`, as both official SDKs send it (the sandbox is stricter
+//! here than the gateway is known to be, so that the client keeps sending what the SDKs send).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::macros::{format_description, offset};
 
-use super::{Platform, SandboxState, parse_form};
+use super::{Fault, Platform, SandboxState, parse_form};
 use crate::platform::alipay::DeviceBinding;
 
 /// How far a request's `timestamp` may be from the gateway's clock.
@@ -120,11 +124,11 @@ async fn gateway(
                 "isv.app-call-limited",
                 "应用调用次数超限，包含调用频率超限",
             );
-            return emit(&state, Slot::Method, &refusal, fault.bad_signature);
+            return emit(&state, Slot::Method, &refusal, &fault);
         }
         Some(500) => {
             let refusal = Refusal::new("20000", "isp.unknow-error", "系统繁忙");
-            return emit(&state, Slot::Method, &refusal, fault.bad_signature);
+            return emit(&state, Slot::Method, &refusal, &fault);
         }
         Some(status) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -147,7 +151,7 @@ async fn gateway(
                     msg: "Success",
                     binding,
                 };
-                return emit(&state, Slot::Method, &success, fault.bad_signature);
+                return emit(&state, Slot::Method, &success, &fault);
             }
             None => (
                 Slot::Method,
@@ -157,7 +161,7 @@ async fn gateway(
         Err(refusal) if refusal.code == "40004" => (Slot::Method, refusal),
         Err(refusal) => (Slot::Error, refusal),
     };
-    emit(&state, slot, &refusal, fault.bad_signature)
+    emit(&state, slot, &refusal, &fault)
 }
 
 /// Checks a request as the gateway does and names the binding it asks for (`biz_tid`, or
@@ -195,6 +199,13 @@ fn check_request(
             "40002",
             "isv.invalid-method",
             "不存在的方法名",
+        ));
+    }
+    if get("format").is_some_and(|f| f != "json") {
+        return Err(Refusal::new(
+            "40002",
+            "isv.invalid-format",
+            "无效的数据格式参数",
         ));
     }
     if sign_type != "RSA2" {
@@ -275,21 +286,16 @@ fn timestamp_in_window(timestamp: &str, now: OffsetDateTime) -> bool {
         .is_ok_and(|t| (now - t).unsigned_abs() <= TIMESTAMP_WINDOW)
 }
 
-/// Emits `object` under its slot, signed over the exact text emitted (with another key when
-/// `bad_signature`).
-fn emit(
-    state: &SandboxState,
-    slot: Slot,
-    object: &impl Serialize,
-    bad_signature: bool,
-) -> Response {
+/// Emits `object` under its slot, signed over the exact text emitted (with another key when the
+/// fault says `bad_signature`, without a `sign` when it says `unsigned_answer`).
+fn emit(state: &SandboxState, slot: Slot, object: &impl Serialize, fault: &Fault) -> Response {
     let text = match serde_json::to_string(object) {
         Ok(text) => text,
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     // "Another key": the sandbox's WeChat Pay platform key is a real RSA key that is not
     // Alipay's, so the signature is well-formed and only the key is wrong.
-    let key = if bad_signature {
+    let key = if fault.bad_signature {
         &state.keys.wechat_platform_key
     } else {
         &state.keys.alipay_platform_key
@@ -310,7 +316,11 @@ fn emit(
             ),
             (header::HeaderName::from_static("trace_id"), trace_id),
         ],
-        format!(r#"{{"{slot}":{text},"sign":"{sign}"}}"#),
+        if fault.unsigned_answer {
+            format!(r#"{{"{slot}":{text}}}"#)
+        } else {
+            format!(r#"{{"{slot}":{text},"sign":"{sign}"}}"#)
+        },
     )
         .into_response()
 }
@@ -321,8 +331,8 @@ mod tests {
     use crate::crypto::RsaSigner;
     use crate::platform::FailureClass;
     use crate::platform::alipay::{AlipayClient, AlipayError, DeviceQuery};
+    use crate::sandbox::World;
     use crate::sandbox::test_support::{CALL_TIMEOUT, TestSandbox, start_https};
-    use crate::sandbox::{Fault, World};
 
     fn binding(pid: &str) -> DeviceBinding {
         DeviceBinding {
@@ -408,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn request_signed_with_the_wrong_key_is_refused_and_not_retryable() {
         let t = start_https(world()).await;
-        let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
+        let other = crate::crypto::test_key(4);
         let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .device_query(&by_id("tid-1"))
             .await
@@ -426,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn app_auth_token_echoed_by_the_gateway_is_redacted() {
         let t = start_https(world()).await;
-        let other = crate::crypto::generate_rsa_key(2048).expect("keygen");
+        let other = crate::crypto::test_key(4);
         let err = client_with(&t, &other.private_pem, CALL_TIMEOUT)
             .with_app_auth_token("202401BB-secret-token")
             .device_query(&by_id("tid-1"))
@@ -548,6 +558,18 @@ mod tests {
                     ..Fault::default()
                 },
                 FailureClass::Malformed,
+                None,
+                None,
+            ),
+            // An unsigned refusal is not trusted (as alipay-sdk-python refuses it): not a
+            // permanent rejection, whatever it claims.
+            (
+                Fault {
+                    status: Some(500),
+                    unsigned_answer: true,
+                    ..Fault::default()
+                },
+                FailureClass::BadSignature,
                 None,
                 None,
             ),

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use time::OffsetDateTime;
 
-use super::{Platform, SandboxState, parse_form};
+use super::{Platform, SandboxState, World, parse_form};
 use crate::crypto::{BASE64, sha256_hex};
 use crate::platform::aliyun::DeviceInfo;
 
@@ -182,7 +182,7 @@ async fn rpc(
     if let Err(err) = checked {
         return err.into_response(&request_id);
     }
-    let page = match describe(&state.world().licences, &incoming, &request_id) {
+    let page = match describe(&state.world(), &incoming, &request_id) {
         Ok(page) => page,
         Err(err) => return err.into_response(&request_id),
     };
@@ -451,11 +451,15 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
 
 // === DescribeDeviceInfo ===
 
+/// One page of the world's licences. With [`World::cloudauth_page_size_cap`] a larger
+/// `PageSize` is cut to the cap, and the answer says so in its `PageSize` (pages are then counted
+/// in the capped size).
 fn describe(
-    licences: &[DeviceInfo],
+    world: &World,
     req: &Incoming<'_>,
     request_id: &str,
 ) -> Result<serde_json::Value, ApiError> {
+    let licences = &world.licences;
     let number = |name: &str, default: usize, max: usize| match req.param(name) {
         None | Some("") => Ok(default),
         Some(text) => text
@@ -470,7 +474,8 @@ fn describe(
                 )
             }),
     };
-    let page_size = number("PageSize", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?;
+    let page_size = number("PageSize", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?
+        .min(world.cloudauth_page_size_cap.unwrap_or(MAX_PAGE_SIZE));
     let current_page = number("CurrentPage", 1, usize::MAX)?;
     let wanted = |name: &str, value: Option<&str>| {
         req.param(name)
@@ -523,8 +528,8 @@ mod tests {
         AccessKey, AliyunClient, AliyunError, DeviceInfoQuery, FIND_PAGE_SIZE, SignatureScheme,
         Stamp,
     };
+    use crate::sandbox::Fault;
     use crate::sandbox::test_support::{CALL_TIMEOUT, TestSandbox, start_https};
-    use crate::sandbox::{Fault, World};
     use std::collections::BTreeMap;
 
     const SCHEMES: [SignatureScheme; 2] = [
@@ -633,6 +638,63 @@ mod tests {
             .await
             .expect("wd.dev3");
         assert_eq!(one.expiry_date(), Some(time::macros::date!(2027 - 01 - 03)));
+    }
+
+    /// A gateway that caps the page at 20 rows (and says `"PageSize":20`) to a request for 50:
+    /// the client pages by the answer's size and finds the valid licence on page 3, where paging
+    /// by the requested size would stop after page 1 with only lapsed records.
+    #[tokio::test]
+    async fn find_device_pages_by_the_page_size_the_answer_states() {
+        let mut w = world();
+        w.cloudauth_page_size_cap = Some(20);
+        // 45 records of the device: 44 lapsed, the valid one 43rd (page 3 at 20 a page).
+        w.licences = (0..45)
+            .map(|n| {
+                let day = if n == 42 { "20300101" } else { "20200101" };
+                licence("wd.capped", &format!("BIZ{n}"), day)
+            })
+            .collect();
+        let t = start_https(w).await;
+        let c = client(&t, SignatureScheme::default());
+        let first = c
+            .describe_device_info(&DeviceInfoQuery {
+                device_id: Some("wd.capped".into()),
+                page_size: Some(FIND_PAGE_SIZE),
+                current_page: Some(1),
+                ..DeviceInfoQuery::default()
+            })
+            .await
+            .expect("page 1");
+        assert_eq!(
+            (
+                first.page_size,
+                first.device_info_list.len(),
+                first.total_count
+            ),
+            (20, 20, 45),
+            "the sandbox caps the page and says so"
+        );
+        let info = c.find_device("wd.capped", None).await.expect("found");
+        assert_eq!(info.expired_day, "20300101");
+        assert_eq!(info.biz_type.as_deref(), Some("BIZ42"));
+        let pages: Vec<String> = t
+            .sandbox
+            .state
+            .received()
+            .into_iter()
+            .skip(1)
+            .filter_map(|r| {
+                r.request
+                    .split(['?', '&'])
+                    .find(|p| p.starts_with("CurrentPage="))
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(
+            pages,
+            ["CurrentPage=1", "CurrentPage=2", "CurrentPage=3"],
+            "three pages of 20 cover 45 records, and no fourth is asked for"
+        );
     }
 
     #[tokio::test]

@@ -12,9 +12,12 @@
 //!   `/v3/iotmanage/devices`.
 //! - [`alipay`]: `/gateway.do` (`alipay.merchant.iot.device.query`).
 //! - [`aliyun`]: `/` (`Action=DescribeDeviceInfo`, version 2019-03-07).
+//! - [`connect_proxy`]: not a platform: the merchant's egress proxy (HTTP `CONNECT`).
+//! - [`netcut`]: not a platform: a relay that plays a network loss.
 
 pub mod alipay;
 pub mod aliyun;
+pub mod connect_proxy;
 pub mod netcut;
 pub mod wechatpay;
 
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crypto::{RsaSigner, RsaVerifier};
 use crate::platform::{alipay as alipay_api, aliyun as aliyun_api, wechatpay as wechatpay_api};
+use crate::sync::lock;
 
 /// Which simulated platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,6 +46,10 @@ pub enum Platform {
 pub struct Fault {
     /// Wait this long before answering.
     pub latency: Option<Duration>,
+    /// Network jitter (WeChat Pay): a random delay of up to this much before the request counts
+    /// as arrived (the way there: its [`Received::at`] and the device list's per-second count
+    /// are taken after it), and another, drawn anew, before the answer leaves (the way back).
+    pub latency_jitter: Option<Duration>,
     /// Answer with this HTTP status and the platform's error body for it (500 SYSTEM_ERROR,
     /// 429 FREQUENCY_LIMITED, ...) instead of the real answer.
     pub status: Option<u16>,
@@ -49,6 +57,8 @@ pub struct Fault {
     pub retry_after: Option<u64>,
     /// Sign the answer with a key that is not the platform's.
     pub bad_signature: bool,
+    /// Send the answer without a signature (Alipay: no `sign`, whatever the answer).
+    pub unsigned_answer: bool,
     /// Sign the answer with a timestamp this many seconds in the past (WeChat Pay).
     pub stale_timestamp: Option<u64>,
     /// Answer 200 with a body that is not the documented shape.
@@ -105,17 +115,18 @@ impl Faults {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a sandbox lock only happens in a failing test; the data (faults,
-    // counters) stays meaningful, so recover it rather than cascade the panic.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// What the simulated platforms know: the merchant's devices and their facts.
 #[derive(Debug, Clone, Default)]
 pub struct World {
     /// WeChat Pay's device list, in listing order.
     pub wechat_devices: Vec<wechatpay_api::Device>,
+    /// The most device-list requests WeChat Pay admits in any one second (counted on arrival;
+    /// more are answered 429 FREQUENCY_LIMITED). `None`: the documented 20.
+    pub wechat_list_requests_per_second: Option<usize>,
+    /// The most rows a device-list page holds: a larger `limit` is answered with this many rows
+    /// and says so in the page's `limit`. `None`: as asked (up to the documented 100). Lets a
+    /// test page a fleet of a few hundred devices in many requests.
+    pub wechat_list_page_cap: Option<u64>,
     /// Inspection results by device_sn.
     pub inspections: BTreeMap<String, wechatpay_api::DeviceInspection>,
     /// raw_data values WeChat Pay refuses (400 PARAM_ERROR), to simulate a bad face SDK blob.
@@ -124,6 +135,12 @@ pub struct World {
     pub alipay_bindings: BTreeMap<String, alipay_api::DeviceBinding>,
     /// Cloudauth licence records.
     pub licences: Vec<aliyun_api::DeviceInfo>,
+    /// The largest page Cloudauth answers: a bigger `PageSize` is cut to this and the answer's
+    /// `PageSize` says so. `None`: the documented maximum (100).
+    pub cloudauth_page_size_cap: Option<usize>,
+    /// Sign WeChat Pay's answers with the first platform certificate's key, named by its serial
+    /// (platform-certificate mode), instead of the public key id.
+    pub wechat_sign_with_certificate: bool,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
     /// The length of the authinfo values answered, when not the usual 65 characters: a large
@@ -133,6 +150,9 @@ pub struct World {
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,
+    /// How long WeChat Pay's window of 20 device-list requests lasts; `None` for the documented
+    /// second. A test that must see the limit whatever the machine's speed stretches it.
+    pub device_list_window: Option<Duration>,
 }
 
 /// The keys the simulated platforms verify with and sign with.
@@ -146,6 +166,11 @@ pub struct SandboxKeys {
     /// WeChat Pay's own signing key, and the id it is published under (`PUB_KEY_ID_...`).
     pub wechat_platform_key: RsaSigner,
     pub wechat_platform_key_id: String,
+    /// The merchant's APIv3 key (32 characters), which platform certificates are encrypted with.
+    pub wechat_apiv3_key: String,
+    /// The platform certificates WeChat Pay publishes at start (`GET /v3/certificates`); the
+    /// first is for `wechat_platform_key`.
+    pub wechat_platform_certificates: Vec<SandboxCertificate>,
     /// Alipay app id, the app's public key (checks requests), Alipay's own key (signs answers).
     pub alipay_app_id: String,
     pub alipay_app_public: RsaVerifier,
@@ -169,6 +194,9 @@ impl std::fmt::Debug for SandboxKeys {
 pub struct MerchantSecrets {
     /// PKCS#8 PEM of the WeChat Pay merchant API key.
     pub wechat_merchant_private_pem: String,
+    /// The merchant API certificate for that key (`apiclient_cert.pem`, as WeChat Pay issues
+    /// it): its serial is [`SandboxKeys::wechat_merchant_serial`].
+    pub wechat_merchant_certificate_pem: String,
     /// PKCS#8 PEM of the Alipay app key.
     pub alipay_app_private_pem: String,
     /// Alipay's public key, what the merchant verifies answers with.
@@ -177,6 +205,8 @@ pub struct MerchantSecrets {
     pub wechat_platform_public: RsaVerifier,
     pub aliyun_access_key_id: String,
     pub aliyun_access_key_secret: String,
+    /// The APIv3 key, as the merchant set it in the console.
+    pub wechat_apiv3_key: String,
 }
 
 impl std::fmt::Debug for MerchantSecrets {
@@ -191,20 +221,61 @@ impl SandboxKeys {
     /// A complete key set made on the spot (2048-bit RSA keys, a random AccessKey pair), and
     /// the merchant's halves of it. For tests and the demo.
     pub fn generate() -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
-        use crate::crypto::{generate_rsa_key, hex, random_bytes};
+        use crate::crypto::generate_rsa_key;
+        Self::from_rsa_keys(
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+            &generate_rsa_key(2048)?,
+        )
+    }
+
+    /// A key set around four given RSA keys (tests reuse keys across labs: generating them is
+    /// the slow part), with fresh random serials, key ids and AccessKey pair.
+    pub fn from_rsa_keys(
+        wechat_merchant: &crate::crypto::GeneratedKey,
+        wechat_platform: &crate::crypto::GeneratedKey,
+        alipay_app: &crate::crypto::GeneratedKey,
+        alipay_platform: &crate::crypto::GeneratedKey,
+    ) -> Result<(Self, MerchantSecrets), crate::crypto::CryptoError> {
+        use crate::crypto::{hex, random_bytes};
         let signer = |pem: &str| RsaSigner::from_pem(pem, "a generated sandbox key");
-        let wechat_merchant = generate_rsa_key(2048)?;
-        let wechat_platform = generate_rsa_key(2048)?;
-        let alipay_app = generate_rsa_key(2048)?;
-        let alipay_platform = generate_rsa_key(2048)?;
         let aliyun_access_key_id = format!("LTAI{}", hex(&random_bytes(10)?));
         let aliyun_access_key_secret = hex(&random_bytes(15)?);
+        let mchid = "1900000001";
+        // 20 bytes as WeChat Pay's serials have; the first never zero, so the serial reads back
+        // from the certificate with all 40 digits.
+        let serial = certificate_serial()?;
+        let certificate = issue_certificate(
+            &wechat_merchant.private_pem,
+            &serial,
+            mchid,
+            "sandbox merchant API certificate",
+            None,
+        )?;
+        let now = crate::units::unix_now();
+        let platform_certificate = SandboxCertificate::issue(
+            &wechat_platform.private_pem,
+            now - 30 * 86_400,
+            now + 5 * 365 * 86_400,
+        )?;
+        let apiv3_key: String = random_bytes(32)?
+            .iter()
+            .map(|b| {
+                char::from(
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                        [usize::from(*b) % 62],
+                )
+            })
+            .collect();
         let keys = Self {
-            wechat_mchid: "1900000001".to_owned(),
-            wechat_merchant_serial: hex(&random_bytes(20)?).to_uppercase(),
+            wechat_mchid: mchid.to_owned(),
+            wechat_merchant_serial: hex(&serial).to_uppercase(),
             wechat_merchant_public: wechat_merchant.public.clone(),
             wechat_platform_key: signer(&wechat_platform.private_pem)?,
             wechat_platform_key_id: format!("PUB_KEY_ID_{}", hex(&random_bytes(16)?)),
+            wechat_apiv3_key: apiv3_key.clone(),
+            wechat_platform_certificates: vec![platform_certificate],
             alipay_app_id: "2021000000000001".to_owned(),
             alipay_app_public: alipay_app.public.clone(),
             alipay_platform_key: signer(&alipay_platform.private_pem)?,
@@ -214,15 +285,116 @@ impl SandboxKeys {
             )]),
         };
         let secrets = MerchantSecrets {
-            wechat_merchant_private_pem: wechat_merchant.private_pem,
-            alipay_app_private_pem: alipay_app.private_pem,
-            alipay_platform_public: alipay_platform.public,
-            wechat_platform_public: wechat_platform.public,
+            wechat_merchant_private_pem: wechat_merchant.private_pem.clone(),
+            wechat_merchant_certificate_pem: certificate,
+            alipay_app_private_pem: alipay_app.private_pem.clone(),
+            alipay_platform_public: alipay_platform.public.clone(),
+            wechat_platform_public: wechat_platform.public.clone(),
             aliyun_access_key_id,
             aliyun_access_key_secret,
+            wechat_apiv3_key: apiv3_key,
         };
         Ok((keys, secrets))
     }
+}
+
+/// A random 20-byte certificate serial as WeChat Pay's are; the first byte never zero, so it
+/// reads back (upper-case hex without leading zero bytes) with all 40 digits.
+fn certificate_serial() -> Result<Vec<u8>, crate::crypto::CryptoError> {
+    let mut serial = crate::crypto::random_bytes(20)?;
+    serial[0] |= 0x40;
+    Ok(serial)
+}
+
+/// A self-signed certificate for `key_pem` with `serial`, named `common_name` / `unit`, valid
+/// over `validity` (Unix seconds; rcgen's default when `None`). The proxy reads only serials,
+/// keys and validity, so self-signed does.
+fn issue_certificate(
+    key_pem: &str,
+    serial: &[u8],
+    common_name: &str,
+    unit: &str,
+    validity: Option<(i64, i64)>,
+) -> Result<String, crate::crypto::CryptoError> {
+    let generate = |e: rcgen::Error| crate::crypto::CryptoError::Generate(e.to_string());
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(generate)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(generate)?;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationalUnitName, unit);
+    if let Some((not_before, not_after)) = validity {
+        let at = |t| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .map_err(|e| crate::crypto::CryptoError::Generate(e.to_string()))
+        };
+        params.not_before = at(not_before)?;
+        params.not_after = at(not_after)?;
+    }
+    Ok(params.self_signed(&key).map_err(generate)?.pem())
+}
+
+/// A platform certificate the simulated WeChat Pay publishes (`GET /v3/certificates`) and may
+/// sign its answers with.
+#[derive(Clone)]
+pub struct SandboxCertificate {
+    /// Upper-case hex, as WeChat Pay names it in `Wechatpay-Serial`.
+    pub serial: String,
+    pub pem: String,
+    /// Validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    signer: Arc<RsaSigner>,
+}
+
+impl std::fmt::Debug for SandboxCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxCertificate")
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxCertificate {
+    /// Issues a platform certificate for the RSA key `key_pem` (PKCS#8 PEM) with a fresh serial,
+    /// valid from `not_before` to `not_after` (Unix seconds).
+    pub fn issue(
+        key_pem: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<Self, crate::crypto::CryptoError> {
+        let serial = certificate_serial()?;
+        let pem = issue_certificate(
+            key_pem,
+            &serial,
+            "Tenpay.com Root CA (sandbox platform certificate)",
+            "WeChat Pay sandbox",
+            Some((not_before, not_after)),
+        )?;
+        Ok(Self {
+            serial: crate::crypto::hex(&serial).to_uppercase(),
+            pem,
+            not_before,
+            not_after,
+            signer: Arc::new(RsaSigner::from_pem(key_pem, "a sandbox platform key")?),
+        })
+    }
+}
+
+/// The platform certificates WeChat Pay publishes now, and which one (if any) signs answers.
+#[derive(Debug, Default)]
+pub(crate) struct WechatCertificates {
+    pub(crate) published: Vec<SandboxCertificate>,
+    /// No longer published, but WeChat Pay still holds their keys and may sign with them.
+    pub(crate) withdrawn: Vec<SandboxCertificate>,
+    /// The serial of the certificate whose key signs answers; `None`: the public key
+    /// (`wechat_platform_key` under `wechat_platform_key_id`).
+    pub(crate) signing: Option<String>,
 }
 
 /// A request one of the simulators received, for tests to assert on.
@@ -247,6 +419,7 @@ pub struct SandboxState {
     received: Mutex<Vec<Received>>,
     /// Request times of the WeChat Pay device list, for its 20 requests/second limit.
     pub(crate) list_window: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    pub(crate) wechat_certificates: Mutex<WechatCertificates>,
 }
 
 impl SandboxState {
@@ -255,13 +428,78 @@ impl SandboxState {
         for (platform, fault) in std::mem::take(&mut world.armed_faults) {
             faults.set(platform, fault);
         }
+        let published = keys.wechat_platform_certificates.clone();
+        let signing = published
+            .first()
+            .filter(|_| world.wechat_sign_with_certificate)
+            .map(|c| c.serial.clone());
         Arc::new(Self {
             keys,
             world: Mutex::new(world),
             faults,
             received: Mutex::new(Vec::new()),
             list_window: Mutex::new(std::collections::VecDeque::new()),
+            wechat_certificates: Mutex::new(WechatCertificates {
+                published,
+                withdrawn: Vec::new(),
+                signing,
+            }),
         })
+    }
+
+    // === WeChat Pay's platform certificates ===
+
+    /// The platform certificates WeChat Pay publishes now.
+    pub fn platform_certificates(&self) -> Vec<SandboxCertificate> {
+        lock(&self.wechat_certificates).published.clone()
+    }
+
+    /// Publishes one more platform certificate (a rotation begins); returns its serial.
+    pub fn publish_platform_certificate(&self, certificate: SandboxCertificate) -> String {
+        let serial = certificate.serial.clone();
+        lock(&self.wechat_certificates).published.push(certificate);
+        serial
+    }
+
+    /// Stops publishing the certificate `serial` (a rotation ends); answers may still be signed
+    /// with it ([`sign_with_certificate`](Self::sign_with_certificate)).
+    pub fn withdraw_platform_certificate(&self, serial: &str) {
+        let mut certificates = lock(&self.wechat_certificates);
+        let (gone, kept) = std::mem::take(&mut certificates.published)
+            .into_iter()
+            .partition(|c| c.serial == serial);
+        certificates.published = kept;
+        certificates.withdrawn.extend::<Vec<_>>(gone);
+    }
+
+    /// Signs answers with the certificate `serial` from now on (`None`: the public key).
+    pub fn sign_with_certificate(&self, serial: Option<&str>) {
+        lock(&self.wechat_certificates).signing = serial.map(str::to_owned);
+    }
+
+    /// Signs `message` as WeChat Pay does now: the serial it names and the base64 signature.
+    pub(crate) fn wechat_sign(
+        &self,
+        message: &[u8],
+    ) -> Result<(String, String), crate::crypto::CryptoError> {
+        let certificate = {
+            let certificates = lock(&self.wechat_certificates);
+            certificates.signing.as_ref().and_then(|serial| {
+                certificates
+                    .published
+                    .iter()
+                    .chain(&certificates.withdrawn)
+                    .find(|c| &c.serial == serial)
+                    .cloned()
+            })
+        };
+        match certificate {
+            Some(c) => Ok((c.serial.clone(), c.signer.sign_base64(message)?)),
+            None => Ok((
+                self.keys.wechat_platform_key_id.clone(),
+                self.keys.wechat_platform_key.sign_base64(message)?,
+            )),
+        }
     }
 
     /// Records a received request.
@@ -396,7 +634,10 @@ pub(crate) mod test_support {
 
     /// Generates keys and a PKI, and starts the sandbox with `world` on an ephemeral port.
     pub(crate) async fn start_https(world: World) -> TestSandbox {
-        let (keys, secrets) = SandboxKeys::generate().expect("keys");
+        use crate::crypto::test_key;
+        let (keys, secrets) =
+            SandboxKeys::from_rsa_keys(test_key(0), test_key(1), test_key(2), test_key(3))
+                .expect("keys");
         let pki = crate::tls::generate_pki("sandbox test ca", &["127.0.0.1"]).expect("pki");
         let server = crate::tls::server_config_generated(&pki).expect("server config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

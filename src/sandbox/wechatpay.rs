@@ -4,14 +4,17 @@
 //! Owns: checking each request's `WECHATPAY2-SHA256-RSA2048` Authorization the way WeChat Pay
 //! does (mchid, merchant certificate serial, a timestamp within 300 s, the signature over the
 //! request target exactly as received and the raw body), answering from the [`super::World`]
-//! with the documented bodies and error codes, the device list's 20 requests/second limit,
+//! with the documented bodies and error codes, the device list's 20 requests/second limit
+//! (counted on arrival; lower in [`World::wechat_list_requests_per_second`]),
 //! signing successful answers with the platform key (`Wechatpay-*` headers), a `Request-ID` on
 //! every answer, and the injected [`Fault`]s. It must not call the client's signing or
 //! verification code: the header parser and both signing strings are written again here, so a
 //! client bug shows up as a refusal.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::units::unix_now;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Fault, Platform, SandboxKeys, SandboxState, World, lock};
-use crate::crypto::{self, CryptoError, RsaSigner};
+use crate::crypto::{self, CryptoError};
 
 /// How far a request's timestamp may be from the sandbox's clock.
 const REQUEST_WINDOW_SECS: i64 = 300;
@@ -60,6 +63,10 @@ pub fn router(state: Arc<SandboxState>) -> Router {
             "/v3/iotmanage/devices",
             get(|s, m, u, h, b| handle(Endpoint::Devices, s, m, u, h, b)),
         )
+        .route(
+            "/v3/certificates",
+            get(|s, m, u, h, b| handle(Endpoint::Certificates, s, m, u, h, b)),
+        )
         .with_state(state)
 }
 
@@ -76,6 +83,7 @@ enum Endpoint {
     Authinfo,
     Inspection,
     Devices,
+    Certificates,
 }
 
 /// Every route reads the same parts and goes through [`serve`].
@@ -136,6 +144,29 @@ async fn answer(
     if let Some(latency) = fault.latency {
         tokio::time::sleep(latency).await;
     }
+    // The way there: the request arrives (is recorded and counted) after it.
+    jitter(fault.latency_jitter).await;
+    let response = answer_arrived(state, request, endpoint, target, &fault).await;
+    // The way back.
+    jitter(fault.latency_jitter).await;
+    response
+}
+
+/// Sleeps a random time from zero up to `bound`.
+async fn jitter(bound: Option<Duration>) {
+    if let Some(bound) = bound {
+        tokio::time::sleep(bound.mul_f64(crypto::random_unit())).await;
+    }
+}
+
+/// Answers a request that has just arrived.
+async fn answer_arrived(
+    state: &SandboxState,
+    request: &Received,
+    endpoint: Endpoint,
+    target: &str,
+    fault: &Fault,
+) -> Result<Response, SimulatorError> {
     let checked = check_authorization(&state.keys, request, target, unix_now());
     state.record(
         Platform::WechatPay,
@@ -143,11 +174,12 @@ async fn answer(
         checked.is_ok(),
     );
     // The device list's frequency limit applies before the signature is looked at.
-    if matches!(endpoint, Endpoint::Devices) && !admit_list_request(state) {
+    let world = state.world();
+    if matches!(endpoint, Endpoint::Devices) && !admit_list_request(state, &world) {
         return Ok(Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             "FREQUENCY_LIMITED",
-            "more than 20 requests in one second",
+            "too many requests in one second",
         )
         .into_response());
     }
@@ -157,11 +189,11 @@ async fn answer(
     if let Some(status) = fault.status {
         return Ok(fault_refusal(status, fault.retry_after));
     }
-    let world = state.world();
     let result = match endpoint {
         Endpoint::Authinfo => answer_authinfo(&world, request),
         Endpoint::Inspection => answer_inspection(&world, request.uri.path()),
         Endpoint::Devices => answer_devices(&world, request.uri.query()),
+        Endpoint::Certificates => answer_certificates(state),
     };
     match result {
         Ok(body) => {
@@ -170,7 +202,7 @@ async fn answer(
             } else {
                 body.to_string().into_bytes()
             };
-            signed(&state.keys, body, &fault).await
+            signed(state, body, fault).await
         }
         Err(refusal) => Ok(refusal.into_response()),
     }
@@ -278,17 +310,22 @@ fn check_authorization(
     }
 }
 
-/// Admits a device-list request when fewer than 20 were admitted in the last second.
-fn admit_list_request(state: &SandboxState) -> bool {
+/// Admits a device-list request when fewer than the world's limit (20) were admitted in the
+/// last window (a second, or the world's stretched window).
+fn admit_list_request(state: &SandboxState, world: &World) -> bool {
+    let limit = world
+        .wechat_list_requests_per_second
+        .unwrap_or(LIST_REQUESTS_PER_SECOND);
     let now = tokio::time::Instant::now();
+    let length = world.device_list_window.unwrap_or(Duration::from_secs(1));
     let mut window = lock(&state.list_window);
     while window
         .front()
-        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        .is_some_and(|t| now.duration_since(*t) >= length)
     {
         window.pop_front();
     }
-    if window.len() >= LIST_REQUESTS_PER_SECOND {
+    if window.len() >= limit {
         return false;
     }
     window.push_back(now);
@@ -451,6 +488,7 @@ fn answer_devices(world: &World, query: Option<&str>) -> Result<serde_json::Valu
     if !(1..=LIST_MAX_LIMIT).contains(&limit) {
         return Err(Refusal::param("limit must be 1 to 100"));
     }
+    let limit = limit.min(world.wechat_list_page_cap.unwrap_or(LIST_MAX_LIMIT));
     let total = world.wechat_devices.len() as u64;
     let start = offset.min(total);
     let end = offset.saturating_add(limit).min(total);
@@ -476,10 +514,85 @@ fn answer_devices(world: &World, query: Option<&str>) -> Result<serde_json::Valu
     }))
 }
 
+/// `GET /v3/certificates`: every published platform certificate, each sealed with the
+/// merchant's APIv3 key (AEAD_AES_256_GCM, a fresh 12-character nonce, associated data
+/// `certificate`), its validity in Beijing time as WeChat Pay writes it.
+fn answer_certificates(state: &SandboxState) -> Result<serde_json::Value, Refusal> {
+    let failed = || {
+        Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SYSTEM_ERROR",
+            "sandbox failure",
+        )
+    };
+    let beijing = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .ok()
+            .and_then(|t| {
+                t.to_offset(time::macros::offset!(+8))
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .ok_or_else(failed)
+    };
+    let mut data = Vec::new();
+    for certificate in state.platform_certificates() {
+        let nonce: String = crypto::nonce()
+            .map_err(|_| failed())?
+            .chars()
+            .take(12)
+            .collect();
+        let ciphertext = seal_certificate(
+            &state.keys.wechat_apiv3_key,
+            &nonce,
+            "certificate",
+            &certificate.pem,
+        )
+        .map_err(|_| failed())?;
+        data.push(json!({
+            "serial_no": certificate.serial,
+            "effective_time": beijing(certificate.not_before)?,
+            "expire_time": beijing(certificate.not_after)?,
+            "encrypt_certificate": {
+                "algorithm": "AEAD_AES_256_GCM",
+                "nonce": nonce,
+                "associated_data": "certificate",
+                "ciphertext": ciphertext,
+            },
+        }));
+    }
+    Ok(json!({ "data": data }))
+}
+
+/// Seals `plaintext` as WeChat Pay seals a platform certificate: AES-256-GCM with the 32-byte
+/// `apiv3_key`, the 12-byte `nonce` and `associated_data`; base64 of ciphertext and tag. Written
+/// here with ring directly, apart from the client's decryption.
+pub fn seal_certificate(
+    apiv3_key: &str,
+    nonce: &str,
+    associated_data: &str,
+    plaintext: &str,
+) -> Result<String, ring::error::Unspecified> {
+    use ring::aead;
+    let key = aead::LessSafeKey::new(aead::UnboundKey::new(
+        &aead::AES_256_GCM,
+        apiv3_key.as_bytes(),
+    )?);
+    let nonce = aead::Nonce::try_assume_unique_for_key(nonce.as_bytes())?;
+    let mut in_out = plaintext.as_bytes().to_vec();
+    key.seal_in_place_append_tag(
+        nonce,
+        aead::Aad::from(associated_data.as_bytes()),
+        &mut in_out,
+    )?;
+    use base64::Engine as _;
+    Ok(crate::crypto::BASE64.encode(in_out))
+}
+
 /// A 200 answer signed with the platform key over `TIMESTAMP\nNONCE\nBODY\n`, or with a stray
 /// key or an old timestamp when the fault says so.
 async fn signed(
-    keys: &SandboxKeys,
+    state: &SandboxState,
     body: Vec<u8>,
     fault: &Fault,
 ) -> Result<Response, SimulatorError> {
@@ -493,17 +606,18 @@ async fn signed(
         message.extend_from_slice(line);
         message.push(b'\n');
     }
-    let signature = if fault.bad_signature {
-        let stray = tokio::task::spawn_blocking(|| crypto::generate_rsa_key(2048)).await??;
-        RsaSigner::from_pem(&stray.private_pem, "stray key")?.sign_base64(&message)?
-    } else {
-        keys.wechat_platform_key.sign_base64(&message)?
-    };
+    let (serial, mut signature) = state.wechat_sign(&message)?;
+    // "Another key": the sandbox's Alipay platform key is a real RSA key that is not WeChat
+    // Pay's, so the signature is well-formed and only the key is wrong (no key is generated
+    // per answer: that took seconds under emulation).
+    if fault.bad_signature {
+        signature = state.keys.alipay_platform_key.sign_base64(&message)?;
+    }
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     for (name, value) in [
         ("content-type", "application/json"),
-        ("wechatpay-serial", keys.wechat_platform_key_id.as_str()),
+        ("wechatpay-serial", serial.as_str()),
         ("wechatpay-timestamp", timestamp.as_str()),
         ("wechatpay-nonce", nonce.as_str()),
         ("wechatpay-signature", signature.as_str()),
@@ -514,22 +628,16 @@ async fn signed(
     Ok(response)
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::sync::OnceLock;
 
     use base64::Engine as _;
     use tokio::net::TcpListener;
 
-    use crate::crypto::{BASE64, GeneratedKey, generate_rsa_key};
+    use crate::crypto::{BASE64, GeneratedKey, RsaSigner};
+    use crate::platform::wechatpay::certificates::{ApiV3Key, Verification};
     use crate::platform::wechatpay::verify::SignatureError;
     use crate::platform::wechatpay::{
         AuthinfoParams, Device, DeviceInspection, MerchantSigner, PlatformKeys, WechatPayClient,
@@ -544,23 +652,19 @@ mod tests {
     const MERCHANT_SERIAL: &str = "3775B6A45ACD588826D15E583A95F5DD12345678";
     const PLATFORM_KEY_ID: &str = "PUB_KEY_ID_0119000000012025000000000000";
     const DEVICES: usize = 253;
+    const APIV3_KEY: &str = "SandboxApiV3Key00000000000000001";
 
-    /// Keys made once per test run: the merchant's, WeChat Pay's and a stray one.
-    fn test_keys() -> &'static [GeneratedKey; 3] {
-        static KEYS: OnceLock<[GeneratedKey; 3]> = OnceLock::new();
-        KEYS.get_or_init(|| [0, 1, 2].map(|_| generate_rsa_key(2048).expect("keygen")))
-    }
-
+    /// The merchant's key, WeChat Pay's and a stray one, from the test key pool.
     fn merchant() -> &'static GeneratedKey {
-        &test_keys()[0]
+        crate::crypto::test_key(0)
     }
 
     fn platform() -> &'static GeneratedKey {
-        &test_keys()[1]
+        crate::crypto::test_key(1)
     }
 
     fn stray() -> &'static GeneratedKey {
-        &test_keys()[2]
+        crate::crypto::test_key(2)
     }
 
     fn signer_of(key: &GeneratedKey) -> RsaSigner {
@@ -574,6 +678,8 @@ mod tests {
             wechat_merchant_public: merchant().public.clone(),
             wechat_platform_key: signer_of(platform()),
             wechat_platform_key_id: platform_key_id.into(),
+            wechat_apiv3_key: APIV3_KEY.into(),
+            wechat_platform_certificates: Vec::new(),
             alipay_app_id: "2021000000000001".into(),
             alipay_app_public: stray().public.clone(),
             alipay_platform_key: signer_of(stray()),
@@ -1027,10 +1133,16 @@ mod tests {
         harness.sandbox.stop().await;
     }
 
-    /// 21 device-list calls at once: the sandbox admits at most 20 in a second.
+    /// 21 device-list calls: the sandbox admits at most 20 in its window. The window is
+    /// stretched to an hour so that the 21 arrive within it however slow the machine is (under
+    /// qemu 21 TLS handshakes take more than the documented second).
     #[tokio::test]
     async fn twenty_one_quick_list_calls_hit_frequency_limited() {
-        let harness = start_sandbox(sandbox_keys(PLATFORM_KEY_ID), world()).await;
+        let world = World {
+            device_list_window: Some(Duration::from_secs(3600)),
+            ..world()
+        };
+        let harness = start_sandbox(sandbox_keys(PLATFORM_KEY_ID), world).await;
         let client = Arc::new(harness.client());
         let mut calls = tokio::task::JoinSet::new();
         for i in 0..21 {
@@ -1083,6 +1195,135 @@ mod tests {
             failure
                 .message
                 .is_some_and(|m| m.contains("5BE03C1A5DE70F5D9A11"))
+        );
+        harness.sandbox.stop().await;
+    }
+
+    /// A platform certificate for test key `key`, valid from a month ago for `days`.
+    fn platform_certificate(key: &GeneratedKey, days: i64) -> crate::sandbox::SandboxCertificate {
+        let now = unix_now();
+        crate::sandbox::SandboxCertificate::issue(
+            &key.private_pem,
+            now - 30 * 86_400,
+            now + days * 86_400,
+        )
+        .expect("certificate")
+    }
+
+    fn apiv3() -> ApiV3Key {
+        ApiV3Key::from_text(APIV3_KEY).expect("key")
+    }
+
+    /// The sandbox serves its certificates encrypted with the APIv3 key; the client opens each,
+    /// checks it is the certificate its entry names, and verifies the answer: the first time
+    /// with the set itself (nothing trusted yet), then with a certificate it trusts.
+    #[tokio::test]
+    async fn certificates_download_decrypts_and_verifies_first_with_the_set_then_with_trust() {
+        let mut keys = sandbox_keys(PLATFORM_KEY_ID);
+        let current = platform_certificate(platform(), 365);
+        keys.wechat_platform_certificates = vec![current.clone()];
+        let world = World {
+            wechat_sign_with_certificate: true,
+            ..world()
+        };
+        let harness = start_sandbox(keys, world).await;
+        let signer = || MerchantSigner::new(MCHID, MERCHANT_SERIAL, signer_of(merchant()));
+
+        let first = harness.client_as(signer(), PlatformKeys::new(), CALL_TIMEOUT);
+        let download = first
+            .download_certificates(&apiv3())
+            .await
+            .expect("first use");
+        assert_eq!(
+            download.verification,
+            Verification::FirstUse(current.serial.clone())
+        );
+        assert_eq!(download.certificates.len(), 1);
+        let got = &download.certificates[0];
+        assert_eq!(got.info.serial, current.serial);
+        assert_eq!(got.pem, current.pem);
+        assert_eq!(
+            (got.info.not_before, got.info.not_after),
+            (current.not_before, current.not_after)
+        );
+        assert!(download.request_id.is_some());
+
+        let mut trusted = PlatformKeys::new();
+        trusted.add_certificate(got.info.clone());
+        let client = harness.client_as(signer(), trusted, CALL_TIMEOUT);
+        let again = client
+            .download_certificates(&apiv3())
+            .await
+            .expect("trusted");
+        assert_eq!(
+            again.verification,
+            Verification::Trusted(current.serial.clone())
+        );
+        // The other calls verify with the downloaded certificate too.
+        client
+            .device_inspection("SN00001")
+            .await
+            .expect("verified by certificate");
+
+        // A rotation: WeChat Pay publishes a new certificate and signs with it. A client that
+        // trusts only the old one does not take an answer signed by a key it does not know.
+        let next = harness
+            .sandbox
+            .state
+            .publish_platform_certificate(platform_certificate(stray(), 5 * 365));
+        harness.sandbox.state.sign_with_certificate(Some(&next));
+        let failure = failure_of(client.download_certificates(&apiv3()).await);
+        assert_eq!(failure.class, FailureClass::BadSignature);
+        assert!(failure.message.is_some_and(|m| m.contains(&next)));
+        // Signed with the old one (still trusted), the answer brings the new one in.
+        harness
+            .sandbox
+            .state
+            .sign_with_certificate(Some(&current.serial));
+        let rotated = client
+            .download_certificates(&apiv3())
+            .await
+            .expect("rotation");
+        let serials: Vec<&str> = rotated
+            .certificates
+            .iter()
+            .map(|c| c.info.serial.as_str())
+            .collect();
+        assert_eq!(serials, [current.serial.as_str(), next.as_str()]);
+        harness.sandbox.stop().await;
+    }
+
+    /// A wrong APIv3 key opens nothing: a typed failure that names the key file, never a
+    /// certificate taken on trust.
+    #[tokio::test]
+    async fn certificates_that_do_not_open_with_the_apiv3_key_are_refused() {
+        let mut keys = sandbox_keys(PLATFORM_KEY_ID);
+        keys.wechat_platform_certificates = vec![platform_certificate(platform(), 365)];
+        let harness = start_sandbox(keys, world()).await;
+        let wrong = ApiV3Key::from_text("SandboxApiV3Key00000000000000002").expect("key");
+        let error = harness
+            .client()
+            .download_certificates(&wrong)
+            .await
+            .expect_err("wrong key");
+        assert!(matches!(error, WechatPayError::Decrypt { .. }), "{error:?}");
+        let failure = error.failure();
+        assert_eq!(failure.class, FailureClass::BadSignature);
+        assert!(
+            failure
+                .message
+                .is_some_and(|m| m.contains("apiv3_key_file")),
+            "{error}"
+        );
+        // In public key mode the answer is signed with the public key, which is trusted.
+        let download = harness
+            .client()
+            .download_certificates(&apiv3())
+            .await
+            .expect("opens");
+        assert_eq!(
+            download.verification,
+            Verification::Trusted(PLATFORM_KEY_ID.into())
         );
         harness.sandbox.stop().await;
     }

@@ -2,19 +2,24 @@
 //! returns a response. The server moves bytes; everything the face app and operators see is
 //! decided here, testable without a socket.
 //!
-//! Owns: routes, query parsing, ETag / If-None-Match / long-poll, the JSON bodies and the one
-//! table from error to status and code ([`ApiError`]). It must not log secrets: the authinfo
-//! leaves only in the body of `GET /v1/authinfo`.
+//! Owns: dispatch over the route table ([`Route`]), query parsing, ETag / If-None-Match /
+//! long-poll, filling the typed documents of [`super::doc`], and the one table from error to
+//! status and code ([`ApiError`]). It must not log secrets: the authinfo leaves only in the body
+//! of `GET /v1/authinfo`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::refresher::{self, MAX_RAW_DATA};
-use super::state::{Freshness, Served, State, freshness_name};
-use crate::units::{rfc3339, unix_now};
+use super::doc::{
+    AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataAccepted, RawDataBody, RefreshAccepted,
+    RefreshDone, Route,
+};
+use super::state::{Freshness, Served, State};
+use crate::units::rfc3339;
+use crate::wire::MAX_RAW_DATA;
 
 /// Longest `?wait=` accepted on `GET /v1/authinfo`, seconds.
 pub const MAX_WAIT_SECS: u64 = 300;
@@ -44,12 +49,27 @@ pub struct ApiResponse {
 
 impl ApiResponse {
     fn json<T: Serialize>(status: u16, value: &T) -> Self {
-        Self {
-            status,
-            content_type: "application/json",
-            etag: None,
-            allow: None,
-            body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+        match serde_json::to_vec(value) {
+            Ok(body) => Self {
+                status,
+                content_type: "application/json",
+                etag: None,
+                allow: None,
+                body,
+            },
+            // The documents are plain structs of strings and numbers; should one ever fail to
+            // encode, the client gets a 500 that says so, never an empty or partial answer.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an answer");
+                Self {
+                    status: 500,
+                    content_type: "application/json",
+                    etag: None,
+                    allow: None,
+                    body: br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#
+                        .to_vec(),
+                }
+            }
         }
     }
 
@@ -102,13 +122,6 @@ pub enum ApiError {
     RefreshTimeout(u64),
 }
 
-/// The JSON error body.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorDoc {
-    pub code: String,
-    pub message: String,
-}
-
 impl ApiError {
     /// The HTTP status and the stable code.
     pub fn status_and_code(&self) -> (u16, &'static str) {
@@ -148,48 +161,17 @@ impl ApiError {
     }
 }
 
-/// `GET /v1/authinfo`'s body.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct AuthinfoDoc {
-    pub authinfo: String,
-    pub fetched_at: String,
-    pub expires_at: String,
-    pub age_seconds: u64,
-    pub state: String,
-}
-
-/// `PUT /v1/raw-data`'s body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDataBody {
-    raw_data: String,
-}
-
-/// The metrics label of a path: its route if known, else `other` (bounded cardinality).
-pub fn route_label(path: &str) -> &'static str {
-    match path {
-        "/v1/authinfo" => "/v1/authinfo",
-        "/v1/raw-data" => "/v1/raw-data",
-        "/v1/refresh" => "/v1/refresh",
-        "/v1/status" => "/v1/status",
-        "/v1/device" => "/v1/device",
-        "/healthz" => "/healthz",
-        "/metrics" => "/metrics",
-        _ => "other",
-    }
-}
-
 /// Answers one request.
 pub async fn handle(
     req: ApiRequest,
     state: &Arc<State>,
     shutdown: &CancellationToken,
 ) -> ApiResponse {
-    let route = route_label(&req.path);
+    let label = Route::label(&req.path);
     let response = route_request(req, state, shutdown)
         .await
         .unwrap_or_else(|e| e.response());
-    state.metrics.count_request(route, response.status);
+    state.metrics.count_request(label, response.status);
     response
 }
 
@@ -198,31 +180,24 @@ async fn route_request(
     state: &Arc<State>,
     shutdown: &CancellationToken,
 ) -> Result<ApiResponse, ApiError> {
-    use http::Method;
-    let allow = |allow: &'static str| ApiError::MethodNotAllowed {
-        method: req.method.clone(),
-        path: req.path.clone(),
-        allow,
+    let Some(route) = Route::from_path(&req.path) else {
+        return Err(ApiError::NotFound(req.path.chars().take(100).collect()));
     };
-    match (req.path.as_str(), &req.method) {
-        ("/v1/authinfo", &Method::GET) => get_authinfo(&req, state, shutdown).await,
-        ("/v1/authinfo", _) => Err(allow("GET")),
-        ("/v1/raw-data", &Method::PUT) => put_raw_data(&req, state),
-        ("/v1/raw-data", _) => Err(allow("PUT")),
-        ("/v1/refresh", &Method::POST) => post_refresh(&req, state, shutdown).await,
-        ("/v1/refresh", _) => Err(allow("POST")),
-        ("/v1/status", &Method::GET) => Ok(ApiResponse::json(200, &state.status())),
-        ("/v1/status", _) => Err(allow("GET")),
-        ("/v1/device", &Method::GET) => Ok(ApiResponse::json(
-            200,
-            &super::state::lock(&state.health).to_json(unix_now()),
-        )),
-        ("/v1/device", _) => Err(allow("GET")),
-        ("/healthz", &Method::GET) => Ok(healthz(state)),
-        ("/healthz", _) => Err(allow("GET")),
-        ("/metrics", &Method::GET) => Ok(metrics(state)),
-        ("/metrics", _) => Err(allow("GET")),
-        (path, _) => Err(ApiError::NotFound(path.chars().take(100).collect())),
+    if req.method != route.method() {
+        return Err(ApiError::MethodNotAllowed {
+            method: req.method.clone(),
+            path: req.path.clone(),
+            allow: route.allow(),
+        });
+    }
+    match route {
+        Route::Authinfo => get_authinfo(&req, state, shutdown).await,
+        Route::RawData => put_raw_data(&req, state),
+        Route::Refresh => post_refresh(&req, state, shutdown).await,
+        Route::Status => Ok(ApiResponse::json(200, &state.status())),
+        Route::Device => Ok(ApiResponse::json(200, &state.health().doc(state.now()))),
+        Route::Healthz => Ok(healthz(state)),
+        Route::Metrics => Ok(metrics(state)),
     }
 }
 
@@ -237,13 +212,13 @@ fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 }
 
 fn authinfo_doc(served: &Served, state: &State) -> AuthinfoDoc {
-    let now = unix_now();
+    let now = state.now();
     AuthinfoDoc {
         authinfo: served.held.authinfo.clone(),
         fetched_at: rfc3339(served.held.fetched_at),
         expires_at: rfc3339(served.held.expires_at),
         age_seconds: served.age(now),
-        state: freshness_name(served.freshness(now, state.config.refresh.interval)).into(),
+        state: served.freshness(now, state.config.refresh.interval),
     }
 }
 
@@ -318,12 +293,16 @@ fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, Api
         )));
     }
     let fingerprint = crate::crypto::secret_fingerprint(value.as_bytes());
-    let triggered = refresher::accept_raw_data(state, value)
+    let triggered = state
+        .accept_raw_data(value)
         .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
-    tracing::info!(raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
     Ok(ApiResponse::json(
         202,
-        &serde_json::json!({ "accepted": true, "refresh_triggered": triggered }),
+        &RawDataAccepted {
+            accepted: true,
+            refresh_triggered: triggered,
+        },
     ))
 }
 
@@ -343,10 +322,7 @@ async fn post_refresh(
     };
     let seq = state.request_refresh();
     if !wait {
-        return Ok(ApiResponse::json(
-            202,
-            &serde_json::json!({ "accepted": true }),
-        ));
+        return Ok(ApiResponse::json(202, &RefreshAccepted { accepted: true }));
     }
     // Bound the wait by what one attempt can take: the command, then the proxy call and its
     // one skew retry.
@@ -359,24 +335,27 @@ async fn post_refresh(
         }
         () = shutdown.cancelled() => return Err(ApiError::ShuttingDown),
     };
-    match completion.record {
+    match completion.record.as_deref() {
         Some(r) if r.ok => {
             let current = state.current().ok_or(ApiError::NoAuthinfo)?;
             let doc = authinfo_doc(&current, state);
             Ok(ApiResponse::json(
                 200,
-                &serde_json::json!({
-                    "ok": true,
-                    "fingerprint": current.fingerprint,
-                    "fetched_at": doc.fetched_at,
-                    "expires_at": doc.expires_at,
-                    "state": doc.state,
-                }),
+                &RefreshDone {
+                    ok: true,
+                    fingerprint: current.fingerprint.clone(),
+                    fetched_at: doc.fetched_at,
+                    expires_at: doc.expires_at,
+                    state: doc.state,
+                },
             ))
         }
         Some(r) => Err(ApiError::RefreshFailed {
-            code: r.code.unwrap_or_else(|| "REFRESH_FAILED".into()),
-            message: r.error.unwrap_or_else(|| "the refresh failed".into()),
+            code: r.code.clone().unwrap_or_else(|| "REFRESH_FAILED".into()),
+            message: r
+                .error
+                .clone()
+                .unwrap_or_else(|| "the refresh failed".into()),
         }),
         None => Err(ApiError::ShuttingDown),
     }
@@ -387,15 +366,26 @@ fn healthz(state: &State) -> ApiResponse {
     let ok = matches!(freshness, Some(Freshness::Fresh | Freshness::Stale));
     ApiResponse::json(
         if ok { 200 } else { 503 },
-        &serde_json::json!({
-            "status": if ok { "ok" } else { "no_valid_authinfo" },
-            "authinfo_state": freshness.map_or("none", freshness_name),
-        }),
+        &HealthzDoc {
+            status: if ok { "ok" } else { "no_valid_authinfo" }.into(),
+            authinfo_state: HeldState::from(freshness),
+        },
     )
 }
 
 fn metrics(state: &State) -> ApiResponse {
-    let now = unix_now();
+    ApiResponse {
+        status: 200,
+        content_type: crate::prometheus::CONTENT_TYPE,
+        etag: None,
+        allow: None,
+        body: metrics_page(state).into_bytes(),
+    }
+}
+
+/// The metrics page (the socket's `/metrics`, the textfile, the loopback listener).
+pub fn metrics_page(state: &State) -> String {
+    let now = state.now();
     let current = state.current();
     let status = state.refresh_status().clone();
     let mut gauges = vec![
@@ -424,7 +414,7 @@ fn metrics(state: &State) -> ApiResponse {
         gauges.push((
             "authinfod_authinfo_runway_seconds",
             "Seconds until the held authinfo expires (offline runway).",
-            (s.held.expires_at - now) as f64,
+            s.held.expires_at.saturating_sub(now) as f64,
         ));
     }
     if let Some(skew) = status.clock_skew_seconds {
@@ -434,24 +424,19 @@ fn metrics(state: &State) -> ApiResponse {
             skew as f64,
         ));
     }
-    ApiResponse {
-        status: 200,
-        content_type: "text/plain; version=0.0.4",
-        etag: None,
-        allow: None,
-        body: state.metrics.render(&gauges).into_bytes(),
-    }
+    state.metrics.render(&gauges)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::terminal::store::{HeldAuthinfo, Store};
+    use crate::units::unix_now;
 
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
         let (store, _) = Store::open(&config.state_dir).expect("store");
-        State::new(config, store, None)
+        State::load(config, store, Arc::default()).expect("state")
     }
 
     fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {
@@ -487,7 +472,7 @@ mod tests {
         assert_eq!(r.etag.as_deref(), Some(served.etag.as_str()));
         let doc: AuthinfoDoc = serde_json::from_slice(&r.body).expect("doc");
         assert_eq!(doc.authinfo, "AUTH");
-        assert_eq!(doc.state, "fresh");
+        assert_eq!(doc.state, Freshness::Fresh);
         assert!(doc.age_seconds >= 10);
         let r = handle(
             get("/v1/authinfo", None, Some(&served.etag)),
@@ -620,7 +605,7 @@ mod tests {
         );
         assert!(state.refresh_pending());
         state.begin_refresh();
-        state.finish_refresh(None);
+        state.abandon_refresh();
         publish(&state, "A", unix_now());
         let r = handle(put("R2"), &state, &token).await;
         assert_eq!(r.json_body()["refresh_triggered"], false);
@@ -654,7 +639,7 @@ mod tests {
             503
         );
         let m = handle(get("/metrics", None, None), &state, &token).await;
-        assert_eq!(m.content_type, "text/plain; version=0.0.4");
+        assert_eq!(m.content_type, "text/plain; version=0.0.4; charset=utf-8");
         let text = String::from_utf8(m.body).expect("utf8");
         assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
         assert!(

@@ -12,7 +12,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
 use super::config::SocketAddress;
-use super::state::StatusDoc;
+use super::doc::{
+    AuthinfoDoc, CheckDoc, CheckState, DeviceDoc, ErrorDoc, RawDataAccepted, RawDataBody,
+    RefreshDone, Route, StatusDoc,
+};
 
 /// How long a client command waits for the daemon (a `refresh --wait` waits for the refresh).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -51,7 +54,8 @@ pub struct Answer {
 }
 
 impl Answer {
-    pub fn json(&self) -> Result<serde_json::Value, ClientError> {
+    /// The body as the document `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
         serde_json::from_slice(&self.body).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 
@@ -60,16 +64,75 @@ impl Answer {
         if (200..300).contains(&self.status) {
             return Ok(self);
         }
-        let body: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
-        Err(ClientError::Refused {
-            status: self.status,
-            code: body["code"].as_str().unwrap_or("").to_owned(),
-            message: body["message"].as_str().map_or_else(
-                || String::from_utf8_lossy(&self.body).into_owned(),
-                str::to_owned,
-            ),
+        Err(match serde_json::from_slice::<ErrorDoc>(&self.body) {
+            Ok(e) => ClientError::Refused {
+                status: self.status,
+                code: e.code,
+                message: e.message,
+            },
+            Err(_) => ClientError::Refused {
+                status: self.status,
+                code: String::new(),
+                message: String::from_utf8_lossy(&self.body).into_owned(),
+            },
         })
     }
+}
+
+// === the commands' requests ===
+
+/// `GET /v1/status`.
+pub async fn status(address: &SocketAddress) -> Result<StatusDoc, ClientError> {
+    request(address, http::Method::GET, Route::Status.path(), None)
+        .await?
+        .ok()?
+        .json()
+}
+
+/// `GET /v1/authinfo`: the held authinfo, or `None` before the first success (503).
+pub async fn authinfo(address: &SocketAddress) -> Result<Option<AuthinfoDoc>, ClientError> {
+    let answer = request(address, http::Method::GET, Route::Authinfo.path(), None).await?;
+    if answer.status == 503 {
+        return Ok(None);
+    }
+    answer.ok()?.json().map(Some)
+}
+
+/// `POST /v1/refresh?wait=true`: the new authinfo's summary, or the failure.
+pub async fn refresh_and_wait(address: &SocketAddress) -> Result<RefreshDone, ClientError> {
+    let path = format!("{}?wait=true", Route::Refresh.path());
+    request(address, http::Method::POST, &path, None)
+        .await?
+        .ok()?
+        .json()
+}
+
+/// `POST /v1/refresh`: asks for a refresh without waiting for it.
+pub async fn request_refresh(address: &SocketAddress) -> Result<(), ClientError> {
+    request(address, http::Method::POST, Route::Refresh.path(), None)
+        .await?
+        .ok()
+        .map(drop)
+}
+
+/// `PUT /v1/raw-data`.
+pub async fn put_raw_data(
+    address: &SocketAddress,
+    raw_data: &str,
+) -> Result<RawDataAccepted, ClientError> {
+    let body = serde_json::to_vec(&RawDataBody {
+        raw_data: raw_data.to_owned(),
+    })
+    .map_err(|e| ClientError::Malformed(e.to_string()))?;
+    request(
+        address,
+        http::Method::PUT,
+        Route::RawData.path(),
+        Some(body),
+    )
+    .await?
+    .ok()?
+    .json()
 }
 
 /// Connects to the daemon's socket.
@@ -179,7 +242,7 @@ pub fn render_status(doc: &StatusDoc) -> String {
             let _ = writeln!(
                 out,
                 "authinfo  {} (fingerprint {fp}), fetched {} ago, {} ({}, {})",
-                a.state.to_uppercase(),
+                a.state.as_str().to_uppercase(),
                 ago(age as i64),
                 if runway > 0 {
                     format!("expires in {}", ago(runway))
@@ -263,68 +326,72 @@ pub fn render_status(doc: &StatusDoc) -> String {
             .map(|s| format!("; clock skew {s} s (proxy minus terminal)"))
             .unwrap_or_default()
     );
-    if let Some(checks) = doc.device.as_object() {
-        for (name, check) in checks {
-            let state = check["state"].as_str().unwrap_or("?");
-            let detail = match state {
-                "ok" => describe_check(name, &check["value"]),
-                "error" => format!("ERROR: {}", check["last_error"].as_str().unwrap_or("?")),
-                "not_configured" => "not configured".to_owned(),
-                _ => "not fetched yet".to_owned(),
-            };
-            let stale_error = match (state, check["last_error"].as_str()) {
-                ("ok", Some(e)) => format!(" (last check failed: {e})"),
-                _ => String::new(),
-            };
-            let fetched = check["fetched_at"]
-                .as_str()
-                .map(|t| format!(", fetched {t}"))
-                .unwrap_or_default();
-            let _ = writeln!(out, "health    {name}: {detail}{fetched}{stale_error}");
-        }
-    }
+    render_device(&mut out, &doc.device);
     out
 }
 
-fn describe_check(name: &str, value: &serde_json::Value) -> String {
-    let s = |k: &str| value[k].as_str().unwrap_or("?").to_owned();
-    match name {
-        "inspection" => {
-            let mut d = s("result");
-            for key in ["errors", "warnings"] {
-                if let Some(list) = value[key].as_array().filter(|l| !l.is_empty()) {
-                    let items: Vec<&str> = list.iter().filter_map(|v| v.as_str()).collect();
-                    let _ = write!(d, "; {key}: {}", items.join(", "));
-                }
+/// The health lines of the status summary.
+fn render_device(out: &mut String, device: &DeviceDoc) {
+    let i = &device.inspection;
+    let inspection = i.value.as_ref().map(|v| {
+        let mut d = v.result.as_str().to_owned();
+        for (key, list) in [("errors", &v.errors), ("warnings", &v.warnings)] {
+            if !list.is_empty() {
+                let _ = write!(d, "; {key}: {}", list.join(", "));
             }
-            d
         }
-        "alipay_binding" => format!(
+        d
+    });
+    render_check(out, "inspection", i, inspection);
+    let b = &device.alipay_binding;
+    let binding = b.value.as_ref().map(|v| {
+        format!(
             "{} merchant, pid {}, shop {}{}",
-            s("merchant_type"),
-            s("pid"),
-            s("shop_id"),
-            value["smid"]
-                .as_str()
+            v.merchant_type,
+            v.pid,
+            v.shop_id,
+            v.smid
+                .as_deref()
                 .map(|m| format!(", smid {m}"))
                 .unwrap_or_default()
-        ),
-        "licence" => {
-            let days = value["days_left"].as_i64();
-            format!(
-                "valid {} to {}{}",
-                s("begin_day"),
-                s("expired_day"),
-                days.map(|d| if d < 0 {
+        )
+    });
+    render_check(out, "alipay_binding", b, binding);
+    let l = &device.licence;
+    let licence = l.value.as_ref().map(|v| {
+        format!(
+            "valid {} to {}{}",
+            v.licence.begin_day,
+            v.licence.expired_day,
+            v.days_left
+                .map(|d| if d < 0 {
                     " (LAPSED)".to_owned()
                 } else {
                     format!(" ({d} days left)")
                 })
                 .unwrap_or_default()
-            )
-        }
-        _ => value.to_string(),
-    }
+        )
+    });
+    render_check(out, "licence", l, licence);
+}
+
+fn render_check<T>(out: &mut String, name: &str, check: &CheckDoc<T>, value: Option<String>) {
+    let detail = match check.state {
+        CheckState::Ok => value.unwrap_or_else(|| "?".into()),
+        CheckState::Error => format!("ERROR: {}", check.last_error.as_deref().unwrap_or("?")),
+        CheckState::NotConfigured => "not configured".to_owned(),
+        CheckState::Pending => "not fetched yet".to_owned(),
+    };
+    let stale_error = match (check.state, check.last_error.as_deref()) {
+        (CheckState::Ok, Some(e)) => format!(" (last check failed: {e})"),
+        _ => String::new(),
+    };
+    let fetched = check
+        .fetched_at
+        .as_deref()
+        .map(|t| format!(", fetched {t}"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "health    {name}: {detail}{fetched}{stale_error}");
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::Problems;
 use crate::units::HumanDuration;
 
 /// Where `authinfod` looks for its config when `--config` is not given.
@@ -42,9 +43,9 @@ pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
-/// The config file as written.
+/// The config file as written. Unknown fields are not denied here: `parse` collects them as
+/// problems beside the others (`config_file::parse_toml_lenient`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     device_id: Option<String>,
     key_file: Option<PathBuf>,
@@ -56,10 +57,17 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawProxy {
     url: Option<String>,
     ca_file: Option<PathBuf>,
@@ -67,7 +75,6 @@ struct RawProxy {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSocket {
     path: Option<String>,
     mode: Option<String>,
@@ -78,7 +85,6 @@ struct RawSocket {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRefresh {
     interval: Option<HumanDuration>,
     jitter: Option<f64>,
@@ -90,7 +96,6 @@ struct RawRefresh {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawHealth {
     interval: Option<HumanDuration>,
     inspection: Option<bool>,
@@ -153,8 +158,8 @@ pub struct ProxyConfig {
     /// `https://host:port`, without a trailing slash.
     pub url: String,
     pub ca_file: PathBuf,
-    /// The CA bundle's PEM text, read at validation.
-    pub ca_pem: String,
+    /// TLS to the proxy, trusting exactly the CA bundle of `ca_file`: built once, at validation.
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
     pub timeout: Duration,
 }
 
@@ -193,9 +198,22 @@ pub struct HealthConfig {
     pub licence: bool,
 }
 
+/// Where the metrics go besides the socket's `/metrics` (Prometheus cannot scrape a Unix
+/// socket).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A file rewritten atomically for node_exporter's textfile collector, on every change and
+    /// at least every [`TEXTFILE_EVERY`](super::exporter::TEXTFILE_EVERY).
+    pub textfile: Option<PathBuf>,
+    /// A loopback TCP address serving `GET /metrics` only.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (named in the start-up checks' errors).
+    pub path: PathBuf,
     pub device_id: String,
     pub key_file: PathBuf,
     pub state_dir: PathBuf,
@@ -203,96 +221,75 @@ pub struct Config {
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub metrics: MetricsConfig,
 }
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid TOML for authinfod: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config file {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// Why a config could not be used (shared with the proxy's files).
+pub use crate::config_file::ConfigError;
+
+/// What the daemon's config is called in errors.
+const WHAT: &str = "authinfod config file";
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(&text, path)
+    parse(&crate::config_file::read(WHAT, path)?, path)
 }
 
 /// Validates config text; `path` names it in errors and anchors nothing else.
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let mut problems = Vec::new();
-    let config = validate(raw, &mut problems);
-    match config {
-        Some(config) if problems.is_empty() => Ok(config),
-        _ => Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        }),
-    }
+    let mut problems = Problems::new(WHAT);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, text, path, &mut problems)?;
+    let config = validate(raw, path, &mut problems);
+    problems.finish(path, config)
 }
 
-fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
+fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Config> {
     let device_id = match raw.device_id {
         Some(id) if crate::wire::valid_device_id(&id) => Some(id),
         Some(id) => {
-            problems.push(format!(
-                "device_id: {id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"
-            ));
+            problems.push(
+                "device_id",
+                format_args!("{id:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"),
+            );
             None
         }
         None => {
             problems.push(
-                "device_id: missing (the id this terminal is enrolled under at the proxy)".into(),
+                "device_id",
+                "missing (the id this terminal is enrolled under at the proxy)",
             );
             None
         }
     };
-    let key_file = absolute("key_file", raw.key_file, None, problems);
-    let state_dir = absolute(
+    let key_file = problems.absolute("key_file", raw.key_file, None);
+    let state_dir = problems.absolute(
         "state_dir",
         raw.state_dir,
         Some(PathBuf::from(DEFAULT_STATE_DIR)),
-        problems,
     );
     let proxy = match raw.proxy {
         Some(p) => validate_proxy(p, problems),
         None => {
-            problems.push("proxy: missing section [proxy] with url and ca_file".into());
+            problems.push("proxy", "missing section [proxy] with url and ca_file");
             None
         }
     };
     let socket = validate_socket(raw.socket, problems);
     let refresh = validate_refresh(raw.refresh, problems);
     let health = HealthConfig {
-        interval: positive(
+        interval: problems.positive(
             "health.interval",
             raw.health.interval,
             DEFAULT_HEALTH_INTERVAL,
-            problems,
         ),
         inspection: raw.health.inspection.unwrap_or(true),
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let metrics = validate_metrics(raw.metrics, problems);
     Some(Config {
+        path: path.to_owned(),
+        metrics: metrics?,
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -303,86 +300,161 @@ fn validate(raw: RawConfig, problems: &mut Vec<String>) -> Option<Config> {
     })
 }
 
-fn absolute(
-    field: &str,
-    value: Option<PathBuf>,
-    default: Option<PathBuf>,
-    problems: &mut Vec<String>,
-) -> Option<PathBuf> {
-    match value.or(default) {
-        Some(p) if p.is_absolute() => Some(p),
-        Some(p) => {
-            problems.push(format!("{field}: {} is not an absolute path", p.display()));
-            None
-        }
-        None => {
-            problems.push(format!("{field}: missing"));
-            None
-        }
-    }
-}
-
-fn positive(
-    field: &str,
-    value: Option<HumanDuration>,
-    default: Duration,
-    problems: &mut Vec<String>,
-) -> Duration {
-    let d = value.map_or(default, |h| h.0);
-    if d.is_zero() {
-        problems.push(format!("{field}: must be more than zero"));
-    }
-    if d > crate::units::MAX_CONFIG_DURATION {
-        problems.push(format!(
-            "{field}: {} is longer than {}",
-            crate::units::format_duration(d),
-            crate::units::format_duration(crate::units::MAX_CONFIG_DURATION)
-        ));
-    }
-    d
-}
-
-fn validate_proxy(raw: RawProxy, problems: &mut Vec<String>) -> Option<ProxyConfig> {
+fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig> {
     let url = match raw.url {
         Some(u) => match check_https_url(&u) {
             Ok(u) => Some(u),
             Err(e) => {
-                problems.push(format!("proxy.url: {e}"));
+                problems.push("proxy.url", format_args!("{e}"));
                 None
             }
         },
         None => {
-            problems.push("proxy.url: missing".into());
+            problems.push("proxy.url", "missing");
             None
         }
     };
-    let ca_file = absolute("proxy.ca_file", raw.ca_file, None, problems);
-    let ca_pem = ca_file.as_ref().and_then(|path| {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| {
-                problems.push(format!(
-                    "proxy.ca_file: cannot read {}: {e}",
-                    path.display()
-                ))
-            })
-            .ok()?;
+    let ca_file = problems.absolute("proxy.ca_file", raw.ca_file, None);
+    let tls = ca_file.as_ref().and_then(|path| {
+        let text = problems.read_file("proxy.ca_file", path)?;
         crate::tls::client_config_pinned(&text, &path.display().to_string())
-            .map_err(|e| problems.push(format!("proxy.ca_file: {e}")))
-            .ok()?;
-        Some(text)
+            .map_err(|e| problems.push("proxy.ca_file", e))
+            .ok()
     });
-    let timeout = positive(
-        "proxy.timeout",
-        raw.timeout,
-        DEFAULT_PROXY_TIMEOUT,
-        problems,
-    );
+    let timeout = problems.positive("proxy.timeout", raw.timeout, DEFAULT_PROXY_TIMEOUT);
     Some(ProxyConfig {
         url: url?,
         ca_file: ca_file?,
-        ca_pem: ca_pem?,
+        tls: std::sync::Arc::new(tls?),
         timeout,
     })
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(p) if p.is_absolute() && p.file_name().is_some() => Some(Some(p)),
+        Some(p) => {
+            problems.push(
+                "metrics.textfile",
+                format_args!("{} must be an absolute path to a file", p.display()),
+            );
+            None
+        }
+    };
+    let listen = match raw.listen {
+        None => Some(None),
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(Some(addr)),
+            Ok(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!(
+                        "{text:?} must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the metrics have no authentication"
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!("{text:?} is not an address like 127.0.0.1:9101"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricsConfig {
+        textfile: textfile?,
+        listen: listen?,
+    })
+}
+
+/// Reads and validates the config file at `path` and checks what `run` checks at start beyond
+/// the file itself, listing every problem of both kinds at once: the device key is private
+/// (0600), readable and an RSA key; the state directory is (or can be made) a writable
+/// directory. `check-config` and `run` both start here, so the one predicts the other. Returns
+/// the config and the key's signer.
+pub fn load_for_run(path: &Path) -> Result<(Config, crate::crypto::RsaSigner), ConfigError> {
+    let text = crate::config_file::read(WHAT, path)?;
+    let mut problems = Problems::new(WHAT);
+    let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, &text, path, &mut problems)?;
+    let key_file = raw.key_file.clone().filter(|p| p.is_absolute());
+    let state_dir = raw
+        .state_dir
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_STATE_DIR)))
+        .filter(|p| p.is_absolute());
+    let config = validate(raw, path, &mut problems);
+    let signer = check_files(key_file.as_deref(), state_dir.as_deref(), &mut problems);
+    let both = config.zip(signer);
+    problems.finish(path, both)
+}
+
+/// The start-up file checks of [`load_for_run`] for a config already loaded (the daemon
+/// repeats them at start; tests and the demo load configs themselves).
+pub fn preflight(config: &Config) -> Result<crate::crypto::RsaSigner, ConfigError> {
+    let mut problems = Problems::new(WHAT);
+    let signer = check_files(
+        Some(&config.key_file),
+        Some(&config.state_dir),
+        &mut problems,
+    );
+    problems.finish(&config.path, signer)
+}
+
+fn check_files(
+    key_file: Option<&Path>,
+    state_dir: Option<&Path>,
+    problems: &mut Problems,
+) -> Option<crate::crypto::RsaSigner> {
+    if let Some(dir) = state_dir
+        && let Err(e) = writable_dir(dir)
+    {
+        problems.push("state_dir", e);
+    }
+    let key_file = key_file?;
+    let pem = problems.read_private("key_file", key_file)?;
+    crate::crypto::RsaSigner::from_pem(&pem, &key_file.display().to_string())
+        .map_err(|e| problems.push("key_file", e))
+        .ok()
+}
+
+/// Whether `dir` is a directory this process can write, or could be created as one (its nearest
+/// existing ancestor is a writable directory). Nothing is created.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(meta) if meta.is_dir() => {
+                return access(at, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+                    if at == dir {
+                        format!("{} is not writable: {e}", dir.display())
+                    } else {
+                        format!(
+                            "{} does not exist and {} is not writable to create it: {e}",
+                            dir.display(),
+                            at.display()
+                        )
+                    }
+                });
+            }
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match at.parent() {
+                    Some(parent) => at = parent,
+                    None => return Err(format!("{} cannot be created", dir.display())),
+                }
+            }
+            Err(e) => return Err(format!("cannot inspect {}: {e}", at.display())),
+        }
+    }
 }
 
 /// Accepts `https://host[:port][/]` only: no path, query or credentials (the request paths are
@@ -404,11 +476,11 @@ pub fn check_https_url(text: &str) -> Result<String, String> {
     Ok(text.trim_end_matches('/').to_owned())
 }
 
-fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketConfig> {
+fn validate_socket(raw: RawSocket, problems: &mut Problems) -> Option<SocketConfig> {
     let address = match SocketAddress::parse(raw.path.as_deref().unwrap_or(DEFAULT_SOCKET_PATH)) {
         Ok(a) => Some(a),
         Err(e) => {
-            problems.push(format!("socket.path: {e}"));
+            problems.push("socket.path", format_args!("{e}"));
             None
         }
     };
@@ -417,15 +489,17 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
         Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
             Ok(mode) if mode <= 0o777 && mode & 0o007 == 0 => Some(mode),
             Ok(_) => {
-                problems.push(format!(
-                    "socket.mode: {m:?} must not give others access (use 0660 or tighter)"
-                ));
+                problems.push(
+                    "socket.mode",
+                    format_args!("{m:?} must not give others access (use 0660 or tighter)"),
+                );
                 None
             }
             Err(_) => {
-                problems.push(format!(
-                    "socket.mode: {m:?} is not an octal mode like \"0660\""
-                ));
+                problems.push(
+                    "socket.mode",
+                    format_args!("{m:?} is not an octal mode like \"0660\""),
+                );
                 None
             }
         },
@@ -435,7 +509,7 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
         .and_then(|name| match resolve_group(&IdOrName::Name(name.clone())) {
             Ok(gid) => Some((name, gid)),
             Err(e) => {
-                problems.push(format!("socket.group: {e}"));
+                problems.push("socket.group", format_args!("{e}"));
                 None
             }
         });
@@ -450,7 +524,7 @@ fn validate_socket(raw: RawSocket, problems: &mut Vec<String>) -> Option<SocketC
     };
     let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
     if !(1..=4096).contains(&max_connections) {
-        problems.push("socket.max_connections: must be 1 to 4096".into());
+        problems.push("socket.max_connections", "must be 1 to 4096");
     }
     Some(SocketConfig {
         address: address?,
@@ -466,7 +540,7 @@ fn resolve_all(
     field: &str,
     list: &[IdOrName],
     resolve: fn(&IdOrName) -> Result<u32, String>,
-    problems: &mut Vec<String>,
+    problems: &mut Problems,
 ) -> Option<BTreeSet<u32>> {
     let mut ids = BTreeSet::new();
     let mut ok = true;
@@ -476,7 +550,7 @@ fn resolve_all(
                 ids.insert(id);
             }
             Err(e) => {
-                problems.push(format!("{field}: {e}"));
+                problems.push(field, e);
                 ok = false;
             }
         }
@@ -510,57 +584,51 @@ fn resolve_group(entry: &IdOrName) -> Result<u32, String> {
     }
 }
 
-fn validate_refresh(raw: RawRefresh, problems: &mut Vec<String>) -> Option<RefreshConfig> {
-    let interval = positive("refresh.interval", raw.interval, DEFAULT_INTERVAL, problems);
+fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshConfig> {
+    let interval = problems.positive("refresh.interval", raw.interval, DEFAULT_INTERVAL);
     let jitter = raw.jitter.unwrap_or(DEFAULT_JITTER);
     if !(0.0..=0.5).contains(&jitter) {
-        problems.push(format!(
-            "refresh.jitter: {jitter} must be between 0.0 and 0.5"
-        ));
+        problems.push(
+            "refresh.jitter",
+            format_args!("{jitter} must be between 0.0 and 0.5"),
+        );
     }
-    let backoff_min = positive(
-        "refresh.backoff_min",
-        raw.backoff_min,
-        DEFAULT_BACKOFF_MIN,
-        problems,
-    );
-    let backoff_max = positive(
-        "refresh.backoff_max",
-        raw.backoff_max,
-        DEFAULT_BACKOFF_MAX,
-        problems,
-    );
+    let backoff_min =
+        problems.positive("refresh.backoff_min", raw.backoff_min, DEFAULT_BACKOFF_MIN);
+    let backoff_max =
+        problems.positive("refresh.backoff_max", raw.backoff_max, DEFAULT_BACKOFF_MAX);
     if backoff_max < backoff_min {
-        problems.push("refresh.backoff_max: must not be less than refresh.backoff_min".into());
+        problems.push(
+            "refresh.backoff_max",
+            "must not be less than refresh.backoff_min",
+        );
     }
-    let assumed_validity = positive(
+    let assumed_validity = problems.positive(
         "refresh.assumed_validity",
         raw.assumed_validity,
         DEFAULT_ASSUMED_VALIDITY,
-        problems,
     );
     let raw_data_command = match raw.raw_data_command {
         Some(cmd) if cmd.is_empty() || cmd[0].is_empty() => {
             problems.push(
-                "refresh.raw_data_command: needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]"
-                    .into(),
+                "refresh.raw_data_command",
+                "needs a program, e.g. [\"/usr/bin/faceapp-rawdata\"]",
             );
             None
         }
         Some(cmd) if !Path::new(&cmd[0]).is_absolute() => {
-            problems.push(format!(
-                "refresh.raw_data_command: {:?} must be an absolute path",
-                cmd[0]
-            ));
+            problems.push(
+                "refresh.raw_data_command",
+                format_args!("{:?} must be an absolute path", cmd[0]),
+            );
             None
         }
         other => other,
     };
-    let raw_data_command_timeout = positive(
+    let raw_data_command_timeout = problems.positive(
         "refresh.raw_data_command_timeout",
         raw.raw_data_command_timeout,
         DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
-        problems,
     );
     Some(RefreshConfig {
         interval,
@@ -597,13 +665,14 @@ pub fn client_socket(config_path: &Path) -> SocketAddress {
 #[cfg(test)]
 pub fn test_config(dir: &Path) -> Config {
     Config {
+        path: dir.join("authinfod.toml"),
         device_id: "T-TEST".into(),
         key_file: dir.join("device.key"),
         state_dir: dir.join("state"),
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
-            ca_pem: String::new(),
+            tls: std::sync::Arc::new(crate::tls::client_config_trusting_nothing()),
             timeout: DEFAULT_PROXY_TIMEOUT,
         },
         socket: SocketConfig {
@@ -629,6 +698,7 @@ pub fn test_config(dir: &Path) -> Config {
             alipay_binding: true,
             licence: true,
         },
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -743,10 +813,80 @@ raw_data_command = ["rawdata"]
         assert_eq!(problems.len(), 11, "{problems:#?}");
     }
 
+    /// An unknown field is named, and does not hide the other problems of the file (the
+    /// misspelt key_file is also "missing"; proxy.url is not https).
     #[test]
-    fn unknown_fields_and_bad_durations_are_parse_errors_naming_them() {
-        let err = parse("device_id = \"a\"\nkey_fle = \"/k\"\n", Path::new("x.toml")).unwrap_err();
-        assert!(err.to_string().contains("key_fle"), "{err}");
+    fn unknown_fields_are_listed_beside_the_other_problems() {
+        let err = parse(
+            "device_id = \"a\"\nkey_fle = \"/k\"\n[proxy]\nurl = \"http://p\"\nca_fil = \"/c\"\n[sokcet]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        let problems = err.problems();
+        for expected in [
+            "key_fle: unknown field",
+            "proxy.ca_fil: unknown field",
+            "sokcet: unknown field",
+            "key_file: missing",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == expected),
+                "{expected} in {problems:#?}"
+            );
+        }
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("proxy.url:") && p.contains("https")),
+            "{problems:#?}"
+        );
+    }
+
+    /// What `run` refuses at start, `preflight` (and so `check-config`) refuses too, naming
+    /// each problem: a missing key, a key others can read, a file that is no key, a state
+    /// directory that cannot be one.
+    #[test]
+    fn preflight_refuses_what_run_would_refuse() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        let err = preflight(&config).unwrap_err();
+        assert!(
+            err.problems()
+                .iter()
+                .any(|p| p.starts_with("key_file: cannot read")),
+            "{err}"
+        );
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.to_string().contains("mode 644"), "{err}");
+        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+        let signer = preflight(&config).expect("a private RSA key and a creatable state dir");
+        assert_eq!(
+            signer.public_key().expect("public"),
+            crate::crypto::test_key(0).public
+        );
+        std::fs::write(&config.key_file, "not a key").expect("write");
+        let err = preflight(&config).unwrap_err();
+        assert!(err.problems()[0].starts_with("key_file: "), "{err}");
+        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        config.state_dir = file.join("state");
+        let err = preflight(&config).unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert!(err.problems()[0].contains("is not a directory"), "{err}");
+        assert!(
+            err.to_string().contains("authinfod.toml"),
+            "names the file: {err}"
+        );
+    }
+
+    #[test]
+    fn bad_durations_are_parse_errors_naming_them() {
         let err = parse("[refresh]\ninterval = \"1 hour\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("unknown unit"), "{err}");
     }
@@ -812,5 +952,34 @@ raw_data_command = ["rawdata"]
         assert!(check_https_url("https://u:p@p.example").is_err());
         assert!(check_https_url("https://p.example/api").is_err());
         assert!(check_https_url("not a url").is_err());
+    }
+
+    #[test]
+    fn metrics_go_to_an_absolute_file_and_a_loopback_address_only() {
+        let ok = |textfile: Option<&str>, listen: Option<&str>| {
+            let mut problems = Problems::new("config file");
+            let raw = RawMetrics {
+                textfile: textfile.map(PathBuf::from),
+                listen: listen.map(String::from),
+            };
+            let got = validate_metrics(raw, &mut problems);
+            assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
+            got
+        };
+        let m = ok(
+            Some("/var/lib/node_exporter/authinfod.prom"),
+            Some("127.0.0.1:9101"),
+        )
+        .expect("valid");
+        assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
+        assert!(ok(None, Some("[::1]:9101")).is_some());
+        assert!(
+            ok(None, Some("0.0.0.0:9101")).is_none(),
+            "no unauthenticated wide listener"
+        );
+        assert!(ok(None, Some("192.168.1.5:9101")).is_none());
+        assert!(ok(None, Some("localhost")).is_none());
+        assert!(ok(Some("relative.prom"), None).is_none());
+        assert!(ok(Some("/"), None).is_none());
     }
 }

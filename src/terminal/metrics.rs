@@ -28,27 +28,27 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn count_request(&self, route: &'static str, status: u16) {
-        *super::state::lock(&self.requests)
+        *crate::sync::lock(&self.requests)
             .entry((route, status))
             .or_default() += 1;
     }
 
     /// `outcome`: `ok`, `retryable_error`, `permanent_error`, `no_raw_data`.
     pub fn count_refresh(&self, outcome: &'static str) {
-        *super::state::lock(&self.refreshes)
+        *crate::sync::lock(&self.refreshes)
             .entry(outcome)
             .or_default() += 1;
     }
 
     /// `outcome`: `ok`, `error`, `not_configured`.
     pub fn count_check(&self, check: &'static str, outcome: &'static str) {
-        *super::state::lock(&self.checks)
+        *crate::sync::lock(&self.checks)
             .entry((check, outcome))
             .or_default() += 1;
     }
 
     pub fn refreshes(&self, outcome: &str) -> u64 {
-        super::state::lock(&self.refreshes)
+        crate::sync::lock(&self.refreshes)
             .get(outcome)
             .copied()
             .unwrap_or(0)
@@ -61,12 +61,12 @@ impl Metrics {
         t.gauges(gauges);
         let name = "authinfod_socket_requests_total";
         t.family(name, "counter", "Socket API requests by route and status.");
-        for ((route, status), n) in super::state::lock(&self.requests).iter() {
+        for ((route, status), n) in crate::sync::lock(&self.requests).iter() {
             t.sample(name, &[("route", route), ("status", status)], n);
         }
         let name = "authinfod_refresh_attempts_total";
         t.family(name, "counter", "Authinfo refresh attempts by outcome.");
-        for (outcome, n) in super::state::lock(&self.refreshes).iter() {
+        for (outcome, n) in crate::sync::lock(&self.refreshes).iter() {
             t.sample(name, &[("outcome", outcome)], n);
         }
         let name = "authinfod_health_checks_total";
@@ -75,7 +75,7 @@ impl Metrics {
             "counter",
             "Device health checks by check and outcome.",
         );
-        for ((check, outcome), n) in super::state::lock(&self.checks).iter() {
+        for ((check, outcome), n) in crate::sync::lock(&self.checks).iter() {
             t.sample(name, &[("check", check), ("outcome", outcome)], n);
         }
         t.single(
@@ -96,6 +96,7 @@ impl Metrics {
             "Socket connections open now.",
             self.connections_open.load(Ordering::Relaxed),
         );
+        t.process();
         t.finish()
     }
 }

@@ -3,12 +3,15 @@
 //!
 //! - [`config`]: the TOML config, defaults and validation.
 //! - [`store`]: sled persistence with recovery.
-//! - [`state`]: the shared in-memory state and the status document.
+//! - [`doc`]: the socket API's documents and route table, as types servers and clients share.
+//! - [`device`]: the device health facts as data (checks, records, their document).
+//! - [`state`]: the shared in-memory state: served authinfo, refresh bookkeeping, health.
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
 //! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
-//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters.
+//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
+//!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
 //!
 //! [`Daemon::start`] does everything up to `READY=1` (config is already valid; the store is
@@ -18,6 +21,9 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod device;
+pub mod doc;
+pub mod exporter;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
@@ -40,7 +46,7 @@ use self::server::{ServerError, SocketServer};
 use self::state::State;
 use self::store::{Store, StoreError};
 use self::systemd::Notifier;
-use crate::crypto::{CryptoError, RsaSigner};
+
 use crate::wire::auth::DeviceSigner;
 
 /// How long the loops get to stop after shutdown starts.
@@ -49,14 +55,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot load the device key")]
-    Key(#[source] CryptoError),
-    #[error("the device key {path} is readable by group or others (mode {mode:o}); run chmod 600")]
-    KeyPermissions { path: std::path::PathBuf, mode: u32 },
+    #[error(transparent)]
+    Preflight(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Socket(#[from] ServerError),
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up TLS to the proxy")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -64,10 +74,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when fixing the configuration (or the files it names) is the cure.
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            Self::Key(_) | Self::KeyPermissions { .. } | Self::Tls(_)
-        )
+        matches!(self, Self::Preflight(_) | Self::Tls(_))
     }
 }
 
@@ -77,12 +84,16 @@ pub struct RunOptions {
     pub notifier: Notifier,
     /// systemd's watchdog period (`WATCHDOG_USEC`), when enabled.
     pub watchdog: Option<Duration>,
+    /// The wall clock (the system's; tests shift it).
+    pub clock: Arc<crate::units::WallClock>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
 pub struct Daemon {
     state: Arc<State>,
     server: SocketServer,
+    /// The loopback `/metrics` listener, when configured.
+    metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
     options: RunOptions,
 }
@@ -99,7 +110,7 @@ impl Daemon {
     /// Loads the key, opens the store (moving a broken one aside), binds the socket and tells
     /// systemd `READY=1`. No network call happens here: a stored authinfo is served at once.
     pub async fn start(config: Config, options: RunOptions) -> Result<Self, DaemonError> {
-        tracing::info!(
+        tracing::info!(message_id = crate::events::DAEMON_STARTED,
             version = env!("CARGO_PKG_VERSION"),
             device_id = %config.device_id,
             proxy = %config.proxy.url,
@@ -115,15 +126,7 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        check_key_permissions(&config.key_file)?;
-        let key = RsaSigner::from_file(&config.key_file).map_err(DaemonError::Key)?;
-        let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(ProxyClient::new(
-            &config.proxy.url,
-            &config.proxy.ca_pem,
-            signer,
-            config.proxy.timeout,
-        )?);
+        let upstream = proxy_client(&config, &options)?;
         Self::start_with_upstream(config, options, upstream).await
     }
 
@@ -133,35 +136,26 @@ impl Daemon {
         options: RunOptions,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
-        let (store, recovery) = Store::open(&config.state_dir)?;
-        if let Some(r) = recovery {
-            tracing::error!(
-                moved_to = %r.moved_to.display(),
-                reason = %r.reason,
-                "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-            );
-        }
-        let held = store.authinfo()?;
-        let state = State::new(config, store, held);
-        match state.current() {
-            Some(served) => tracing::info!(
-                authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(crate::units::unix_now()),
-                state = state::freshness_name(served.freshness(crate::units::unix_now(), state.config.refresh.interval)),
-                "serving the stored authinfo"
-            ),
-            None => tracing::info!(
-                "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
-            ),
-        }
+        let state = load_state(config, &options)?;
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
+        let metrics_listener = match state.config.metrics.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+                tracing::info!(%addr, "metrics listener bound");
+                Some(listener)
+            }
+            None => None,
+        };
         options
             .notifier
             .notify(&format!("READY=1\nSTATUS={}", systemd::status_line(&state)));
         Ok(Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
         })
@@ -179,9 +173,25 @@ impl Daemon {
         let Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
         } = self;
+        let mut exporters = Vec::new();
+        if let Some(listener) = metrics_listener {
+            exporters.push(tokio::spawn(exporter::serve_metrics(
+                listener,
+                state.clone(),
+                token.clone(),
+            )));
+        }
+        if let Some(path) = state.config.metrics.textfile.clone() {
+            exporters.push(tokio::spawn(exporter::keep_textfile(
+                state.clone(),
+                path,
+                token.clone(),
+            )));
+        }
         let tasks = [
             tokio::spawn(
                 refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
@@ -198,34 +208,106 @@ impl Daemon {
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         token.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks))
-            .await
-            .is_err()
-        {
+        let stopped = async {
+            futures_join(tasks).await;
+            for task in exporters {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, stopped).await.is_err() {
             tracing::warn!("some tasks did not stop within the timeout");
         }
         if let Err(error) = state.store.flush() {
             tracing::error!(error = %crate::error_chain(&error), "final store flush failed");
         }
-        tracing::info!("authinfod stopped");
+        tracing::info!(
+            message_id = crate::events::DAEMON_STOPPED,
+            "authinfod stopped"
+        );
     }
+}
+
+/// The signed client of the proxy, after the start-up checks of the key.
+fn proxy_client(config: &Config, options: &RunOptions) -> Result<Arc<ProxyClient>, DaemonError> {
+    let key = config::preflight(config)?;
+    let signer = DeviceSigner::new(config.device_id.clone(), key);
+    Ok(Arc::new(
+        ProxyClient::new(
+            &config.proxy.url,
+            &config.proxy.tls,
+            signer,
+            config.proxy.timeout,
+        )?
+        .with_clock(options.clock.clone()),
+    ))
+}
+
+/// Opens the store (recovering a broken one) and makes the state serving what it holds.
+fn load_state(config: Config, options: &RunOptions) -> Result<Arc<State>, DaemonError> {
+    let (store, recovery) = Store::open(&config.state_dir)?;
+    if let Some(r) = recovery {
+        tracing::error!(message_id = crate::events::STORE_RECOVERED,
+            moved_to = %r.moved_to.display(),
+            reason = %r.reason,
+            "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
+        );
+    }
+    let state = State::load(config, store, options.clock.clone())?;
+    match state.current() {
+        Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
+            authinfo_fingerprint = %served.fingerprint,
+            age_seconds = served.age(state.now()),
+            state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+            "serving the stored authinfo"
+        ),
+        None => tracing::info!(
+            "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
+        ),
+    }
+    Ok(state)
+}
+
+/// What `authinfod run --once` did.
+#[derive(Debug)]
+pub struct OnceReport {
+    /// The refresh attempt's outcome and its record.
+    pub refresh: refresher::Outcome,
+    pub record: Option<Arc<store::AttemptRecord>>,
+    /// Each enabled health check, and whether it succeeded.
+    pub health: Vec<(device::Check, Result<(), proxy_client::Disposition>)>,
+    /// The authinfo now held (new, or the one stored before).
+    pub held: Option<Arc<state::Served>>,
+}
+
+/// `authinfod run --once`, for provisioning: one refresh and one round of health checks
+/// through the proxy, persisted and flushed; the socket is never started. The stored raw_data
+/// (or `raw_data_command`) is used, as by the running daemon.
+pub async fn run_once(config: Config, options: RunOptions) -> Result<OnceReport, DaemonError> {
+    let upstream = proxy_client(&config, &options)?;
+    let state = load_state(config, &options)?;
+    let refresh = refresher::Refresher::new(state.clone(), upstream.clone())
+        .refresh_once()
+        .await;
+    let record = state.refresh_status().last_attempt.clone();
+    let checks = state.health().enabled_checks();
+    let mut health = Vec::new();
+    for check in checks {
+        health.push((
+            check,
+            health::check_once(check, &state, upstream.as_ref()).await,
+        ));
+    }
+    state.store.flush()?;
+    Ok(OnceReport {
+        refresh,
+        record,
+        health,
+        held: state.current(),
+    })
 }
 
 async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {
     for task in tasks {
         let _ = task.await;
     }
-}
-
-fn check_key_permissions(path: &std::path::Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::MetadataExt as _;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.mode() & 0o077 != 0
-    {
-        return Err(DaemonError::KeyPermissions {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o777,
-        });
-    }
-    Ok(())
 }

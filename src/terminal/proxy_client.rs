@@ -8,13 +8,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::crypto::CryptoError;
-use crate::units::unix_now;
+use crate::units::WallClock;
 use crate::wire::{self, AuthinfoRequest, AuthinfoResponse, ErrorBody, auth::DeviceSigner};
 
 /// A boxed future, for the object-safe [`Upstream`] trait.
@@ -121,6 +122,11 @@ impl UpstreamError {
     }
 }
 
+/// How long an idle connection to the proxy is kept for reuse: below the proxy's keep-alive
+/// idle timeout (15 s, `tls::HEADER_READ_TIMEOUT`), so that the daemon never sends on a
+/// connection the proxy is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The real upstream: the merchant's proxy over pinned HTTPS.
 #[derive(Debug)]
 pub struct ProxyClient {
@@ -130,22 +136,28 @@ pub struct ProxyClient {
     timeout: Duration,
     /// The learned offset, seconds (proxy minus local).
     skew: AtomicI64,
+    /// The wall clock request timestamps are read from.
+    clock: Arc<WallClock>,
     skew_known: AtomicBool,
 }
 
 impl ProxyClient {
-    /// A client of `base_url` (`https://host:port`) trusting only `ca_pem`.
+    /// A client of `base_url` (`https://host:port`) over `tls` (pinned to the proxy's CA).
     pub fn new(
         base_url: &str,
-        ca_pem: &str,
+        tls: &rustls::ClientConfig,
         signer: DeviceSigner,
         timeout: Duration,
     ) -> Result<Self, crate::tls::TlsError> {
-        let tls = crate::tls::client_config_pinned(ca_pem, "proxy.ca_file")?;
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
+            .tls_backend_preconfigured(tls.clone())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
+            // A pooled connection must be dropped well before the proxy closes it as idle
+            // (it closes keep-alive connections after 15 s without a request): reusing one
+            // at the moment the proxy closes it loses the request ("connection closed before
+            // message completed"). Seen under emulation, where calls come 10-20 s apart.
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .https_only(true)
@@ -162,7 +174,14 @@ impl ProxyClient {
             timeout,
             skew: AtomicI64::new(0),
             skew_known: AtomicBool::new(false),
+            clock: Arc::default(),
         })
+    }
+
+    /// Reads timestamps from `clock` (the daemon's) instead of the system's.
+    pub fn with_clock(mut self, clock: Arc<WallClock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
@@ -175,8 +194,9 @@ impl ProxyClient {
     ) -> Result<Vec<u8>, UpstreamError> {
         match self.send(&method, path, &body).await {
             Err(SendError::Skewed { proxy_date, .. }) => {
-                let offset = proxy_date - unix_now();
+                let offset = proxy_date - self.clock.now();
                 tracing::warn!(
+                    message_id = crate::events::CLOCK_SKEW_LEARNED,
                     clock_skew_seconds = offset,
                     "proxy refused our timestamp; learned its clock and retrying once"
                 );
@@ -195,7 +215,7 @@ impl ProxyClient {
         path: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, SendError> {
-        let timestamp = unix_now() + self.skew.load(Ordering::Relaxed);
+        let timestamp = self.clock.now() + self.skew.load(Ordering::Relaxed);
         let authorization = self
             .signer
             .authorize(method.as_str(), path, timestamp, body)

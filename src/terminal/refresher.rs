@@ -13,18 +13,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
-use super::state::{Heartbeats, State};
+use super::state::{AttemptReport, Heartbeats, State, Waiting};
 use super::store::{AttemptRecord, HeldAuthinfo, RawData};
-pub use crate::schedule::Schedule;
-use crate::units::unix_now;
+use crate::schedule::{Backoff, Schedule};
+use crate::wire::MAX_RAW_DATA;
 
 /// The loop wakes at least this often, to report in to the watchdog and to notice a suspend.
 pub const TICK: Duration = Duration::from_secs(10);
 /// A wall-clock advance this much beyond the monotonic one means the machine slept (or the
 /// clock was set forward): the held authinfo's age is checked again.
 const JUMP_THRESHOLD: Duration = Duration::from_secs(30);
-/// Largest raw_data accepted from the face app or the command.
-pub const MAX_RAW_DATA: usize = 48 * 1024;
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +76,7 @@ impl Refresher {
             None if self.can_get_raw_data() => Some(now),
             None => None,
             Some(served) => {
-                let age = Duration::from_secs(served.age(unix_now()));
+                let age = Duration::from_secs(served.age(self.state.now()));
                 Some(now + self.schedule.interval.saturating_sub(age))
             }
         }
@@ -91,35 +89,38 @@ impl Refresher {
 
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::new(self.schedule);
         let mut next = self.initial_due(Instant::now());
         if next.is_none() {
-            self.state.refresh_status().waiting_for = Some("raw_data");
+            self.state.refresh_status().waiting_for = Some(Waiting::RawData);
             tracing::info!(
                 "no authinfo and no raw_data yet; waiting for the face app to PUT /v1/raw-data"
             );
         }
-        let mut last_tick = (Instant::now(), unix_now());
+        let mut last_tick = (Instant::now(), self.state.now());
         loop {
             let now = Instant::now();
             Heartbeats::beat(&self.state.heartbeats.refresh, now, self.state.started);
-            self.state.refresh_status().next_attempt_at =
-                next.map(|n| unix_now() + n.saturating_duration_since(now).as_secs() as i64);
+            let wall = self.state.now();
+            self.state.refresh_status().next_attempt_at = next.map(|n| wall_at(wall, now, n));
             let wake = next.map_or(now + TICK, |n| n.min(now + TICK));
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.state.refresh_requested() => {}
                 () = tokio::time::sleep_until(wake) => {}
             }
-            let (mono, wall) = (Instant::now(), unix_now());
-            let slept = wall - last_tick.1 - mono.duration_since(last_tick.0).as_secs() as i64;
+            let (mono, wall) = (Instant::now(), self.state.now());
+            let slept = wall
+                .saturating_sub(last_tick.1)
+                .saturating_sub(secs(mono.duration_since(last_tick.0)));
             last_tick = (mono, wall);
-            if slept > JUMP_THRESHOLD.as_secs() as i64 {
+            if slept > secs(JUMP_THRESHOLD) {
                 let stale = self
                     .state
                     .current()
                     .is_some_and(|s| s.age(wall) >= self.schedule.interval.as_secs());
                 tracing::info!(
+                    message_id = crate::events::CLOCK_JUMP,
                     jump_seconds = slept,
                     stale,
                     "wall clock moved ahead of the monotonic clock (suspend or clock set)"
@@ -134,74 +135,82 @@ impl Refresher {
             }
             // Cancelling mid-attempt is safe: the only await points are before anything is
             // stored, and the waiters are answered here.
-            let outcome = tokio::select! {
-                outcome = self.refresh_once() => outcome,
+            self.state.begin_refresh();
+            let (outcome, mut report) = tokio::select! {
+                attempt = self.attempt() => attempt,
                 () = shutdown.cancelled() => {
-                    self.state.finish_refresh(None);
+                    self.state.abandon_refresh();
                     break;
                 }
             };
             let now = Instant::now();
             let unit = (self.random)();
             next = match outcome {
-                Outcome::Fetched | Outcome::Permanent => {
-                    failures = 0;
-                    Some(now + self.schedule.next_interval(unit))
-                }
+                Outcome::Fetched | Outcome::Permanent => Some(now + backoff.succeeded(unit)),
                 Outcome::Retry { after } => {
-                    failures = failures.saturating_add(1);
-                    let delay = self.schedule.retry_delay(failures, after, unit);
+                    let delay = backoff.failed(after, unit);
                     tracing::info!(
-                        attempt = failures,
-                        backoff_ms = delay.as_millis() as u64,
+                        attempt = backoff.failures(),
+                        backoff_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                         "next refresh attempt scheduled"
                     );
                     Some(now + delay)
                 }
                 Outcome::NoRawData if self.state.config.refresh.raw_data_command.is_some() => {
-                    failures = failures.saturating_add(1);
-                    Some(now + self.schedule.retry_delay(failures, None, unit))
+                    Some(now + backoff.failed(None, unit))
                 }
                 Outcome::NoRawData => None,
             };
-            self.state.refresh_status().consecutive_failures = failures;
+            report.consecutive_failures = backoff.failures();
+            let wall = self.state.now();
+            report.next_attempt_at = next.map(|n| wall_at(wall, now, n));
+            self.state.finish_refresh(report);
         }
         tracing::info!("refresh loop stopped");
     }
 
-    /// One refresh, start to finish: its waiters are answered whatever happens.
+    /// One refresh, start to finish, outside the loop (tests): its waiters are answered.
     pub async fn refresh_once(&self) -> Outcome {
         self.state.begin_refresh();
-        let (outcome, record) = self.attempt().await;
-        if let Err(error) = self.state.store.save_attempt(&record) {
-            tracing::error!(error = %crate::error_chain(&error), "cannot record the refresh attempt in the store");
-        }
-        {
-            let mut status = self.state.refresh_status();
-            status.last_attempt = Some(record.clone());
-            status.clock_skew_seconds = self.upstream.clock_skew();
-            status.waiting_for = match outcome {
-                Outcome::NoRawData => Some("raw_data"),
-                Outcome::Permanent => Some("new raw_data or the next interval"),
-                _ => None,
-            };
-        }
-        self.state.finish_refresh(Some(record));
+        let (outcome, report) = self.attempt().await;
+        self.state.finish_refresh(report);
         outcome
     }
 
-    async fn attempt(&self) -> (Outcome, AttemptRecord) {
+    /// One attempt and its report (the loop fills in the schedule).
+    async fn attempt(&self) -> (Outcome, AttemptReport) {
+        let (outcome, record, reached) = self.fetch().await;
+        let waiting_for = match outcome {
+            Outcome::NoRawData => Some(Waiting::RawData),
+            Outcome::Permanent => Some(Waiting::PermanentError),
+            _ => None,
+        };
+        let report = AttemptReport {
+            record,
+            proxy_reachable: reached,
+            clock_skew_seconds: self.upstream.clock_skew(),
+            waiting_for,
+            consecutive_failures: 0,
+            next_attempt_at: None,
+        };
+        (outcome, report)
+    }
+
+    /// Fetches, and on a good answer stores and serves it: the outcome, its record and whether
+    /// the proxy was reached (`None` when no call was made).
+    async fn fetch(&self) -> (Outcome, AttemptRecord, Option<bool>) {
         let Some(raw) = self.raw_data().await else {
             self.state.metrics.count_refresh("no_raw_data");
             return (
                 Outcome::NoRawData,
                 AttemptRecord {
-                    at: unix_now(),
+                    at: self.state.now(),
                     ok: false,
                     code: Some("NO_RAW_DATA".into()),
                     error: Some("no raw_data yet: the face app must PUT /v1/raw-data".into()),
                     permanent: false,
                 },
+                None,
             );
         };
         let result = self.upstream.fetch_authinfo(&raw.value).await;
@@ -209,8 +218,7 @@ impl Refresher {
             Ok(_) => true,
             Err(e) => e.reached_proxy(),
         };
-        self.state.refresh_status().proxy_reachable = Some(reached);
-        let now = unix_now();
+        let now = self.state.now();
         let failure = match result {
             Ok(answer) if answer.expires_in == Some(0) => UpstreamError::Malformed {
                 reason: "expires_in is 0: the authinfo would be expired on arrival".into(),
@@ -223,21 +231,20 @@ impl Refresher {
                 let held = HeldAuthinfo {
                     authinfo: answer.authinfo,
                     fetched_at: now,
-                    expires_at: now.saturating_add(validity.as_secs() as i64),
+                    expires_at: now.saturating_add(secs(validity)),
                     expires_in: answer.expires_in,
                 };
                 if let Err(error) = self.state.store.save_authinfo(&held) {
                     // Serving the new authinfo from memory is still better for the face app
                     // than keeping the old one; it just will not survive a restart.
-                    tracing::error!(
+                    tracing::error!(message_id = crate::events::PERSIST_FAILED,
                         error = %crate::error_chain(&error),
                         "cannot persist the new authinfo; serving it from memory only"
                     );
                 }
                 let served = self.state.publish(held);
-                self.state.refresh_status().last_success_at = Some(now);
                 self.state.metrics.count_refresh("ok");
-                tracing::info!(
+                tracing::info!(message_id = crate::events::REFRESH_OK,
                     authinfo_fingerprint = %served.fingerprint,
                     expires_at = %crate::units::rfc3339(served.held.expires_at),
                     expires_in = ?served.held.expires_in,
@@ -252,6 +259,7 @@ impl Refresher {
                         error: None,
                         permanent: false,
                     },
+                    Some(true),
                 );
             }
             Err(e) => e,
@@ -266,7 +274,7 @@ impl Refresher {
         };
         if permanent {
             self.state.metrics.count_refresh("permanent_error");
-            tracing::error!(
+            tracing::error!(message_id = crate::events::REFRESH_REFUSED,
                 code = %failure.code(),
                 %error,
                 upstream_status,
@@ -275,7 +283,7 @@ impl Refresher {
             );
         } else {
             self.state.metrics.count_refresh("retryable_error");
-            tracing::warn!(
+            tracing::warn!(message_id = crate::events::REFRESH_FAILED,
                 code = %failure.code(),
                 %error,
                 upstream_status,
@@ -296,6 +304,7 @@ impl Refresher {
                 error: Some(error),
                 permanent,
             },
+            Some(reached),
         )
     }
 
@@ -313,10 +322,10 @@ impl Refresher {
                     }
                     let raw = RawData {
                         value,
-                        received_at: unix_now(),
+                        received_at: self.state.now(),
                         source: "command".into(),
                     };
-                    if let Err(error) = self.state.store.save_raw_data(&raw) {
+                    if let Err(error) = self.state.save_raw_data(raw.clone()) {
                         tracing::error!(error = %crate::error_chain(&error), "cannot store raw_data");
                     }
                     return Some(raw);
@@ -326,8 +335,25 @@ impl Refresher {
                 }
             }
         }
-        self.state.store.raw_data().ok().flatten()
+        match self.state.store.raw_data() {
+            Ok(raw) => raw,
+            Err(error) => {
+                tracing::error!(error = %crate::error_chain(&error), "cannot read the stored raw_data");
+                None
+            }
+        }
     }
+}
+
+/// Whole seconds of `d`, as the signed seconds wall-clock arithmetic uses (saturating).
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The wall-clock estimate (Unix seconds) of the monotonic instant `at`, seen from `now` at the
+/// wall-clock time `wall`.
+fn wall_at(wall: i64, now: Instant, at: Instant) -> i64 {
+    wall.saturating_add(secs(at.saturating_duration_since(now)))
 }
 
 /// Runs the configured program and returns its trimmed standard output.
@@ -374,33 +400,12 @@ async fn run_raw_data_command(command: &[String], timeout: Duration) -> Result<S
     Ok(value)
 }
 
-/// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is not
-/// fresh (or a permanent error is holding retries, which new raw_data may cure).
-pub fn accept_raw_data(state: &State, value: String) -> Result<bool, super::store::StoreError> {
-    let raw = RawData {
-        value,
-        received_at: unix_now(),
-        source: "socket".into(),
-    };
-    state.store.save_raw_data(&raw)?;
-    let held_fresh = state.freshness() == Some(super::state::Freshness::Fresh);
-    let held_by_error = state
-        .refresh_status()
-        .last_attempt
-        .as_ref()
-        .is_some_and(|a| a.permanent);
-    let refresh = !held_fresh || held_by_error;
-    if refresh {
-        state.request_fresh_refresh();
-    }
-    Ok(refresh)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::terminal::proxy_client::BoxFuture;
     use crate::terminal::state::lock;
+    use crate::units::unix_now;
     use crate::wire::{AuthinfoResponse, ErrorBody};
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -467,7 +472,7 @@ mod tests {
                 source: "socket".into(),
             })
             .expect("raw");
-        State::new(config, store, None)
+        State::load(config, store, Arc::default()).expect("state")
     }
 
     fn max_random() -> f64 {
@@ -590,7 +595,7 @@ mod tests {
             "no retries within the interval"
         );
         assert!(state.status().refresh.last_error_permanent);
-        assert!(accept_raw_data(&state, "NEWRAW".into()).expect("store"));
+        assert!(state.accept_raw_data("NEWRAW".into()).expect("store"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(lock(&upstream.calls).len(), 2);
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");

@@ -14,12 +14,10 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::api::{self, ApiError, ApiRequest, ApiResponse};
 use super::config::{SocketAddress, SocketConfig};
@@ -92,58 +90,53 @@ impl SocketServer {
     /// Serves until `shutdown` is cancelled, then drains and removes the socket file.
     pub async fn serve(self, state: Arc<State>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(state.config.socket.max_connections));
-        let tracker = TaskTracker::new();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        loop {
-            let stream = tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = heartbeat.tick() => {
-                    Heartbeats::beat(&state.heartbeats.socket, tokio::time::Instant::now(), state.started);
-                    continue;
-                }
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "socket accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                state
-                    .metrics
-                    .connections_over_cap
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    max_connections = state.config.socket.max_connections,
-                    "socket connection refused: at the connection limit"
-                );
-                tracker.spawn(refuse_busy(stream));
-                continue;
-            };
-            let (state, shutdown) = (state.clone(), shutdown.clone());
-            tracker.spawn(async move {
-                state
-                    .metrics
-                    .connections_open
-                    .fetch_add(1, Ordering::Relaxed);
-                serve_connection(stream, &state, &shutdown).await;
-                state
-                    .metrics
-                    .connections_open
-                    .fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-            });
-        }
-        tracker.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
-            .await
-            .is_err()
-        {
+        let beat = || {
+            Heartbeats::beat(
+                &state.heartbeats.socket,
+                tokio::time::Instant::now(),
+                state.started,
+            );
+        };
+        let tick = crate::serve::Tick {
+            every: HEARTBEAT,
+            call: &beat,
+        };
+        let still_open = crate::serve::accept_loop(
+            &self.listener,
+            &shutdown,
+            Some(tick),
+            DRAIN_TIMEOUT,
+            |stream, _| -> Option<crate::serve::Connection> {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    state
+                        .metrics
+                        .connections_over_cap
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        max_connections = state.config.socket.max_connections,
+                        "socket connection refused: at the connection limit"
+                    );
+                    return Some(Box::pin(refuse_busy(stream)));
+                };
+                let (state, shutdown) = (state.clone(), shutdown.clone());
+                Some(Box::pin(async move {
+                    state
+                        .metrics
+                        .connections_open
+                        .fetch_add(1, Ordering::Relaxed);
+                    serve_connection(stream, &state, &shutdown).await;
+                    state
+                        .metrics
+                        .connections_open
+                        .fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                }))
+            },
+        )
+        .await;
+        if still_open > 0 {
             tracing::warn!(
-                open = tracker.len(),
+                open = still_open,
                 "socket connections still open after the drain timeout"
             );
         }
@@ -246,6 +239,7 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
             if !allowed {
                 state.metrics.peers_denied.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
+                    message_id = crate::events::PEER_DENIED,
                     peer_uid = uid,
                     peer_gid = gid,
                     peer_pid = cred.pid(),
@@ -269,7 +263,7 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
                         let r = ApiError::PeerDenied { uid, gid }.response();
                         state
                             .metrics
-                            .count_request(api::route_label(req.uri().path()), r.status);
+                            .count_request(super::doc::Route::label(req.uri().path()), r.status);
                         r
                     }
                     None => match read_request(req).await {
@@ -281,25 +275,12 @@ async fn serve_connection(stream: UnixStream, state: &Arc<State>, shutdown: &Can
             }
         })
     };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(denied.is_none());
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(error) = result {
-                tracing::debug!(%error, "socket connection ended with an error");
-            }
-        }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    let limits = crate::serve::Http1Limits {
+        header_read_timeout: HEADER_READ_TIMEOUT,
+        max_head: MAX_HEAD,
+        keep_alive: denied.is_none(),
+    };
+    crate::serve::http1(stream, service, limits, shutdown).await;
 }
 
 /// Reads a request's head and body (bounded) into an [`ApiRequest`].
@@ -338,21 +319,23 @@ async fn read_request(req: hyper::Request<Incoming>) -> Result<ApiRequest, ApiEr
 }
 
 fn to_hyper(r: ApiResponse) -> hyper::Response<Full<bytes::Bytes>> {
-    let mut builder = hyper::Response::builder()
-        .status(r.status)
-        .header(http::header::CACHE_CONTROL, "no-store");
-    if !r.body.is_empty() {
-        builder = builder.header(http::header::CONTENT_TYPE, r.content_type);
+    use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, ETAG, HeaderValue};
+    let has_body = !r.body.is_empty();
+    let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(r.body)));
+    *response.status_mut() =
+        http::StatusCode::from_u16(r.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if has_body {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
     }
-    if let Some(etag) = &r.etag {
-        builder = builder.header(http::header::ETAG, etag);
+    // The ETag is made of hex digits and quotes, always a valid header value; should that
+    // ever change, the answer goes out without the ETag rather than not at all.
+    if let Some(etag) = r.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        headers.insert(ETAG, etag);
     }
     if let Some(allow) = r.allow {
-        builder = builder.header(http::header::ALLOW, allow);
+        headers.insert(ALLOW, HeaderValue::from_static(allow));
     }
-    builder
-        .body(Full::new(bytes::Bytes::from(r.body)))
-        // Every header value above is a static string or an ETag of hex digits and quotes,
-        // all valid header values, and the status comes from the API's table of valid codes.
-        .unwrap_or_else(|_| hyper::Response::new(Full::new(bytes::Bytes::new())))
+    response
 }

@@ -1,25 +1,30 @@
 //! The daemon's shared state: the authinfo being served, the refresh bookkeeping status reads,
-//! the device health view, metrics and liveness. One `Arc<State>` is handed to the refresher,
-//! the health checker and the socket server.
+//! the device health, the raw_data's metadata, metrics and liveness. One `Arc<State>` is handed
+//! to the refresher, the health checker and the socket server.
 //!
 //! Owns: the in-memory truth and its invariants — the served authinfo changes only through
-//! [`State::publish`] (after the store has it), and refresh requests are single-flight
-//! ([`State::request_refresh`]). It must not do I/O.
+//! [`State::publish`] (after the store has it), refresh requests are single-flight
+//! ([`State::request_refresh`]), and one finished attempt is applied whole, under one lock
+//! ([`State::finish_refresh`]). It writes through the store's narrow API (raw_data, attempts,
+//! health records) so that what it announces is what a restart finds; it never reads the store
+//! after start, so answering status or `/v1/device` does no I/O.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::config::Config;
-use super::health::HealthView;
+use super::device::{DeviceHealth, Enabled};
+pub use super::doc::Freshness;
+use super::doc::{AuthinfoStatus, HeldState, ProxyDoc, RawDataDoc, RefreshDoc, StatusDoc};
 use super::metrics::Metrics;
-use super::store::{AttemptRecord, HeldAuthinfo, Store};
+use super::store::{AttemptRecord, HeldAuthinfo, RawData, Store, StoreError};
 use crate::crypto;
-use crate::units::{rfc3339, unix_now};
+pub use crate::sync::lock;
+use crate::units::{WallClock, rfc3339};
 
 /// An authinfo as served: the held record plus its derived ETag and log fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,16 +66,23 @@ impl Served {
     }
 }
 
-/// How usable the held authinfo is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Freshness {
-    /// Younger than the refresh interval.
-    Fresh,
-    /// Older than the refresh interval, still within its validity.
-    Stale,
-    /// Past its validity.
-    Expired,
+/// Why the refresh loop is idle instead of retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// No raw_data yet: the face app must push one.
+    RawData,
+    /// A permanent refusal: new raw_data may cure it, or the next interval retries.
+    PermanentError,
+}
+
+impl Waiting {
+    /// What status says the loop waits for.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::RawData => "raw_data",
+            Waiting::PermanentError => "new raw_data or the next interval",
+        }
+    }
 }
 
 /// The refresh bookkeeping that status reports.
@@ -80,9 +92,7 @@ pub struct RefreshStatus {
     pub in_flight: bool,
     /// A refresh was asked for and has not started yet.
     pub requested: bool,
-    pub last_attempt: Option<AttemptRecord>,
-    /// Unix seconds of the last success.
-    pub last_success_at: Option<i64>,
+    pub last_attempt: Option<Arc<AttemptRecord>>,
     /// When the next attempt is due (wall-clock estimate, for people).
     pub next_attempt_at: Option<i64>,
     pub consecutive_failures: u32,
@@ -90,8 +100,21 @@ pub struct RefreshStatus {
     pub proxy_reachable: Option<bool>,
     /// The proxy's clock minus ours, in seconds, when learned from a 401.
     pub clock_skew_seconds: Option<i64>,
-    /// Why the loop is idle instead of retrying, when it is (`raw_data`, `permanent_error`).
-    pub waiting_for: Option<&'static str>,
+    /// Why the loop is idle instead of retrying, when it is.
+    pub waiting_for: Option<Waiting>,
+}
+
+/// Everything one finished refresh attempt tells, applied whole by [`State::finish_refresh`].
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    pub record: AttemptRecord,
+    /// Whether the proxy answered; `None` when no call was made.
+    pub proxy_reachable: Option<bool>,
+    pub clock_skew_seconds: Option<i64>,
+    pub waiting_for: Option<Waiting>,
+    pub consecutive_failures: u32,
+    /// When the next attempt is due (wall clock), if one is scheduled.
+    pub next_attempt_at: Option<i64>,
 }
 
 /// The outcome of one finished refresh, as waiters on `POST /v1/refresh?wait=true` see it.
@@ -99,10 +122,12 @@ pub struct RefreshStatus {
 pub struct Completion {
     /// How many refreshes have finished since start.
     pub seq: u64,
-    pub record: Option<AttemptRecord>,
+    /// The attempt's record (the same one status shows); `None` when the loop stopped first.
+    pub record: Option<Arc<AttemptRecord>>,
 }
 
-/// Unix-second heartbeats of the long-running loops, for the systemd watchdog.
+/// Heartbeats of the long-running loops for the systemd watchdog: milliseconds since the
+/// daemon started, on the monotonic clock, of each loop's last report.
 #[derive(Debug, Default)]
 pub struct Heartbeats {
     pub refresh: AtomicU64,
@@ -110,11 +135,35 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
+    /// Records a beat at `now` in `slot`, as milliseconds since `origin`.
     pub fn beat(slot: &AtomicU64, now: Instant, origin: Instant) {
-        slot.store(
-            now.duration_since(origin).as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        let ms = u64::try_from(now.duration_since(origin).as_millis()).unwrap_or(u64::MAX);
+        slot.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// What the store held at start, read once by [`State::load`].
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub authinfo: Option<HeldAuthinfo>,
+    pub last_attempt: Option<AttemptRecord>,
+    pub raw_data: Option<RawData>,
+    pub health: DeviceHealth,
+}
+
+/// The raw_data's metadata, kept in memory for status (the value itself stays in the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawDataMeta {
+    received_at: i64,
+    source: String,
+}
+
+impl From<&RawData> for RawDataMeta {
+    fn from(r: &RawData) -> Self {
+        Self {
+            received_at: r.received_at,
+            source: r.source.clone(),
+        }
     }
 }
 
@@ -127,24 +176,50 @@ pub struct State {
     refresh: Mutex<RefreshStatus>,
     kick: Notify,
     completions: watch::Sender<Completion>,
-    pub health: Mutex<HealthView>,
+    health: Mutex<DeviceHealth>,
+    raw_data: Mutex<Option<RawDataMeta>>,
+    /// Bumped whenever something status shows changes (a new authinfo, a finished refresh, a
+    /// health check, new raw_data): `STATUS=` and the metrics textfile follow it at once.
+    changes: watch::Sender<u64>,
     pub metrics: Metrics,
     pub heartbeats: Heartbeats,
     /// Monotonic start time, the origin of heartbeats and uptime.
     pub started: Instant,
+    clock: Arc<WallClock>,
 }
 
 impl State {
-    /// State for `config`, serving whatever `store` holds.
-    pub fn new(config: Config, store: Store, held: Option<HeldAuthinfo>) -> Arc<Self> {
-        let last_attempt = store.last_attempt().ok().flatten();
-        let last_success_at = held.as_ref().map(|h| h.fetched_at);
-        let health = HealthView::load(&store, &config.health);
+    /// Reads what `store` holds (an error is returned, never taken for "nothing stored") and
+    /// makes the state serving it.
+    pub fn load(
+        config: Config,
+        store: Store,
+        clock: Arc<WallClock>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut health = DeviceHealth {
+            inspection: store.health("inspection")?.unwrap_or_default(),
+            alipay_binding: store.health("alipay_binding")?.unwrap_or_default(),
+            licence: store.health("licence")?.unwrap_or_default(),
+            enabled: Enabled::default(),
+        };
+        health.enabled = Enabled::from_config(&config.health);
+        let loaded = Loaded {
+            authinfo: store.authinfo()?,
+            last_attempt: store.last_attempt()?,
+            raw_data: store.raw_data()?,
+            health,
+        };
+        Ok(Self::new(config, store, loaded, clock))
+    }
+
+    /// State for `config` serving `loaded`.
+    pub fn new(config: Config, store: Store, loaded: Loaded, clock: Arc<WallClock>) -> Arc<Self> {
+        let mut health = loaded.health;
+        health.enabled = Enabled::from_config(&config.health);
         Arc::new(Self {
-            authinfo: watch::Sender::new(held.map(|h| Arc::new(Served::new(h)))),
+            authinfo: watch::Sender::new(loaded.authinfo.map(|h| Arc::new(Served::new(h)))),
             refresh: Mutex::new(RefreshStatus {
-                last_attempt,
-                last_success_at,
+                last_attempt: loaded.last_attempt.map(Arc::new),
                 ..RefreshStatus::default()
             }),
             kick: Notify::new(),
@@ -153,12 +228,20 @@ impl State {
                 record: None,
             }),
             health: Mutex::new(health),
+            raw_data: Mutex::new(loaded.raw_data.as_ref().map(RawDataMeta::from)),
+            changes: watch::Sender::new(0),
             metrics: Metrics::default(),
             heartbeats: Heartbeats::default(),
             started: Instant::now(),
+            clock,
             config,
             store,
         })
+    }
+
+    /// Unix seconds now, on the daemon's wall clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     // === the served authinfo ===
@@ -177,13 +260,65 @@ impl State {
     pub fn publish(&self, held: HeldAuthinfo) -> Arc<Served> {
         let served = Arc::new(Served::new(held));
         self.authinfo.send_replace(Some(served.clone()));
+        self.changed();
         served
+    }
+
+    // === change notification ===
+
+    /// Says that something status shows has changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes on every [`changed`](Self::changed).
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The served authinfo's freshness now (`None` when nothing is held).
     pub fn freshness(&self) -> Option<Freshness> {
         self.current()
-            .map(|s| s.freshness(unix_now(), self.config.refresh.interval))
+            .map(|s| s.freshness(self.now(), self.config.refresh.interval))
+    }
+
+    // === raw_data ===
+
+    /// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is
+    /// not fresh (or a permanent error is holding retries, which new raw_data may cure).
+    /// Returns whether it asked.
+    pub fn accept_raw_data(&self, value: String) -> Result<bool, StoreError> {
+        self.save_raw_data(RawData {
+            value,
+            received_at: self.now(),
+            source: "socket".into(),
+        })?;
+        let held_fresh = self.freshness() == Some(Freshness::Fresh);
+        let held_by_error = self
+            .refresh_status()
+            .last_attempt
+            .as_ref()
+            .is_some_and(|a| a.permanent);
+        let refresh = !held_fresh || held_by_error;
+        if refresh {
+            self.request_fresh_refresh();
+        }
+        Ok(refresh)
+    }
+
+    /// Stores `raw` as the newest raw_data (flushed) and shows it in status.
+    pub fn save_raw_data(&self, raw: RawData) -> Result<(), StoreError> {
+        self.store.save_raw_data(&raw)?;
+        *lock(&self.raw_data) = Some(RawDataMeta::from(&raw));
+        self.changed();
+        Ok(())
+    }
+
+    // === device health ===
+
+    /// The device health, locked (the checker updates it; the API reads it).
+    pub fn health(&self) -> MutexGuard<'_, DeviceHealth> {
+        lock(&self.health)
     }
 
     // === refresh requests (single-flight) ===
@@ -230,12 +365,40 @@ impl State {
         self.refresh_status().requested
     }
 
-    /// Marks the end of a refresh and wakes its waiters.
-    pub fn finish_refresh(&self, record: Option<AttemptRecord>) {
+    /// Ends a refresh: records the attempt in the store (so status survives a restart),
+    /// applies the whole report under one lock and wakes the waiters with the same record.
+    pub fn finish_refresh(&self, report: AttemptReport) {
+        if let Err(error) = self.store.save_attempt(&report.record) {
+            tracing::error!(error = %crate::error_chain(&error), "cannot record the refresh attempt in the store");
+        }
+        let record = Arc::new(report.record);
+        {
+            let mut status = self.refresh_status();
+            status.in_flight = false;
+            status.last_attempt = Some(record.clone());
+            if let Some(reached) = report.proxy_reachable {
+                status.proxy_reachable = Some(reached);
+            }
+            if report.clock_skew_seconds.is_some() {
+                status.clock_skew_seconds = report.clock_skew_seconds;
+            }
+            status.waiting_for = report.waiting_for;
+            status.consecutive_failures = report.consecutive_failures;
+            status.next_attempt_at = report.next_attempt_at;
+        }
+        self.completions.send_modify(|c| {
+            c.seq += 1;
+            c.record = Some(record);
+        });
+        self.changed();
+    }
+
+    /// Ends a refresh that was cut short (shutdown): waiters are woken with no record.
+    pub fn abandon_refresh(&self) {
         self.refresh_status().in_flight = false;
         self.completions.send_modify(|c| {
             c.seq += 1;
-            c.record = record;
+            c.record = None;
         });
     }
 
@@ -251,90 +414,21 @@ impl State {
 
     // === liveness ===
 
-    /// Milliseconds since start, on the monotonic clock.
+    /// Time since start, on the monotonic clock.
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
-}
 
-/// Locks a mutex, recovering the data if a holder panicked: every field here stays meaningful
-/// after a panic elsewhere, and a status page that keeps working is worth more than a cascade.
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+    // === status document ===
 
-// === status document ===
-
-/// `GET /v1/status`, the document `authinfod status` renders.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct StatusDoc {
-    pub version: String,
-    pub device_id: String,
-    pub uptime_seconds: u64,
-    pub authinfo: AuthinfoStatus,
-    pub refresh: RefreshDoc,
-    pub raw_data: RawDataDoc,
-    pub proxy: ProxyDoc,
-    pub device: serde_json::Value,
-}
-
-/// The authinfo part of the status document.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct AuthinfoStatus {
-    /// `fresh`, `stale`, `expired` or `none`.
-    pub state: String,
-    pub fingerprint: Option<String>,
-    pub fetched_at: Option<String>,
-    pub expires_at: Option<String>,
-    pub age_seconds: Option<u64>,
-    /// Seconds of validity left: how long the terminal can work offline.
-    pub runway_seconds: Option<i64>,
-    /// Whether `expires_at` comes from the platform (`true`) or the assumed validity.
-    pub expiry_from_platform: Option<bool>,
-}
-
-/// The refresh part of the status document.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct RefreshDoc {
-    pub interval_seconds: u64,
-    pub in_flight: bool,
-    pub last_attempt_at: Option<String>,
-    pub last_attempt_ok: Option<bool>,
-    pub last_error_code: Option<String>,
-    pub last_error: Option<String>,
-    pub last_error_permanent: bool,
-    pub last_success_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub next_attempt_in_seconds: Option<i64>,
-    pub consecutive_failures: u32,
-    pub waiting_for: Option<String>,
-}
-
-/// The raw_data part of the status document.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct RawDataDoc {
-    pub present: bool,
-    pub received_at: Option<String>,
-    pub source: Option<String>,
-    pub command_configured: bool,
-}
-
-/// The proxy part of the status document.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct ProxyDoc {
-    pub url: String,
-    pub reachable: Option<bool>,
-    pub clock_skew_seconds: Option<i64>,
-}
-
-impl State {
     /// The status document now.
     pub fn status(&self) -> StatusDoc {
-        let now = unix_now();
+        let now = self.now();
         let interval = self.config.refresh.interval;
-        let authinfo = match self.current() {
+        let current = self.current();
+        let authinfo = match &current {
             None => AuthinfoStatus {
-                state: "none".into(),
+                state: HeldState::None,
                 fingerprint: None,
                 fetched_at: None,
                 expires_at: None,
@@ -343,7 +437,7 @@ impl State {
                 expiry_from_platform: None,
             },
             Some(s) => AuthinfoStatus {
-                state: freshness_name(s.freshness(now, interval)).into(),
+                state: Some(s.freshness(now, interval)).into(),
                 fingerprint: Some(s.fingerprint.clone()),
                 fetched_at: Some(rfc3339(s.held.fetched_at)),
                 expires_at: Some(rfc3339(s.held.expires_at)),
@@ -352,9 +446,9 @@ impl State {
                 expiry_from_platform: Some(s.held.expires_in.is_some()),
             },
         };
-        let raw = self.store.raw_data().ok().flatten();
+        let raw = lock(&self.raw_data).clone();
         let r = self.refresh_status().clone();
-        let last = r.last_attempt.as_ref();
+        let last = r.last_attempt.as_deref();
         StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
             device_id: self.config.device_id.clone(),
@@ -368,11 +462,12 @@ impl State {
                 last_error_code: last.and_then(|a| a.code.clone()),
                 last_error: last.and_then(|a| a.error.clone()),
                 last_error_permanent: last.is_some_and(|a| a.permanent),
-                last_success_at: r.last_success_at.map(rfc3339),
+                // The held authinfo is the last success: it is only ever replaced by a newer one.
+                last_success_at: current.as_ref().map(|s| rfc3339(s.held.fetched_at)),
                 next_attempt_at: r.next_attempt_at.map(rfc3339),
-                next_attempt_in_seconds: r.next_attempt_at.map(|t| (t - now).max(0)),
+                next_attempt_in_seconds: r.next_attempt_at.map(|t| t.saturating_sub(now).max(0)),
                 consecutive_failures: r.consecutive_failures,
-                waiting_for: r.waiting_for.map(str::to_owned),
+                waiting_for: r.waiting_for.map(|w| w.as_str().to_owned()),
             },
             raw_data: RawDataDoc {
                 present: raw.is_some(),
@@ -385,17 +480,8 @@ impl State {
                 reachable: r.proxy_reachable,
                 clock_skew_seconds: r.clock_skew_seconds,
             },
-            device: lock(&self.health).to_json(now),
+            device: self.health().doc(now),
         }
-    }
-}
-
-/// The status-document spelling of a freshness.
-pub fn freshness_name(f: Freshness) -> &'static str {
-    match f {
-        Freshness::Fresh => "fresh",
-        Freshness::Stale => "stale",
-        Freshness::Expired => "expired",
     }
 }
 

@@ -561,7 +561,7 @@ mod tests {
     fn records_are_objects_and_read_back_exactly() {
         let path = Path::new("/var/lib/authinfod/store");
         let array = b"[ \n666666666666666666666666666666666666666\n]";
-        let err = decode_record::<crate::terminal::health::CheckRecord>(
+        let err = decode_record::<crate::terminal::device::CheckRecord<serde_json::Value>>(
             path,
             "health.inspection",
             array,
@@ -572,10 +572,10 @@ mod tests {
             "{err}"
         );
         let object = br#"{"value":666666666666666666666666666666666666666}"#;
-        let record: crate::terminal::health::CheckRecord =
+        let record: crate::terminal::device::CheckRecord<serde_json::Value> =
             decode_record(path, "health.inspection", object).expect("decodes");
         let saved = encode("health.inspection", &record).expect("encodes");
-        let again: crate::terminal::health::CheckRecord =
+        let again: crate::terminal::device::CheckRecord<serde_json::Value> =
             decode_record(path, "health.inspection", &saved).expect("decodes");
         assert_eq!(again, record);
     }

@@ -246,11 +246,9 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write as _;
     use std::process::{Command, Stdio};
-    use std::sync::OnceLock;
 
     fn key() -> &'static crypto::GeneratedKey {
-        static KEY: OnceLock<crypto::GeneratedKey> = OnceLock::new();
-        KEY.get_or_init(|| crypto::generate_rsa_key(2048).expect("keygen"))
+        crypto::test_key(0)
     }
 
     fn signer() -> DeviceSigner {

@@ -17,12 +17,13 @@ pub const ROUTE_ALIPAY_BINDING: &str = "/v1/alipay-binding";
 /// `GET`: the signing device's offline face SDK licence.
 pub const ROUTE_LICENCE: &str = "/v1/licence";
 
+/// Largest raw_data either side accepts (the face SDK's are a few KiB): the daemon from the face
+/// app and its command, the proxy from a terminal.
+pub const MAX_RAW_DATA: usize = 48 * 1024;
 /// Largest request body the proxy accepts (raw_data is a few KiB).
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// Largest response body the terminal reads from the proxy.
 pub const MAX_RESPONSE_BODY: usize = 256 * 1024;
-/// Largest raw_data the proxy forwards to WeChat Pay.
-pub const MAX_RAW_DATA: usize = 48 * 1024;
 
 /// Body of `POST /v1/authinfo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,17 @@ pub enum InspectionResult {
     Success,
     Warn,
     Fail,
+}
+
+impl InspectionResult {
+    /// WeChat Pay's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "SUCCESS",
+            Self::Warn => "WARN",
+            Self::Fail => "FAIL",
+        }
+    }
 }
 
 /// Answer to `GET /v1/inspection`: WeChat Pay's inspection fields, passed through typed.

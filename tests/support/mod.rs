@@ -1,10 +1,11 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
 //! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
-//! the network namespaces and userspace netem of the link tests.
+//! log capture ([`logs`]), and the network namespaces and userspace netem of the link tests.
 
 #![allow(dead_code)]
 
 pub mod fake_proxy;
+pub mod logs;
 pub mod netem;
 pub mod netns;
 
@@ -22,6 +23,14 @@ use tokio_util::sync::CancellationToken;
 pub fn device_key() -> &'static GeneratedKey {
     static KEY: OnceLock<GeneratedKey> = OnceLock::new();
     KEY.get_or_init(|| crypto::generate_rsa_key(2048).expect("keygen"))
+}
+
+/// One set of lab keys for every lab in this binary: each lab still makes its own certificates,
+/// serials and AccessKey, but RSA key generation (seconds under emulation) happens once. Distinct
+/// from [`device_key`], which the tests use as "some other key".
+pub fn lab_keys() -> &'static authinfod::demo::lab::LabKeys {
+    static KEYS: OnceLock<authinfod::demo::lab::LabKeys> = OnceLock::new();
+    KEYS.get_or_init(|| authinfod::demo::lab::LabKeys::generate().expect("keygen"))
 }
 
 /// How long a test waits for something that must happen, and the timeout of every call whose
@@ -43,6 +52,33 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `daemon` holds an authinfo and its three health checks (inspection, Alipay
+/// binding, licence) are `ok`.
+pub async fn wait_for_authinfo_and_health(daemon: &TestDaemon) {
+    use authinfod::terminal::doc::CheckState;
+    let state = daemon.state.clone();
+    wait_until("an authinfo is held and the health checks are done", || {
+        let d = state.status().device;
+        state.current().is_some()
+            && [d.inspection.state, d.alipay_binding.state, d.licence.state]
+                .iter()
+                .all(|c| *c == CheckState::Ok)
+    })
+    .await;
+}
+
+/// The lab's proxy config, loaded as the lab loads it (no environment: the lab's platforms are
+/// on loopback, and a CI machine's `HTTPS_PROXY` must not apply to them).
+pub fn lab_proxy_config(
+    files: &authinfod::demo::lab::LabFiles,
+) -> authinfod::proxy::config::Config {
+    authinfod::proxy::config::load_with_env(
+        &files.path("authinfo-proxy.toml"),
+        &authinfod::proxy::config::no_environment,
+    )
+    .expect("the lab's proxy config")
 }
 
 /// An answer read from the daemon's socket or the proxy.
@@ -145,15 +181,23 @@ impl TestDaemon {
 
     /// Starts a daemon from a config file written elsewhere (a lab's); `dir` is kept alive.
     pub async fn start_with_config(dir: Arc<tempfile::TempDir>, config: &Path) -> Self {
+        Self::start_with_options(dir, config, RunOptions::default()).await
+    }
+
+    /// [`start_with_config`](Self::start_with_config) with given run options (a shifted
+    /// clock, a notify socket).
+    pub async fn start_with_options(
+        dir: Arc<tempfile::TempDir>,
+        config: &Path,
+        options: RunOptions,
+    ) -> Self {
         let config =
             config::load(config).unwrap_or_else(|e| panic!("{}", authinfod::error_chain(&e)));
         let socket = match &config.socket.address {
             config::SocketAddress::Path(p) => p.clone(),
             config::SocketAddress::Abstract(_) => PathBuf::new(),
         };
-        let daemon = Daemon::start(config, RunOptions::default())
-            .await
-            .expect("daemon starts");
+        let daemon = Daemon::start(config, options).await.expect("daemon starts");
         let state = daemon.state();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

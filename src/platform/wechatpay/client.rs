@@ -11,7 +11,9 @@
 //! functions of the answer (status, headers, body), the keys and the clock, so tests and the
 //! fuzz targets call them without a network.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::units::unix_now;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
@@ -81,6 +83,13 @@ pub enum WechatPayError {
         #[source]
         source: SignatureError,
     },
+    #[error("WeChat Pay's answer to {endpoint} cannot be opened: {reason}")]
+    Decrypt {
+        endpoint: &'static str,
+        status: u16,
+        request_id: Option<String>,
+        reason: String,
+    },
     #[error("WeChat Pay's answer to {endpoint} is not of the documented shape: {reason}")]
     Malformed {
         endpoint: &'static str,
@@ -135,6 +144,20 @@ impl WechatPayError {
                 status: *status,
                 code: None,
                 message: Some(source.to_string()),
+                request_id: request_id.clone(),
+                retry_after: None,
+            },
+            // An answer that does not open with the APIv3 key is not known to be WeChat Pay's.
+            Self::Decrypt {
+                status,
+                request_id,
+                reason,
+                ..
+            } => Failure {
+                class: FailureClass::BadSignature,
+                status: *status,
+                code: None,
+                message: Some(reason.clone()),
                 request_id: request_id.clone(),
                 retry_after: None,
             },
@@ -193,11 +216,38 @@ pub fn error_answer(
     }
 }
 
+/// [`error_answer`], logged: what a non-2xx answer gives.
+fn refused(
+    endpoint: &'static str,
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> WechatPayError {
+    let error = error_answer(endpoint, status, headers, body);
+    let failure = error.failure();
+    tracing::warn!(
+        endpoint,
+        upstream_status = status,
+        code = failure.code.as_deref(),
+        request_id = failure.request_id.as_deref(),
+        "wechat pay refused the request"
+    );
+    error
+}
+
 /// A successful, verified answer.
 #[derive(Debug)]
 pub struct Answer<T> {
     pub value: T,
     pub status: u16,
+    pub request_id: Option<String>,
+}
+
+/// A 2xx answer as received, not yet verified.
+pub(super) struct RawAnswer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
     pub request_id: Option<String>,
 }
 
@@ -240,16 +290,7 @@ pub fn read_answer<T: DeserializeOwned>(
     now: i64,
 ) -> Result<Answer<T>, WechatPayError> {
     if !(200..300).contains(&status) {
-        let error = error_answer(endpoint, status, headers, body);
-        let failure = error.failure();
-        tracing::warn!(
-            endpoint,
-            upstream_status = status,
-            code = failure.code.as_deref(),
-            request_id = failure.request_id.as_deref(),
-            "wechat pay refused the request"
-        );
-        return Err(error);
+        return Err(refused(endpoint, status, headers, body));
     }
     let request_id = request_id(headers);
     if let Err(source) = keys.verify(headers, body, now) {
@@ -375,7 +416,8 @@ pub fn read_device_page(
 pub struct WechatPayClient {
     base_url: reqwest::Url,
     signer: MerchantSigner,
-    keys: PlatformKeys,
+    /// Replaced whole when platform certificates are downloaded; readers take a snapshot.
+    keys: std::sync::RwLock<std::sync::Arc<PlatformKeys>>,
     http: reqwest::Client,
 }
 
@@ -391,9 +433,25 @@ impl WechatPayClient {
         Self {
             base_url,
             signer,
-            keys,
+            keys: std::sync::RwLock::new(std::sync::Arc::new(keys)),
             http,
         }
+    }
+
+    /// The keys answers are verified with now.
+    pub fn keys(&self) -> std::sync::Arc<PlatformKeys> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the keys answers are verified with (downloaded platform certificates).
+    pub fn set_keys(&self, keys: PlatformKeys) {
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
     }
 
     /// `POST /v3/offlineface/authinfo`: a fresh authinfo for the face SDK that made `raw_data`.
@@ -417,7 +475,7 @@ impl WechatPayClient {
             sent.status,
             &sent.headers,
             &sent.body,
-            &self.keys,
+            &self.keys(),
             unix_now(),
         )?;
         tracing::info!(
@@ -446,7 +504,7 @@ impl WechatPayClient {
             sent.status,
             &sent.headers,
             &sent.body,
-            &self.keys,
+            &self.keys(),
             unix_now(),
         )
     }
@@ -473,22 +531,23 @@ impl WechatPayClient {
             sent.status,
             &sent.headers,
             &sent.body,
-            &self.keys,
+            &self.keys(),
             unix_now(),
             offset,
             limit,
         )
     }
 
-    /// Signs and sends one request and reads its whole answer.
-    async fn send(
+    /// Signs and sends one request and reads its whole answer: a 2xx answer as received (not
+    /// yet verified), any other as its [`WechatPayError::Api`] ([`refused`]).
+    pub(super) async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         query: Option<&str>,
         body: Option<Vec<u8>>,
         endpoint: &'static str,
-    ) -> Result<Sent, WechatPayError> {
+    ) -> Result<RawAnswer, WechatPayError> {
         let url = request_url(&self.base_url, path, query);
         let target = signed_target(&url);
         let sign_error = |source| WechatPayError::Sign { endpoint, source };
@@ -517,19 +576,16 @@ impl WechatPayClient {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(transport)?;
-        Ok(Sent {
+        if !(200..300).contains(&status) {
+            return Err(refused(endpoint, status, &headers, &body));
+        }
+        Ok(RawAnswer {
             status,
+            request_id: request_id(&headers),
             headers,
             body,
         })
     }
-}
-
-/// An answer as received, before it is read.
-struct Sent {
-    status: u16,
-    headers: http::HeaderMap,
-    body: bytes::Bytes,
 }
 
 /// The URL of `path` (and `query`) under `base_url`, whose own path is kept as a prefix.
@@ -547,15 +603,6 @@ pub fn signed_target(url: &reqwest::Url) -> String {
         Some(q) => format!("{}?{q}", url.path()),
         None => url.path().to_owned(),
     }
-}
-
-/// Unix seconds now (0 on a clock before 1970, which only fails the timestamp window).
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_secs()).ok())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

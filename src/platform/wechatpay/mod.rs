@@ -1,17 +1,20 @@
-//! WeChat Pay APIv3: the three calls the proxy makes on the merchant's behalf.
+//! WeChat Pay APIv3: the three calls the proxy makes on the merchant's behalf, and the
+//! platform certificates it verifies them with.
 //!
 //! - [`sign`]: the request signature (`WECHATPAY2-SHA256-RSA2048`) made with the merchant key.
 //! - [`verify`]: the keys WeChat Pay signs its answers with (public key or platform
 //!   certificates) and the check of an answer's signature and timestamp.
 //! - [`client`]: [`WechatPayClient`], which signs, sends, verifies and parses, and
 //!   [`WechatPayError`], which maps every failure to a [`crate::platform::Failure`].
+//! - [`certificates`]: `GET /v3/certificates`, the APIv3 key and AEAD_AES_256_GCM.
 //!
 //! Owns: the platform's signing rules, the request and answer shapes of
-//! `POST /v3/offlineface/authinfo`, `GET /v3/iotmanage/device-inspections/{device_sn}` and
-//! `GET /v3/iotmanage/devices`, and their error bodies. It must not know about terminals or the
-//! device registry, must not retry (the caller decides from [`crate::platform::Failure`]) and
-//! must never log keys, signatures, raw_data or an authinfo.
+//! `POST /v3/offlineface/authinfo`, `GET /v3/iotmanage/device-inspections/{device_sn}`,
+//! `GET /v3/iotmanage/devices` and `GET /v3/certificates`, and their error bodies. It must not
+//! know about terminals or the device registry, must not retry (the caller decides from
+//! [`crate::platform::Failure`]) and must never log keys, signatures, raw_data or an authinfo.
 
+pub mod certificates;
 pub mod client;
 pub mod sign;
 pub mod verify;

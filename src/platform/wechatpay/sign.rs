@@ -217,7 +217,7 @@ BDa+8mDLkWu5nHEhOxy2JJZl
     /// give the same bytes as ring.
     #[test]
     fn request_signature_matches_openssl_dgst_sha256_sign() {
-        let key = crypto::generate_rsa_key(2048).expect("keygen");
+        let key = crypto::test_key(0);
         let dir = tempfile::tempdir().expect("tempdir");
         let key_path = dir.path().join("apiclient_key.pem");
         std::fs::write(&key_path, &key.private_pem).expect("write key");

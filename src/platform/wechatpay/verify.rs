@@ -3,8 +3,9 @@
 //! WeChat Pay signs each answer over `Wechatpay-Timestamp\nWechatpay-Nonce\nBODY\n` (the raw
 //! body bytes) and names its key in `Wechatpay-Serial`: either a WeChat Pay public key
 //! (`PUB_KEY_ID_...`, the current mode) or a platform certificate by its hex serial (the older
-//! mode). Owns: the set of those keys ([`PlatformKeys`]) and the check of one answer. It must not
-//! fetch keys or certificates (they come from the merchant's configuration), must not check
+//! mode). Owns: the set of those keys ([`PlatformKeys`]), reading X.509 certificates, and the
+//! check of one answer. It must not fetch keys or certificates (they come from the merchant's
+//! configuration or from [`super::certificates`]), must not check
 //! certificate chains (the merchant downloaded them from WeChat Pay over TLS), and must not
 //! look at error answers, which WeChat Pay does not promise to sign.
 //!
@@ -98,6 +99,19 @@ struct PlatformKey {
     valid: Option<(i64, i64)>,
 }
 
+/// What this crate reads from an X.509 certificate (a platform certificate, or the merchant's
+/// `apiclient_cert.pem`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// The serial as WeChat Pay prints it: upper-case hex, leading zero bytes dropped.
+    pub serial: String,
+    /// The certificate's RSA key.
+    pub key: RsaVerifier,
+    /// Validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
 /// The keys WeChat Pay signs its answers with, by the serial it names them with.
 #[derive(Debug, Clone, Default)]
 pub struct PlatformKeys {
@@ -137,19 +151,16 @@ impl PlatformKeys {
         pem: &str,
         what: &str,
     ) -> Result<Vec<String>, KeysError> {
-        let blocks = crypto::pem_blocks(pem, what).map_err(|source| KeysError::Pem {
-            what: what.to_owned(),
-            source,
-        })?;
+        let certificates =
+            crypto::pem_certificates(pem, what).map_err(|source| KeysError::Pem {
+                what: what.to_owned(),
+                source,
+            })?;
         let mut serials = Vec::new();
-        for (index, block) in blocks
-            .iter()
-            .filter(|b| b.label == "CERTIFICATE")
-            .enumerate()
-        {
-            let (serial, key) = parse_certificate(&block.der, what, index)?;
-            self.keys.insert(serial.clone(), key);
-            serials.push(serial);
+        for (index, der) in certificates.iter().enumerate() {
+            let info = read_certificate(der, what, index)?;
+            serials.push(info.serial.clone());
+            self.add_certificate(info);
         }
         if serials.is_empty() {
             return Err(KeysError::NoCertificate {
@@ -157,6 +168,33 @@ impl PlatformKeys {
             });
         }
         Ok(serials)
+    }
+
+    /// Adds one platform certificate under its serial.
+    pub fn add_certificate(&mut self, info: CertificateInfo) {
+        self.keys.insert(
+            info.serial,
+            PlatformKey {
+                key: info.key,
+                valid: Some((info.not_before, info.not_after)),
+            },
+        );
+    }
+
+    /// True when `serial` names a configured key.
+    pub fn contains(&self, serial: &str) -> bool {
+        self.entry(serial).is_some()
+    }
+
+    /// True when at least one platform certificate (not only a public key) is configured.
+    pub fn has_certificates(&self) -> bool {
+        self.keys.values().any(|k| k.valid.is_some())
+    }
+
+    fn entry(&self, serial: &str) -> Option<&PlatformKey> {
+        self.keys
+            .get(serial)
+            .or_else(|| self.keys.get(&serial.to_ascii_uppercase()))
     }
 
     /// True when no key is configured.
@@ -190,9 +228,7 @@ impl PlatformKeys {
             return Err(SignatureError::Stale { skew_secs });
         }
         let entry = self
-            .keys
-            .get(serial)
-            .or_else(|| self.keys.get(&serial.to_ascii_uppercase()))
+            .entry(serial)
             .ok_or_else(|| SignatureError::UnknownSerial {
                 serial: serial.to_owned(),
             })?;
@@ -228,12 +264,12 @@ fn header<'h>(headers: &'h http::HeaderMap, name: &'static str) -> Result<&'h st
 }
 
 /// Reads a certificate's serial (upper-case hex, leading zero bytes dropped, as WeChat Pay
-/// prints it), its RSA key and its validity period.
-fn parse_certificate(
+/// prints it), its RSA key and its validity period. `index` numbers it in its file, for errors.
+pub fn read_certificate(
     der: &[u8],
     what: &str,
     index: usize,
-) -> Result<(String, PlatformKey), KeysError> {
+) -> Result<CertificateInfo, KeysError> {
     let bad = |reason: String| KeysError::BadCertificate {
         what: what.to_owned(),
         index,
@@ -261,29 +297,40 @@ fn parse_certificate(
     let unix = |t: x509_cert::time::Time| {
         i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
     };
-    let valid = (unix(tbs.validity.not_before), unix(tbs.validity.not_after));
-    Ok((
+    Ok(CertificateInfo {
         serial,
-        PlatformKey {
-            key,
-            valid: Some(valid),
-        },
-    ))
+        key,
+        not_before: unix(tbs.validity.not_before),
+        not_after: unix(tbs.validity.not_after),
+    })
+}
+
+/// Reads the first certificate of a PEM file (`apiclient_cert.pem`: the merchant API
+/// certificate, whose serial is the `serial_no` of every request).
+pub fn read_certificate_pem(pem: &str, what: &str) -> Result<CertificateInfo, KeysError> {
+    let certificates = crypto::pem_certificates(pem, what).map_err(|source| KeysError::Pem {
+        what: what.to_owned(),
+        source,
+    })?;
+    let der = certificates
+        .first()
+        .ok_or_else(|| KeysError::NoCertificate {
+            what: what.to_owned(),
+        })?;
+    read_certificate(der, what, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{GeneratedKey, RsaSigner, generate_rsa_key};
-    use std::sync::OnceLock;
+    use crate::crypto::{GeneratedKey, RsaSigner};
 
     const NOW: i64 = 1_763_000_000;
     const KEY_ID: &str = "PUB_KEY_ID_0114232134912410000000000000";
     const BODY: &[u8] = br#"{"authinfo":"A"}"#;
 
     fn platform() -> &'static GeneratedKey {
-        static KEY: OnceLock<GeneratedKey> = OnceLock::new();
-        KEY.get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+        crate::crypto::test_key(1)
     }
 
     fn signed_headers(serial: &str, timestamp: i64, body: &[u8]) -> http::HeaderMap {

@@ -1,0 +1,129 @@
+//! The command line of `authinfo-proxy`: the clap definitions, the exit codes and the
+//! environment the proxy reads, and nothing that runs. `examples/gen-docs.rs` includes this file
+//! too (`#[path]`), to write the man pages and shell completions from the same definitions.
+
+use std::path::PathBuf;
+
+use authinfod::help_table;
+use authinfod::proxy::config;
+use clap::{Parser, Subcommand};
+
+/// Exit codes (sysexits.h where one fits).
+pub mod exit {
+    /// The command failed.
+    pub const FAILURE: u8 = 1;
+    /// clap's code for a usage error.
+    pub const USAGE: u8 = 2;
+    /// EX_UNAVAILABLE: the running proxy cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_CONFIG: the configuration (or a file it names) is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+/// Every exit code and what it means, for `--help` and the man page's EXIT STATUS.
+pub const EXIT_STATUS: &[(u8, &str)] = &[
+    (0, "ok"),
+    (exit::FAILURE, "failure"),
+    (exit::USAGE, "usage error"),
+    (
+        exit::UNAVAILABLE,
+        "the running proxy cannot be reached (devices), or its store is held by a process that does not answer on the admin listener (devices --live)",
+    ),
+    (
+        exit::CONFIG,
+        "the configuration, the registry or a key file is invalid",
+    ),
+];
+
+/// The environment `authinfo-proxy serve` reads, for `serve --help` and the man pages.
+pub const SERVE_ENVIRONMENT: &[(&str, &str)] = &[
+    (
+        "RUST_LOG",
+        "Log filter in tracing's EnvFilter syntax, e.g. debug or authinfod::proxy=debug,warn (default: info).",
+    ),
+    (
+        "JOURNAL_STREAM",
+        "Set by systemd when standard error is the journal: log to journald with structured fields; otherwise, plain lines on standard error.",
+    ),
+    (
+        "https_proxy, HTTPS_PROXY, all_proxy, ALL_PROXY",
+        "When [upstream] http_proxy is not set: the forward proxy (http://[user:pass@]host:port) every platform call goes through, the first of these that is set.",
+    ),
+    (
+        "no_proxy, NO_PROXY",
+        "With a proxy from the environment: the hosts that are reached directly (names and their subdomains, IPs, CIDR ranges, *).",
+    ),
+    (
+        "SSL_CERT_FILE, SSL_CERT_DIR",
+        "With [upstream] trust = \"system\": where the system's trusted roots are (default: where OpenSSL keeps them).",
+    ),
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "authinfo-proxy",
+    version,
+    about = "The merchant's signing proxy: authenticates terminals and signs their own calls to WeChat Pay, Alipay and Alibaba Cloud.",
+    after_help = help_table("Exit codes", EXIT_STATUS)
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve terminals (HTTPS) and the admin listener; SIGHUP reloads the registry.
+    #[command(after_help = help_table("Environment", SERVE_ENVIRONMENT))]
+    Serve {
+        /// The configuration file.
+        #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config file (keys loaded, permissions checked) and its registry; list every problem.
+    CheckConfig {
+        /// The configuration file to check.
+        #[arg(value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        file: PathBuf,
+    },
+    /// Print the merchant's fleet as WeChat Pay lists it (from the running proxy's cache).
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Page WeChat Pay's list now, within its limits and the merchant's daily budget: the
+        /// running proxy does it (admin listener) when it answers, else this command on the
+        /// proxy's store.
+        #[arg(long)]
+        live: bool,
+        /// The configuration file (the running proxy's admin address, or the WeChat Pay keys for --live).
+        #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Download WeChat Pay's platform certificates now (with `[wechatpay] apiv3_key_file`), verify
+    /// them and print each serial and validity; changes nothing the running proxy keeps.
+    Certificates {
+        /// Also write them as one PEM file (what `[wechatpay] platform_certificates` reads).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The configuration file (the WeChat Pay keys and the APIv3 key file).
+        #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Run the simulated platforms and write a ready proxy config, registry and terminal config
+    /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them.
+    Sandbox {
+        /// The directory to write the configs and keys into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Where the simulated platforms listen.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8600")]
+        listen: String,
+        /// Where the written proxy config makes the proxy listen.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        proxy_listen: String,
+        /// Extra devices in the simulated WeChat Pay fleet list.
+        #[arg(long, value_name = "N", default_value_t = 250)]
+        devices: usize,
+    },
+}

@@ -1,0 +1,340 @@
+//! What the three configuration files (the daemon's, the proxy's, the proxy's device registry)
+//! share: reading TOML into a raw serde shape, collecting every problem of a file instead of
+//! stopping at the first, and the one error type they fail with.
+//!
+//! Owns: [`ConfigError`] (exit 78 at the binaries' edge), [`Problems`] (the collector and the
+//! checks every file uses: required fields, positive durations, absolute paths, readable files,
+//! private key files), and [`check_private_file`], the one permission check for key and secret
+//! files. It must not know any file's fields: each file's module validates its own shape.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::units::HumanDuration;
+
+/// Why a configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} {path}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not valid TOML for it: {message}")]
+    Parse {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{what} {path} has {} invalid field(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid {
+        what: &'static str,
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl ConfigError {
+    /// The problems an invalid file has (empty for a file that could not be read or parsed).
+    pub fn problems(&self) -> &[String] {
+        match self {
+            Self::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+/// Reads `path` (a `what`: "config file", "registry") as text.
+pub fn read(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parses TOML `text` of `path` into the raw shape `R`.
+pub fn parse_toml<R: DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+    path: &Path,
+) -> Result<R, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        what,
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Parses TOML `text` of `path` into the raw shape `R`, collecting the fields `R` does not know
+/// into `problems` (as `field: unknown field`) instead of stopping there, so that a typo does
+/// not hide the file's other problems. `R` must not deny unknown fields itself.
+pub fn parse_toml_lenient<R: DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+    path: &Path,
+    problems: &mut Problems,
+) -> Result<R, ConfigError> {
+    let parse_error = |message: String| ConfigError::Parse {
+        what,
+        path: path.to_owned(),
+        message,
+    };
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| parse_error(e.to_string()))?;
+    let mut unknown = Vec::new();
+    let raw = serde_ignored::deserialize(deserializer, |field| unknown.push(dotted(&field)))
+        .map_err(|e| parse_error(e.to_string()))?;
+    for field in unknown {
+        problems.push(&field, "unknown field");
+    }
+    Ok(raw)
+}
+
+/// A field's path as the file writes it, `section.field` or `device[2].field` (serde_ignored's
+/// own rendering shows `?` for every optional section on the way).
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
+        P::Map { parent, key } => match dotted(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            dotted(parent)
+        }
+    }
+}
+
+/// Every problem found in one file, each as `field: what is wrong`.
+#[derive(Debug)]
+pub struct Problems {
+    what: &'static str,
+    list: Vec<String>,
+}
+
+impl Problems {
+    /// A collector for a `what` ("config file", "registry").
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            list: Vec::new(),
+        }
+    }
+
+    /// Records a problem of `field`.
+    pub fn push(&mut self, field: &str, message: impl std::fmt::Display) {
+        self.list.push(format!("{field}: {message}"));
+    }
+
+    /// Records a problem already phrased as `field: what is wrong`.
+    pub fn push_line(&mut self, line: String) {
+        self.list.push(line);
+    }
+
+    /// Whether nothing is wrong so far.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// `value`, or a "missing" problem.
+    pub fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() {
+            self.push(field, "missing");
+        }
+        value
+    }
+
+    /// A duration that must be more than zero and at most a year (`default` when absent).
+    pub fn positive(
+        &mut self,
+        field: &str,
+        value: Option<HumanDuration>,
+        default: Duration,
+    ) -> Duration {
+        let d = value.map_or(default, |h| h.0);
+        if d.is_zero() {
+            self.push(field, "must be more than zero");
+        }
+        self.at_most_a_year(field, d);
+        d
+    }
+
+    /// Refuses a duration longer than [`crate::units::MAX_CONFIG_DURATION`].
+    pub fn at_most_a_year(&mut self, field: &str, d: Duration) {
+        use crate::units::{MAX_CONFIG_DURATION, format_duration};
+        if d > MAX_CONFIG_DURATION {
+            self.push(
+                field,
+                format_args!(
+                    "{} is longer than {}",
+                    format_duration(d),
+                    format_duration(MAX_CONFIG_DURATION)
+                ),
+            );
+        }
+    }
+
+    /// An absolute path (`default` when absent; a problem when neither is there).
+    pub fn absolute(
+        &mut self,
+        field: &str,
+        value: Option<PathBuf>,
+        default: Option<PathBuf>,
+    ) -> Option<PathBuf> {
+        match value.or(default) {
+            Some(p) if p.is_absolute() => Some(p),
+            Some(p) => {
+                self.push(
+                    field,
+                    format_args!("{} is not an absolute path", p.display()),
+                );
+                None
+            }
+            None => {
+                self.push(field, "missing");
+                None
+            }
+        }
+    }
+
+    /// The text of the file at `path`.
+    pub fn read_file(&mut self, field: &str, path: &Path) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                self.push(field, format_args!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    }
+
+    /// The text of a key or secret file at `path`, which must be readable by its owner only.
+    pub fn read_private(&mut self, field: &str, path: &Path) -> Option<String> {
+        if let Err(e) = check_private_file(path) {
+            self.push(field, e);
+            return None;
+        }
+        self.read_file(field, path)
+    }
+
+    /// The validated value when nothing is wrong; else every problem, naming `path`.
+    pub fn finish<T>(self, path: &Path, value: Option<T>) -> Result<T, ConfigError> {
+        match value {
+            Some(v) if self.list.is_empty() => Ok(v),
+            _ => Err(ConfigError::Invalid {
+                what: self.what,
+                path: path.to_owned(),
+                // A shape error without a problem cannot happen (every `None` above records
+                // one); should it, the file is still refused and says so.
+                problems: if self.list.is_empty() {
+                    vec!["the file is incomplete".into()]
+                } else {
+                    self.list
+                },
+            }),
+        }
+    }
+}
+
+/// Why a key or secret file may not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateFileError {
+    #[error("cannot read {path}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is readable by group or others (mode {mode:o}); run chmod 600 on it")]
+    Exposed { path: PathBuf, mode: u32 },
+}
+
+/// Checks that a key or secret file exists, is readable, and that group and others have no
+/// access to it: the one permission check for the device key, the merchant keys and secrets.
+pub fn check_private_file(path: &Path) -> Result<(), PrivateFileError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).map_err(|source| PrivateFileError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|source| PrivateFileError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn every_problem_is_listed_and_the_file_named() {
+        let mut p = Problems::new("config file");
+        assert_eq!(p.required::<u8>("a", None), None);
+        assert_eq!(
+            p.positive(
+                "b",
+                Some(HumanDuration(Duration::ZERO)),
+                Duration::from_secs(1)
+            ),
+            Duration::ZERO
+        );
+        assert_eq!(p.absolute("c", Some("relative".into()), None), None);
+        assert_eq!(
+            p.absolute("d", None, Some("/x".into())),
+            Some(PathBuf::from("/x"))
+        );
+        let err = p.finish(Path::new("/etc/x.toml"), Some(())).unwrap_err();
+        assert_eq!(
+            err.problems(),
+            [
+                "a: missing",
+                "b: must be more than zero",
+                "c: relative is not an absolute path"
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file /etc/x.toml has 3 invalid field(s)"),
+            "{text}"
+        );
+        assert!(
+            Problems::new("registry")
+                .finish(Path::new("r"), Some(7))
+                .is_ok_and(|v| v == 7)
+        );
+    }
+
+    #[test]
+    fn private_files_are_owner_only_and_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key");
+        std::fs::write(&key, "secret").expect("write");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        check_private_file(&key).expect("0600 is fine");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = check_private_file(&key).unwrap_err();
+        assert!(err.to_string().contains("mode 640"), "{err}");
+        let err = check_private_file(&dir.path().join("missing")).unwrap_err();
+        assert!(matches!(err, PrivateFileError::Unreadable { .. }), "{err}");
+        let mut p = Problems::new("config file");
+        assert_eq!(p.read_private("key_file", &key), None);
+        assert!(!p.is_empty());
+    }
+}

@@ -1,0 +1,368 @@
+//! The documents of the socket API, as types: what the daemon answers and what its clients
+//! (`authinfod status`, `get`, `refresh`, `put-raw-data`, the demo, tests) read back, and the one
+//! table of routes.
+//!
+//! Owns: the JSON shape of every answer ([`AuthinfoDoc`], [`StatusDoc`], [`DeviceDoc`], the
+//! refresh and raw-data answers, [`HealthzDoc`], [`ErrorDoc`]) and [`Route`]. It must not compute
+//! anything: the API fills these from the state; clients only read them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire;
+
+// === routes ===
+
+/// The socket API's routes: the one table the router, the `Allow` header and the metrics label
+/// are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Authinfo,
+    RawData,
+    Refresh,
+    Status,
+    Device,
+    Healthz,
+    Metrics,
+}
+
+impl Route {
+    pub const ALL: [Route; 7] = [
+        Route::Authinfo,
+        Route::RawData,
+        Route::Refresh,
+        Route::Status,
+        Route::Device,
+        Route::Healthz,
+        Route::Metrics,
+    ];
+
+    /// Its path.
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Authinfo => "/v1/authinfo",
+            Route::RawData => "/v1/raw-data",
+            Route::Refresh => "/v1/refresh",
+            Route::Status => "/v1/status",
+            Route::Device => "/v1/device",
+            Route::Healthz => "/healthz",
+            Route::Metrics => "/metrics",
+        }
+    }
+
+    /// The one method it answers.
+    pub fn method(self) -> http::Method {
+        match self {
+            Route::RawData => http::Method::PUT,
+            Route::Refresh => http::Method::POST,
+            _ => http::Method::GET,
+        }
+    }
+
+    /// The method as the `Allow` header names it.
+    pub fn allow(self) -> &'static str {
+        match self {
+            Route::RawData => "PUT",
+            Route::Refresh => "POST",
+            _ => "GET",
+        }
+    }
+
+    /// The route at `path`, if any.
+    pub fn from_path(path: &str) -> Option<Route> {
+        Self::ALL.into_iter().find(|r| r.path() == path)
+    }
+
+    /// The metrics label of a request path: its route's path, else `other` (bounded
+    /// cardinality whatever clients send).
+    pub fn label(path: &str) -> &'static str {
+        Self::from_path(path).map_or("other", Route::path)
+    }
+}
+
+// === GET /v1/authinfo ===
+
+/// How usable the held authinfo is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Freshness {
+    /// Younger than the refresh interval.
+    Fresh,
+    /// Older than the refresh interval (or of unknown age), still within its validity.
+    Stale,
+    /// Past its validity.
+    Expired,
+}
+
+impl Freshness {
+    /// Its spelling in the documents and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Freshness::Fresh => "fresh",
+            Freshness::Stale => "stale",
+            Freshness::Expired => "expired",
+        }
+    }
+}
+
+/// `GET /v1/authinfo`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthinfoDoc {
+    /// The secret itself, for the face SDK.
+    pub authinfo: String,
+    pub fetched_at: String,
+    pub expires_at: String,
+    pub age_seconds: u64,
+    pub state: Freshness,
+}
+
+// === PUT /v1/raw-data, POST /v1/refresh ===
+
+/// `PUT /v1/raw-data`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataBody {
+    pub raw_data: String,
+}
+
+/// `PUT /v1/raw-data`'s answer (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawDataAccepted {
+    pub accepted: bool,
+    /// Whether the new raw_data started a refresh (no fresh authinfo, or a permanent error
+    /// was holding retries).
+    pub refresh_triggered: bool,
+}
+
+/// `POST /v1/refresh`'s answer without `?wait=true` (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshAccepted {
+    pub accepted: bool,
+}
+
+/// `POST /v1/refresh?wait=true`'s answer when the refresh succeeded (200).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshDone {
+    pub ok: bool,
+    /// The new authinfo's fingerprint (first 8 hex of its SHA-256), never the value.
+    pub fingerprint: String,
+    pub fetched_at: String,
+    pub expires_at: String,
+    pub state: Freshness,
+}
+
+// === GET /healthz ===
+
+/// `GET /healthz`'s body: 200 while a non-expired authinfo is held, else 503.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthzDoc {
+    /// `ok` or `no_valid_authinfo`.
+    pub status: String,
+    pub authinfo_state: HeldState,
+}
+
+/// The held authinfo's state, `none` when nothing is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldState {
+    Fresh,
+    Stale,
+    Expired,
+    None,
+}
+
+impl From<Option<Freshness>> for HeldState {
+    fn from(f: Option<Freshness>) -> Self {
+        match f {
+            Some(Freshness::Fresh) => HeldState::Fresh,
+            Some(Freshness::Stale) => HeldState::Stale,
+            Some(Freshness::Expired) => HeldState::Expired,
+            None => HeldState::None,
+        }
+    }
+}
+
+impl HeldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldState::Fresh => "fresh",
+            HeldState::Stale => "stale",
+            HeldState::Expired => "expired",
+            HeldState::None => "none",
+        }
+    }
+}
+
+// === errors ===
+
+/// Every error answer: `{"code": "UPPER_SNAKE", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDoc {
+    pub code: String,
+    pub message: String,
+}
+
+// === GET /v1/device ===
+
+/// A health check's state in the documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckState {
+    /// A value is held (possibly with a newer failure beside it).
+    Ok,
+    /// No value yet, and the last attempt failed.
+    Error,
+    /// Not fetched yet.
+    Pending,
+    /// Disabled in the daemon's config, or the proxy does not configure it for this device.
+    NotConfigured,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Ok => "ok",
+            CheckState::Error => "error",
+            CheckState::Pending => "pending",
+            CheckState::NotConfigured => "not_configured",
+        }
+    }
+}
+
+/// One check in `GET /v1/device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckDoc<T> {
+    pub state: CheckState,
+    pub value: Option<T>,
+    pub fetched_at: Option<String>,
+    pub age_seconds: Option<i64>,
+    pub last_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// The licence as `GET /v1/device` shows it: the proxy's answer and the days left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenceDoc {
+    #[serde(flatten)]
+    pub licence: wire::Licence,
+    /// Days of validity left at the time of the answer (negative once lapsed), when the
+    /// expiry date reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days_left: Option<i64>,
+}
+
+/// `GET /v1/device`, and the `device` part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDoc {
+    pub inspection: CheckDoc<wire::Inspection>,
+    pub alipay_binding: CheckDoc<wire::AlipayBinding>,
+    pub licence: CheckDoc<LicenceDoc>,
+}
+
+// === GET /v1/status ===
+
+/// `GET /v1/status`, the document `authinfod status` renders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub version: String,
+    pub device_id: String,
+    pub uptime_seconds: u64,
+    pub authinfo: AuthinfoStatus,
+    pub refresh: RefreshDoc,
+    pub raw_data: RawDataDoc,
+    pub proxy: ProxyDoc,
+    pub device: DeviceDoc,
+}
+
+/// The authinfo part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthinfoStatus {
+    pub state: HeldState,
+    pub fingerprint: Option<String>,
+    pub fetched_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub age_seconds: Option<u64>,
+    /// Seconds of validity left: how long the terminal can work offline.
+    pub runway_seconds: Option<i64>,
+    /// Whether `expires_at` comes from the platform (`true`) or the assumed validity.
+    pub expiry_from_platform: Option<bool>,
+}
+
+/// The refresh part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshDoc {
+    pub interval_seconds: u64,
+    pub in_flight: bool,
+    pub last_attempt_at: Option<String>,
+    pub last_attempt_ok: Option<bool>,
+    pub last_error_code: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_permanent: bool,
+    pub last_success_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub next_attempt_in_seconds: Option<i64>,
+    pub consecutive_failures: u32,
+    pub waiting_for: Option<String>,
+}
+
+/// The raw_data part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawDataDoc {
+    pub present: bool,
+    pub received_at: Option<String>,
+    pub source: Option<String>,
+    pub command_configured: bool,
+}
+
+/// The proxy part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyDoc {
+    pub url: String,
+    pub reachable: Option<bool>,
+    pub clock_skew_seconds: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_one_table_of_paths_methods_and_labels() {
+        for route in Route::ALL {
+            assert_eq!(Route::from_path(route.path()), Some(route));
+            assert_eq!(Route::label(route.path()), route.path());
+        }
+        assert_eq!(Route::from_path("/v1/authinfo/x"), None);
+        assert_eq!(Route::label("/anything/else"), "other");
+        assert_eq!(Route::RawData.method(), http::Method::PUT);
+        assert_eq!(Route::Refresh.method(), http::Method::POST);
+        assert_eq!(Route::Status.method(), http::Method::GET);
+        for route in Route::ALL {
+            assert_eq!(route.allow(), route.method().as_str());
+        }
+    }
+
+    #[test]
+    fn states_are_spelled_in_snake_case() {
+        assert_eq!(
+            serde_json::to_value(Freshness::Stale).expect("json"),
+            "stale"
+        );
+        assert_eq!(serde_json::to_value(HeldState::None).expect("json"), "none");
+        assert_eq!(
+            serde_json::to_value(CheckState::NotConfigured).expect("json"),
+            "not_configured"
+        );
+        for f in [Freshness::Fresh, Freshness::Stale, Freshness::Expired] {
+            assert_eq!(HeldState::from(Some(f)).as_str(), f.as_str());
+            assert_eq!(serde_json::to_value(f).expect("json"), f.as_str());
+        }
+        for c in [
+            CheckState::Ok,
+            CheckState::Error,
+            CheckState::Pending,
+            CheckState::NotConfigured,
+        ] {
+            assert_eq!(serde_json::to_value(c).expect("json"), c.as_str());
+        }
+    }
+}
