@@ -145,10 +145,22 @@ fn pinned_client(ca_pem: &str) -> Result<reqwest::Client, Error> {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    // `make_seeds wechatpay_certificates`: only the seeds that need no lab, the others kept.
+    if std::env::args().nth(1).as_deref() == Some("wechatpay_certificates") {
+        let dir = root.join("wechatpay_certificates");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let mut seeds = Seeds { root, written: 0 };
+        certificates(&mut seeds)?;
+        println!("wrote {} seeds under {}", seeds.written, dir.display());
+        return Ok(());
+    }
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
     let mut seeds = Seeds { root, written: 0 };
+    certificates(&mut seeds)?;
     let dir = tempfile::tempdir()?;
     let lab = Lab::start(
         dir.path(),
@@ -176,6 +188,105 @@ async fn main() -> Result<(), Error> {
 }
 
 // === WeChat Pay ===
+
+/// `GET /v3/certificates` answers sealed with the target's APIv3 key: certificates made for the
+/// fuzz test key (rcgen; RSA signatures are deterministic, so these seeds are the same on every
+/// run), and the refusals `open_answer` names (another algorithm, a wrong serial, a tag that does
+/// not open, bad base64, no entries); the bare PEM for the target's sealing half.
+fn certificates(seeds: &mut Seeds) -> Result<(), Error> {
+    use authinfod::sandbox::wechatpay::seal_certificate;
+    use authinfod_fuzz::APIV3_KEY;
+    const T: &str = "wechatpay_certificates";
+    let key = rcgen::KeyPair::from_pem(&authinfod_fuzz::test_key().private_pem)?;
+    let certificate = |serial: &[u8]| -> Result<String, Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tenpay.com Root CA");
+        params.not_before = time::macros::datetime!(2026-01-01 0:00 UTC);
+        params.not_after = time::macros::datetime!(2031-01-01 0:00 UTC);
+        Ok(params.self_signed(&key)?.pem())
+    };
+    let first = certificate(&[0x5B, 0xB0, 0x1E, 0x5A, 0xD5, 0x90, 0x4B, 0x0F])?;
+    let second = certificate(&[0x00, 0x7A, 0x11, 0x02])?;
+    let entry = |serial: &str, algorithm: &str, nonce: &str, pem: &str| -> Result<_, Error> {
+        let ciphertext =
+            seal_certificate(APIV3_KEY, nonce, "certificate", pem).map_err(|_| "sealing failed")?;
+        Ok(serde_json::json!({
+            "serial_no": serial,
+            "effective_time": "2026-01-01T08:00:00+08:00",
+            "expire_time": "2031-01-01T08:00:00+08:00",
+            "encrypt_certificate": {
+                "algorithm": algorithm,
+                "nonce": nonce,
+                "associated_data": "certificate",
+                "ciphertext": ciphertext,
+            },
+        }))
+    };
+    let gcm = "AEAD_AES_256_GCM";
+    let answer = |entries: Vec<serde_json::Value>| {
+        serde_json::to_vec_pretty(&serde_json::json!({ "data": entries }))
+    };
+    seeds.put(
+        T,
+        "two-certificates.json",
+        &answer(vec![
+            entry("5BB01E5AD5904B0F", gcm, "a1b2c3d4e5f6", &first)?,
+            entry("7A1102", gcm, "0f1e2d3c4b5a", &second)?,
+        ])?,
+    )?;
+    seeds.put(
+        T,
+        "lower-case-serial.json",
+        &answer(vec![entry(
+            "5bb01e5ad5904b0f",
+            gcm,
+            "a1b2c3d4e5f6",
+            &first,
+        )?])?,
+    )?;
+    seeds.put(
+        T,
+        "other-algorithm.json",
+        &answer(vec![entry(
+            "5BB01E5AD5904B0F",
+            "AEAD_SM4_GCM",
+            "a1b2c3d4e5f6",
+            &first,
+        )?])?,
+    )?;
+    seeds.put(
+        T,
+        "wrong-serial.json",
+        &answer(vec![entry("7A1102", gcm, "a1b2c3d4e5f6", &first)?])?,
+    )?;
+    let mut tampered = entry("5BB01E5AD5904B0F", gcm, "a1b2c3d4e5f6", &first)?;
+    tampered["encrypt_certificate"]["associated_data"] = "certificates".into();
+    seeds.put(T, "tag-does-not-open.json", &answer(vec![tampered])?)?;
+    let mut short_nonce = entry("5BB01E5AD5904B0F", gcm, "a1b2c3d4e5f6", &first)?;
+    short_nonce["encrypt_certificate"]["nonce"] = "a1b2".into();
+    seeds.put(T, "short-nonce.json", &answer(vec![short_nonce])?)?;
+    let mut not_base64 = entry("5BB01E5AD5904B0F", gcm, "a1b2c3d4e5f6", &first)?;
+    not_base64["encrypt_certificate"]["ciphertext"] = "not base64!".into();
+    seeds.put(T, "not-base64.json", &answer(vec![not_base64])?)?;
+    seeds.put(
+        T,
+        "not-pem-inside.json",
+        &answer(vec![entry(
+            "5BB01E5AD5904B0F",
+            gcm,
+            "a1b2c3d4e5f6",
+            "hello",
+        )?])?,
+    )?;
+    seeds.put(T, "no-entries.json", br#"{"data":[]}"#)?;
+    seeds.put(T, "array.json", br#"[{"data":[]}]"#)?;
+    seeds.put(T, "certificate.pem", first.as_bytes())?;
+    Ok(())
+}
 
 async fn wechat(seeds: &mut Seeds, lab: &Lab) -> Result<(), Error> {
     let files = &lab.files;

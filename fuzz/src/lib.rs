@@ -191,6 +191,10 @@ pub struct TestKey {
     pub public: authinfod::crypto::RsaVerifier,
 }
 
+/// The merchant APIv3 key the `wechatpay_certificates` target opens answers with, and its seeds
+/// are sealed with (32 characters, as the merchant console sets it).
+pub const APIV3_KEY: &str = "authinfod-fuzz-apiv3-key-0123456";
+
 /// The [`TestKey`], parsed once.
 pub fn test_key() -> &'static TestKey {
     static KEY: OnceLock<TestKey> = OnceLock::new();
