@@ -11,7 +11,7 @@
 //! documented full-jitter backoff (each wait at most `min(backoff_max, backoff_min·2ⁿ⁻¹)`); and
 //! once the fault is cleared the time until a good refresh is measured and bounded by what the
 //! config allows (an attempt's timeout, then at most one `backoff_max`), not by the machine's
-//! speed. The measurements are printed (`cargo test link -- --nocapture`).
+//! speed. The measurements are printed, past the test harness's capture.
 //!
 //! Skipped, with one line saying why, where namespaces or the iptables parts cannot be made (not
 //! root, no `ip`/`iptables`, a container without CAP_NET_ADMIN, qemu-user).
@@ -751,11 +751,19 @@ fn check(
     Ok(())
 }
 
+/// Writes a line to the test's standard error past libtest's output capture (which takes only
+/// `print!` and `eprint!`), so that `cargo test` shows the skip reason and the measurements
+/// whether the test passes or not.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Every fault at once, each on its own link, lab and daemon.
 #[test]
 fn every_link_fault_keeps_the_authinfo_served_bounds_each_attempt_and_recovers() {
     if let Some(why) = netns::unavailable() {
-        eprintln!("link: skipped: {why}");
+        say(&format!("link: skipped: {why}"));
         return;
     }
     let only = std::env::var("AUTHINFOD_LINK_FAULTS").unwrap_or_default();
@@ -788,7 +796,7 @@ fn every_link_fault_keeps_the_authinfo_served_bounds_each_attempt_and_recovers()
     let mut failures = Vec::new();
     for result in results {
         match result {
-            Ok(report) => println!("link: {}", report.line()),
+            Ok(report) => say(&format!("link: {}", report.line())),
             Err(e) => failures.push(e),
         }
     }

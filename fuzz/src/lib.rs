@@ -351,3 +351,45 @@ pub fn paused_runtime() -> &'static tokio::runtime::Runtime {
             .expect("runtime")
     })
 }
+
+// === config problems ===
+
+/// Checks the problems of a config (or registry) that does not validate: at least one, each
+/// `field: reason` with a reason. The field is one of the file's own names (lower case, `_`,
+/// `.`, and the further bytes in `extra`) or, for an `unknown field`, the key as the file wrote
+/// it: a TOML dotted key (array indices `[n]` aside) that parses back, with no control
+/// character, so that a problem stays one unambiguous line.
+pub fn check_problems(problems: &[String], extra: &[u8]) {
+    assert!(!problems.is_empty(), "invalid without a problem");
+    for p in problems {
+        if let Some(field) = p.strip_suffix(": unknown field") {
+            assert!(!field.chars().any(char::is_control), "{p:?}");
+            let mut key = String::new();
+            let mut rest = field;
+            while let Some(open) = rest.find('[') {
+                let (before, after) = rest.split_at(open);
+                let Some(close) = after.find(']') else { break };
+                if !after[1..close].bytes().all(|b| b.is_ascii_digit()) {
+                    break;
+                }
+                key.push_str(before);
+                rest = &after[close + 1..];
+            }
+            key.push_str(rest);
+            assert!(
+                toml::from_str::<toml::Table>(&format!("{key} = 1")).is_ok(),
+                "an unknown field not named as a TOML key: {p:?}"
+            );
+            continue;
+        }
+        let (field, reason) = p.split_once(": ").unwrap_or_else(|| panic!("{p:?}"));
+        assert!(
+            !field.is_empty()
+                && field
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b"_.".contains(&b) || extra.contains(&b)),
+            "problem without a field: {p:?}"
+        );
+        assert!(!reason.is_empty(), "{p:?}");
+    }
+}
