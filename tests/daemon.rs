@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use authinfod::terminal::metrics::Denial;
+
 use crate::support::fake_proxy::{FakeProxy, Script};
 use crate::support::{TestDaemon, dead_url, device_key, socket_request, wait_until};
 
@@ -399,14 +401,7 @@ async fn a_peer_outside_the_allow_list_gets_403_and_nothing_else() {
         daemon.state.store.raw_data().expect("store").is_none(),
         "a denied peer changes nothing"
     );
-    assert_eq!(
-        daemon
-            .state
-            .metrics
-            .peers_denied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(daemon.state.metrics.denials(Denial::NotAllowed), 4);
     daemon.stop().await;
 }
 
@@ -740,4 +735,144 @@ async fn metrics_reach_a_textfile_and_a_loopback_listener() {
     assert!(!page.contains("M1"), "the secret never appears in metrics");
     assert!(get("/v1/authinfo").await.starts_with("HTTP/1.0 404"));
     daemon.stop().await;
+}
+
+/// `systemctl reload`: the allow-list, the proxy's CA (replaced in place) and the log level
+/// change under the running daemon; the held authinfo stays served throughout; an invalid file
+/// changes nothing.
+#[tokio::test]
+async fn a_reload_applies_the_allow_list_and_the_proxy_ca_and_keeps_the_authinfo() {
+    let proxy = proxy().await;
+    let (daemon, _) = daemon_with_authinfo(&proxy).await;
+    let dir = daemon.dir.path().to_owned();
+    let rewrite = |ca: &str, extra: &str| {
+        crate::support::write_config(&dir, &proxy.url, ca, extra);
+    };
+    let served = || async { daemon.get("/v1/authinfo").await };
+
+    rewrite(
+        &proxy.pki.ca_pem,
+        "[socket]\nallowed_uids = [4242]\nallowed_gids = [4242]\n",
+    );
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(done.applied, ["socket.allowed_uids/allowed_gids"]);
+    assert!(done.need_restart.is_empty(), "{done:?}");
+    let r = served().await;
+    assert_eq!(r.status, 403, "the next connection meets the new list");
+    assert_eq!(r.json()["code"], "PEER_DENIED");
+
+    let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
+    rewrite(&other.ca_pem, "");
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(
+        done.applied,
+        ["proxy.ca_file", "socket.allowed_uids/allowed_gids"]
+    );
+    let r = served().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["authinfo"],
+        "A1",
+        "the held authinfo survives reloads"
+    );
+    proxy.fallback(Script::Authinfo("NOT-TRUSTED".into(), None));
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
+    assert_eq!(
+        r.json()["code"],
+        "PROXY_UNREACHABLE",
+        "the proxy's CA is no longer trusted"
+    );
+    assert_eq!(served().await.json()["authinfo"], "A1");
+
+    rewrite(&proxy.pki.ca_pem, "");
+    assert_eq!(
+        daemon.reloader.reload().expect("reloads").applied,
+        ["proxy.ca_file"]
+    );
+    proxy.script([Script::Authinfo("A2".into(), None)]);
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(served().await.json()["authinfo"], "A2");
+
+    // A field a reload cannot apply is named, beside what it did apply.
+    rewrite(&proxy.pki.ca_pem, "[refresh]\ninterval = \"10m\"\n");
+    let config = dir.join("authinfod.toml");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("log_level = \"debug\"\n{text}")).expect("write");
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(done.applied, ["log_level"]);
+    assert_eq!(done.need_restart, ["refresh"]);
+
+    // An invalid file changes nothing.
+    rewrite(
+        &proxy.pki.ca_pem,
+        "[socket]\nallowed_uids = [4242]\nmode = \"0666\"\n",
+    );
+    let err = daemon.reloader.reload().expect_err("invalid");
+    assert!(
+        err.to_string().contains("socket.mode") || format!("{err:?}").contains("socket.mode"),
+        "{err:?}"
+    );
+    assert_eq!(served().await.status, 200, "the old allow-list is kept");
+    std::fs::write(&config, "not toml [").expect("write");
+    assert!(daemon.reloader.reload().is_err());
+    assert_eq!(served().await.json()["authinfo"], "A2");
+    daemon.stop().await;
+}
+
+/// The binary: SIGHUP reloads (the unit's `ExecReload`); the new `log_level` takes effect, so
+/// the reload's own INFO line appears where INFO was filtered out before, and the daemon keeps
+/// running until SIGTERM.
+#[test]
+fn binary_sighup_reloads_the_log_level_and_keeps_running() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::write_config(dir.path(), "https://127.0.0.1:9", &ca_pem(), "");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("log_level = \"warn\"\n{text}")).expect("write");
+    let log = dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run authinfod");
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let until = std::time::Instant::now() + crate::support::GENEROUS;
+        while !cond() {
+            assert!(std::time::Instant::now() < until, "{what}: {}", read());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let socket = dir.path().join("authinfod.sock");
+    wait("the socket is bound", &|| socket.exists());
+    assert!(
+        !read().contains("authinfod starting"),
+        "INFO is filtered out: {}",
+        read()
+    );
+    std::fs::write(&config, format!("log_level = \"info\"\n{text}")).expect("write");
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    wait("the reload is logged at INFO", &|| {
+        read().contains("config reloaded")
+    });
+    assert!(read().contains("log_level"), "{}", read());
+    assert_eq!(
+        child.try_wait().expect("wait"),
+        None,
+        "SIGHUP did not stop it"
+    );
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}: {}", read());
 }

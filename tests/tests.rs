@@ -10,3 +10,4 @@ mod health;
 mod journal;
 mod link;
 mod proxy;
+mod socket;

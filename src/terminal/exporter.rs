@@ -94,6 +94,7 @@ pub async fn serve_metrics(
         header_read_timeout: Duration::from_secs(10),
         max_head: 8 * 1024,
         keep_alive: true,
+        half_close: true,
     };
     crate::serve::accept_loop(
         &listener,

@@ -9,7 +9,8 @@
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
-//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
+//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport;
+//!   [`admission`]: who gets room on the socket (slots, per-uid shares, eviction, budgets).
 //! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
 //!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
@@ -18,6 +19,7 @@
 //! opened and loaded, the socket bound) without touching the network; [`Daemon::run`] then
 //! serves until its shutdown future resolves.
 
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod keygen;
 pub mod metrics;
 pub mod proxy_client;
 pub mod refresher;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -86,6 +89,8 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// The wall clock (the system's; tests shift it).
     pub clock: Arc<crate::units::WallClock>,
+    /// Changes the log filter on a reload (the binary's subscriber; nothing by default).
+    pub log: crate::logging::LogControl,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -95,6 +100,8 @@ pub struct Daemon {
     /// The loopback `/metrics` listener, when configured.
     metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
+    /// The same upstream when it is the real proxy client, whose CA a reload replaces.
+    proxy: Option<Arc<ProxyClient>>,
     options: RunOptions,
 }
 
@@ -126,8 +133,10 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let upstream = proxy_client(&config, &options)?;
-        Self::start_with_upstream(config, options, upstream).await
+        let proxy = proxy_client(&config, &options)?;
+        let mut daemon = Self::start_with_upstream(config, options, proxy.clone()).await?;
+        daemon.proxy = Some(proxy);
+        Ok(daemon)
     }
 
     /// [`start`](Self::start) with a given upstream (tests of the loop use scripted ones).
@@ -157,8 +166,18 @@ impl Daemon {
             server,
             metrics_listener,
             upstream,
+            proxy: None,
             options,
         })
+    }
+
+    /// What applies a reload of the config file (`systemctl reload`, SIGHUP) to this daemon.
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        Arc::new(reload::Reloader::new(
+            self.state.clone(),
+            self.proxy.clone(),
+            self.options.log.clone(),
+        ))
     }
 
     /// The shared state (tests inspect it).
@@ -176,6 +195,7 @@ impl Daemon {
             metrics_listener,
             upstream,
             options,
+            ..
         } = self;
         let mut exporters = Vec::new();
         if let Some(listener) = metrics_listener {

@@ -9,8 +9,9 @@
 //! health records) so that what it announces is what a restart finds; it never reads the store
 //! after start, so answering status or `/v1/device` does no I/O.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -186,6 +187,30 @@ pub struct State {
     /// Monotonic start time, the origin of heartbeats and uptime.
     pub started: Instant,
     clock: Arc<WallClock>,
+    /// Who may use the socket: from `config.socket` at start, replaced by a reload.
+    peers: RwLock<Arc<Peers>>,
+}
+
+/// The socket's allow-list: a peer is served when its uid or its primary gid is listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    pub uids: BTreeSet<u32>,
+    pub gids: BTreeSet<u32>,
+}
+
+impl Peers {
+    /// The allow-list `socket` configures.
+    pub fn from_config(socket: &super::config::SocketConfig) -> Self {
+        Self {
+            uids: socket.allowed_uids.clone(),
+            gids: socket.allowed_gids.clone(),
+        }
+    }
+
+    /// Whether a peer with these credentials is served.
+    pub fn allow(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
 }
 
 impl State {
@@ -234,6 +259,7 @@ impl State {
             heartbeats: Heartbeats::default(),
             started: Instant::now(),
             clock,
+            peers: RwLock::new(Arc::new(Peers::from_config(&config.socket))),
             config,
             store,
         })
@@ -242,6 +268,16 @@ impl State {
     /// Unix seconds now, on the daemon's wall clock.
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// The socket's allow-list now.
+    pub fn peers(&self) -> Arc<Peers> {
+        crate::sync::read(&self.peers).clone()
+    }
+
+    /// Replaces the socket's allow-list (a reload); connections already admitted keep going.
+    pub fn set_peers(&self, peers: Peers) {
+        *crate::sync::write(&self.peers) = Arc::new(peers);
     }
 
     // === the served authinfo ===

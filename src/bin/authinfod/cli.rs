@@ -86,7 +86,8 @@ pub struct SocketArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon (under systemd: Type=notify).
+    /// Run the daemon (under systemd: Type=notify); SIGHUP reloads the allow-list, the proxy CA
+    /// and log_level.
     #[command(after_help = help_table("Environment", RUN_ENVIRONMENT))]
     Run {
         /// The configuration file.
