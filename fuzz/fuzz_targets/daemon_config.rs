@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             );
             assert!(url.host_str().is_some_and(|h| !h.is_empty()));
             assert!(c.socket.mode & 0o007 == 0 && c.socket.mode <= 0o777);
-            assert!((1..=4096).contains(&c.socket.max_connections));
+            assert!((1..=4096).contains(&c.socket.limits.max_connections));
             let r = &c.refresh;
             assert!((0.0..=0.5).contains(&r.jitter));
             for d in [
