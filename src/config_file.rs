@@ -97,15 +97,18 @@ pub fn parse_toml_lenient<R: DeserializeOwned>(
 }
 
 /// A field's path as the file writes it, `section.field` or `device[2].field` (serde_ignored's
-/// own rendering shows `?` for every optional section on the way).
+/// own rendering shows `?` for every optional section on the way). A key that is not a TOML
+/// bare key (letters, digits, `_`, `-`) is written quoted as TOML would, so that a problem line
+/// names it unambiguously and carries no control character (found by the `daemon_config` fuzz
+/// target).
 fn dotted(path: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path as P;
     match path {
         P::Root => String::new(),
         P::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
         P::Map { parent, key } => match dotted(parent) {
-            p if p.is_empty() => key.clone(),
-            p => format!("{p}.{key}"),
+            p if p.is_empty() => toml_key(key),
+            p => format!("{p}.{}", toml_key(key)),
         },
         P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
             dotted(parent)
@@ -152,7 +155,7 @@ impl Problems {
         value
     }
 
-    /// A duration that must be more than zero (`default` when absent).
+    /// A duration that must be more than zero and at most a year (`default` when absent).
     pub fn positive(
         &mut self,
         field: &str,
@@ -163,7 +166,23 @@ impl Problems {
         if d.is_zero() {
             self.push(field, "must be more than zero");
         }
+        self.at_most_a_year(field, d);
         d
+    }
+
+    /// Refuses a duration longer than [`crate::units::MAX_CONFIG_DURATION`].
+    pub fn at_most_a_year(&mut self, field: &str, d: Duration) {
+        use crate::units::{MAX_CONFIG_DURATION, format_duration};
+        if d > MAX_CONFIG_DURATION {
+            self.push(
+                field,
+                format_args!(
+                    "{} is longer than {}",
+                    format_duration(d),
+                    format_duration(MAX_CONFIG_DURATION)
+                ),
+            );
+        }
     }
 
     /// An absolute path (`default` when absent; a problem when neither is there).
@@ -325,6 +344,29 @@ pub fn check_private_file(path: &Path) -> Result<(), PrivateFileError> {
         })
 }
 
+/// `key` as a TOML key: bare when it can be, else a quoted string with TOML's escapes.
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if bare {
+        return key.to_owned();
+    }
+    let mut quoted = String::with_capacity(key.len() + 2);
+    quoted.push('"');
+    for c in key.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +393,49 @@ mod tests {
             err.problems()[0].starts_with("key_file: this build has no PKCS#11 support"),
             "{err}"
         );
+    }
+
+    /// A shape with one section `s` of no fields: every other key is unknown.
+    #[derive(Debug, serde::Deserialize)]
+    struct Shape {
+        #[allow(dead_code)]
+        s: Option<Empty>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Empty {}
+
+    /// Found by the `daemon_config` fuzz target (`y-ciCence = true`): an unknown key is named as
+    /// the file writes it, quoted when it is no bare key, so that `field: reason` stays one
+    /// unambiguous line whatever the key holds; every name reads back as the same TOML key.
+    #[test]
+    fn unknown_keys_are_named_as_toml_keys() {
+        for (text, field) in [
+            ("y-ciCence = true\n", "y-ciCence"),
+            ("\"a: b\" = 1\n", "\"a: b\""),
+            ("\"x\\ny\\\"\\\\\" = 1\n", "\"x\\u000Ay\\\"\\\\\""),
+            ("[s]\n\"\" = 1\n", "s.\"\""),
+            ("\"été\" = 1\n", "\"été\""),
+        ] {
+            let mut problems = Problems::new("config file");
+            let _: Shape =
+                parse_toml_lenient("config file", text, Path::new("t.toml"), &mut problems)
+                    .unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(
+                problems.list,
+                [format!("{field}: unknown field")],
+                "{text:?}"
+            );
+            let original: toml::Table = toml::from_str(text).expect("the input parses");
+            let (key, _) = field.split_once('.').unwrap_or((field, ""));
+            let again: toml::Table = toml::from_str(&format!("{field} = 1"))
+                .unwrap_or_else(|e| panic!("{field} is no TOML key: {e}"));
+            assert_eq!(
+                again.keys().collect::<Vec<_>>(),
+                original.keys().collect::<Vec<_>>(),
+                "{text:?} ({key})"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`crypto`]: RSA signing (ring, or inside a PKCS#11 token with the `pkcs11` feature),
 //!   verification, key generation, PEM, fingerprints, `pkcs11:` URIs.
 //! - [`units`]: durations and timestamps as people write them.
+//! - [`json`]: reading the JSON documents other parties send (objects only).
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.
 //! - [`serve`]: the one accept, serve and drain loop of every listener.
@@ -47,6 +48,7 @@
 pub mod config_file;
 pub mod crypto;
 pub mod events;
+pub mod json;
 pub mod prometheus;
 pub mod schedule;
 pub mod serve;

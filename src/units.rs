@@ -20,6 +20,11 @@ impl HumanDuration {
     }
 }
 
+/// The longest duration a config may give: a year. No setting needs more, and much longer ones
+/// overflow the clock arithmetic they feed (a refresh due in 10^16 days is past what an
+/// `Instant` can hold); the config validators refuse them.
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(365 * 86400);
+
 /// Parses the [`HumanDuration`] syntax.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -8,6 +8,7 @@ mod daemon;
 mod egress;
 mod health;
 mod journal;
+mod link;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
 mod proxy;

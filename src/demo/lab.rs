@@ -6,6 +6,7 @@
 //! files exactly as an operator would, so they are loaded through the real config parsers. It
 //! must not bypass those parsers: what it writes is also documentation of a working setup.
 
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -202,6 +203,16 @@ pub fn generate_keys(dir: &Path) -> Result<GeneratedLab, LabError> {
 
 /// [`generate_keys`] with given RSA keys (fresh certificates, serials and AccessKey still).
 pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> {
+    write_keys_for(dir, keys, None)
+}
+
+/// [`write_keys`], with the proxy's certificate also naming `proxy_host` (beside `127.0.0.1`
+/// and `localhost`): for a proxy that terminals reach at another address.
+pub fn write_keys_for(
+    dir: &Path,
+    keys: &LabKeys,
+    proxy_host: Option<&str>,
+) -> Result<GeneratedLab, LabError> {
     std::fs::create_dir_all(dir).map_err(|source| LabError::Write {
         path: dir.to_owned(),
         source,
@@ -212,12 +223,13 @@ pub fn write_keys(dir: &Path, keys: &LabKeys) -> Result<GeneratedLab, LabError> 
         &keys.alipay_app,
         &keys.alipay_platform,
     )?;
-    let cert = |name: &str| {
-        generate_pki(name, &["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST])
-            .map_err(|e| LabError::Certificate(e.to_string()))
+    let cert = |name: &str, extra: Option<&str>| {
+        let mut hosts = vec!["127.0.0.1", "localhost", SANDBOX_ALIAS_HOST];
+        hosts.extend(extra.filter(|h| !hosts.contains(h)));
+        generate_pki(name, &hosts).map_err(|e| LabError::Certificate(e.to_string()))
     };
-    let sandbox_pki = cert("authinfod sandbox platforms CA (generated)")?;
-    let proxy_pki = cert("authinfod lab proxy CA (generated)")?;
+    let sandbox_pki = cert("authinfod sandbox platforms CA (generated)", None)?;
+    let proxy_pki = cert("authinfod lab proxy CA (generated)", proxy_host)?;
     let device = &keys.device;
     let files: [(&str, &str, u32); 12] = [
         ("proxy-tls.crt", &proxy_pki.cert_pem, 0o644),
@@ -453,6 +465,10 @@ pub struct LabOptions<'a> {
     /// The platforms' host name in the proxy's config; `None`: 127.0.0.1
     /// ([`SANDBOX_ALIAS_HOST`] behind an egress proxy).
     pub host: Option<&'a str>,
+    /// The address the proxy and the relay in front of it listen on (and the proxy's
+    /// certificate names), for a daemon that reaches the proxy from another network namespace
+    /// or machine; `None`: 127.0.0.1. The sandbox stays on loopback.
+    pub proxy_host: Option<IpAddr>,
     pub wechat: WechatVerification,
     /// Where the proxy's config says the merchant keys are.
     pub merchant_keys: MerchantKeys<'a>,
@@ -483,7 +499,7 @@ impl std::fmt::Debug for Lab {
 impl Lab {
     /// Generates everything under `dir`, starts the sandbox (knowing `world`), the proxy (with
     /// `proxy_extra` TOML appended to its config) and the relay, and writes the daemon config
-    /// (with `daemon_extra`).
+    /// (with `daemon_extra`). Everything listens on loopback.
     pub async fn start(
         dir: &Path,
         world: World,
@@ -520,16 +536,18 @@ impl Lab {
             proxy_extra,
             daemon_extra,
             host,
+            proxy_host,
             wechat,
             merchant_keys,
         } = *options;
+        let proxy_host = proxy_host.unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let host = host.unwrap_or("127.0.0.1");
         let loopback = || async {
             TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(LabError::Listen)
         };
-        let generated = write_keys(dir, keys)?;
+        let generated = write_keys_for(dir, keys, Some(&proxy_host.to_string()))?;
         let files = LabFiles {
             dir: dir.to_owned(),
         };
@@ -545,7 +563,7 @@ impl Lab {
         let proxy_config = files.write_proxy_config_with_keys(
             &generated,
             &sandbox_url,
-            "127.0.0.1:0",
+            &SocketAddr::new(proxy_host, 0).to_string(),
             "127.0.0.1:0",
             proxy_extra,
             wechat,
@@ -565,11 +583,12 @@ impl Lab {
             &crate::proxy::config::no_environment,
         )?;
         let proxy = crate::proxy::start(config).await?;
-        let net = NetCut::start(loopback().await?, proxy.addr).map_err(LabError::Listen)?;
-        let daemon_config = files.write_daemon_config(
-            &format!("https://127.0.0.1:{}", net.addr.port()),
-            daemon_extra,
-        )?;
+        let relay = TcpListener::bind(SocketAddr::new(proxy_host, 0))
+            .await
+            .map_err(LabError::Listen)?;
+        let net = NetCut::start(relay, proxy.addr).map_err(LabError::Listen)?;
+        let daemon_config =
+            files.write_daemon_config(&format!("https://{}", net.addr), daemon_extra)?;
         Ok(Self {
             files,
             sandbox,
@@ -605,7 +624,15 @@ pub async fn run_standalone_sandbox(
         "https://{}",
         listener.local_addr().map_err(LabError::Listen)?
     );
-    let generated = generate_keys(dir)?;
+    // Terminals connect to the proxy at `proxy_listen`, so its certificate must name that host
+    // (an unspecified address like 0.0.0.0 names nothing a terminal can connect to).
+    let proxy_host = proxy_listen
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string());
+    let generated = write_keys_for(dir, &LabKeys::generate()?, proxy_host.as_deref())?;
     let files = LabFiles {
         dir: dir.to_owned(),
     };

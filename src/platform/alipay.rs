@@ -269,6 +269,34 @@ struct Common {
     sub_msg: Option<String>,
 }
 
+/// The parts of an answer body the signature check needs: the exact text of the response object
+/// (`alipay_merchant_iot_device_query_response`, or `error_response` when that is absent) as
+/// received, and the `sign` beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedText<'a> {
+    /// The response object's JSON text, byte for byte as in the body.
+    pub object: &'a str,
+    /// `sign`, when the answer carries one.
+    pub sign: Option<String>,
+}
+
+/// Finds the response object and its `sign` in an answer body without re-serialising
+/// anything. The error is the reason the body is not the gateway's shape.
+pub fn signed_text(body: &str) -> Result<SignedText<'_>, String> {
+    let envelope: Envelope<'_> =
+        crate::json::from_str(body).map_err(|e| format!("not the gateway's JSON: {e}"))?;
+    let object = envelope
+        .response
+        .or(envelope.error_response)
+        .ok_or_else(|| {
+            format!("neither {DEVICE_QUERY_RESPONSE_KEY} nor error_response in the answer")
+        })?;
+    Ok(SignedText {
+        object: object.get(),
+        sign: envelope.sign,
+    })
+}
+
 /// Verifies and reads an answer body. The signature is checked over the exact text of the
 /// response object (`alipay_merchant_iot_device_query_response`, or `error_response`), and every
 /// answer must carry a valid one, errors included: an unsigned refusal is not trusted to be
@@ -282,22 +310,12 @@ pub fn read_answer(
     alipay_public: &RsaVerifier,
     trace_id: Option<String>,
 ) -> Result<DeviceBinding, AlipayError> {
-    let malformed = |reason: String| AlipayError::Malformed {
+    let text = signed_text(body).map_err(|reason| AlipayError::Malformed {
         reason,
         trace_id: trace_id.clone(),
-    };
-    let envelope: Envelope<'_> = serde_json::from_str(body)
-        .map_err(|e| malformed(format!("not the gateway's JSON: {e}")))?;
-    let raw = envelope
-        .response
-        .or(envelope.error_response)
-        .ok_or_else(|| {
-            malformed(format!(
-                "neither {DEVICE_QUERY_RESPONSE_KEY} nor error_response in the answer"
-            ))
-        })?;
-    match envelope.sign.as_deref() {
-        Some(sign) if alipay_public.verify_base64(raw.get().as_bytes(), sign) => {}
+    })?;
+    match text.sign.as_deref() {
+        Some(sign) if alipay_public.verify_base64(text.object.as_bytes(), sign) => {}
         Some(_) => {
             return Err(AlipayError::BadSignature {
                 reason: "the sign does not verify with the alipay public key",
@@ -308,14 +326,24 @@ pub fn read_answer(
         None => {
             return Err(AlipayError::BadSignature {
                 reason: "the answer has no sign",
-                unverified: serde_json::from_str::<Common>(raw.get())
+                unverified: crate::json::from_str::<Common>(text.object)
                     .ok()
                     .map(|c| unverified_claim(&c)),
                 trace_id,
             });
         }
     }
-    let common: Common = serde_json::from_str(raw.get())
+    read_object(text.object, trace_id)
+}
+
+/// Reads a response object's text once its signature has been checked: a gateway error as
+/// [`AlipayError::Gateway`], a success as its binding.
+pub fn read_object(object: &str, trace_id: Option<String>) -> Result<DeviceBinding, AlipayError> {
+    let malformed = |reason: String| AlipayError::Malformed {
+        reason,
+        trace_id: trace_id.clone(),
+    };
+    let common: Common = crate::json::from_str(object)
         .map_err(|e| malformed(format!("response object without code: {e}")))?;
     if common.code != SUCCESS_CODE {
         return Err(AlipayError::Gateway {
@@ -326,7 +354,7 @@ pub fn read_answer(
             trace_id,
         });
     }
-    serde_json::from_str(raw.get()).map_err(|e| malformed(format!("no device binding: {e}")))
+    crate::json::from_str(object).map_err(|e| malformed(format!("no device binding: {e}")))
 }
 
 /// `code` and `sub_code` of an unverified answer, cut to 64 characters each of letters, digits

@@ -548,25 +548,16 @@ impl AliyunClient {
             );
             return Ok((body, header_request_id));
         }
-        let parsed: Option<ErrorBody> = serde_json::from_str(&body).ok();
-        let (code, message, request_id) = match parsed {
-            Some(e) => (e.code, e.message, e.request_id.or(header_request_id)),
-            None => (None, None, header_request_id),
-        };
+        let error = read_error(status, &body, header_request_id, retry_after);
+        let failure = error.failure();
         tracing::debug!(
             action,
             upstream_status = status,
-            code = code.as_deref().unwrap_or(""),
-            request_id = request_id.as_deref().unwrap_or(""),
+            code = failure.code.as_deref().unwrap_or(""),
+            request_id = failure.request_id.as_deref().unwrap_or(""),
             "alibaba cloud refused"
         );
-        Err(AliyunError::Api {
-            status,
-            code,
-            message,
-            request_id,
-            retry_after,
-        })
+        Err(error)
     }
 
     /// One page of Cloudauth's device list.
@@ -658,9 +649,32 @@ fn records_covered(current_page: u32, page: &DeviceInfoPage) -> u64 {
     u64::from(current_page.saturating_sub(1)).saturating_mul(page_size) + rows
 }
 
-/// Reads a `DescribeDeviceInfo` page.
-fn read_page(body: &str) -> Result<DeviceInfoPage, String> {
-    let page: PageBody = serde_json::from_str(body).map_err(|e| e.to_string())?;
+/// The error a non-2xx answer stands for: its body read as `{"RequestId","Code","Message"}`
+/// when it is one (the body's request id, else the `x-acs-request-id` header's); anything else
+/// leaves code and message empty, and the status alone classifies it.
+pub fn read_error(
+    status: u16,
+    body: &str,
+    header_request_id: Option<String>,
+    retry_after: Option<Duration>,
+) -> AliyunError {
+    let parsed: Option<ErrorBody> = crate::json::from_str(body).ok();
+    let (code, message, request_id) = match parsed {
+        Some(e) => (e.code, e.message, e.request_id.or(header_request_id)),
+        None => (None, None, header_request_id),
+    };
+    AliyunError::Api {
+        status,
+        code,
+        message,
+        request_id,
+        retry_after,
+    }
+}
+
+/// Reads a `DescribeDeviceInfo` page (a 2xx answer's body).
+pub fn read_page(body: &str) -> Result<DeviceInfoPage, String> {
+    let page: PageBody = crate::json::from_str(body).map_err(|e| e.to_string())?;
     Ok(DeviceInfoPage {
         request_id: page.request_id,
         total_count: page.total_count,

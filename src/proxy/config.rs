@@ -287,6 +287,11 @@ impl Validator<'_> {
         }
     }
 
+    /// Refuses a duration longer than [`crate::units::MAX_CONFIG_DURATION`].
+    fn at_most_a_year(&mut self, field: &str, d: Duration) {
+        self.problems.at_most_a_year(field, d);
+    }
+
     fn required<T>(&mut self, field: &str, value: Option<T>) -> Option<T> {
         self.problems.required(field, value)
     }
@@ -385,6 +390,7 @@ impl Validator<'_> {
         if upstream_timeout.is_zero() {
             self.problem("upstream_timeout: must be more than zero".into());
         }
+        self.at_most_a_year("upstream_timeout", upstream_timeout);
         let upstream = self.upstream(raw.upstream);
         let wechatpay = match raw.wechatpay {
             Some(w) => self.wechatpay(w),
@@ -585,9 +591,14 @@ impl Validator<'_> {
                 }
             }
             (None, None) => {}
-            _ => {
-                self.problem("wechatpay.public_key_id and wechatpay.public_key go together".into())
-            }
+            (Some(_), None) => self.problem(
+                "wechatpay.public_key: missing (wechatpay.public_key_id is set; they go together)"
+                    .into(),
+            ),
+            (None, Some(_)) => self.problem(
+                "wechatpay.public_key_id: missing (wechatpay.public_key is set; they go together)"
+                    .into(),
+            ),
         }
         if let Some(path) = raw.platform_certificates
             && let Some(pem) = self.read("wechatpay.platform_certificates", Some(path), false)
@@ -691,6 +702,7 @@ impl Validator<'_> {
         if sync_interval < Duration::from_secs(60) {
             self.problem("fleet.sync_interval: must be at least 1m".into());
         }
+        self.at_most_a_year("fleet.sync_interval", sync_interval);
         FleetConfig {
             enabled: raw.enabled.unwrap_or(true),
             sync_interval,
@@ -1235,6 +1247,41 @@ mod tests {
         assert!(problems[0].contains("\"webpki\""), "{problems:?}");
         let (upstream, _) = upstream_in(dir.path(), raw_upstream(None, None), &[]);
         assert_eq!(upstream.map(|u| u.trust), Some(Trust::Webpki));
+    }
+
+    /// Found by the `proxy_config` fuzz target: a public key without its id was reported as
+    /// "wechatpay.public_key_id and wechatpay.public_key go together", a problem that named no
+    /// field in the `field: reason` form every other problem has. The other problems stay
+    /// listed beside it.
+    #[test]
+    fn a_public_key_without_its_id_names_the_missing_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("authinfo-proxy.toml");
+        for (wechatpay, missing) in [
+            (
+                "public_key = \"pub.pem\"",
+                "wechatpay.public_key_id: missing",
+            ),
+            (
+                "public_key_id = \"PUB_KEY_ID_1\"",
+                "wechatpay.public_key: missing",
+            ),
+        ] {
+            std::fs::write(&path, format!("[wechatpay]\n{wechatpay}\n")).expect("write");
+            let err = load(&path).unwrap_err();
+            let ConfigError::Invalid { problems, .. } = &err else {
+                panic!("expected Invalid, got {err}");
+            };
+            assert!(
+                problems.iter().any(|p| p.starts_with(missing)),
+                "{problems:#?}"
+            );
+            assert!(
+                problems.iter().all(|p| p.split_once(": ").is_some()),
+                "{problems:#?}"
+            );
+            assert!(problems.iter().any(|p| p.starts_with("wechatpay.mchid: ")));
+        }
     }
 
     #[test]

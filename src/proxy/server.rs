@@ -33,7 +33,7 @@ use crate::platform::aliyun::{self, AliyunClient};
 use crate::platform::wechatpay::{AuthinfoParams, WechatPayClient};
 use crate::platform::{Failure, FailureClass};
 use crate::units::unix_now;
-use crate::wire::{self, ErrorBody, MAX_RAW_DATA, UpstreamDetail, codes};
+use crate::wire::{self, ErrorBody, UpstreamDetail, codes};
 
 /// Everything the routes use.
 #[derive(Debug)]
@@ -450,14 +450,7 @@ async fn authinfo(
     State(app): State<Arc<App>>,
     Authenticated { device, body }: Authenticated,
 ) -> Result<Json<wire::AuthinfoResponse>, RequestError> {
-    let request: wire::AuthinfoRequest = serde_json::from_slice(&body).map_err(|e| {
-        RequestError::BadRequest(format!("expected {{\"raw_data\": \"...\"}}: {e}"))
-    })?;
-    if request.raw_data.trim().is_empty() || request.raw_data.len() > MAX_RAW_DATA {
-        return Err(RequestError::BadRequest(format!(
-            "raw_data must be 1 to {MAX_RAW_DATA} bytes"
-        )));
-    }
+    let request = wire::AuthinfoRequest::from_body(&body).map_err(RequestError::BadRequest)?;
     let params = AuthinfoParams {
         sp_appid: app.sp_appid.clone(),
         sub_appid: device.sub_appid.clone(),

@@ -148,6 +148,10 @@ pub struct World {
     /// whichever terminal spends it, every terminal of the merchant is refused. `None`: no
     /// limit.
     pub authinfo_limit: Option<AuthinfoLimit>,
+    /// The length of the authinfo values answered, when not the usual 65 characters: a large
+    /// one makes an answer span several TLS records and TCP segments (the link tests cut the
+    /// network in the middle of such a body).
+    pub authinfo_len: Option<usize>,
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,

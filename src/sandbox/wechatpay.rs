@@ -459,8 +459,13 @@ fn answer_authinfo(world: &World, request: &Received) -> Result<serde_json::Valu
     {
         return Err(Refusal::param("raw_data is invalid"));
     }
-    let authinfo = crypto::random_bytes(24)
-        .map(|b| format!("SANDBOX-AUTHINFO-{}", crypto::hex(&b)))
+    let len = world.authinfo_len.unwrap_or(65);
+    let authinfo = crypto::random_bytes(len.div_ceil(2).max(24))
+        .map(|b| {
+            let mut a = format!("SANDBOX-AUTHINFO-{}", crypto::hex(&b));
+            a.truncate(len.max("SANDBOX-AUTHINFO-".len() + 1));
+            a
+        })
         .map_err(|_| {
             Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -337,7 +337,7 @@ fn etag_matches(header: &str, etag: &str) -> bool {
 }
 
 async fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, ApiError> {
-    let body: RawDataBody = serde_json::from_slice(&req.body)
+    let body: RawDataBody = crate::json::from_slice(&req.body)
         .map_err(|e| ApiError::BadBody(format!("expected {{\"raw_data\": \"...\"}}: {e}")))?;
     let value = body.raw_data.trim().to_owned();
     if value.is_empty() {

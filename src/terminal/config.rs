@@ -932,6 +932,38 @@ pub(crate) mod tests {
         assert!(c.health.inspection && c.health.alipay_binding && c.health.licence);
     }
 
+    /// Found by the `daemon_config` fuzz target: `interval = "9999999999999999d"` validated, and
+    /// the refresh loop would have panicked adding it to the clock (`Duration::mul_f64`
+    /// overflowing). Every duration is now at most a year.
+    #[test]
+    #[cfg(feature = "merchant")]
+    fn a_duration_past_a_year_is_a_problem_not_a_panic_in_the_refresh_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca_file(dir.path());
+        let text = format!(
+            "device_id = \"T1\"\nkey_file = \"/k\"\n[proxy]\nurl = \"https://p.example\"\nca_file = \"{}\"\ntimeout = \"366d\"\n[refresh]\ninterval = \"9999999999999999d\"\n",
+            ca.display()
+        );
+        let err = parse(&text, Path::new("t.toml")).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("refresh.interval: ") && p.ends_with("is longer than 365d")),
+            "{problems:#?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.starts_with("proxy.timeout: ")),
+            "{problems:#?}"
+        );
+        let year = text
+            .replace("9999999999999999d", "365d")
+            .replace("366d", "1m");
+        parse(&year, Path::new("t.toml")).expect("a year is allowed");
+    }
+
     #[test]
     fn every_invalid_field_is_listed_not_just_the_first() {
         let text = r#"

@@ -204,13 +204,13 @@ impl ProxyClient {
 
     /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
     /// sends once more.
-    async fn call<T: DeserializeOwned>(
+    async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<T, UpstreamError> {
-        let bytes = match self.send(&method, path, &body).await {
+    ) -> Result<Vec<u8>, UpstreamError> {
+        match self.send(&method, path, &body).await {
             Err(SendError::Skewed { proxy_date, .. }) => {
                 let offset = proxy_date - self.clock.now();
                 tracing::warn!(
@@ -224,8 +224,7 @@ impl ProxyClient {
             }
             other => other,
         }
-        .map_err(SendError::into_error)?;
-        parse(&bytes)
+        .map_err(SendError::into_error)
     }
 
     async fn send(
@@ -266,37 +265,10 @@ impl ProxyClient {
         if (200..300).contains(&status) {
             return Ok(bytes);
         }
-        let body: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
-            code: format!("HTTP_{status}"),
-            message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
-            retryable: status == 429 || status >= 500,
-            retry_after_seconds: None,
-            upstream: None,
-        });
-        let retry_after = headers
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let error = UpstreamError::Refused {
-            status,
-            body: Box::new(body),
-            retry_after,
-        };
-        if status == 401
-            && let UpstreamError::Refused { body, .. } = &error
-            && body.code == wire::codes::TIMESTAMP_SKEW
-            && let Some(proxy_date) = headers
-                .get(reqwest::header::DATE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| httpdate::parse_http_date(v).ok())
-        {
-            let proxy_date = proxy_date
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            return Err(SendError::Skewed { proxy_date, error });
-        }
-        Err(SendError::Other(error))
+        Err(match read_refusal(status, &headers, &bytes) {
+            (error, Some(proxy_date)) => SendError::Skewed { proxy_date, error },
+            (error, None) => SendError::Other(error),
+        })
     }
 
     fn transport(&self, e: reqwest::Error) -> UpstreamError {
@@ -345,8 +317,61 @@ async fn read_limited(
     Ok(Some(out))
 }
 
+/// What a non-2xx answer of the proxy says: its error (the body read as an [`ErrorBody`] when it
+/// is one, else one made of the status and the body's first 200 bytes; a body with a blank code
+/// is named `HTTP_<status>` too, so status never shows an empty code) and, for a 401
+/// `TIMESTAMP_SKEW` that carries a `Date`, the proxy's clock in Unix seconds.
+pub fn read_refusal(
+    status: u16,
+    headers: &http::HeaderMap,
+    bytes: &[u8],
+) -> (UpstreamError, Option<i64>) {
+    let mut body: ErrorBody = crate::json::from_slice(bytes).unwrap_or_else(|_| ErrorBody {
+        code: String::new(),
+        message: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+        retryable: status == 429 || status >= 500,
+        retry_after_seconds: None,
+        upstream: None,
+    });
+    if body.code.trim().is_empty() {
+        body.code = format!("HTTP_{status}");
+    }
+    let retry_after = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let proxy_date = (status == 401 && body.code == wire::codes::TIMESTAMP_SKEW)
+        .then(|| {
+            headers
+                .get(http::header::DATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok())
+        })
+        .flatten()
+        .map(|date| {
+            date.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+    let error = UpstreamError::Refused {
+        status,
+        body: Box::new(body),
+        retry_after,
+    };
+    (error, proxy_date)
+}
+
+/// Reads a 2xx answer of `POST /v1/authinfo`: well-formed, with an authinfo that is not empty.
+pub fn read_authinfo(bytes: &[u8]) -> Result<AuthinfoResponse, UpstreamError> {
+    let answer: AuthinfoResponse = parse(bytes)?;
+    if answer.authinfo.trim().is_empty() {
+        return Err(UpstreamError::EmptyAuthinfo);
+    }
+    Ok(answer)
+}
+
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, UpstreamError> {
-    serde_json::from_slice(bytes).map_err(|e| UpstreamError::Malformed {
+    crate::json::from_slice(bytes).map_err(|e| UpstreamError::Malformed {
         reason: e.to_string(),
     })
 }
@@ -363,13 +388,10 @@ impl Upstream for ProxyClient {
             .map_err(|e| UpstreamError::Malformed {
                 reason: e.to_string(),
             })?;
-            let answer: AuthinfoResponse = self
+            let bytes = self
                 .call(reqwest::Method::POST, wire::ROUTE_AUTHINFO, body)
                 .await?;
-            if answer.authinfo.trim().is_empty() {
-                return Err(UpstreamError::EmptyAuthinfo);
-            }
-            Ok(answer)
+            read_authinfo(&bytes)
         })
     }
 
@@ -377,7 +399,10 @@ impl Upstream for ProxyClient {
         &'a self,
         route: &'static str,
     ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
-        Box::pin(self.call(reqwest::Method::GET, route, Vec::new()))
+        Box::pin(async move {
+            let bytes = self.call(reqwest::Method::GET, route, Vec::new()).await?;
+            parse(&bytes)
+        })
     }
 
     fn clock_skew(&self) -> Option<i64> {
@@ -403,6 +428,25 @@ mod tests {
             }),
             retry_after: None,
         }
+    }
+
+    /// Found by the `proxy_request` fuzz target: an error body with `"code":""` left status and
+    /// the journal with an empty error code.
+    #[test]
+    fn a_refusal_without_a_code_is_named_by_its_status() {
+        let body = br#"{"code":"","message":"the req-es from t s)","retryable":true}"#;
+        let (error, date) = read_refusal(401, &http::HeaderMap::new(), body);
+        assert_eq!(error.code(), "HTTP_401");
+        assert_eq!(date, None);
+        let (error, _) = read_refusal(503, &http::HeaderMap::new(), b"<html>busy</html>");
+        assert_eq!(error.code(), "HTTP_503");
+        assert!(matches!(error.disposition(), Disposition::Retry { .. }));
+        let (error, _) = read_refusal(
+            422,
+            &http::HeaderMap::new(),
+            br#"{"code":"UPSTREAM_REJECTED","message":"m"}"#,
+        );
+        assert_eq!(error.code(), "UPSTREAM_REJECTED");
     }
 
     #[test]

@@ -288,13 +288,7 @@ impl Store {
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         self.get_raw(key)?
-            .map(|bytes| {
-                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: key.to_owned(),
-                    reason: e.to_string(),
-                })
-            })
+            .map(|bytes| decode_record(&self.path, key, &bytes))
             .transpose()
     }
 
@@ -318,6 +312,21 @@ impl Store {
                 source,
             })
     }
+}
+
+/// Decodes the record stored under `key` from the bytes sled handed back: the record (every
+/// record is a JSON object), or [`StoreError::Corrupt`] naming the store at `path` and the key.
+/// Every read of a record goes through here (and so does the fuzz target `store_records`).
+pub fn decode_record<T: DeserializeOwned>(
+    path: &Path,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    crate::json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Opens sled at `path`. sled's own file lock can outlive a closed handle for a moment (its IO
@@ -543,6 +552,32 @@ mod tests {
         let reason = recovery.expect("recovered").reason;
         assert!(reason.contains(KEY_CURRENT), "{reason}");
         assert_eq!(store.authinfo().expect("read"), None);
+    }
+
+    /// Found by the `store_records` fuzz target: a health record written as a JSON array of its
+    /// fields decoded (serde's derive takes arrays), and a float in it did not read back as the
+    /// same number after saving (serde_json's default float parser can be an ulp off).
+    #[test]
+    fn records_are_objects_and_read_back_exactly() {
+        let path = Path::new("/var/lib/authinfod/store");
+        let array = b"[ \n666666666666666666666666666666666666666\n]";
+        let err = decode_record::<crate::terminal::device::CheckRecord<serde_json::Value>>(
+            path,
+            "health.inspection",
+            array,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt { key, .. } if key == "health.inspection"),
+            "{err}"
+        );
+        let object = br#"{"value":666666666666666666666666666666666666666}"#;
+        let record: crate::terminal::device::CheckRecord<serde_json::Value> =
+            decode_record(path, "health.inspection", object).expect("decodes");
+        let saved = encode("health.inspection", &record).expect("encodes");
+        let again: crate::terminal::device::CheckRecord<serde_json::Value> =
+            decode_record(path, "health.inspection", &saved).expect("decodes");
+        assert_eq!(again, record);
     }
 
     #[test]

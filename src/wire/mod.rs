@@ -33,6 +33,20 @@ pub struct AuthinfoRequest {
     pub raw_data: String,
 }
 
+impl AuthinfoRequest {
+    /// Reads the body of `POST /v1/authinfo` as the proxy takes it: exactly `{"raw_data"}`, with
+    /// a raw_data of 1 to [`MAX_RAW_DATA`] bytes that is not all whitespace. The error is a
+    /// sentence for the `BAD_REQUEST` answer.
+    pub fn from_body(body: &[u8]) -> Result<Self, String> {
+        let request: Self = crate::json::from_slice(body)
+            .map_err(|e| format!("expected {{\"raw_data\": \"...\"}}: {e}"))?;
+        if request.raw_data.trim().is_empty() || request.raw_data.len() > MAX_RAW_DATA {
+            return Err(format!("raw_data must be 1 to {MAX_RAW_DATA} bytes"));
+        }
+        Ok(request)
+    }
+}
+
 /// Answer to `POST /v1/authinfo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthinfoResponse {
@@ -230,6 +244,31 @@ mod tests {
         assert_eq!(i.result, InspectionResult::Warn);
         assert!(i.errors.is_empty());
         assert_eq!(i.imei.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn authinfo_request_body_takes_only_raw_data_within_bounds() {
+        let ok = AuthinfoRequest::from_body(br#"{"raw_data":"R"}"#).expect("valid");
+        assert_eq!(ok.raw_data, "R");
+        for bad in [
+            &br#"{"raw_data":"  "}"#[..],
+            br#"{"raw_data":"R","extra":1}"#,
+            br#"{"raw":"R"}"#,
+            // Found by the `proxy_request` fuzz target: serde's derive alone takes an array.
+            br#"["R"]"#,
+            b"not json",
+        ] {
+            assert!(
+                AuthinfoRequest::from_body(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = serde_json::to_vec(&AuthinfoRequest {
+            raw_data: "x".repeat(MAX_RAW_DATA + 1),
+        })
+        .expect("json");
+        assert!(AuthinfoRequest::from_body(&long).is_err());
     }
 
     #[test]

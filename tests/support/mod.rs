@@ -1,11 +1,13 @@
 //! Shared test parts: a device key, a fake proxy that checks the wire contract independently,
 //! a daemon harness on a temporary directory and a real Unix socket, a raw socket client, and
-//! log capture ([`logs`]).
+//! log capture ([`logs`]), and the network namespaces and userspace netem of the link tests.
 
 #![allow(dead_code)]
 
 pub mod fake_proxy;
 pub mod logs;
+pub mod netem;
+pub mod netns;
 pub mod softhsm;
 
 use std::path::{Path, PathBuf};

@@ -98,13 +98,13 @@ impl ApiV3Key {
 // === the answer ===
 
 /// `GET /v3/certificates` as WeChat Pay writes it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 pub struct CertificatesAnswer {
     pub data: Vec<EncryptedCertificate>,
 }
 
 /// One entry of the answer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 pub struct EncryptedCertificate {
     pub serial_no: String,
     /// RFC 3339.
@@ -115,7 +115,7 @@ pub struct EncryptedCertificate {
 }
 
 /// The encrypted certificate.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
 pub struct EncryptCertificate {
     pub algorithm: String,
     pub nonce: String,
@@ -145,6 +145,13 @@ pub struct Download {
     pub certificates: Vec<DownloadedCertificate>,
     pub verification: Verification,
     pub request_id: Option<String>,
+}
+
+/// Reads the body of a `GET /v3/certificates` answer (a JSON object). The error gives the
+/// position and category only: serde_json's message may quote body values.
+pub fn read_answer(body: &[u8]) -> Result<CertificatesAnswer, String> {
+    crate::json::from_slice(body)
+        .map_err(|e| format!("{:?} error at column {}", e.classify(), e.column()))
 }
 
 /// Decrypts every entry of an answer and checks each is the certificate its entry names.
@@ -199,8 +206,7 @@ impl WechatPayClient {
             request_id: raw.request_id.clone(),
             reason,
         };
-        let answer: CertificatesAnswer = serde_json::from_slice(&raw.body)
-            .map_err(|e| malformed(format!("{:?} error at column {}", e.classify(), e.column())))?;
+        let answer = read_answer(&raw.body).map_err(malformed)?;
         let certificates = open_answer(&answer, key).map_err(|reason| WechatPayError::Decrypt {
             endpoint: ENDPOINT,
             status: raw.status,

@@ -6,6 +6,10 @@
 //! knows its [`Failure`]. It must not retry, cache or pace calls (the proxy does, from the
 //! failure class and the limits in [`super`]), and must not log keys, signatures, raw_data or
 //! authinfo values; it logs each answer's `Request-ID`.
+//!
+//! Reading is apart from the transport: [`read_answer`] and the readers per endpoint are pure
+//! functions of the answer (status, headers, body), the keys and the clock, so tests and the
+//! fuzz targets call them without a network.
 
 use std::time::Duration;
 
@@ -65,8 +69,9 @@ pub enum WechatPayError {
         status: u16,
         code: Option<String>,
         message: Option<String>,
-        /// The error body's `detail`, as sent.
-        detail: Option<serde_json::Value>,
+        /// The error body's `detail`, as sent (boxed: it is rarely there, and it would double
+        /// the size of every `Result` carrying this error).
+        detail: Option<Box<serde_json::Value>>,
         request_id: Option<String>,
         retry_after: Option<Duration>,
     },
@@ -193,29 +198,49 @@ fn request_id(headers: &http::HeaderMap) -> Option<String> {
 /// The error an answer with a non-2xx `status` stands for. The body is read as
 /// `{"code","message","detail"}` when it is one; anything else (a gateway's HTML page) leaves
 /// code and message empty, and the status alone classifies it.
-fn error_answer(
+pub fn error_answer(
     endpoint: &'static str,
     status: u16,
     headers: &http::HeaderMap,
     body: &[u8],
 ) -> WechatPayError {
-    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let parsed: ErrorBody = crate::json::from_slice(body).unwrap_or_default();
     WechatPayError::Api {
         endpoint,
         status,
         code: parsed.code,
         message: parsed.message,
-        detail: parsed.detail,
+        detail: parsed.detail.map(Box::new),
         request_id: request_id(headers),
         retry_after: crate::platform::retry_after(headers),
     }
 }
 
-/// A successful, verified answer.
-struct Answer<T> {
-    value: T,
+/// [`error_answer`], logged: what a non-2xx answer gives.
+fn refused(
+    endpoint: &'static str,
     status: u16,
-    request_id: Option<String>,
+    headers: &http::HeaderMap,
+    body: &[u8],
+) -> WechatPayError {
+    let error = error_answer(endpoint, status, headers, body);
+    let failure = error.failure();
+    tracing::warn!(
+        endpoint,
+        upstream_status = status,
+        code = failure.code.as_deref(),
+        request_id = failure.request_id.as_deref(),
+        "wechat pay refused the request"
+    );
+    error
+}
+
+/// A successful, verified answer.
+#[derive(Debug)]
+pub struct Answer<T> {
+    pub value: T,
+    pub status: u16,
+    pub request_id: Option<String>,
 }
 
 /// A 2xx answer as received, not yet verified.
@@ -227,13 +252,161 @@ pub(super) struct RawAnswer {
 }
 
 /// The device-list page as sent: every field optional.
-#[derive(Deserialize)]
-struct RawDevicePage {
+#[derive(Debug, Deserialize)]
+pub struct RawDevicePage {
     data: Option<Vec<Device>>,
     offset: Option<u64>,
     limit: Option<u64>,
     total_count: Option<u64>,
     links: Option<PageLinks>,
+}
+
+impl RawDevicePage {
+    /// The page, with what it leaves out taken from the request (`offset`, `limit`) or read as
+    /// empty.
+    pub fn into_page(self, offset: u64, limit: u64) -> DevicePage {
+        DevicePage {
+            data: self.data.unwrap_or_default(),
+            offset: self.offset.unwrap_or(offset),
+            limit: self.limit.unwrap_or(limit),
+            total_count: self.total_count,
+            links: self.links,
+        }
+    }
+}
+
+// === reading answers (pure: the transport is in `WechatPayClient::send`) ===
+
+/// Reads one answer of `endpoint` as WeChat Pay sent it: a non-2xx `status` is its typed error
+/// (the body read as `{"code","message","detail"}` when it is one); a 2xx answer must carry a
+/// valid signature by one of `keys` within the time window around `now` before its body is
+/// parsed as `T`.
+pub fn read_answer<T: DeserializeOwned>(
+    endpoint: &'static str,
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    keys: &PlatformKeys,
+    now: i64,
+) -> Result<Answer<T>, WechatPayError> {
+    if !(200..300).contains(&status) {
+        return Err(refused(endpoint, status, headers, body));
+    }
+    let request_id = request_id(headers);
+    if let Err(source) = keys.verify(headers, body, now) {
+        tracing::warn!(
+            endpoint,
+            upstream_status = status,
+            request_id = request_id.as_deref(),
+            error = %source,
+            "wechat pay answer failed verification"
+        );
+        return Err(WechatPayError::BadSignature {
+            endpoint,
+            status,
+            request_id,
+            source,
+        });
+    }
+    decode_answer(endpoint, status, request_id, body)
+}
+
+/// Parses the body of a 2xx answer whose signature has been verified ([`read_answer`] does
+/// both) as `T`.
+pub fn decode_answer<T: DeserializeOwned>(
+    endpoint: &'static str,
+    status: u16,
+    request_id: Option<String>,
+    body: &[u8],
+) -> Result<Answer<T>, WechatPayError> {
+    let value = crate::json::from_slice(body).map_err(|e| {
+        // The position and category only: serde_json's message may quote body values.
+        let reason = format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column());
+        tracing::warn!(endpoint, upstream_status = status, request_id = request_id.as_deref(), %reason, "wechat pay answer is malformed");
+        WechatPayError::Malformed {
+            endpoint,
+            status,
+            request_id: request_id.clone(),
+            reason,
+        }
+    })?;
+    tracing::debug!(
+        endpoint,
+        upstream_status = status,
+        request_id = request_id.as_deref(),
+        "wechat pay answered"
+    );
+    Ok(Answer {
+        value,
+        status,
+        request_id,
+    })
+}
+
+/// The endpoint name of `POST /v3/offlineface/authinfo` in errors.
+const AUTHINFO_ENDPOINT: &str = "POST /v3/offlineface/authinfo";
+/// The endpoint name of `GET /v3/iotmanage/device-inspections/{device_sn}` in errors.
+const INSPECTION_ENDPOINT: &str = "GET /v3/iotmanage/device-inspections/{device_sn}";
+/// The endpoint name of `GET /v3/iotmanage/devices` in errors.
+const DEVICES_ENDPOINT: &str = "GET /v3/iotmanage/devices";
+
+/// Reads an answer of `POST /v3/offlineface/authinfo` ([`read_answer`], then
+/// [`check_authinfo`]).
+pub fn read_authinfo(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    keys: &PlatformKeys,
+    now: i64,
+) -> Result<Answer<Authinfo>, WechatPayError> {
+    check_authinfo(read_answer(
+        AUTHINFO_ENDPOINT,
+        status,
+        headers,
+        body,
+        keys,
+        now,
+    )?)
+}
+
+/// An authinfo answer is good only with an authinfo in it: an empty one is malformed.
+pub fn check_authinfo(answer: Answer<Authinfo>) -> Result<Answer<Authinfo>, WechatPayError> {
+    if answer.value.authinfo.is_empty() {
+        return Err(WechatPayError::Malformed {
+            endpoint: AUTHINFO_ENDPOINT,
+            status: answer.status,
+            request_id: answer.request_id,
+            reason: "authinfo is empty".into(),
+        });
+    }
+    Ok(answer)
+}
+
+/// Reads an answer of `GET /v3/iotmanage/device-inspections/{device_sn}` ([`read_answer`]).
+pub fn read_inspection(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    keys: &PlatformKeys,
+    now: i64,
+) -> Result<DeviceInspection, WechatPayError> {
+    read_answer(INSPECTION_ENDPOINT, status, headers, body, keys, now).map(|a| a.value)
+}
+
+/// Reads an answer of `GET /v3/iotmanage/devices?offset=..&limit=..` ([`read_answer`], then
+/// [`RawDevicePage::into_page`]).
+pub fn read_device_page(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &[u8],
+    keys: &PlatformKeys,
+    now: i64,
+    offset: u64,
+    limit: u64,
+) -> Result<DevicePage, WechatPayError> {
+    let raw: Answer<RawDevicePage> =
+        read_answer(DEVICES_ENDPOINT, status, headers, body, keys, now)?;
+    Ok(raw.value.into_page(offset, limit))
 }
 
 // === impl WechatPayClient ===
@@ -286,27 +459,25 @@ impl WechatPayClient {
         &self,
         params: &AuthinfoParams,
     ) -> Result<Authinfo, WechatPayError> {
-        const ENDPOINT: &str = "POST /v3/offlineface/authinfo";
         // Serialising a struct of `String` fields cannot fail: serde_json only fails on maps
         // with non-string keys or on a failing custom `Serialize`, and there are neither.
         let body = serde_json::to_vec(params).expect("AuthinfoParams serialises to JSON");
-        let answer: Answer<Authinfo> = self
-            .call(
+        let sent = self
+            .send(
                 reqwest::Method::POST,
                 "/v3/offlineface/authinfo",
                 None,
                 Some(body),
-                ENDPOINT,
+                AUTHINFO_ENDPOINT,
             )
             .await?;
-        if answer.value.authinfo.is_empty() {
-            return Err(WechatPayError::Malformed {
-                endpoint: ENDPOINT,
-                status: answer.status,
-                request_id: answer.request_id,
-                reason: "authinfo is empty".into(),
-            });
-        }
+        let answer = read_authinfo(
+            sent.status,
+            &sent.headers,
+            &sent.body,
+            &self.keys(),
+            unix_now(),
+        )?;
         tracing::info!(
             request_id = answer.request_id.as_deref(),
             authinfo_fingerprint = %crypto::secret_fingerprint(answer.value.authinfo.as_bytes()),
@@ -322,15 +493,20 @@ impl WechatPayClient {
         &self,
         device_sn: &str,
     ) -> Result<DeviceInspection, WechatPayError> {
-        const ENDPOINT: &str = "GET /v3/iotmanage/device-inspections/{device_sn}";
         let path = format!(
             "/v3/iotmanage/device-inspections/{}",
             utf8_percent_encode(device_sn, NON_ALPHANUMERIC)
         );
-        let answer: Answer<DeviceInspection> = self
-            .call(reqwest::Method::GET, &path, None, None, ENDPOINT)
+        let sent = self
+            .send(reqwest::Method::GET, &path, None, None, INSPECTION_ENDPOINT)
             .await?;
-        Ok(answer.value)
+        read_inspection(
+            sent.status,
+            &sent.headers,
+            &sent.body,
+            &self.keys(),
+            unix_now(),
+        )
     }
 
     /// `GET /v3/iotmanage/devices?offset=..&limit=..`: one page of the merchant's devices.
@@ -341,83 +517,29 @@ impl WechatPayClient {
         offset: u64,
         limit: u64,
     ) -> Result<DevicePage, WechatPayError> {
-        const ENDPOINT: &str = "GET /v3/iotmanage/devices";
         let query = format!("offset={offset}&limit={limit}");
-        let answer: Answer<RawDevicePage> = self
-            .call(
+        let sent = self
+            .send(
                 reqwest::Method::GET,
                 "/v3/iotmanage/devices",
                 Some(&query),
                 None,
-                ENDPOINT,
+                DEVICES_ENDPOINT,
             )
             .await?;
-        let raw = answer.value;
-        Ok(DevicePage {
-            data: raw.data.unwrap_or_default(),
-            offset: raw.offset.unwrap_or(offset),
-            limit: raw.limit.unwrap_or(limit),
-            total_count: raw.total_count,
-            links: raw.links,
-        })
+        read_device_page(
+            sent.status,
+            &sent.headers,
+            &sent.body,
+            &self.keys(),
+            unix_now(),
+            offset,
+            limit,
+        )
     }
 
-    /// Signs and sends one request, then reads, verifies and parses its answer.
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        query: Option<&str>,
-        body: Option<Vec<u8>>,
-        endpoint: &'static str,
-    ) -> Result<Answer<T>, WechatPayError> {
-        let RawAnswer {
-            status,
-            headers,
-            body,
-            request_id,
-        } = self.send(method, path, query, body, endpoint).await?;
-        if let Err(source) = self.keys().verify(&headers, &body, unix_now()) {
-            tracing::warn!(
-                endpoint,
-                upstream_status = status,
-                request_id = request_id.as_deref(),
-                error = %source,
-                "wechat pay answer failed verification"
-            );
-            return Err(WechatPayError::BadSignature {
-                endpoint,
-                status,
-                request_id,
-                source,
-            });
-        }
-        let value = serde_json::from_slice(&body).map_err(|e| {
-            // The position and category only: serde_json's message may quote body values.
-            let reason = format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column());
-            tracing::warn!(endpoint, upstream_status = status, request_id = request_id.as_deref(), %reason, "wechat pay answer is malformed");
-            WechatPayError::Malformed {
-                endpoint,
-                status,
-                request_id: request_id.clone(),
-                reason,
-            }
-        })?;
-        tracing::debug!(
-            endpoint,
-            upstream_status = status,
-            request_id = request_id.as_deref(),
-            "wechat pay answered"
-        );
-        Ok(Answer {
-            value,
-            status,
-            request_id,
-        })
-    }
-
-    /// Signs and sends one request and reads its answer: a 2xx answer as received (not yet
-    /// verified), any other as its [`WechatPayError::Api`].
+    /// Signs and sends one request and reads its whole answer: a 2xx answer as received (not
+    /// yet verified), any other as its [`WechatPayError::Api`] ([`refused`]).
     pub(super) async fn send(
         &self,
         method: reqwest::Method,
@@ -426,17 +548,8 @@ impl WechatPayClient {
         body: Option<Vec<u8>>,
         endpoint: &'static str,
     ) -> Result<RawAnswer, WechatPayError> {
-        let mut url = self.base_url.clone();
-        url.set_path(&format!(
-            "{}{path}",
-            self.base_url.path().trim_end_matches('/')
-        ));
-        url.set_query(query);
-        // Sign the target as the URL will send it, so that no normalisation can split the two.
-        let target = match url.query() {
-            Some(q) => format!("{}?{q}", url.path()),
-            None => url.path().to_owned(),
-        };
+        let url = request_url(&self.base_url, path, query);
+        let target = signed_target(&url);
         let sign_error = |source| WechatPayError::Sign { endpoint, source };
         let nonce = crypto::nonce().map_err(sign_error)?;
         let authorization = self
@@ -464,16 +577,7 @@ impl WechatPayClient {
         let headers = response.headers().clone();
         let body = response.bytes().await.map_err(transport)?;
         if !(200..300).contains(&status) {
-            let error = error_answer(endpoint, status, &headers, &body);
-            let failure = error.failure();
-            tracing::warn!(
-                endpoint,
-                upstream_status = status,
-                code = failure.code.as_deref(),
-                request_id = failure.request_id.as_deref(),
-                "wechat pay refused the request"
-            );
-            return Err(error);
+            return Err(refused(endpoint, status, &headers, &body));
         }
         Ok(RawAnswer {
             status,
@@ -481,6 +585,23 @@ impl WechatPayClient {
             headers,
             body,
         })
+    }
+}
+
+/// The URL of `path` (and `query`) under `base_url`, whose own path is kept as a prefix.
+pub fn request_url(base_url: &reqwest::Url, path: &str, query: Option<&str>) -> reqwest::Url {
+    let mut url = base_url.clone();
+    url.set_path(&format!("{}{path}", base_url.path().trim_end_matches('/')));
+    url.set_query(query);
+    url
+}
+
+/// The request target a request to `url` is signed over: its path and query exactly as the URL
+/// will send them, so that no normalisation can split what is signed from what is sent.
+pub fn signed_target(url: &reqwest::Url) -> String {
+    match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
     }
 }
 
