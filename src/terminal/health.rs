@@ -158,6 +158,7 @@ where
             record.value = Some(value);
             record.fetched_at = Some(now);
             record.last_error = None;
+            record.last_error_code = None;
             record.not_configured = false;
             state.metrics.count_check(name, "ok");
             Ok(())
@@ -169,6 +170,7 @@ where
             );
             record.not_configured = true;
             record.last_error = None;
+            record.last_error_code = None;
             state.metrics.count_check(name, "not_configured");
             Err(Disposition::Permanent)
         }
@@ -181,10 +183,7 @@ where
                 _ => None,
             };
             let unbound = check == Check::AlipayBinding
-                && upstream_code.as_deref().is_some_and(|c| {
-                    let c = c.to_ascii_uppercase();
-                    c.contains("DEVICE_NOT_EXIST") || c.contains("RECORD_NOT_EXIST")
-                });
+                && upstream_code.as_deref().is_some_and(alipay_unbound);
             if unbound {
                 tracing::warn!(message_id = crate::events::ALIPAY_UNBOUND, check = name, error = %text, "the device is not bound in Alipay (or Alipay does not know it)");
             } else if record.last_error.is_none() {
@@ -194,6 +193,7 @@ where
                 tracing::debug!(check = name, code = %error.code(), error = %text, "health check failed again");
             }
             record.last_error = Some(text);
+            record.last_error_code = Some(upstream_code.unwrap_or_else(|| error.code()));
             state.metrics.count_check(name, "error");
             Err(error.disposition())
         }
@@ -202,7 +202,16 @@ where
         tracing::error!(check = name, error = %crate::error_chain(&error), "cannot store the health record");
     }
     *slot(&mut state.health()) = record;
+    // The proxy's fleet view hears of every check (the reporter coalesces).
+    state.want_report();
     outcome
+}
+
+/// Whether Alipay's error code for the binding query says it does not know the device (not
+/// bound): the log line here and the daemon's report both read it so.
+pub fn alipay_unbound(code: &str) -> bool {
+    let code = code.to_ascii_uppercase();
+    code.contains("DEVICE_NOT_EXIST") || code.contains("RECORD_NOT_EXIST")
 }
 
 /// Logs a WARN/FAIL inspection at warning level.
