@@ -27,6 +27,7 @@ pub mod periodic;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod terminals;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -196,6 +196,11 @@ impl Registry {
         self.devices.len()
     }
 
+    /// Every enrolled device, by id.
+    pub fn devices(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.values()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }

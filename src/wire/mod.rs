@@ -259,6 +259,15 @@ pub enum BindingState {
     Unbound,
 }
 
+impl BindingState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingState::Bound => "bound",
+            BindingState::Unbound => "unbound",
+        }
+    }
+}
+
 /// The daemon's store as its report tells it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
