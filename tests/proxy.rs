@@ -970,7 +970,7 @@ async fn fleet_sync_pages_261_devices_within_the_configured_rate_and_lists_them(
     );
 
     // The admin listener serves the same list, and the table shows it.
-    let admin = authinfod::proxy::admin_fleet(lab.proxy.admin_addr)
+    let admin = authinfod::proxy::admin_fleet(lab.proxy.admin_addr, None)
         .await
         .expect("admin /fleet");
     assert_eq!(admin.devices, snapshot.devices);

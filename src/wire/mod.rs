@@ -394,8 +394,15 @@ pub mod codes {
     pub const NOT_FOUND: &str = "NOT_FOUND";
     /// 400: the request body is not what the route takes.
     pub const BAD_REQUEST: &str = "BAD_REQUEST";
-    /// 413: the request body is over [`super::MAX_REQUEST_BODY`].
+    /// 413: the request body is over [`super::MAX_REQUEST_BODY`] (a report: over the proxy's
+    /// report limit).
     pub const BODY_TOO_LARGE: &str = "BODY_TOO_LARGE";
+    /// 429: the terminal sends reports faster than the proxy admits; `Retry-After` says when.
+    pub const REPORT_RATE_LIMITED: &str = "REPORT_RATE_LIMITED";
+    /// 401 (admin listener): the admin token is missing or wrong.
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    /// 503: the proxy cannot keep the report now (its store failed); retryable.
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     /// 422: the platform refused the request as such (bad raw_data, unknown device there).
     pub const UPSTREAM_REJECTED: &str = "UPSTREAM_REJECTED";
     /// 429: the platform rate-limited the merchant.

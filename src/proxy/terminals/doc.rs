@@ -154,6 +154,14 @@ impl TerminalsPage {
     }
 }
 
+/// The whole fleet view as `authinfo-proxy terminals --json` prints it: the summary and every
+/// terminal the filter admits (all pages), worst first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalsList {
+    pub summary: Summary,
+    pub terminals: Vec<TerminalDoc>,
+}
+
 /// One terminal in the fleet view (`GET /terminals/{device_id}`, and each entry of a page).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalDoc {

@@ -40,6 +40,15 @@ pub const EVALUATE_EVERY: Duration = Duration::from_secs(15);
 /// The most risk transitions logged one by one in one pass; the rest are counted in one line
 /// (a first start with thousands of never-seen terminals must not flood the journal).
 pub const MAX_TRANSITIONS_LOGGED: usize = 100;
+/// Largest report body the proxy reads (a report is under 2 KiB; the texts in it are bounded by
+/// [`wire::MAX_REPORT_TEXT`]).
+pub const MAX_REPORT_BODY: usize = 8 * 1024;
+/// Reports a terminal may send in a burst ([`ReportLimiter`]): a start's refresh and health
+/// checks, a few retries.
+pub const REPORT_BURST: u32 = 10;
+/// One more report is admitted every this long once the burst is spent (a daemon sends one
+/// every 15 minutes, plus one after each refresh attempt and health check, coalesced).
+pub const REPORT_REFILL: Duration = Duration::from_secs(10);
 /// Upper bounds (seconds) of the report age histogram.
 const REPORT_AGE_BUCKETS: [u64; 9] = [60, 300, 900, 1800, 3600, 7200, 21600, 86400, 604800];
 
@@ -146,6 +155,64 @@ pub fn evaluate(
         thresholds: *thresholds,
         terminals,
         newest_version,
+    }
+}
+
+// === report admission ===
+
+/// Bounds each terminal's report rate: a token bucket of [`REPORT_BURST`] per device, one
+/// token back every [`REPORT_REFILL`], on tokio's (monotonic) clock. Only devices that passed
+/// authentication reach it, so it holds at most one entry per enrolled device.
+#[derive(Debug)]
+pub struct ReportLimiter {
+    buckets: std::sync::Mutex<HashMap<String, (u32, tokio::time::Instant)>>,
+    burst: u32,
+    refill: Duration,
+}
+
+impl Default for ReportLimiter {
+    fn default() -> Self {
+        Self::new(REPORT_BURST, REPORT_REFILL)
+    }
+}
+
+impl ReportLimiter {
+    pub fn new(burst: u32, refill: Duration) -> Self {
+        Self {
+            buckets: std::sync::Mutex::new(HashMap::new()),
+            burst: burst.max(1),
+            refill: refill.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Takes a token for `device_id`; `Err(wait)` when none is left, with how long until one is.
+    pub fn admit(&self, device_id: &str) -> Result<(), Duration> {
+        let now = tokio::time::Instant::now();
+        let mut buckets = crate::sync::lock(&self.buckets);
+        let (tokens, since) = buckets
+            .entry(device_id.to_owned())
+            .or_insert((self.burst, now));
+        let earned = now.duration_since(*since).as_nanos() / self.refill.as_nanos();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            *tokens = tokens.saturating_add(earned).min(self.burst);
+            // Keep the fraction of a refill already under way.
+            *since = if *tokens == self.burst {
+                now
+            } else {
+                *since + self.refill * earned
+            };
+        }
+        if *tokens == 0 {
+            return Err(self.refill.saturating_sub(now.duration_since(*since)));
+        }
+        *tokens -= 1;
+        Ok(())
+    }
+
+    /// Forgets devices `enrolled` says no (the registry changed).
+    pub fn retain(&self, enrolled: impl Fn(&str) -> bool) {
+        crate::sync::lock(&self.buckets).retain(|id, _| enrolled(id));
     }
 }
 
