@@ -219,6 +219,17 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+impl Store {
+    /// Writes `bytes` as `device_id`'s terminal record as is (tests of damaged records).
+    pub fn put_raw_terminal_record(&self, device_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .open_tree(TERMINALS_TREE)?
+            .insert(device_id, bytes)?;
+        Ok(())
+    }
+}
+
 /// A stored count (big-endian u32); anything else reads as 0.
 fn decode_count(bytes: Option<&[u8]>) -> u32 {
     bytes

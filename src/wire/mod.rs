@@ -295,6 +295,44 @@ impl StoreHealth {
 }
 
 impl Report {
+    /// The report of a healthy terminal running `version` at `sent_at`: a fresh authinfo of 10
+    /// minutes, the health checks done, the licence valid until `licence_until`. For the
+    /// sandbox's simulated terminals, tests and benchmarks, which change what they need.
+    pub fn healthy(version: &str, sent_at: i64, licence_until: &str) -> Self {
+        fn check<T>(value: T) -> ReportedCheck<T> {
+            ReportedCheck {
+                state: CheckState::Ok,
+                value: Some(value),
+                age_seconds: Some(600),
+                last_error_code: None,
+            }
+        }
+        Report {
+            version: version.to_owned(),
+            sent_at,
+            uptime_seconds: 86_400,
+            authinfo: ReportedAuthinfo {
+                state: HeldState::Fresh,
+                fingerprint: Some("0a1b2c3d".into()),
+                age_seconds: Some(600),
+                runway_seconds: Some(6_600),
+                expires_at: None,
+            },
+            refresh: ReportedRefresh {
+                last_attempt_ok: Some(true),
+                last_error_code: None,
+                last_error_permanent: false,
+                consecutive_failures: 0,
+            },
+            raw_data_present: true,
+            clock_skew_seconds: None,
+            store: StoreHealth::Ok,
+            inspection: check(InspectionResult::Success),
+            alipay_binding: check(BindingState::Bound),
+            licence: check(licence_until.to_owned()),
+        }
+    }
+
     /// Checks what a terminal may send: every text at most [`MAX_REPORT_TEXT`] bytes and free
     /// of control characters (they end up in tables, logs and pages). The error names the field.
     pub fn check(&self) -> Result<(), String> {

@@ -506,3 +506,40 @@ pub async fn run(health: Arc<FleetHealth>, inputs: Inputs, shutdown: Cancellatio
         tracing::error!(error = %crate::error_chain(&error), "cannot flush the fleet view's records at shutdown; the last reports are lost (terminals send them again)");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst is admitted, then one report per refill; the wait is told.
+    #[tokio::test(start_paused = true)]
+    async fn reports_beyond_the_burst_wait_for_the_refill() {
+        let limiter = ReportLimiter::new(3, Duration::from_secs(10));
+        for _ in 0..3 {
+            assert_eq!(limiter.admit("T-1"), Ok(()));
+        }
+        let wait = limiter.admit("T-1").expect_err("the burst is spent");
+        assert!(
+            wait > Duration::from_secs(9) && wait <= Duration::from_secs(10),
+            "{wait:?}"
+        );
+        assert_eq!(
+            limiter.admit("T-2"),
+            Ok(()),
+            "each device has its own bucket"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(limiter.admit("T-1"), Ok(()));
+        assert!(limiter.admit("T-1").is_err(), "one token per refill");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        for _ in 0..3 {
+            assert_eq!(limiter.admit("T-1"), Ok(()));
+        }
+        assert!(
+            limiter.admit("T-1").is_err(),
+            "the bucket never holds more than the burst"
+        );
+        limiter.retain(|id| id == "T-2");
+        assert_eq!(crate::sync::lock(&limiter.buckets).len(), 1);
+    }
+}

@@ -200,3 +200,81 @@ impl TerminalRecords for StoredRecords {
 pub fn enrolled_set<'a>(ids: impl Iterator<Item = &'a str>) -> HashSet<String> {
     ids.map(str::to_owned).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Report;
+
+    fn report(at: i64) -> ReceivedReport {
+        ReceivedReport {
+            received_at: at,
+            report: Report::healthy("1.4.0", at, "2026-12-31"),
+        }
+    }
+
+    /// Records reach sled on flush (not before) and a reopened store holds them; removals too.
+    #[tokio::test]
+    async fn flushed_records_survive_a_reopen_and_unflushed_ones_wait_for_the_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let records =
+                StoredRecords::open(Store::open(dir.path()).expect("store")).expect("open");
+            records.seen("T-1", 100).await.expect("seen");
+            records.issued("T-1", 110).await.expect("issued");
+            records.report("T-2", report(120)).await.expect("report");
+            assert_eq!(records.pending(), 2);
+            assert!(
+                records.store.terminal_records().expect("read").0.is_empty(),
+                "nothing written before the flush"
+            );
+            records.flush().await.expect("flush");
+            assert_eq!(records.pending(), 0);
+            let gone = records
+                .retain(&|id: &str| id == "T-1")
+                .await
+                .expect("retain");
+            assert_eq!(gone, 1);
+            records.flush().await.expect("flush");
+        }
+        let records = StoredRecords::open(Store::open(dir.path()).expect("store")).expect("reopen");
+        let all = records.snapshot().await.expect("snapshot");
+        assert_eq!(all.len(), 1, "{all:?}");
+        let t1 = records.get("T-1").await.expect("get").expect("T-1 kept");
+        assert_eq!(
+            (t1.first_seen, t1.last_seen, t1.last_issued),
+            (Some(100), Some(110), Some(110))
+        );
+        assert!(
+            records.get("T-2").await.expect("get").is_none(),
+            "T-2 was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_report_marks_the_terminal_seen_and_never_moves_last_seen_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let records = StoredRecords::open(Store::open(dir.path()).expect("store")).expect("open");
+        records.seen("T-1", 500).await.expect("seen");
+        records.report("T-1", report(400)).await.expect("report");
+        let r = records.get("T-1").await.expect("get").expect("record");
+        assert_eq!((r.first_seen, r.last_seen), (Some(500), Some(500)));
+        assert_eq!(r.report.as_ref().map(|r| r.received_at), Some(400));
+    }
+
+    /// A record that does not decode is dropped (and removed on the next flush), never a
+    /// failure to start.
+    #[tokio::test]
+    async fn an_undecodable_record_is_dropped_not_fatal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store
+            .put_raw_terminal_record("T-bad", b"{not json")
+            .expect("write");
+        let records = StoredRecords::open(store.clone()).expect("open despite the damage");
+        assert!(records.get("T-bad").await.expect("get").is_none());
+        records.flush().await.expect("flush");
+        let (good, bad) = store.terminal_records().expect("read");
+        assert!(good.is_empty() && bad.is_empty(), "{good:?} {bad:?}");
+    }
+}

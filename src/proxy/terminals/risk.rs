@@ -348,3 +348,322 @@ impl Ord for Version {
         (self.numbers, self.release).cmp(&(other.numbers, other.release))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{CheckState, Report};
+
+    /// 2026-03-01T00:00:00Z, the tests' "now" on the proxy's clock.
+    const NOW: i64 = 1_772_323_200;
+    const MINUTE: i64 = 60;
+    const HOUR: i64 = 3600;
+    const DAY: i64 = 86_400;
+
+    /// A terminal seen, issued and reporting a healthy report at `at`, its licence valid until
+    /// 2026-12-31.
+    fn record_at(at: i64) -> TerminalRecord {
+        TerminalRecord {
+            first_seen: Some(at - DAY),
+            last_seen: Some(at),
+            last_issued: Some(at),
+            report: Some(ReceivedReport {
+                received_at: at,
+                report: Report::healthy("1.4.0", at, "2026-12-31"),
+            }),
+            announced: Vec::new(),
+        }
+    }
+
+    fn judge(record: Option<&TerminalRecord>, fleet: FleetStatus) -> Vec<(RiskKind, Severity)> {
+        judge_with(record, fleet, None, &Thresholds::default())
+    }
+
+    fn judge_with(
+        record: Option<&TerminalRecord>,
+        fleet: FleetStatus,
+        newest: Option<&Version>,
+        t: &Thresholds,
+    ) -> Vec<(RiskKind, Severity)> {
+        assess(
+            Facts {
+                record,
+                fleet,
+                newest_version: newest,
+            },
+            t,
+            NOW,
+        )
+        .into_iter()
+        .map(|r| (r.risk, r.severity))
+        .collect()
+    }
+
+    fn with_report(change: impl FnOnce(&mut Report)) -> TerminalRecord {
+        let mut r = record_at(NOW);
+        if let Some(received) = &mut r.report {
+            change(&mut received.report);
+        }
+        r
+    }
+
+    #[test]
+    fn a_healthy_terminal_seen_and_issued_just_now_is_in_no_risk() {
+        assert_eq!(judge(Some(&record_at(NOW)), FleetStatus::Activated), []);
+        assert_eq!(judge(Some(&record_at(NOW)), FleetStatus::Unknown), []);
+    }
+
+    #[test]
+    fn an_enrolled_terminal_never_seen_is_a_warning_and_nothing_else() {
+        use RiskKind as K;
+        assert_eq!(
+            judge(None, FleetStatus::Activated),
+            [(K::NeverSeen, Severity::Warning)]
+        );
+        assert_eq!(
+            judge(Some(&TerminalRecord::default()), FleetStatus::Unknown),
+            [(K::NeverSeen, Severity::Warning)]
+        );
+    }
+
+    #[test]
+    fn no_authinfo_issued_for_more_than_1h15m_is_a_warning() {
+        let mut r = record_at(NOW);
+        r.last_issued = Some(NOW - 75 * MINUTE);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [],
+            "75 min is the edge"
+        );
+        r.last_issued = Some(NOW - 75 * MINUTE - 1);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::AuthinfoNotIssued, Severity::Warning)]
+        );
+        // Never issued: counted from its first request.
+        r.last_issued = None;
+        r.first_seen = Some(NOW - 2 * HOUR);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::AuthinfoNotIssued, Severity::Warning)]
+        );
+        r.first_seen = Some(NOW - 10 * MINUTE);
+        assert_eq!(judge(Some(&r), FleetStatus::Activated), []);
+    }
+
+    #[test]
+    fn not_seen_for_two_hours_is_offline_and_critical() {
+        let mut r = record_at(NOW - 2 * HOUR);
+        r.last_seen = Some(NOW - 2 * HOUR);
+        let risks = judge(Some(&r), FleetStatus::Activated);
+        assert!(
+            !risks.iter().any(|(k, _)| *k == RiskKind::Offline),
+            "{risks:?}"
+        );
+        r.last_seen = Some(NOW - 2 * HOUR - 1);
+        let risks = judge(Some(&r), FleetStatus::Activated);
+        assert_eq!(
+            risks[0],
+            (RiskKind::Offline, Severity::Critical),
+            "{risks:?}"
+        );
+    }
+
+    #[test]
+    fn an_expired_missing_or_short_authinfo_is_a_risk_anchored_on_the_proxys_clock() {
+        use RiskKind::AuthinfoExpiring as E;
+        let r = with_report(|r| r.authinfo.state = HeldState::Expired);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(E, Severity::Critical)]
+        );
+        let r = with_report(|r| r.authinfo.state = HeldState::None);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(E, Severity::Critical)]
+        );
+        let r = with_report(|r| r.authinfo.runway_seconds = Some(29 * MINUTE));
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(E, Severity::Warning)]
+        );
+        let r = with_report(|r| r.authinfo.runway_seconds = Some(30 * MINUTE));
+        assert_eq!(judge(Some(&r), FleetStatus::Activated), []);
+        // 40 minutes of runway reported 20 minutes ago: 20 left now, whatever the
+        // terminal's clock said when it sent it.
+        let mut r = record_at(NOW);
+        if let Some(received) = &mut r.report {
+            received.received_at = NOW - 20 * MINUTE;
+            received.report.sent_at = NOW - 20 * MINUTE;
+            received.report.authinfo.runway_seconds = Some(40 * MINUTE);
+        }
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(E, Severity::Warning)]
+        );
+        if let Some(received) = &mut r.report {
+            received.received_at = NOW - 41 * MINUTE;
+            received.report.sent_at = NOW - 41 * MINUTE;
+        }
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(E, Severity::Critical)]
+        );
+    }
+
+    #[test]
+    fn a_licence_within_30_days_warns_within_7_days_or_lapsed_is_critical() {
+        use RiskKind::LicenceExpiring as L;
+        // NOW is 2026-03-01.
+        for (day, expected) in [
+            ("2026-04-01", vec![]),
+            ("2026-03-31", vec![(L, Severity::Warning)]),
+            ("2026-03-09", vec![(L, Severity::Warning)]),
+            ("2026-03-08", vec![(L, Severity::Critical)]),
+            ("2026-03-01", vec![(L, Severity::Critical)]),
+            ("2026-02-28", vec![(L, Severity::Critical)]),
+            ("not a day", vec![(L, Severity::Warning)]),
+        ] {
+            let r = with_report(|r| r.licence.value = Some(day.into()));
+            assert_eq!(judge(Some(&r), FleetStatus::Activated), expected, "{day}");
+        }
+        // Thresholds are the config's.
+        let t = Thresholds {
+            licence_warning_days: 60,
+            licence_critical_days: 40,
+            ..Thresholds::default()
+        };
+        let r = with_report(|r| r.licence.value = Some("2026-04-01".into()));
+        assert_eq!(
+            judge_with(Some(&r), FleetStatus::Activated, None, &t),
+            [(L, Severity::Critical)]
+        );
+    }
+
+    #[test]
+    fn inspection_warn_is_a_warning_and_fail_is_critical() {
+        let r = with_report(|r| r.inspection.value = Some(InspectionResult::Warn));
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::InspectionFailed, Severity::Warning)]
+        );
+        let r = with_report(|r| r.inspection.value = Some(InspectionResult::Fail));
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::InspectionFailed, Severity::Critical)]
+        );
+    }
+
+    #[test]
+    fn not_bound_on_alipay_is_a_warning() {
+        let r = with_report(|r| {
+            r.alipay_binding.state = CheckState::Error;
+            r.alipay_binding.value = Some(BindingState::Unbound);
+            r.alipay_binding.last_error_code = Some("DEVICE_NOT_EXIST".into());
+        });
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::AlipayUnbound, Severity::Warning)]
+        );
+    }
+
+    #[test]
+    fn a_clock_off_by_more_than_60_s_is_a_warning_either_way() {
+        use RiskKind::ClockSkew as C;
+        let r = with_report(|r| r.sent_at = NOW - 60);
+        assert_eq!(judge(Some(&r), FleetStatus::Activated), []);
+        let r = with_report(|r| r.sent_at = NOW - 61);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(C, Severity::Warning)]
+        );
+        let r = with_report(|r| r.sent_at = NOW + 3600);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(C, Severity::Warning)]
+        );
+        // What the daemon learned itself counts too.
+        let r = with_report(|r| r.clock_skew_seconds = Some(-120));
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(C, Severity::Warning)]
+        );
+    }
+
+    #[test]
+    fn a_store_not_persisting_is_a_warning() {
+        let r = with_report(|r| r.store = StoreHealth::NotPersisting);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Activated),
+            [(RiskKind::StoreNotPersisting, Severity::Warning)]
+        );
+        let r = with_report(|r| r.store = StoreHealth::Recovered);
+        assert_eq!(judge(Some(&r), FleetStatus::Activated), []);
+    }
+
+    #[test]
+    fn inactivated_or_unlisted_in_wechat_pays_fleet_list_is_critical() {
+        let r = record_at(NOW);
+        assert_eq!(
+            judge(Some(&r), FleetStatus::Inactivated),
+            [(RiskKind::FleetInactivated, Severity::Critical)]
+        );
+        assert_eq!(
+            judge(None, FleetStatus::Unlisted),
+            [
+                (RiskKind::FleetUnlisted, Severity::Critical),
+                (RiskKind::NeverSeen, Severity::Warning)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_older_daemon_than_the_newest_seen_is_info() {
+        let newest = Version::parse("1.5.0").expect("version");
+        let r = record_at(NOW);
+        assert_eq!(
+            judge_with(
+                Some(&r),
+                FleetStatus::Activated,
+                Some(&newest),
+                &Thresholds::default()
+            ),
+            [(RiskKind::OutdatedVersion, Severity::Info)]
+        );
+        let same = Version::parse("1.4.0").expect("version");
+        assert_eq!(
+            judge_with(
+                Some(&r),
+                FleetStatus::Activated,
+                Some(&same),
+                &Thresholds::default()
+            ),
+            []
+        );
+    }
+
+    #[test]
+    fn versions_compare_by_number_with_a_pre_release_before_its_release() {
+        let v = |t| Version::parse(t).expect(t);
+        assert!(v("1.10.0") > v("1.9.9"));
+        assert!(v("1.4.0-rc1") < v("1.4.0"));
+        assert!(v("v1.4") == v("1.4.0+build7"));
+        assert!(Version::parse("<script>").is_none());
+        assert!(Version::parse("1.2.3.4").is_none());
+    }
+
+    #[test]
+    fn risks_are_sorted_worst_first() {
+        let mut r = with_report(|r| {
+            r.inspection.value = Some(InspectionResult::Warn);
+            r.licence.value = Some("2026-03-02".into());
+        });
+        r.last_seen = Some(NOW - 3 * HOUR);
+        let risks = judge(Some(&r), FleetStatus::Activated);
+        let severities: Vec<Severity> = risks.iter().map(|(_, s)| *s).collect();
+        let mut sorted = severities.clone();
+        sorted.sort_by(|a, b| b.cmp(a));
+        assert_eq!(severities, sorted, "{risks:?}");
+        assert_eq!(risks.len(), 3, "{risks:?}");
+    }
+}
