@@ -8,3 +8,4 @@ mod daemon;
 mod egress;
 mod health;
 mod proxy;
+mod terminals;
