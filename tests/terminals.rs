@@ -522,3 +522,232 @@ async fn the_journal_tells_once_when_a_terminal_enters_and_leaves_a_risk() {
     );
     lab.stop().await;
 }
+
+// === the dashboard in a real browser ===
+
+/// Runs Debian's chromium headless on `url` with its own profile in `dir`: `--dump-dom` (the DOM
+/// after the page's script ran) or `--screenshot=PATH`.
+async fn chromium(dir: &std::path::Path, url: &str, mode: &str) -> String {
+    let mut command = std::process::Command::new("chromium");
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=1280,1500",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium-profile").display()
+        ))
+        .arg(mode)
+        .arg(url);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("chromium must be installed (scripts/setup)");
+    assert!(
+        out.status.success(),
+        "chromium {mode}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Decodes `png` (8-bit RGB or RGBA, as chromium writes them) with python3's zlib and answers
+/// (distinct colours, share of pixels unlike the top-left one).
+fn png_variety(png: &std::path::Path) -> (usize, f64) {
+    const SCRIPT: &str = r#"
+import struct, sys, zlib
+data = open(sys.argv[1], 'rb').read()
+assert data[:8] == b'\x89PNG\r\n\x1a\n', 'not a PNG'
+pos, idat, w, h, ctype = 8, b'', 0, 0, 0
+while pos < len(data):
+    n, kind = struct.unpack('>I4s', data[pos:pos + 8])
+    body = data[pos + 8:pos + 8 + n]
+    if kind == b'IHDR':
+        w, h, depth, ctype = struct.unpack('>IIBB', body[:10])
+        assert depth == 8 and ctype in (2, 6), (depth, ctype)
+    elif kind == b'IDAT':
+        idat += body
+    pos += 12 + n
+bpp = 3 if ctype == 2 else 4
+raw, stride = zlib.decompress(idat), w * bpp
+prev, rows, i = bytearray(stride), [], 0
+for _ in range(h):
+    f, line = raw[i], bytearray(raw[i + 1:i + 1 + stride])
+    i += 1 + stride
+    for x in range(stride):
+        a = line[x - bpp] if x >= bpp else 0
+        b, c = prev[x], (prev[x - bpp] if x >= bpp else 0)
+        if f == 1: line[x] = (line[x] + a) & 255
+        elif f == 2: line[x] = (line[x] + b) & 255
+        elif f == 3: line[x] = (line[x] + (a + b) // 2) & 255
+        elif f == 4:
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+    rows.append(bytes(line)); prev = line
+first = rows[0][:bpp]
+colours, unlike = set(), 0
+for r in rows:
+    for x in range(0, stride, bpp):
+        px = r[x:x + bpp]
+        colours.add(px)
+        unlike += px != first
+print(len(colours), unlike / (w * h))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(png)
+        .output()
+        .expect("python3 must be installed (scripts/setup)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut parts = text.split_whitespace();
+    let colours = parts.next().and_then(|n| n.parse().ok()).expect("colours");
+    let unlike = parts.next().and_then(|n| n.parse().ok()).expect("share");
+    (colours, unlike)
+}
+
+/// Enrols `device_id` (serial `sn`) with `key` in the lab's registry file.
+fn enrol(lab: &Lab, device_id: &str, sn: &str, key: &authinfod::crypto::GeneratedKey) {
+    use std::io::Write as _;
+    let entry = format!(
+        "\n[[device]]\ndevice_id = \"{device_id}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{sn}\"\nsub_mchid = \"1900000002\"\norganization_id = \"ORG-CANTEEN-03\"\n",
+        key.public.to_pem()
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(lab.files.path("devices.toml"))
+        .and_then(|mut f| f.write_all(entry.as_bytes()))
+        .expect("append to the registry");
+}
+
+/// The dashboard in Debian's chromium, loaded from a running proxy with six terminals in
+/// assorted risks: the rows, the tiles and the licence timeline are in the DOM after its script
+/// ran under the page's CSP, and its screenshot is not blank. With `AUTHINFOD_SCREENSHOT` set,
+/// the screenshot is copied there (the README's).
+#[tokio::test]
+async fn the_dashboard_renders_in_a_real_browser() {
+    use authinfod::proxy::terminals::record::ReceivedReport;
+    use authinfod::wire::{BindingState, CheckState, StoreHealth};
+    let (dir, lab) = synced_lab(lab::world(10, 45), "").await;
+    let keys = crate::support::lab_keys();
+    let b = append_device_b(&lab, crate::proxy::DEVICE_B_SN);
+    enrol(&lab, "T-2003", "SANDBOX0000002001", &keys.wechat_platform);
+    enrol(&lab, "T-2004", "SANDBOX0000002002", &keys.alipay_app);
+    enrol(&lab, "T-2005", "SANDBOX0000002009", &keys.alipay_platform);
+    enrol(&lab, "T-2006", "SANDBOX0000009999", &keys.wechat_merchant);
+    lab.proxy.reload_registry();
+    let now = unix_now();
+    let day = |days: i64| authinfod::units::rfc3339(now + days * 86_400)[..10].to_owned();
+    let mut conn = ProxyConnection::open(&lab).await;
+    let mut send = async |device: &authinfod::wire::auth::DeviceSigner, report: &Report| {
+        let r = conn
+            .signed(
+                device,
+                "POST",
+                wire::ROUTE_REPORT,
+                &serde_json::to_vec(report).expect("json"),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    let healthy = Report::healthy(env!("CARGO_PKG_VERSION"), now, &day(200));
+    send(&device_a(&lab), &healthy).await;
+    let mut r = healthy.clone();
+    r.licence.value = Some(day(5));
+    r.authinfo.runway_seconds = Some(600);
+    send(&b, &r).await;
+    let mut r = healthy.clone();
+    r.version = "0.0.9".into();
+    r.licence.value = Some(day(21));
+    r.inspection.value = Some(InspectionResult::Warn);
+    r.alipay_binding.state = CheckState::Error;
+    r.alipay_binding.value = Some(BindingState::Unbound);
+    r.store = StoreHealth::NotPersisting;
+    send(&signer("T-2003", &keys.wechat_platform), &r).await;
+    let mut r = healthy.clone();
+    r.licence.value = Some(day(60));
+    send(&signer("T-2005", &keys.alipay_platform), &r).await;
+    // T-2004 went quiet three hours ago with an expired authinfo; T-2006 was never seen.
+    let records = lab.proxy.app.health.records();
+    let mut quiet = healthy.clone();
+    quiet.sent_at = now - 3 * 3600;
+    quiet.authinfo.state = HeldState::Expired;
+    quiet.licence.value = Some(day(40));
+    records
+        .report(
+            "T-2004",
+            ReceivedReport {
+                received_at: now - 3 * 3600,
+                report: quiet,
+            },
+        )
+        .await
+        .expect("report");
+
+    let url = format!("http://{}/", lab.proxy.admin_addr);
+    let dom = chromium(dir.path(), &url, "--dump-dom").await;
+    assert!(
+        dom.contains("data-sortable=\"true\""),
+        "the page's script ran: {dom}"
+    );
+    let rows = dom.matches("<tr class=\"terminal ").count();
+    assert_eq!(rows, 6, "{dom}");
+    for id in [
+        DEVICE_ID,
+        DEVICE_B_ID,
+        "T-2003",
+        "T-2004",
+        "T-2005",
+        "T-2006",
+    ] {
+        assert!(
+            dom.contains(&format!("data-device=\"{id}\"")),
+            "{id}: {dom}"
+        );
+    }
+    let first = dom.find("<tr class=\"terminal ").expect("a row");
+    assert!(
+        dom[first..].starts_with("<tr class=\"terminal critical\""),
+        "worst first"
+    );
+    assert!(dom.contains("id=\"licence-timeline\""), "{dom}");
+    let bars = dom.matches("<rect class=\"bar").count();
+    assert!(bars >= 5, "timeline and age bars: {bars}");
+    for day_left in [5, 21, 40, 60] {
+        assert!(
+            dom.contains(&format!("data-day=\"{day_left}\"")),
+            "licence in {day_left} d"
+        );
+    }
+    let tile = |id: &str| {
+        let at = dom.find(&format!("id=\"{id}\"")).expect(id);
+        let n = &dom[at..];
+        let start = n.find("class=\"n\">").expect("count") + 10;
+        n[start..].split('<').next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(tile("tile-terminals"), "6");
+    assert_eq!(tile("tile-offline"), "1");
+
+    let png = dir.path().join("dashboard.png");
+    chromium(dir.path(), &url, &format!("--screenshot={}", png.display())).await;
+    let (colours, unlike) = png_variety(&png);
+    assert!(
+        colours > 20 && unlike > 0.05,
+        "a blank screenshot: {colours} colours, {unlike}"
+    );
+    if let Some(out) = std::env::var_os("AUTHINFOD_SCREENSHOT") {
+        std::fs::copy(&png, out).expect("copy the screenshot");
+    }
+    lab.stop().await;
+}

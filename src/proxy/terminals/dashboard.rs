@@ -596,7 +596,7 @@ fn legend(h: &mut Html) {
 
 const CSS: &str = "
 :root{--bg:#f6f7f9;--fg:#1d2330;--mute:#6b7385;--card:#fff;--line:#e2e5ea;--ok:#2e9d5b;--info:#4a7bd0;--warning:#d98a00;--critical:#d23b3b}
-*{box-sizing:border-box}body{margin:0;padding:20px 28px;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,'Segoe UI','PingFang SC','Noto Sans CJK SC',sans-serif}
+*{box-sizing:border-box}body{margin:0;padding:20px 28px;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,'Segoe UI','PingFang SC','Noto Sans CJK SC','WenQuanYi Micro Hei',sans-serif}
 h1{margin:0;font-size:22px}h2{font-size:16px;margin:22px 0 8px}.meta{margin:2px 0 16px;color:var(--mute)}
 .tiles{display:flex;gap:12px;flex-wrap:wrap}.tile{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 18px;min-width:130px;border-top:4px solid var(--info)}
 .tile .n{display:block;font-size:28px;font-weight:600}.tile .l{color:var(--mute)}.tile.ok{border-top-color:var(--ok)}.tile.warning{border-top-color:var(--warning)}.tile.critical{border-top-color:var(--critical)}
@@ -610,13 +610,14 @@ tr.critical td:first-child{box-shadow:inset 4px 0 var(--critical)}tr.warning td:
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px}.badge.ok{background:var(--ok)}.badge.info{background:var(--info)}.badge.warning{background:var(--warning)}.badge.critical{background:var(--critical)}
 .risk{display:inline-block;margin:0 4px 2px 0;padding:0 6px;border-radius:4px;font-size:12px;border:1px solid}.risk.critical{color:var(--critical)}.risk.warning{color:var(--warning)}.risk.info{color:var(--info)}.none{color:var(--mute)}
 details summary{cursor:pointer;color:var(--info);font-size:12px}dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:6px 0}dt{color:var(--mute)}dd{margin:0;word-break:break-all}
-.legend dl{grid-template-columns:max-content 1fr}
+.legend dl{grid-template-columns:max-content 1fr}td:nth-child(3),td:nth-child(4),td:nth-child(5){white-space:nowrap}
 ";
 
 const SCRIPT_START: &str = "
 (function(){
   var table=document.getElementById('terminals');
   var heads=table.tHead.rows[0].cells;
+  table.setAttribute('data-sortable','true');
   function value(row,i,kind){var c=row.cells[i];var v=c.getAttribute('data-v');return kind==='num'?parseFloat(v):(v||'').toLowerCase();}
   function sort(i,dir){
     var kind=heads[i].getAttribute('data-sort');var body=table.tBodies[0];
