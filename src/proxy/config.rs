@@ -66,6 +66,8 @@ struct RawTerminals {
     licence_warning_days: Option<i64>,
     licence_critical_days: Option<i64>,
     clock_skew_above: Option<HumanDuration>,
+    report_burst: Option<u32>,
+    report_refill: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,8 +197,18 @@ pub struct Config {
     /// (`Authorization: Bearer <token>`, or basic auth with it as the password). Required when
     /// the admin listener is not on loopback.
     pub admin_token: Option<AdminToken>,
-    /// The fleet view's risk thresholds (`[terminals]`).
-    pub terminals: Thresholds,
+    /// The fleet view's settings (`[terminals]`).
+    pub terminals: TerminalsConfig,
+}
+
+/// `[terminals]`: the fleet view's risk thresholds and each terminal's report rate.
+#[derive(Debug, Clone, Copy)]
+pub struct TerminalsConfig {
+    pub thresholds: Thresholds,
+    /// Reports a terminal may send in a burst.
+    pub report_burst: u32,
+    /// One more report is admitted every this long once the burst is spent.
+    pub report_refill: Duration,
 }
 
 /// The admin listener's token. Never logged or shown.
@@ -446,7 +458,7 @@ impl Validator<'_> {
     }
 
     /// `[terminals]`: the fleet view's thresholds.
-    fn terminals(&mut self, raw: RawTerminals) -> Option<Thresholds> {
+    fn terminals(&mut self, raw: RawTerminals) -> Option<TerminalsConfig> {
         let d = Thresholds::default();
         let p = &mut self.problems;
         let t = Thresholds {
@@ -483,7 +495,24 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        ok.then_some(t)
+        let report_burst = raw
+            .report_burst
+            .unwrap_or(super::terminals::REPORT_BURST);
+        if report_burst == 0 {
+            self.problem("terminals.report_burst: must be at least 1".into());
+            ok = false;
+        }
+        let report_refill = self.problems.positive(
+            "terminals.report_refill",
+            raw.report_refill,
+            super::terminals::REPORT_REFILL,
+        );
+        ok &= !report_refill.is_zero();
+        ok.then_some(TerminalsConfig {
+            thresholds: t,
+            report_burst,
+            report_refill,
+        })
     }
 
     /// `[upstream]`: the egress proxy (configured, or from the environment) and the roots.
@@ -866,6 +895,12 @@ mod tests {
         };
         // Every field this issue added is documented there.
         assert!(raw.upstream.http_proxy.is_some() && raw.upstream.trust.is_some());
+        let t = &raw.terminals;
+        assert!(raw.admin_token_file.is_some() && t.authinfo_issued_within.is_some());
+        assert!(t.offline_after.is_some() && t.runway_below.is_some());
+        assert!(t.licence_warning_days.is_some() && t.licence_critical_days.is_some());
+        assert!(t.clock_skew_above.is_some() && t.report_burst.is_some());
+        assert!(t.report_refill.is_some());
         assert!(wechatpay.merchant_certificate.is_some() && wechatpay.apiv3_key_file.is_some());
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()

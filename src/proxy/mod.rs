@@ -216,7 +216,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         terminals::records::StoredRecords::open(store.clone()).map_err(FleetError::from)?;
     let health = Arc::new(terminals::FleetHealth::new(
         Arc::new(records),
-        config.terminals,
+        config.terminals.thresholds,
         fleet::system_clock(),
     ));
     let fleet = Arc::new(Fleet::new(
@@ -236,7 +236,10 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         metrics: metrics::ProxyMetrics::default(),
         started: tokio::time::Instant::now(),
         health: health.clone(),
-        reports: terminals::ReportLimiter::default(),
+        reports: terminals::ReportLimiter::new(
+            config.terminals.report_burst,
+            config.terminals.report_refill,
+        ),
         admin_token: config.admin_token,
     });
     let bind = |addr| async move {

@@ -92,7 +92,7 @@ pub enum RequestError {
     BadRequest(String),
     #[error("the body is larger than {0} bytes")]
     BodyTooLarge(usize),
-    #[error("more reports than {} in a burst and one every {} s", super::terminals::REPORT_BURST, super::terminals::REPORT_REFILL.as_secs())]
+    #[error("more reports than this proxy admits ([terminals] report_burst, report_refill)")]
     ReportRateLimited { retry_after: std::time::Duration },
     #[error("the fleet view's store failed: {0}")]
     Store(String),

@@ -543,3 +543,45 @@ mod tests {
         assert_eq!(crate::sync::lock(&limiter.buckets).len(), 1);
     }
 }
+
+#[cfg(test)]
+mod alert_rules_tests {
+    use super::*;
+
+    const RULES: &str = include_str!("../../../examples/authinfo-proxy-alerts.yml");
+
+    /// The example alerting rules name only series the fleet view exports, and `promtool check
+    /// rules` accepts them (promtool comes with Debian's prometheus, scripts/setup).
+    #[test]
+    fn the_example_alert_rules_use_real_series_and_pass_promtool() {
+        let view = FleetView {
+            now: 0,
+            thresholds: Thresholds::default(),
+            terminals: Vec::new(),
+            newest_version: None,
+        };
+        let text = render_metrics(&view);
+        let mut names = 0;
+        for word in RULES.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("authinfo_proxy_") {
+                names += 1;
+                assert!(
+                    text.lines().any(|l| l.starts_with(word)),
+                    "{word} is not a series of render_metrics:\n{text}"
+                );
+            }
+        }
+        assert!(names >= 7, "the rules use the fleet series");
+        let out = std::process::Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/authinfo-proxy-alerts.yml"))
+            .output()
+            .expect("promtool must be installed (scripts/setup)");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
