@@ -14,10 +14,19 @@
 //! again, as `--baseline-server`, in its own process) that answers the daemon's bytes: what the
 //! machine, the kernel and this client allow, so the daemon's own cost is the difference.
 //!
+//! Two more modes ([`modes`]): `--mode abuse` runs the face app's probe while idle connections,
+//! garbage senders, a slowloris and a denied peer's flood (as another uid, through `setpriv`) all
+//! hit the daemon; `--mode nginx` runs the same load against Debian's nginx answering the same
+//! body with `return 200` on a Unix socket, in rounds, and prints the ratios.
+//!
 //! Options (after `--`): `--requests N` sequential requests per latency run (20000),
-//! `--seconds S` length of the concurrent run (10), `--clients C` (32), `--no-baseline`.
+//! `--seconds S` length of the concurrent run (10), `--clients C` (32), `--no-baseline`, `--mode
+//! standard|abuse|nginx`, and the abuse mix (`--idle`, `--garbage`, `--slowloris`,
+//! `--denied`) and the comparison's `--rounds`.
 
 mod common;
+#[path = "socket/modes.rs"]
+mod modes;
 
 use common::{load_average, machine_ticks};
 
@@ -59,6 +68,15 @@ const AUTHINFO_LEN: usize = 600;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--abuser") {
+        return match modes::abuser(&args[i + 1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("abuser: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(i) = args.iter().position(|a| a == "--baseline-server") {
         let (Some(socket), Some(body)) = (args.get(i + 1), args.get(i + 2)) else {
             eprintln!("--baseline-server needs SOCKET BODY_FILE");
@@ -98,9 +116,38 @@ struct Options {
     /// Skip the trivial-server baseline.
     #[arg(long = "no-baseline", action = clap::ArgAction::SetFalse)]
     baseline: bool,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Standard)]
+    mode: Mode,
+    /// Abuse mode: connections that never send a byte (reopened when closed).
+    #[arg(long, default_value_t = 2000)]
+    idle: usize,
+    /// Abuse mode: clients sending garbage in a loop.
+    #[arg(long, default_value_t = 100)]
+    garbage: usize,
+    /// Abuse mode: slowloris connections (a header line a second, never ending the head).
+    #[arg(long, default_value_t = 50)]
+    slowloris: usize,
+    /// Abuse mode: a denied uid's clients connecting and requesting in a loop.
+    #[arg(long, default_value_t = 32)]
+    denied: usize,
+    /// nginx mode: alternating rounds of the daemon and nginx.
+    #[arg(long, default_value_t = 3, value_parser = positive)]
+    rounds: usize,
     /// Passed by cargo to every bench executable.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// The benchmark's modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// One-client latency, concurrent throughput and RSS, against a trivial hyper server.
+    Standard,
+    /// The face app's probe while misbehaving clients hit the daemon.
+    Abuse,
+    /// The concurrent load against the daemon and nginx, alternating in rounds.
+    Nginx,
 }
 
 /// A positive whole number.
@@ -170,6 +217,17 @@ fn run(options: &Options) -> anyhow::Result<()> {
     check_authinfo_body(&body, &setup.authinfo)?;
     std::thread::sleep(SETTLE);
     let idle = Memory::read(daemon.pid())?;
+    match options.mode {
+        Mode::Standard => {}
+        Mode::Abuse => {
+            modes::abuse(&dir, &setup.socket, &mut daemon, options, idle)?;
+            return finish(daemon.stop()?, &setup);
+        }
+        Mode::Nginx => {
+            modes::nginx(&dir, &setup.socket, &daemon, &body, options)?;
+            return finish(daemon.stop()?, &setup);
+        }
+    }
 
     let measured = measure(&setup.socket, daemon.pid(), options, true)?;
     std::thread::sleep(SETTLE);
@@ -202,6 +260,11 @@ fn run(options: &Options) -> anyhow::Result<()> {
         idle,
         after,
     });
+    finish(status, &setup)
+}
+
+/// Says how the daemon stopped, and cleans up.
+fn finish(status: std::process::ExitStatus, setup: &Setup) -> anyhow::Result<()> {
     println!();
     println!(
         "daemon stopped on SIGTERM with {status}; load average {} after the run",
@@ -651,7 +714,7 @@ struct Cpu {
 /// and the highest RSS seen.
 fn observe(pid: u32, from: Instant, until: Instant) -> anyhow::Result<(Cpu, u64)> {
     std::thread::sleep(from.saturating_duration_since(Instant::now()));
-    let server0 = process_ticks(&pid.to_string())?;
+    let server0 = tree_ticks(pid)?;
     let client0 = process_ticks("self")?;
     let (busy0, total0) = machine_ticks()?;
     let mut peak = 0;
@@ -659,7 +722,7 @@ fn observe(pid: u32, from: Instant, until: Instant) -> anyhow::Result<(Cpu, u64)
         peak = peak.max(Memory::read(pid)?.rss_kib);
         std::thread::sleep(RSS_SAMPLE_EVERY.min(until.saturating_duration_since(Instant::now())));
     }
-    let server = process_ticks(&pid.to_string())? - server0;
+    let server = tree_ticks(pid)? - server0;
     let client = process_ticks("self")? - client0;
     let (busy1, total1) = machine_ticks()?;
     let (busy, total) = (busy1 - busy0, total1 - total0);
@@ -672,6 +735,17 @@ fn observe(pid: u32, from: Instant, until: Instant) -> anyhow::Result<(Cpu, u64)
         },
         peak,
     ))
+}
+
+/// User plus system ticks of `pid` and its children (nginx's workers).
+fn tree_ticks(pid: u32) -> anyhow::Result<f64> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut ticks = process_ticks(&pid.to_string())?;
+    for child in children.split_whitespace() {
+        ticks += process_ticks(child).unwrap_or(0.0);
+    }
+    Ok(ticks)
 }
 
 /// User plus system ticks of every thread of `pid` (`self` for this process).

@@ -34,6 +34,10 @@ pub const CLOCK_SKEW_LEARNED: &str = "1814d8a3e9db4bd79a7cb89b81ba8089";
 pub const CLOCK_JUMP: &str = "dd00e74986704ccb98a75b143f1cb41c";
 /// A daemon loop stopped reporting in; the watchdog is not petted, so systemd restarts us.
 pub const WATCHDOG_WITHHELD: &str = "1592c261754e4161b22e3273b57e89af";
+/// SIGHUP: the config was read again and what can change while running was applied.
+pub const CONFIG_RELOADED: &str = "ade95745ceee45839ae36fffa0295e8f";
+/// SIGHUP: the config could not be read or is invalid; the daemon keeps the one it runs with.
+pub const CONFIG_RELOAD_FAILED: &str = "8377a1b8c6be42f4ad4f4dda646af166";
 /// The factory inspection passed.
 pub const INSPECTION_PASSED: &str = "1e0bcda0f105443ab2d37ad2b03d10e2";
 /// The factory inspection reported WARN or FAIL.
@@ -93,6 +97,8 @@ pub const ALL: &[(&str, &str)] = &[
     (CLOCK_SKEW_LEARNED, "CLOCK_SKEW_LEARNED"),
     (CLOCK_JUMP, "CLOCK_JUMP"),
     (WATCHDOG_WITHHELD, "WATCHDOG_WITHHELD"),
+    (CONFIG_RELOADED, "CONFIG_RELOADED"),
+    (CONFIG_RELOAD_FAILED, "CONFIG_RELOAD_FAILED"),
     (INSPECTION_PASSED, "INSPECTION_PASSED"),
     (INSPECTION_WARNING, "INSPECTION_WARNING"),
     (ALIPAY_UNBOUND, "ALIPAY_UNBOUND"),

@@ -30,8 +30,10 @@
 //! sled store (a corrupt one is moved aside), loads the held authinfo and binds the Unix socket,
 //! then tells systemd `READY=1`: the face app is served from the store before any network call.
 //!
-//! **Serve.** Every socket connection's peer credentials are checked against the allow-list;
-//! `GET /v1/authinfo` answers from memory.
+//! **Serve.** Every socket connection's peer credentials are checked against the allow-list at
+//! accept (a denied peer gets its 403 and never a slot); a connection holds a slot only from its
+//! first byte, and a full table closes the connection idle the longest
+//! (`terminal::admission`). `GET /v1/authinfo` answers from memory.
 //!
 //! **Refresh.** One task refreshes on the monotonic clock every interval (±jitter), at once when
 //! the held authinfo is older than the interval, with exponential backoff on failure. A new

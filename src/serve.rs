@@ -109,6 +109,11 @@ pub struct Http1Limits {
     pub max_head: usize,
     /// Whether the connection may serve more than one request.
     pub keep_alive: bool,
+    /// Whether a client that ends its sending side (`shutdown(SHUT_WR)`) after its request still
+    /// gets the answer. Without it hyper takes the end of input for a hang-up and drops the
+    /// request; with it, it stops reading while a request is answered, so it no longer notices
+    /// a client that leaves (a server with long waits watches for that itself).
+    pub half_close: bool,
 }
 
 /// Serves one HTTP/1.1 connection until it ends, or until `shutdown`, when it finishes the
@@ -131,7 +136,8 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_head)
-        .keep_alive(limits.keep_alive);
+        .keep_alive(limits.keep_alive)
+        .half_close(limits.half_close);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

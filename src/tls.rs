@@ -143,6 +143,9 @@ mod merchant {
             header_read_timeout: HEADER_READ_TIMEOUT,
             max_head: 64 * 1024,
             keep_alive: true,
+            // A client that half-closes after its request gets its answer; an upstream call
+            // already under way for a client that left runs to its end (bounded by its timeout).
+            half_close: true,
         };
         let still_open = crate::serve::accept_loop(
             &listener,

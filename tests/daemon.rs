@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use authinfod::terminal::metrics::Denial;
+
 use crate::support::fake_proxy::{FakeProxy, Script};
 use crate::support::{TestDaemon, dead_url, device_key, socket_request, wait_until};
 
@@ -399,14 +401,7 @@ async fn a_peer_outside_the_allow_list_gets_403_and_nothing_else() {
         daemon.state.store.raw_data().expect("store").is_none(),
         "a denied peer changes nothing"
     );
-    assert_eq!(
-        daemon
-            .state
-            .metrics
-            .peers_denied
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(daemon.state.metrics.denials(Denial::NotAllowed), 4);
     daemon.stop().await;
 }
 
@@ -609,4 +604,275 @@ fn ca_pem() -> String {
     authinfod::tls::generate_pki("check-config test ca", &["localhost"])
         .expect("pki")
         .ca_pem
+}
+
+/// `run --once` (provisioning) fetches through the proxy, persists and returns without ever
+/// binding the socket; the next start serves what it stored.
+#[tokio::test]
+async fn run_once_fetches_persists_and_never_binds_the_socket() {
+    use authinfod::terminal::refresher::Outcome;
+    use authinfod::terminal::store::{RawData, Store};
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("ONCE-1".into(), Some(7200))]);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let path = crate::support::write_config(dir.path(), &proxy.url, &proxy.pki.ca_pem, "");
+    let config = authinfod::terminal::config::load(&path).expect("config");
+    let report = authinfod::terminal::run_once(config, Default::default())
+        .await
+        .expect("run --once");
+    assert_eq!(report.refresh, Outcome::Fetched);
+    assert_eq!(
+        report.held.as_ref().map(|h| h.held.authinfo.as_str()),
+        Some("ONCE-1")
+    );
+    assert!(
+        !dir.path().join("authinfod.sock").exists(),
+        "the socket is never bound"
+    );
+    assert_eq!(report.health.len(), 3, "every enabled check ran once");
+    proxy.assert_all_requests_valid();
+    let daemon = TestDaemon::start_in(dir, &dead_url().await, &proxy.pki.ca_pem, "").await;
+    assert_eq!(
+        daemon.get("/v1/authinfo").await.json()["authinfo"],
+        "ONCE-1"
+    );
+    daemon.stop().await;
+}
+
+/// The binary: `run --once` against a proxy that is down exits 3 and says why.
+#[test]
+fn binary_run_once_exits_3_with_the_reason_when_the_refresh_fails() {
+    use authinfod::terminal::store::{RawData, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (store, _) = Store::open(&dir.path().join("state")).expect("store");
+        store
+            .save_raw_data(&RawData {
+                value: "RAW-1".into(),
+                received_at: authinfod::units::unix_now(),
+                source: "socket".into(),
+            })
+            .expect("raw_data");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    drop(listener);
+    let config = crate::support::write_config(dir.path(), &dead, &ca_pem(), "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run authinfod");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("PROXY_UNREACHABLE"), "{stderr}");
+    assert!(!dir.path().join("authinfod.sock").exists());
+}
+
+/// Metrics off the terminal: the textfile is written at start and rewritten when a new
+/// authinfo arrives (no minute's wait), and the loopback listener serves `/metrics` (with the
+/// process series and the text format's content type) and nothing else.
+#[tokio::test]
+async fn metrics_reach_a_textfile_and_a_loopback_listener() {
+    let proxy = proxy().await;
+    proxy.script([Script::Authinfo("M1".into(), None)]);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr");
+    drop(free);
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let textfile = dir.path().join("authinfod.prom");
+    let extra = format!(
+        "[metrics]\ntextfile = \"{}\"\nlisten = \"{addr}\"\n",
+        textfile.display()
+    );
+    let daemon = TestDaemon::start_in(dir.clone(), &proxy.url, &proxy.pki.ca_pem, &extra).await;
+    wait_until("the textfile is written", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 0"))
+    })
+    .await;
+    assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
+    wait_until("the textfile shows the new authinfo", || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 1"))
+    })
+    .await;
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.expect("read");
+        text
+    };
+    let page = get("/metrics").await;
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(
+        page.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{page}"
+    );
+    for series in [
+        "authinfod_authinfo_present 1",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+    ] {
+        assert!(page.contains(series), "{series} in {page}");
+    }
+    assert!(!page.contains("M1"), "the secret never appears in metrics");
+    assert!(get("/v1/authinfo").await.starts_with("HTTP/1.0 404"));
+    daemon.stop().await;
+}
+
+/// `systemctl reload`: the allow-list, the proxy's CA (replaced in place) and the log level
+/// change under the running daemon; the held authinfo stays served throughout; an invalid file
+/// changes nothing.
+#[tokio::test]
+async fn a_reload_applies_the_allow_list_and_the_proxy_ca_and_keeps_the_authinfo() {
+    let proxy = proxy().await;
+    let (daemon, _) = daemon_with_authinfo(&proxy).await;
+    let dir = daemon.dir.path().to_owned();
+    let rewrite = |ca: &str, extra: &str| {
+        crate::support::write_config(&dir, &proxy.url, ca, extra);
+    };
+    let served = || async { daemon.get("/v1/authinfo").await };
+
+    rewrite(
+        &proxy.pki.ca_pem,
+        "[socket]\nallowed_uids = [4242]\nallowed_gids = [4242]\n",
+    );
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(done.applied, ["socket.allowed_uids/allowed_gids"]);
+    assert!(done.need_restart.is_empty(), "{done:?}");
+    let r = served().await;
+    assert_eq!(r.status, 403, "the next connection meets the new list");
+    assert_eq!(r.json()["code"], "PEER_DENIED");
+
+    let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
+    rewrite(&other.ca_pem, "");
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(
+        done.applied,
+        ["proxy.ca_file", "socket.allowed_uids/allowed_gids"]
+    );
+    let r = served().await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["authinfo"],
+        "A1",
+        "the held authinfo survives reloads"
+    );
+    proxy.fallback(Script::Authinfo("NOT-TRUSTED".into(), None));
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
+    assert_eq!(
+        r.json()["code"],
+        "PROXY_UNREACHABLE",
+        "the proxy's CA is no longer trusted"
+    );
+    assert_eq!(served().await.json()["authinfo"], "A1");
+
+    rewrite(&proxy.pki.ca_pem, "");
+    assert_eq!(
+        daemon.reloader.reload().expect("reloads").applied,
+        ["proxy.ca_file"]
+    );
+    proxy.script([Script::Authinfo("A2".into(), None)]);
+    let r = daemon
+        .request("POST", "/v1/refresh?wait=true", &[], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(served().await.json()["authinfo"], "A2");
+
+    // A field a reload cannot apply is named, beside what it did apply.
+    rewrite(&proxy.pki.ca_pem, "[refresh]\ninterval = \"10m\"\n");
+    let config = dir.join("authinfod.toml");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("log_level = \"debug\"\n{text}")).expect("write");
+    let done = daemon.reloader.reload().expect("reloads");
+    assert_eq!(done.applied, ["log_level"]);
+    assert_eq!(done.need_restart, ["refresh"]);
+
+    // An invalid file changes nothing.
+    rewrite(
+        &proxy.pki.ca_pem,
+        "[socket]\nallowed_uids = [4242]\nmode = \"0666\"\n",
+    );
+    let err = daemon.reloader.reload().expect_err("invalid");
+    assert!(
+        err.to_string().contains("socket.mode") || format!("{err:?}").contains("socket.mode"),
+        "{err:?}"
+    );
+    assert_eq!(served().await.status, 200, "the old allow-list is kept");
+    std::fs::write(&config, "not toml [").expect("write");
+    assert!(daemon.reloader.reload().is_err());
+    assert_eq!(served().await.json()["authinfo"], "A2");
+    daemon.stop().await;
+}
+
+/// The binary: SIGHUP reloads (the unit's `ExecReload`); the new `log_level` takes effect, so
+/// the reload's own INFO line appears where INFO was filtered out before, and the daemon keeps
+/// running until SIGTERM.
+#[test]
+fn binary_sighup_reloads_the_log_level_and_keeps_running() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::support::write_config(dir.path(), "https://127.0.0.1:9", &ca_pem(), "");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, format!("log_level = \"warn\"\n{text}")).expect("write");
+    let log = dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run authinfod");
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let until = std::time::Instant::now() + crate::support::GENEROUS;
+        while !cond() {
+            assert!(std::time::Instant::now() < until, "{what}: {}", read());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let socket = dir.path().join("authinfod.sock");
+    wait("the socket is bound", &|| socket.exists());
+    assert!(
+        !read().contains("authinfod starting"),
+        "INFO is filtered out: {}",
+        read()
+    );
+    std::fs::write(&config, format!("log_level = \"info\"\n{text}")).expect("write");
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    wait("the reload is logged at INFO", &|| {
+        read().contains("config reloaded")
+    });
+    assert!(read().contains("log_level"), "{}", read());
+    assert_eq!(
+        child.try_wait().expect("wait"),
+        None,
+        "SIGHUP did not stop it"
+    );
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}: {}", read());
 }

@@ -7,5 +7,7 @@ mod certificates;
 mod daemon;
 mod egress;
 mod health;
+mod journal;
 mod proxy;
+mod socket;
 mod terminals;

@@ -58,6 +58,7 @@ fn init_logging(default: &str) {
         default,
         "authinfo-proxy",
     );
+    // The proxy's log filter is `$RUST_LOG` only; it is not reloaded.
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -16,7 +16,11 @@ use cli::{Cli, Command, SocketArgs, exit};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            once: false,
+        } => run(&config),
+        Command::Run { config, once: true } => run_once(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen {
             out,
@@ -83,7 +87,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 /// Logs to journald or stderr; `RUST_LOG` overrides `default`.
-fn init_logging(identifier: &str, default: &str) {
+fn init_logging(identifier: &str, default: &str) -> authinfod::logging::LogControl {
     let journal = std::env::var("JOURNAL_STREAM").ok();
     let filter = std::env::var("RUST_LOG").ok();
     authinfod::logging::init(
@@ -91,7 +95,8 @@ fn init_logging(identifier: &str, default: &str) {
         filter.as_deref(),
         default,
         identifier,
-    );
+    )
+    .1
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -104,18 +109,59 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    init_logging("authinfod", "info");
+    let log = init_logging("authinfod", config::DEFAULT_LOG_LEVEL);
     let (config, _) = config::load_for_run(config_path)?;
+    // Checked by the config already; `$RUST_LOG`, when set, wins.
+    if let Err(error) = log.apply(&config.log_level) {
+        tracing::warn!(%error, "log_level not applied");
+    }
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
+        log,
         ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {
+        // Before the socket is bound and READY=1 sent: SIGHUP's default action would kill us.
+        let signals = Signals::install();
         let daemon = terminal::Daemon::start(config, options).await?;
-        daemon.run(shutdown_signal()).await;
+        let reloader = daemon.reloader();
+        daemon.run(signals.until_stopped(Some(reloader))).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn run_once(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    init_logging("authinfod", "warn");
+    let (config, _) = config::load_for_run(config_path)?;
+    let report =
+        runtime()?.block_on(terminal::run_once(config, terminal::RunOptions::default()))?;
+    for (check, result) in &report.health {
+        match result {
+            Ok(()) => println!("health {}: ok", check.name()),
+            Err(_) => println!("health {}: not fetched (see the log above)", check.name()),
+        }
+    }
+    let fetched = report.refresh == terminal::refresher::Outcome::Fetched;
+    match (&report.held, report.record.as_deref()) {
+        (Some(held), _) if fetched => {
+            println!(
+                "authinfo {} fetched and stored, valid until {}",
+                held.fingerprint,
+                authinfod::units::rfc3339(held.held.expires_at)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (_, record) => {
+            let why = record
+                .and_then(|r| r.error.clone())
+                .unwrap_or_else(|| "the refresh did not run".into());
+            let code = record.and_then(|r| r.code.clone()).unwrap_or_default();
+            eprintln!("authinfod: the refresh failed ({code}): {why}");
+            Ok(ExitCode::from(exit::NO_AUTHINFO))
+        }
+    }
 }
 
 /// systemd's watchdog period, when it is enabled for this process.
@@ -127,28 +173,49 @@ fn watchdog_period() -> Option<std::time::Duration> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT, after logging which. SIGHUP (which would otherwise kill the
-/// process) is logged and ignored: the config is read once, at start.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    let reason = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => tracing::info!(
-                "SIGHUP ignored: config changes take effect on restart (systemctl restart authinfod)"
-            ),
+/// The signals the daemon acts on: SIGTERM and SIGINT stop it, SIGHUP reloads the config.
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Self(Some((term, int, hup))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                Self(None)
+            }
         }
-    };
-    tracing::info!(signal = reason, "stopping");
+    }
+
+    /// Resolves on SIGTERM or SIGINT, after logging which; each SIGHUP reloads the config
+    /// (`systemctl reload authinfod`).
+    async fn until_stopped(self, reloader: Option<std::sync::Arc<terminal::reload::Reloader>>) {
+        let Some((mut term, mut int, mut hup)) = self.0 else {
+            return std::future::pending().await;
+        };
+        let reason = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => match &reloader {
+                    Some(reloader) => drop(reloader.reload_and_log()),
+                    None => tracing::info!("SIGHUP ignored: nothing to reload"),
+                },
+            }
+        };
+        tracing::info!(signal = reason, "stopping");
+    }
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
@@ -251,6 +318,10 @@ fn demo(duration: &str) -> anyhow::Result<ExitCode> {
     // The story is the output; only warnings and errors of the parts are logged beside it.
     init_logging("authinfod-demo", "warn");
     let mut out = std::io::stdout();
-    runtime()?.block_on(authinfod::demo::run(duration, shutdown_signal(), &mut out))?;
+    runtime()?.block_on(authinfod::demo::run(
+        duration,
+        Signals::install().until_stopped(None),
+        &mut out,
+    ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -44,7 +44,9 @@ pub struct ApiResponse {
     pub etag: Option<String>,
     /// `Allow` on a 405.
     pub allow: Option<&'static str>,
-    pub body: Vec<u8>,
+    /// `Retry-After: 1` on a 503 `BUSY`.
+    pub retry_after: bool,
+    pub body: bytes::Bytes,
 }
 
 impl ApiResponse {
@@ -55,7 +57,8 @@ impl ApiResponse {
                 content_type: "application/json",
                 etag: None,
                 allow: None,
-                body,
+                retry_after: false,
+                body: body.into(),
             },
             // The documents are plain structs of strings and numbers; should one ever fail to
             // encode, the client gets a 500 that says so, never an empty or partial answer.
@@ -66,8 +69,10 @@ impl ApiResponse {
                     content_type: "application/json",
                     etag: None,
                     allow: None,
-                    body: br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#
-                        .to_vec(),
+                    retry_after: false,
+                    body: bytes::Bytes::from_static(
+                        br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#,
+                    ),
                 }
             }
         }
@@ -79,7 +84,8 @@ impl ApiResponse {
             content_type: "application/json",
             etag: None,
             allow: None,
-            body: Vec::new(),
+            retry_after: false,
+            body: bytes::Bytes::new(),
         }
     }
 
@@ -110,7 +116,7 @@ pub enum ApiError {
     BodyTooLarge,
     #[error("this peer (uid {uid}, gid {gid}) is not in the allow-list")]
     PeerDenied { uid: u32, gid: u32 },
-    #[error("the daemon is at its connection limit; retry shortly")]
+    #[error("the daemon is at a connection limit; retry shortly")]
     Busy,
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -157,6 +163,7 @@ impl ApiError {
         if let Self::MethodNotAllowed { allow, .. } = self {
             response.allow = Some(allow);
         }
+        response.retry_after = matches!(self, Self::Busy);
         response
     }
 }
@@ -167,12 +174,23 @@ pub async fn handle(
     state: &Arc<State>,
     shutdown: &CancellationToken,
 ) -> ApiResponse {
-    let label = Route::label(&req.path);
+    let route = Route::from_path(&req.path);
     let response = route_request(req, state, shutdown)
         .await
         .unwrap_or_else(|e| e.response());
-    state.metrics.count_request(label, response.status);
+    state.metrics.count_request(route, response.status);
     response
+}
+
+/// Whether `req` asks to wait for its answer (`?wait=` with seconds on `GET /v1/authinfo`,
+/// `?wait=true` on `POST /v1/refresh`): the server caps how many do at once.
+pub fn waits(req: &ApiRequest) -> bool {
+    let wait = query_param(req.query.as_deref(), "wait");
+    match Route::from_path(&req.path) {
+        Some(Route::Authinfo) => wait.is_some_and(|v| v != "0"),
+        Some(Route::Refresh) => matches!(wait, Some("true" | "")),
+        _ => false,
+    }
 }
 
 async fn route_request(
@@ -192,7 +210,7 @@ async fn route_request(
     }
     match route {
         Route::Authinfo => get_authinfo(&req, state, shutdown).await,
-        Route::RawData => put_raw_data(&req, state),
+        Route::RawData => put_raw_data(&req, state).await,
         Route::Refresh => post_refresh(&req, state, shutdown).await,
         Route::Status => Ok(ApiResponse::json(200, &state.status())),
         Route::Device => Ok(ApiResponse::json(200, &state.health().doc(state.now()))),
@@ -211,8 +229,7 @@ fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
         .map(|(_, v)| v)
 }
 
-fn authinfo_doc(served: &Served, state: &State) -> AuthinfoDoc {
-    let now = state.now();
+fn authinfo_doc(served: &Served, state: &State, now: i64) -> AuthinfoDoc {
     AuthinfoDoc {
         authinfo: served.held.authinfo.clone(),
         fetched_at: rfc3339(served.held.fetched_at),
@@ -246,13 +263,14 @@ async fn get_authinfo(
         (Some(s), Some(tag)) => etag_matches(tag, &s.etag),
         (Some(_), None) => false,
     };
-    let mut rx = state.watch_authinfo();
-    if let Some(wait) = wait
-        && unchanged(&rx.borrow())
-    {
-        tokio::select! {
-            _ = tokio::time::timeout(wait, rx.wait_for(|c| !unchanged(c))) => {}
-            () = shutdown.cancelled() => {}
+    if let Some(wait) = wait {
+        let mut rx = state.watch_authinfo();
+        let waits = unchanged(&rx.borrow());
+        if waits {
+            tokio::select! {
+                _ = tokio::time::timeout(wait, rx.wait_for(|c| !unchanged(c))) => {}
+                () = shutdown.cancelled() => {}
+            }
         }
     }
     let current = state.current();
@@ -264,11 +282,37 @@ async fn get_authinfo(
             Ok(r)
         }
         Some(served) => {
-            let mut r = ApiResponse::json(200, &authinfo_doc(&served, state));
+            let mut r = authinfo_answer(&served, state);
             r.etag = Some(served.etag.clone());
             Ok(r)
         }
     }
+}
+
+thread_local! {
+    /// The last `GET /v1/authinfo` answer this thread encoded, with what it was made of. The
+    /// document changes only with a new authinfo or the next second (its age and state), and
+    /// escaping the secret's few hundred characters into JSON was the largest part of a
+    /// request's own work: the face app's polls reuse it (a clone of `Bytes`, no copy).
+    static AUTHINFO_ANSWER: std::cell::RefCell<Option<(Arc<Served>, i64, ApiResponse)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The 200 answer for `served` now, encoded at most once per second per thread.
+fn authinfo_answer(served: &Arc<Served>, state: &State) -> ApiResponse {
+    let now = state.now();
+    AUTHINFO_ANSWER.with_borrow_mut(|cached| {
+        // Holding the `Arc` keeps its address from being reused by another authinfo.
+        if let Some((s, at, answer)) = cached.as_ref()
+            && Arc::ptr_eq(s, served)
+            && *at == now
+        {
+            return answer.clone();
+        }
+        let answer = ApiResponse::json(200, &authinfo_doc(served, state, now));
+        *cached = Some((served.clone(), now, answer.clone()));
+        answer
+    })
 }
 
 /// `If-None-Match` matching: `*`, or any listed tag equal to ours (weak prefixes ignored).
@@ -280,7 +324,7 @@ fn etag_matches(header: &str, etag: &str) -> bool {
             .any(|t| t == etag)
 }
 
-fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, ApiError> {
+async fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, ApiError> {
     let body: RawDataBody = serde_json::from_slice(&req.body)
         .map_err(|e| ApiError::BadBody(format!("expected {{\"raw_data\": \"...\"}}: {e}")))?;
     let value = body.raw_data.trim().to_owned();
@@ -293,9 +337,15 @@ fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, Api
         )));
     }
     let fingerprint = crate::crypto::secret_fingerprint(value.as_bytes());
-    let triggered = state
-        .accept_raw_data(value)
-        .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
+    // Storing is a flushed write (fsync): on the blocking pool, so that a slow disk never
+    // holds up a runtime thread that other requests (the face app's polls) are waiting for.
+    let triggered = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.accept_raw_data(value))
+            .await
+            .map_err(|e| ApiError::Store(format!("the store write did not finish: {e}")))?
+            .map_err(|e| ApiError::Store(crate::error_chain(&e)))?
+    };
     tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
     Ok(ApiResponse::json(
         202,
@@ -338,7 +388,7 @@ async fn post_refresh(
     match completion.record.as_deref() {
         Some(r) if r.ok => {
             let current = state.current().ok_or(ApiError::NoAuthinfo)?;
-            let doc = authinfo_doc(&current, state);
+            let doc = authinfo_doc(&current, state, state.now());
             Ok(ApiResponse::json(
                 200,
                 &RefreshDone {
@@ -374,6 +424,18 @@ fn healthz(state: &State) -> ApiResponse {
 }
 
 fn metrics(state: &State) -> ApiResponse {
+    ApiResponse {
+        status: 200,
+        content_type: crate::prometheus::CONTENT_TYPE,
+        etag: None,
+        allow: None,
+        retry_after: false,
+        body: metrics_page(state).into(),
+    }
+}
+
+/// The metrics page (the socket's `/metrics`, the textfile, the loopback listener).
+pub fn metrics_page(state: &State) -> String {
     let now = state.now();
     let current = state.current();
     let status = state.refresh_status().clone();
@@ -413,13 +475,7 @@ fn metrics(state: &State) -> ApiResponse {
             skew as f64,
         ));
     }
-    ApiResponse {
-        status: 200,
-        content_type: "text/plain; version=0.0.4",
-        etag: None,
-        allow: None,
-        body: state.metrics.render(&gauges).into_bytes(),
-    }
+    state.metrics.render(&gauges)
 }
 
 #[cfg(test)]
@@ -634,8 +690,8 @@ mod tests {
             503
         );
         let m = handle(get("/metrics", None, None), &state, &token).await;
-        assert_eq!(m.content_type, "text/plain; version=0.0.4");
-        let text = String::from_utf8(m.body).expect("utf8");
+        assert_eq!(m.content_type, "text/plain; version=0.0.4; charset=utf-8");
+        let text = String::from_utf8(m.body.to_vec()).expect("utf8");
         assert!(text.contains("authinfod_authinfo_present 1"), "{text}");
         assert!(
             text.contains("authinfod_socket_requests_total{route=\"/healthz\",status=\"503\"} 2"),
@@ -656,5 +712,21 @@ mod tests {
         assert_eq!(query_param(Some("a=1&wait=5"), "wait"), Some("5"));
         assert_eq!(query_param(Some("wait"), "wait"), Some(""));
         assert_eq!(query_param(None, "wait"), None);
+    }
+
+    #[test]
+    fn waiting_requests_are_the_long_polls_and_refresh_waits() {
+        let post = |query: &str| ApiRequest {
+            method: http::Method::POST,
+            path: "/v1/refresh".into(),
+            query: Some(query.into()),
+            ..ApiRequest::default()
+        };
+        assert!(waits(&get("/v1/authinfo", Some("wait=30"), None)));
+        assert!(!waits(&get("/v1/authinfo", Some("wait=0"), None)));
+        assert!(!waits(&get("/v1/authinfo", None, None)));
+        assert!(waits(&post("wait=true")));
+        assert!(!waits(&post("wait=false")));
+        assert!(!waits(&get("/v1/status", Some("wait=30"), None)));
     }
 }

@@ -22,8 +22,26 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/authinfod";
 pub const DEFAULT_SOCKET_PATH: &str = "/run/authinfod/authinfod.sock";
 /// Default socket file mode: owner and group read/write.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
-/// Default cap on concurrently open socket connections.
+/// Default number of connection slots: connections of allowed peers that have sent their first
+/// byte (reading a request, being answered, or idle between requests).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default share of the slots one uid may hold, so that another allowed uid (the face app
+/// beside root's tools) always finds the rest.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 32;
+/// Default cap on connections of allowed peers that have not sent a byte yet; they hold no slot,
+/// and the oldest is closed when a new one would go over the cap.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1024;
+/// Default cap on requests waiting at once (`?wait=` on `GET /v1/authinfo` and `POST
+/// /v1/refresh`); more get 503 `BUSY`, so waiting clients never take every slot.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 16;
+/// Default cap on denied peers' connections being answered 403 at once; beyond it they are
+/// closed unanswered.
+pub const DEFAULT_MAX_DENIED_CONNECTIONS: usize = 16;
+/// Default time a connection may stay silent after it is accepted before it is closed.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time a client may take to send a request head, counted from its first byte or the
+/// end of the previous answer (so also the keep-alive idle limit).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default refresh interval: WeChat Pay asks for a fresh authinfo at least hourly.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
 /// Default jitter on the interval, as a fraction: refreshes come up to 10 % early.
@@ -40,6 +58,8 @@ pub const DEFAULT_ASSUMED_VALIDITY: Duration = Duration::from_secs(2 * 3600);
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of `raw_data_command`.
 pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 
@@ -50,6 +70,7 @@ struct RawConfig {
     device_id: Option<String>,
     key_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    log_level: Option<String>,
     proxy: Option<RawProxy>,
     #[serde(default)]
     socket: RawSocket,
@@ -57,6 +78,14 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +103,12 @@ struct RawSocket {
     allowed_uids: Option<Vec<IdOrName>>,
     allowed_gids: Option<Vec<IdOrName>>,
     max_connections: Option<usize>,
+    max_connections_per_uid: Option<usize>,
+    max_pending_connections: Option<usize>,
+    max_waiting_requests: Option<usize>,
+    max_denied_connections: Option<usize>,
+    first_byte_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,7 +201,34 @@ pub struct SocketConfig {
     pub allowed_uids: BTreeSet<u32>,
     /// Peers whose (primary) gid is listed are served.
     pub allowed_gids: BTreeSet<u32>,
+    /// The admission limits (see [`SocketLimits`]).
+    pub limits: SocketLimits,
+}
+
+/// Who gets a connection on the socket, and for how long (the defaults above say what each is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketLimits {
     pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    pub max_pending_connections: usize,
+    pub max_waiting_requests: usize,
+    pub max_denied_connections: usize,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for SocketLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
+            max_waiting_requests: DEFAULT_MAX_WAITING_REQUESTS,
+            max_denied_connections: DEFAULT_MAX_DENIED_CONNECTIONS,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// The refresh schedule.
@@ -190,6 +252,17 @@ pub struct HealthConfig {
     pub licence: bool,
 }
 
+/// Where the metrics go besides the socket's `/metrics` (Prometheus cannot scrape a Unix
+/// socket).
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A file rewritten atomically for node_exporter's textfile collector, on every change and
+    /// at least every [`TEXTFILE_EVERY`](super::exporter::TEXTFILE_EVERY).
+    pub textfile: Option<PathBuf>,
+    /// A loopback TCP address serving `GET /metrics` only.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -198,10 +271,13 @@ pub struct Config {
     pub device_id: String,
     pub key_file: PathBuf,
     pub state_dir: PathBuf,
+    /// The log filter (EnvFilter syntax) unless `$RUST_LOG` is set; reloaded on SIGHUP.
+    pub log_level: String,
     pub proxy: ProxyConfig,
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -266,8 +342,20 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let metrics = validate_metrics(raw.metrics, problems);
+    let log_level = raw.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+    if let Err(e) = crate::logging::check_filter(&log_level) {
+        problems.push(
+            "log_level",
+            format_args!(
+                "{log_level:?} is not a log filter like info or authinfod=debug,warn: {e}"
+            ),
+        );
+    }
     Some(Config {
+        log_level,
         path: path.to_owned(),
+        metrics: metrics?,
         device_id: device_id?,
         key_file: key_file?,
         state_dir: state_dir?,
@@ -305,6 +393,46 @@ fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig>
         ca_file: ca_file?,
         tls: std::sync::Arc::new(tls?),
         timeout,
+    })
+}
+
+fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(p) if p.is_absolute() && p.file_name().is_some() => Some(Some(p)),
+        Some(p) => {
+            problems.push(
+                "metrics.textfile",
+                format_args!("{} must be an absolute path to a file", p.display()),
+            );
+            None
+        }
+    };
+    let listen = match raw.listen {
+        None => Some(None),
+        Some(text) => match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(Some(addr)),
+            Ok(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!(
+                        "{text:?} must be a loopback address (127.0.0.1:PORT or [::1]:PORT): the metrics have no authentication"
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                problems.push(
+                    "metrics.listen",
+                    format_args!("{text:?} is not an address like 127.0.0.1:9101"),
+                );
+                None
+            }
+        },
+    };
+    Some(MetricsConfig {
+        textfile: textfile?,
+        listen: listen?,
     })
 }
 
@@ -415,6 +543,7 @@ pub fn check_https_url(text: &str) -> Result<String, String> {
 }
 
 fn validate_socket(raw: RawSocket, problems: &mut Problems) -> Option<SocketConfig> {
+    let limits = validate_limits(&raw, problems);
     let address = match SocketAddress::parse(raw.path.as_deref().unwrap_or(DEFAULT_SOCKET_PATH)) {
         Ok(a) => Some(a),
         Err(e) => {
@@ -460,18 +589,84 @@ fn validate_socket(raw: RawSocket, problems: &mut Problems) -> Option<SocketConf
         None => Some(BTreeSet::new()),
         Some(list) => resolve_all("socket.allowed_gids", &list, resolve_group, problems),
     };
-    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    if !(1..=4096).contains(&max_connections) {
-        problems.push("socket.max_connections", "must be 1 to 4096");
-    }
     Some(SocketConfig {
         address: address?,
         mode: mode?,
         group,
         allowed_uids: allowed_uids?,
         allowed_gids: allowed_gids?,
-        max_connections,
+        limits,
     })
+}
+
+fn validate_limits(raw: &RawSocket, problems: &mut Problems) -> SocketLimits {
+    fn count(
+        problems: &mut Problems,
+        field: &str,
+        value: Option<usize>,
+        default: usize,
+        max: usize,
+    ) -> usize {
+        let value = value.unwrap_or(default);
+        if !(1..=max).contains(&value) {
+            problems.push(field, format_args!("must be 1 to {max}"));
+        }
+        value
+    }
+    let limits = SocketLimits {
+        max_connections: count(
+            problems,
+            "socket.max_connections",
+            raw.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            4096,
+        ),
+        max_connections_per_uid: count(
+            problems,
+            "socket.max_connections_per_uid",
+            raw.max_connections_per_uid,
+            DEFAULT_MAX_CONNECTIONS_PER_UID,
+            4096,
+        ),
+        max_pending_connections: count(
+            problems,
+            "socket.max_pending_connections",
+            raw.max_pending_connections,
+            DEFAULT_MAX_PENDING_CONNECTIONS,
+            65536,
+        ),
+        max_waiting_requests: count(
+            problems,
+            "socket.max_waiting_requests",
+            raw.max_waiting_requests,
+            DEFAULT_MAX_WAITING_REQUESTS,
+            4096,
+        ),
+        max_denied_connections: count(
+            problems,
+            "socket.max_denied_connections",
+            raw.max_denied_connections,
+            DEFAULT_MAX_DENIED_CONNECTIONS,
+            4096,
+        ),
+        first_byte_timeout: problems.positive(
+            "socket.first_byte_timeout",
+            raw.first_byte_timeout,
+            DEFAULT_FIRST_BYTE_TIMEOUT,
+        ),
+        idle_timeout: problems.positive(
+            "socket.idle_timeout",
+            raw.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+    };
+    if limits.max_waiting_requests >= limits.max_connections {
+        problems.push(
+            "socket.max_waiting_requests",
+            "must be less than socket.max_connections (waiting requests hold slots)",
+        );
+    }
+    limits
 }
 
 fn resolve_all(
@@ -607,6 +802,7 @@ pub fn test_config(dir: &Path) -> Config {
         device_id: "T-TEST".into(),
         key_file: dir.join("device.key"),
         state_dir: dir.join("state"),
+        log_level: DEFAULT_LOG_LEVEL.into(),
         proxy: ProxyConfig {
             url: "https://127.0.0.1:9".into(),
             ca_file: dir.join("ca.pem"),
@@ -619,7 +815,7 @@ pub fn test_config(dir: &Path) -> Config {
             group: None,
             allowed_uids: BTreeSet::from([0, nix::unistd::Uid::current().as_raw()]),
             allowed_gids: BTreeSet::new(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            limits: SocketLimits::default(),
         },
         refresh: RefreshConfig {
             interval: DEFAULT_INTERVAL,
@@ -636,6 +832,7 @@ pub fn test_config(dir: &Path) -> Config {
             alipay_binding: true,
             licence: true,
         },
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -857,5 +1054,34 @@ raw_data_command = ["rawdata"]
         assert!(check_https_url("https://u:p@p.example").is_err());
         assert!(check_https_url("https://p.example/api").is_err());
         assert!(check_https_url("not a url").is_err());
+    }
+
+    #[test]
+    fn metrics_go_to_an_absolute_file_and_a_loopback_address_only() {
+        let ok = |textfile: Option<&str>, listen: Option<&str>| {
+            let mut problems = Problems::new("config file");
+            let raw = RawMetrics {
+                textfile: textfile.map(PathBuf::from),
+                listen: listen.map(String::from),
+            };
+            let got = validate_metrics(raw, &mut problems);
+            assert_eq!(got.is_some(), problems.is_empty(), "{problems:?}");
+            got
+        };
+        let m = ok(
+            Some("/var/lib/node_exporter/authinfod.prom"),
+            Some("127.0.0.1:9101"),
+        )
+        .expect("valid");
+        assert_eq!(m.listen, Some("127.0.0.1:9101".parse().expect("addr")));
+        assert!(ok(None, Some("[::1]:9101")).is_some());
+        assert!(
+            ok(None, Some("0.0.0.0:9101")).is_none(),
+            "no unauthenticated wide listener"
+        );
+        assert!(ok(None, Some("192.168.1.5:9101")).is_none());
+        assert!(ok(None, Some("localhost")).is_none());
+        assert!(ok(Some("relative.prom"), None).is_none());
+        assert!(ok(Some("/"), None).is_none());
     }
 }

@@ -288,9 +288,11 @@ mod tests {
 
     #[test]
     fn routes_are_one_table_of_paths_methods_and_labels() {
-        for route in Route::ALL {
+        for (i, route) in Route::ALL.into_iter().enumerate() {
             assert_eq!(Route::from_path(route.path()), Some(route));
             assert_eq!(Route::label(route.path()), route.path());
+            // The metrics index their counters by `route as usize`.
+            assert_eq!(route as usize, i);
         }
         assert_eq!(Route::from_path("/v1/authinfo/x"), None);
         assert_eq!(Route::label("/anything/else"), "other");

@@ -202,6 +202,7 @@ where
         tracing::error!(check = name, error = %crate::error_chain(&error), "cannot store the health record");
     }
     *slot(&mut state.health()) = record;
+    state.changed();
     // The proxy's fleet view hears of every check (the reporter coalesces).
     state.want_report();
     outcome

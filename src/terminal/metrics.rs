@@ -1,25 +1,119 @@
 //! Counters for `GET /metrics`, rendered in the Prometheus text format.
 //!
-//! Owns: the counters and the rendering. Gauges derived from state (authinfo age, runway) are
-//! computed at render time by the caller, so nothing here can drift from the truth.
+//! Owns: the counters, their label sets ([`Denial`], [`Busy`], [`Closed`]) and the rendering.
+//! The socket's counters are plain atomics in fixed tables, so counting a request takes no lock
+//! (every request counts one). Gauges derived from state (authinfo age, runway) are computed at
+//! render time by the caller, so nothing here can drift from the truth.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::doc::Route;
 use crate::prometheus::Text;
+
+/// Why a socket peer was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Denial {
+    /// Its uid and gid are on neither allow-list.
+    NotAllowed,
+    /// Its credentials (SO_PEERCRED) could not be read.
+    NoCredentials,
+}
+
+/// Why the daemon answered 503 `BUSY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every slot was held by requests in progress.
+    Connections,
+    /// The peer's uid held its share of the slots, none idle.
+    UidConnections,
+    /// `max_waiting_requests` requests were already waiting.
+    WaitingRequests,
+}
+
+/// Why the daemon closed a connection of its own accord.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// It sent nothing within `first_byte_timeout`.
+    FirstByteTimeout,
+    /// It had sent nothing yet and was the oldest such when the pending cap was reached.
+    EvictedPending,
+    /// It was the one idle the longest when a new request needed its slot.
+    EvictedIdle,
+    /// A denied peer's connection over `max_denied_connections`, closed unanswered.
+    DeniedUnanswered,
+}
+
+impl Denial {
+    const ALL: [Self; 2] = [Self::NotAllowed, Self::NoCredentials];
+    fn label(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not_allowed",
+            Self::NoCredentials => "no_credentials",
+        }
+    }
+}
+
+impl Busy {
+    const ALL: [Self; 3] = [
+        Self::Connections,
+        Self::UidConnections,
+        Self::WaitingRequests,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::UidConnections => "uid_connections",
+            Self::WaitingRequests => "waiting_requests",
+        }
+    }
+}
+
+impl Closed {
+    const ALL: [Self; 4] = [
+        Self::FirstByteTimeout,
+        Self::EvictedPending,
+        Self::EvictedIdle,
+        Self::DeniedUnanswered,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Self::FirstByteTimeout => "first_byte_timeout",
+            Self::EvictedPending => "evicted_pending",
+            Self::EvictedIdle => "evicted_idle",
+            Self::DeniedUnanswered => "denied_unanswered",
+        }
+    }
+}
+
+/// The statuses the socket API answers, each with its own counter per route; any other lands
+/// in a locked map (never on the answers the API gives today).
+const STATUSES: [u16; 13] = [
+    200, 202, 304, 400, 403, 404, 405, 413, 431, 500, 502, 503, 504,
+];
+/// Routes plus one for paths that are none (`other`).
+const ROUTES: usize = Route::ALL.len() + 1;
 
 /// The daemon's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Socket requests by (route, status).
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    /// Connections refused by the peer-credential check.
-    pub peers_denied: AtomicU64,
-    /// Connections refused because the connection cap was reached.
-    pub connections_over_cap: AtomicU64,
-    /// Connections open now.
+    /// Socket requests by (route, status), `STATUSES` order; the last route is `other`.
+    requests: [[AtomicU64; STATUSES.len()]; ROUTES],
+    /// Socket requests with a status outside `STATUSES`.
+    requests_other_status: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Connections refused by the peer-credential check, by [`Denial`].
+    peers_denied: [AtomicU64; Denial::ALL.len()],
+    /// 503 `BUSY` answers, by [`Busy`].
+    busy: [AtomicU64; Busy::ALL.len()],
+    /// Connections the daemon closed itself, by [`Closed`].
+    closed: [AtomicU64; Closed::ALL.len()],
+    /// Connections holding a slot now.
     pub connections_open: AtomicU64,
+    /// Connections accepted that have not sent a byte yet.
+    pub connections_pending: AtomicU64,
+    /// Requests waiting now (`?wait=`).
+    pub requests_waiting: AtomicU64,
     /// Refresh attempts by outcome.
     refreshes: Mutex<BTreeMap<&'static str, u64>>,
     /// Health checks by (check, outcome).
@@ -28,11 +122,55 @@ pub struct Metrics {
     reports: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+fn route_index(route: Option<Route>) -> usize {
+    route.map_or(Route::ALL.len(), |r| r as usize)
+}
+
+fn route_label(index: usize) -> &'static str {
+    Route::ALL.get(index).map_or("other", |r| r.path())
+}
+
 impl Metrics {
-    pub fn count_request(&self, route: &'static str, status: u16) {
-        *crate::sync::lock(&self.requests)
-            .entry((route, status))
-            .or_default() += 1;
+    /// Counts one socket request answered with `status` (`route`: `None` for unknown paths).
+    pub fn count_request(&self, route: Option<Route>, status: u16) {
+        match STATUSES.iter().position(|s| *s == status) {
+            Some(i) => {
+                self.requests[route_index(route)][i].fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                let label = route_label(route_index(route));
+                *crate::sync::lock(&self.requests_other_status)
+                    .entry((label, status))
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    pub fn count_denial(&self, reason: Denial) {
+        self.peers_denied[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_busy(&self, reason: Busy) {
+        self.busy[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_closed(&self, reason: Closed) {
+        self.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Denied connections so far, for `reason`.
+    pub fn denials(&self, reason: Denial) -> u64 {
+        self.peers_denied[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// 503 `BUSY` answers so far, for `reason`.
+    pub fn busy_answers(&self, reason: Busy) -> u64 {
+        self.busy[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Connections closed by the daemon so far, for `reason`.
+    pub fn closed(&self, reason: Closed) -> u64 {
+        self.closed[reason as usize].load(Ordering::Relaxed)
     }
 
     /// `outcome`: `ok`, `retryable_error`, `permanent_error`, `no_raw_data`.
@@ -69,6 +207,28 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// The request counters that are not zero, in (route, status) order.
+    fn request_samples(&self) -> Vec<((&'static str, u16), u64)> {
+        let mut samples: Vec<_> = self
+            .requests
+            .iter()
+            .enumerate()
+            .flat_map(|(r, row)| {
+                row.iter().zip(STATUSES).filter_map(move |(n, status)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n > 0).then_some(((route_label(r), status), n))
+                })
+            })
+            .collect();
+        samples.extend(
+            crate::sync::lock(&self.requests_other_status)
+                .iter()
+                .map(|(k, n)| (*k, *n)),
+        );
+        samples.sort_unstable();
+        samples
+    }
+
     /// Renders the counters and the given gauges.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut t = Text::default();
@@ -76,8 +236,8 @@ impl Metrics {
         t.gauges(gauges);
         let name = "authinfod_socket_requests_total";
         t.family(name, "counter", "Socket API requests by route and status.");
-        for ((route, status), n) in crate::sync::lock(&self.requests).iter() {
-            t.sample(name, &[("route", route), ("status", status)], n);
+        for ((route, status), n) in self.request_samples() {
+            t.sample(name, &[("route", &route), ("status", &status)], n);
         }
         let name = "authinfod_refresh_attempts_total";
         t.family(name, "counter", "Authinfo refresh attempts by outcome.");
@@ -102,24 +262,56 @@ impl Metrics {
         for (outcome, n) in crate::sync::lock(&self.reports).iter() {
             t.sample(name, &[("outcome", outcome)], n);
         }
-        t.single(
-            "authinfod_socket_peers_denied_total",
+        let name = "authinfod_socket_peers_denied_total";
+        t.family(
+            name,
             "counter",
-            "Socket connections refused by the peer-credential allow-list.",
-            self.peers_denied.load(Ordering::Relaxed),
+            "Socket connections refused at accept by the peer-credential check, by reason.",
         );
-        t.single(
-            "authinfod_socket_connections_over_cap_total",
+        for reason in Denial::ALL {
+            t.sample(name, &[("reason", &reason.label())], self.denials(reason));
+        }
+        let name = "authinfod_socket_busy_total";
+        t.family(
+            name,
             "counter",
-            "Socket connections refused because max_connections were open.",
-            self.connections_over_cap.load(Ordering::Relaxed),
+            "503 BUSY answers on the socket, by the limit that was reached.",
         );
+        for reason in Busy::ALL {
+            t.sample(
+                name,
+                &[("reason", &reason.label())],
+                self.busy_answers(reason),
+            );
+        }
+        let name = "authinfod_socket_connections_closed_total";
+        t.family(
+            name,
+            "counter",
+            "Socket connections the daemon closed of its own accord, by reason.",
+        );
+        for reason in Closed::ALL {
+            t.sample(name, &[("reason", &reason.label())], self.closed(reason));
+        }
         t.single(
             "authinfod_socket_connections_open",
             "gauge",
-            "Socket connections open now.",
+            "Socket connections holding a slot now.",
             self.connections_open.load(Ordering::Relaxed),
         );
+        t.single(
+            "authinfod_socket_connections_pending",
+            "gauge",
+            "Socket connections accepted that have not sent a byte yet.",
+            self.connections_pending.load(Ordering::Relaxed),
+        );
+        t.single(
+            "authinfod_socket_requests_waiting",
+            "gauge",
+            "Socket requests waiting now (?wait=).",
+            self.requests_waiting.load(Ordering::Relaxed),
+        );
+        t.process();
         t.finish()
     }
 }
@@ -131,19 +323,32 @@ mod tests {
     #[test]
     fn render_is_prometheus_text_with_labels() {
         let m = Metrics::default();
-        m.count_request("/v1/authinfo", 200);
-        m.count_request("/v1/authinfo", 200);
+        m.count_request(Some(Route::Authinfo), 200);
+        m.count_request(Some(Route::Authinfo), 200);
+        m.count_request(None, 404);
+        m.count_request(Some(Route::Status), 418);
         m.count_refresh("ok");
+        m.count_denial(Denial::NotAllowed);
+        m.count_busy(Busy::WaitingRequests);
+        m.count_closed(Closed::FirstByteTimeout);
         let text = m.render(&[("authinfod_authinfo_age_seconds", "Age.", 12.0)]);
+        for line in [
+            "authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2",
+            "authinfod_socket_requests_total{route=\"other\",status=\"404\"} 1",
+            "authinfod_socket_requests_total{route=\"/v1/status\",status=\"418\"} 1",
+            "authinfod_refresh_attempts_total{outcome=\"ok\"} 1",
+            "authinfod_socket_peers_denied_total{reason=\"not_allowed\"} 1",
+            "authinfod_socket_peers_denied_total{reason=\"no_credentials\"} 0",
+            "authinfod_socket_busy_total{reason=\"waiting_requests\"} 1",
+            "authinfod_socket_connections_closed_total{reason=\"first_byte_timeout\"} 1",
+            "# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
         assert!(
-            text.contains(
-                "authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2"
-            )
+            !text.contains("status=\"202\""),
+            "zero requests are not listed"
         );
-        assert!(text.contains("authinfod_refresh_attempts_total{outcome=\"ok\"} 1"));
-        assert!(text.contains(
-            "# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12"
-        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("name value");
             value.parse::<f64>().expect("numeric sample");

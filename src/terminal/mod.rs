@@ -10,24 +10,29 @@
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
 //! - [`reporter`]: the health reports to the proxy's fleet view (`POST /v1/report`).
-//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport.
-//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters.
+//! - [`api`]: the socket API as a pure function; [`server`]: the socket transport;
+//!   [`admission`]: who gets room on the socket (slots, per-uid shares, eviction, budgets).
+//! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
+//!   the metrics textfile and the loopback `/metrics` listener.
 //! - [`client`]: the `status`/`get`/`refresh`/`put-raw-data` commands; [`keygen`]: device keys.
 //!
 //! [`Daemon::start`] does everything up to `READY=1` (config is already valid; the store is
 //! opened and loaded, the socket bound) without touching the network; [`Daemon::run`] then
 //! serves until its shutdown future resolves.
 
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod config;
 pub mod device;
 pub mod doc;
+pub mod exporter;
 pub mod health;
 pub mod keygen;
 pub mod metrics;
 pub mod proxy_client;
 pub mod refresher;
+pub mod reload;
 pub mod reporter;
 pub mod server;
 pub mod state;
@@ -61,6 +66,12 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Socket(#[from] ServerError),
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up TLS to the proxy")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -80,13 +91,19 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// The wall clock (the system's; tests shift it).
     pub clock: Arc<crate::units::WallClock>,
+    /// Changes the log filter on a reload (the binary's subscriber; nothing by default).
+    pub log: crate::logging::LogControl,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
 pub struct Daemon {
     state: Arc<State>,
     server: SocketServer,
+    /// The loopback `/metrics` listener, when configured.
+    metrics_listener: Option<tokio::net::TcpListener>,
     upstream: Arc<dyn Upstream>,
+    /// The same upstream when it is the real proxy client, whose CA a reload replaces.
+    proxy: Option<Arc<ProxyClient>>,
     options: RunOptions,
 }
 
@@ -118,18 +135,10 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let key = config::preflight(&config)?;
-        let signer = DeviceSigner::new(config.device_id.clone(), key);
-        let upstream = Arc::new(
-            ProxyClient::new(
-                &config.proxy.url,
-                &config.proxy.tls,
-                signer,
-                config.proxy.timeout,
-            )?
-            .with_clock(options.clock.clone()),
-        );
-        Self::start_with_upstream(config, options, upstream).await
+        let proxy = proxy_client(&config, &options)?;
+        let mut daemon = Self::start_with_upstream(config, options, proxy.clone()).await?;
+        daemon.proxy = Some(proxy);
+        Ok(daemon)
     }
 
     /// [`start`](Self::start) with a given upstream (tests of the loop use scripted ones).
@@ -138,37 +147,39 @@ impl Daemon {
         options: RunOptions,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
-        let (store, recovery) = Store::open(&config.state_dir)?;
-        if let Some(r) = recovery {
-            tracing::error!(message_id = crate::events::STORE_RECOVERED,
-                moved_to = %r.moved_to.display(),
-                reason = %r.reason,
-                "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-            );
-        }
-        let state = State::load(config, store, options.clock.clone())?;
-        match state.current() {
-            Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
-                authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(state.now()),
-                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
-                "serving the stored authinfo"
-            ),
-            None => tracing::info!(
-                "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
-            ),
-        }
+        let state = load_state(config, &options)?;
         let server = SocketServer::bind(&state.config.socket).await?;
         tracing::info!(socket = %server.address(), "socket bound");
+        let metrics_listener = match state.config.metrics.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+                tracing::info!(%addr, "metrics listener bound");
+                Some(listener)
+            }
+            None => None,
+        };
         options
             .notifier
             .notify(&format!("READY=1\nSTATUS={}", systemd::status_line(&state)));
         Ok(Self {
             state,
             server,
+            metrics_listener,
             upstream,
+            proxy: None,
             options,
         })
+    }
+
+    /// What applies a reload of the config file (`systemctl reload`, SIGHUP) to this daemon.
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        Arc::new(reload::Reloader::new(
+            self.state.clone(),
+            self.proxy.clone(),
+            self.options.log.clone(),
+        ))
     }
 
     /// The shared state (tests inspect it).
@@ -183,9 +194,26 @@ impl Daemon {
         let Self {
             state,
             server,
+            metrics_listener,
             upstream,
             options,
+            ..
         } = self;
+        let mut exporters = Vec::new();
+        if let Some(listener) = metrics_listener {
+            exporters.push(tokio::spawn(exporter::serve_metrics(
+                listener,
+                state.clone(),
+                token.clone(),
+            )));
+        }
+        if let Some(path) = state.config.metrics.textfile.clone() {
+            exporters.push(tokio::spawn(exporter::keep_textfile(
+                state.clone(),
+                path,
+                token.clone(),
+            )));
+        }
         let tasks = [
             tokio::spawn(
                 refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
@@ -205,10 +233,13 @@ impl Daemon {
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
         token.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, futures_join(tasks))
-            .await
-            .is_err()
-        {
+        let stopped = async {
+            futures_join(tasks).await;
+            for task in exporters {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, stopped).await.is_err() {
             tracing::warn!("some tasks did not stop within the timeout");
         }
         if let Err(error) = state.store.flush() {
@@ -219,6 +250,85 @@ impl Daemon {
             "authinfod stopped"
         );
     }
+}
+
+/// The signed client of the proxy, after the start-up checks of the key.
+fn proxy_client(config: &Config, options: &RunOptions) -> Result<Arc<ProxyClient>, DaemonError> {
+    let key = config::preflight(config)?;
+    let signer = DeviceSigner::new(config.device_id.clone(), key);
+    Ok(Arc::new(
+        ProxyClient::new(
+            &config.proxy.url,
+            &config.proxy.tls,
+            signer,
+            config.proxy.timeout,
+        )?
+        .with_clock(options.clock.clone()),
+    ))
+}
+
+/// Opens the store (recovering a broken one) and makes the state serving what it holds.
+fn load_state(config: Config, options: &RunOptions) -> Result<Arc<State>, DaemonError> {
+    let (store, recovery) = Store::open(&config.state_dir)?;
+    if let Some(r) = recovery {
+        tracing::error!(message_id = crate::events::STORE_RECOVERED,
+            moved_to = %r.moved_to.display(),
+            reason = %r.reason,
+            "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
+        );
+    }
+    let state = State::load(config, store, options.clock.clone())?;
+    match state.current() {
+        Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
+            authinfo_fingerprint = %served.fingerprint,
+            age_seconds = served.age(state.now()),
+            state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+            "serving the stored authinfo"
+        ),
+        None => tracing::info!(
+            "no stored authinfo; the face app gets 503 NO_AUTHINFO until the first refresh"
+        ),
+    }
+    Ok(state)
+}
+
+/// What `authinfod run --once` did.
+#[derive(Debug)]
+pub struct OnceReport {
+    /// The refresh attempt's outcome and its record.
+    pub refresh: refresher::Outcome,
+    pub record: Option<Arc<store::AttemptRecord>>,
+    /// Each enabled health check, and whether it succeeded.
+    pub health: Vec<(device::Check, Result<(), proxy_client::Disposition>)>,
+    /// The authinfo now held (new, or the one stored before).
+    pub held: Option<Arc<state::Served>>,
+}
+
+/// `authinfod run --once`, for provisioning: one refresh and one round of health checks
+/// through the proxy, persisted and flushed; the socket is never started. The stored raw_data
+/// (or `raw_data_command`) is used, as by the running daemon.
+pub async fn run_once(config: Config, options: RunOptions) -> Result<OnceReport, DaemonError> {
+    let upstream = proxy_client(&config, &options)?;
+    let state = load_state(config, &options)?;
+    let refresh = refresher::Refresher::new(state.clone(), upstream.clone())
+        .refresh_once()
+        .await;
+    let record = state.refresh_status().last_attempt.clone();
+    let checks = state.health().enabled_checks();
+    let mut health = Vec::new();
+    for check in checks {
+        health.push((
+            check,
+            health::check_once(check, &state, upstream.as_ref()).await,
+        ));
+    }
+    state.store.flush()?;
+    Ok(OnceReport {
+        refresh,
+        record,
+        health,
+        held: state.current(),
+    })
 }
 
 async fn futures_join<const N: usize>(tasks: [tokio::task::JoinHandle<()>; N]) {

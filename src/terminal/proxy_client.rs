@@ -133,11 +133,37 @@ impl UpstreamError {
 /// connection the proxy is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The HTTP client of the proxy over `tls`.
+fn http_client(
+    tls: &rustls::ClientConfig,
+    timeout: Duration,
+) -> Result<reqwest::Client, crate::tls::TlsError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls.clone())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        // A pooled connection must be dropped well before the proxy closes it as idle
+        // (it closes keep-alive connections after 15 s without a request): reusing one
+        // at the moment the proxy closes it loses the request ("connection closed before
+        // message completed"). Seen under emulation, where calls come 10-20 s apart.
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .https_only(true)
+        .user_agent(concat!("authinfod/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| crate::tls::TlsError::BadCertificate {
+            what: "http client".into(),
+            reason: e.to_string(),
+        })
+}
+
 /// The real upstream: the merchant's proxy over pinned HTTPS.
 #[derive(Debug)]
 pub struct ProxyClient {
     base_url: String,
-    http: reqwest::Client,
+    /// Replaced whole when the proxy's CA is reloaded; requests in flight keep the old one.
+    http: std::sync::RwLock<reqwest::Client>,
     signer: DeviceSigner,
     timeout: Duration,
     /// The learned offset, seconds (proxy minus local).
@@ -155,33 +181,22 @@ impl ProxyClient {
         signer: DeviceSigner,
         timeout: Duration,
     ) -> Result<Self, crate::tls::TlsError> {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls.clone())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            // A pooled connection must be dropped well before the proxy closes it as idle
-            // (it closes keep-alive connections after 15 s without a request): reusing one
-            // at the moment the proxy closes it loses the request ("connection closed before
-            // message completed"). Seen under emulation, where calls come 10-20 s apart.
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .https_only(true)
-            .user_agent(concat!("authinfod/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| crate::tls::TlsError::BadCertificate {
-                what: "http client".into(),
-                reason: e.to_string(),
-            })?;
         Ok(Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            http,
+            http: std::sync::RwLock::new(http_client(tls, timeout)?),
             signer,
             timeout,
             skew: AtomicI64::new(0),
             skew_known: AtomicBool::new(false),
             clock: Arc::default(),
         })
+    }
+
+    /// Trusts `tls` (a reloaded CA) for the requests that start from now on.
+    pub fn set_tls(&self, tls: &rustls::ClientConfig) -> Result<(), crate::tls::TlsError> {
+        let http = http_client(tls, self.timeout)?;
+        *crate::sync::write(&self.http) = http;
+        Ok(())
     }
 
     /// Reads timestamps from `clock` (the daemon's) instead of the system's.
@@ -227,8 +242,8 @@ impl ProxyClient {
             .signer
             .authorize(method.as_str(), path, timestamp, body)
             .map_err(|e| SendError::Other(UpstreamError::Sign(e)))?;
-        let mut request = self
-            .http
+        let http = crate::sync::read(&self.http).clone();
+        let mut request = http
             .request(method.clone(), format!("{}{path}", self.base_url))
             .header(reqwest::header::AUTHORIZATION, authorization)
             .header(reqwest::header::ACCEPT, "application/json");

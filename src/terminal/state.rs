@@ -9,8 +9,9 @@
 //! health records) so that what it announces is what a restart finds; it never reads the store
 //! after start, so answering status or `/v1/device` does no I/O.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -181,11 +182,38 @@ pub struct State {
     completions: watch::Sender<Completion>,
     health: Mutex<DeviceHealth>,
     raw_data: Mutex<Option<RawDataMeta>>,
+    /// Bumped whenever something status shows changes (a new authinfo, a finished refresh, a
+    /// health check, new raw_data): `STATUS=` and the metrics textfile follow it at once.
+    changes: watch::Sender<u64>,
     pub metrics: Metrics,
     pub heartbeats: Heartbeats,
     /// Monotonic start time, the origin of heartbeats and uptime.
     pub started: Instant,
     clock: Arc<WallClock>,
+    /// Who may use the socket: from `config.socket` at start, replaced by a reload.
+    peers: RwLock<Arc<Peers>>,
+}
+
+/// The socket's allow-list: a peer is served when its uid or its primary gid is listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    pub uids: BTreeSet<u32>,
+    pub gids: BTreeSet<u32>,
+}
+
+impl Peers {
+    /// The allow-list `socket` configures.
+    pub fn from_config(socket: &super::config::SocketConfig) -> Self {
+        Self {
+            uids: socket.allowed_uids.clone(),
+            gids: socket.allowed_gids.clone(),
+        }
+    }
+
+    /// Whether a peer with these credentials is served.
+    pub fn allow(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
 }
 
 impl State {
@@ -230,10 +258,12 @@ impl State {
             }),
             health: Mutex::new(health),
             raw_data: Mutex::new(loaded.raw_data.as_ref().map(RawDataMeta::from)),
+            changes: watch::Sender::new(0),
             metrics: Metrics::default(),
             heartbeats: Heartbeats::default(),
             started: Instant::now(),
             clock,
+            peers: RwLock::new(Arc::new(Peers::from_config(&config.socket))),
             config,
             store,
         })
@@ -242,6 +272,16 @@ impl State {
     /// Unix seconds now, on the daemon's wall clock.
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// The socket's allow-list now.
+    pub fn peers(&self) -> Arc<Peers> {
+        crate::sync::read(&self.peers).clone()
+    }
+
+    /// Replaces the socket's allow-list (a reload); connections already admitted keep going.
+    pub fn set_peers(&self, peers: Peers) {
+        *crate::sync::write(&self.peers) = Arc::new(peers);
     }
 
     // === the served authinfo ===
@@ -260,7 +300,20 @@ impl State {
     pub fn publish(&self, held: HeldAuthinfo) -> Arc<Served> {
         let served = Arc::new(Served::new(held));
         self.authinfo.send_replace(Some(served.clone()));
+        self.changed();
         served
+    }
+
+    // === change notification ===
+
+    /// Says that something status shows has changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes on every [`changed`](Self::changed).
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The served authinfo's freshness now (`None` when nothing is held).
@@ -297,6 +350,7 @@ impl State {
     pub fn save_raw_data(&self, raw: RawData) -> Result<(), StoreError> {
         self.store.save_raw_data(&raw)?;
         *lock(&self.raw_data) = Some(RawDataMeta::from(&raw));
+        self.changed();
         Ok(())
     }
 
@@ -376,6 +430,7 @@ impl State {
             c.seq += 1;
             c.record = Some(record);
         });
+        self.changed();
         self.want_report();
     }
 

@@ -137,8 +137,9 @@ pub fn loops_alive(state: &State) -> bool {
     fresh(&state.heartbeats.refresh) && fresh(&state.heartbeats.socket)
 }
 
-/// Keeps `STATUS=` current and pets the watchdog (every half `watchdog` period) while both loops
-/// are alive, until `shutdown`.
+/// Keeps `STATUS=` current (sent as soon as something it tells changes, and checked every
+/// [`STATUS_EVERY`] for what only time changes, like an age) and pets the watchdog (every half
+/// `watchdog` period) while both loops are alive, until `shutdown`.
 pub async fn supervise(
     state: Arc<State>,
     notifier: Notifier,
@@ -147,16 +148,22 @@ pub async fn supervise(
 ) {
     let period = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
     let mut ticker = tokio::time::interval(period);
+    let mut changes = state.watch_changes();
     let mut last_status = String::new();
     loop {
-        tokio::select! {
+        let tick = tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+            _ = ticker.tick() => true,
+            // The sender lives in the state this task holds, so `changed` never fails here.
+            _ = changes.changed() => false,
+        };
         let line = status_line(&state);
         if line != last_status {
             notifier.notify(&format!("STATUS={line}"));
             last_status = line;
+        }
+        if !tick {
+            continue;
         }
         if watchdog.is_some() {
             if loops_alive(&state) {
@@ -221,6 +228,57 @@ mod tests {
             !loops_alive(&state),
             "the refresh loop has been silent for 61 s"
         );
+    }
+
+    /// A change (here a new authinfo) reaches `STATUS=` at once, not at the next 30 s tick.
+    #[tokio::test(start_paused = true)]
+    async fn status_follows_a_change_without_waiting_for_the_tick() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::terminal::config::test_config(dir.path());
+        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
+        let state = State::load(config, store, Arc::default()).expect("state");
+        let path = dir.path().join("notify");
+        let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        receiver.set_nonblocking(true).expect("nonblocking");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(supervise(
+            state.clone(),
+            Notifier::new(Some(path.into_os_string())),
+            None,
+            shutdown.clone(),
+        ));
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        settle().await;
+        let mut buf = [0; 256];
+        let n = receiver.recv(&mut buf).expect("the first STATUS at start");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("STATUS=no authinfo yet"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let now = state.now();
+        let served = state.publish(crate::terminal::store::HeldAuthinfo {
+            authinfo: "A".into(),
+            fetched_at: now,
+            expires_at: now + 7200,
+            expires_in: None,
+        });
+        settle().await;
+        // Still within the first second of paused time: no tick has come since the start.
+        let n = receiver
+            .recv(&mut buf)
+            .expect("a STATUS right after the change");
+        let status = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            status.starts_with(&format!("STATUS=authinfo {} fresh", served.fingerprint)),
+            "{status}"
+        );
+        shutdown.cancel();
+        task.await.expect("join");
     }
 
     #[test]

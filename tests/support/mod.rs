@@ -154,6 +154,8 @@ pub struct TestDaemon {
     pub dir: Arc<tempfile::TempDir>,
     pub socket: PathBuf,
     pub state: Arc<State>,
+    /// What SIGHUP calls in the binary.
+    pub reloader: Arc<authinfod::terminal::reload::Reloader>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -197,6 +199,7 @@ impl TestDaemon {
         };
         let daemon = Daemon::start(config, options).await.expect("daemon starts");
         let state = daemon.state();
+        let reloader = daemon.reloader();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(daemon.run(async move { token.cancelled().await }));
@@ -204,6 +207,7 @@ impl TestDaemon {
             dir,
             socket,
             state,
+            reloader,
             shutdown,
             task,
         }

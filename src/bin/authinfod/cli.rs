@@ -86,12 +86,17 @@ pub struct SocketArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon (under systemd: Type=notify).
+    /// Run the daemon (under systemd: Type=notify); SIGHUP reloads the allow-list, the proxy CA
+    /// and log_level.
     #[command(after_help = help_table("Environment", RUN_ENVIRONMENT))]
     Run {
         /// The configuration file.
         #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// For provisioning: fetch an authinfo and the device health once, persist them and
+        /// exit (0, or 3 when the refresh failed, with the reason); the socket is not started.
+        #[arg(long)]
+        once: bool,
     },
     /// Validate a config file and list every invalid field (exit 78 if any).
     CheckConfig {
