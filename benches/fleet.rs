@@ -56,7 +56,11 @@ fn main() -> ExitCode {
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().and_then(|v| v.parse::<usize>().ok()).filter(|v| *v > 0);
+        let mut value = || {
+            args.next()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|v| *v > 0)
+        };
         let slot = match arg.as_str() {
             "--reports" => &mut options.reports,
             "--clients" => &mut options.clients,
@@ -134,7 +138,9 @@ fn run(options: &Options) -> anyhow::Result<()> {
     let built = Instant::now();
     let now = unix_now();
     let enrolled = lab.proxy.app.registry.current();
-    let template = enrolled.get(DEVICE_ID).ok_or_else(|| anyhow!("the lab device"))?;
+    let template = enrolled
+        .get(DEVICE_ID)
+        .ok_or_else(|| anyhow!("the lab device"))?;
     let registry = Registry::from_devices((0..options.terminals).map(|i| Device {
         device_id: format!("T-{i:06}"),
         device_sn: format!("SIM{i:012}"),
@@ -160,7 +166,13 @@ fn run(options: &Options) -> anyhow::Result<()> {
             let id = format!("T-{i:06}");
             records.issued(&id, now - (i % 3000) as i64).await?;
             records
-                .report(&id, ReceivedReport { received_at: now - (i % 900) as i64, report: r })
+                .report(
+                    &id,
+                    ReceivedReport {
+                        received_at: now - (i % 900) as i64,
+                        report: r,
+                    },
+                )
                 .await?;
         }
         anyhow::Ok(())
@@ -201,9 +213,17 @@ fn day(now: i64, days: i64) -> String {
 }
 
 /// `n` report requests of `device`, each with its own nonce, signed on `threads` threads.
-fn presign(device: &DeviceSigner, n: usize, threads: usize) -> anyhow::Result<Vec<(HeaderValue, Bytes)>> {
+fn presign(
+    device: &DeviceSigner,
+    n: usize,
+    threads: usize,
+) -> anyhow::Result<Vec<(HeaderValue, Bytes)>> {
     let now = unix_now();
-    let body = Bytes::from(serde_json::to_vec(&Report::healthy("0.1.0", now, &day(now, 200)))?);
+    let body = Bytes::from(serde_json::to_vec(&Report::healthy(
+        "0.1.0",
+        now,
+        &day(now, 200),
+    ))?);
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -213,7 +233,13 @@ fn presign(device: &DeviceSigner, n: usize, threads: usize) -> anyhow::Result<Ve
                     (t * per..((t + 1) * per).min(n))
                         .map(|_| {
                             let nonce = crypto::nonce()?;
-                            let header = device.authorize_with_nonce("POST", ROUTE_REPORT, now, &nonce, &body)?;
+                            let header = device.authorize_with_nonce(
+                                "POST",
+                                ROUTE_REPORT,
+                                now,
+                                &nonce,
+                                &body,
+                            )?;
                             Ok((HeaderValue::from_str(&header)?, body.clone()))
                         })
                         .collect::<anyhow::Result<Vec<_>>>()
@@ -222,7 +248,10 @@ fn presign(device: &DeviceSigner, n: usize, threads: usize) -> anyhow::Result<Ve
             .collect();
         let mut all = Vec::new();
         for h in handles {
-            all.extend(h.join().map_err(|_| anyhow!("a signing thread panicked"))??);
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow!("a signing thread panicked"))??,
+            );
         }
         Ok(all)
     })
@@ -302,7 +331,10 @@ async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
     let mut answer = Vec::new();
     tcp.read_to_end(&mut answer).await?;
     if !answer.starts_with(b"HTTP/1.0 200") && !answer.starts_with(b"HTTP/1.1 200") {
-        bail!("GET {path}: {}", String::from_utf8_lossy(&answer[..answer.len().min(300)]));
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&answer[..answer.len().min(300)])
+        );
     }
     Ok(answer)
 }

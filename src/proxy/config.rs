@@ -495,9 +495,7 @@ impl Validator<'_> {
             );
             ok = false;
         }
-        let report_burst = raw
-            .report_burst
-            .unwrap_or(super::terminals::REPORT_BURST);
+        let report_burst = raw.report_burst.unwrap_or(super::terminals::REPORT_BURST);
         if report_burst == 0 {
             self.problem("terminals.report_burst: must be at least 1".into());
             ok = false;

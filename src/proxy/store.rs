@@ -173,13 +173,15 @@ impl Store {
     }
 }
 
+/// The stored terminal records: `(device_id, record)`, and the device ids whose record does not
+/// decode.
+pub type TerminalRecordsRead = (Vec<(String, TerminalRecord)>, Vec<String>);
+
 impl Store {
     // === terminal records ===
 
     /// Every stored terminal record, and the device ids whose record does not decode.
-    pub fn terminal_records(
-        &self,
-    ) -> Result<(Vec<(String, TerminalRecord)>, Vec<String>), StoreError> {
+    pub fn terminal_records(&self) -> Result<TerminalRecordsRead, StoreError> {
         let tree = self.db.open_tree(TERMINALS_TREE)?;
         let mut records = Vec::new();
         let mut undecodable = Vec::new();

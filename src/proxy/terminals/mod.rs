@@ -574,7 +574,10 @@ mod alert_rules_tests {
         assert!(names >= 7, "the rules use the fleet series");
         let out = std::process::Command::new("promtool")
             .args(["check", "rules"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/authinfo-proxy-alerts.yml"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/authinfo-proxy-alerts.yml"
+            ))
             .output()
             .expect("promtool must be installed (scripts/setup)");
         assert!(
