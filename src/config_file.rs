@@ -4,14 +4,16 @@
 //!
 //! Owns: [`ConfigError`] (exit 78 at the binaries' edge), [`Problems`] (the collector and the
 //! checks every file uses: required fields, positive durations, absolute paths, readable files,
-//! private key files), and [`check_private_file`], the one permission check for key and secret
-//! files. It must not know any file's fields: each file's module validates its own shape.
+//! private key files, signing keys in files or PKCS#11 tokens), and [`check_private_file`], the
+//! one permission check for key and secret files. It must not know any file's fields: each
+//! file's module validates its own shape.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use crate::crypto::{CryptoError, KeySource, RsaSigner, Signer};
 use crate::units::HumanDuration;
 
 /// Why a configuration file could not be used.
@@ -207,6 +209,67 @@ impl Problems {
         self.read_file(field, path)
     }
 
+    /// The signing key `field` names: a key file (private, 0600, parsed by `parse` with the
+    /// file's name), or a `pkcs11:` URI (its module loaded, the token, the PIN and the key
+    /// checked with a test signature; without the `pkcs11` feature, a problem). `config` is the
+    /// file `field` is in: a URI that carries its PIN (`pin-value`) makes that file a secret, so
+    /// it must be private too.
+    pub fn signer(
+        &mut self,
+        field: &str,
+        source: &KeySource,
+        config: &Path,
+        parse: impl FnOnce(&str, &str) -> Result<RsaSigner, CryptoError>,
+    ) -> Option<Signer> {
+        match source {
+            KeySource::File(path) => {
+                let text = self.read_private(field, path)?;
+                parse(&text, &path.display().to_string())
+                    .map(Signer::from)
+                    .map_err(|e| self.push(field, e))
+                    .ok()
+            }
+            KeySource::Pkcs11(uri) => {
+                if matches!(uri.pin, Some(crate::crypto::pkcs11::PinSource::Value(_)))
+                    && let Err(e) = check_private_file(config)
+                {
+                    self.push(
+                        field,
+                        format_args!(
+                            "the URI holds a PIN (pin-value), so the file is a secret: {e}"
+                        ),
+                    );
+                    return None;
+                }
+                self.token_signer(field, uri)
+            }
+        }
+    }
+
+    #[cfg(feature = "pkcs11")]
+    fn token_signer(
+        &mut self,
+        field: &str,
+        uri: &crate::crypto::pkcs11::Pkcs11Uri,
+    ) -> Option<Signer> {
+        Signer::open_token(uri)
+            .map_err(|e| self.push(field, crate::error_chain(&e)))
+            .ok()
+    }
+
+    #[cfg(not(feature = "pkcs11"))]
+    fn token_signer(
+        &mut self,
+        field: &str,
+        _uri: &crate::crypto::pkcs11::Pkcs11Uri,
+    ) -> Option<Signer> {
+        self.push(
+            field,
+            "this build has no PKCS#11 support (built without the pkcs11 feature, as the static musl build is: it cannot load modules); use a key file or a glibc build",
+        );
+        None
+    }
+
     /// The validated value when nothing is wrong; else every problem, naming `path`.
     pub fn finish<T>(self, path: &Path, value: Option<T>) -> Result<T, ConfigError> {
         match value {
@@ -266,6 +329,29 @@ pub fn check_private_file(path: &Path) -> Result<(), PrivateFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// The static musl build has no PKCS#11: a `pkcs11:` URI is a problem that says so, not a
+    /// path that cannot be read.
+    #[cfg(not(feature = "pkcs11"))]
+    #[test]
+    fn a_pkcs11_uri_without_the_feature_is_a_problem_that_says_why() {
+        let source =
+            KeySource::parse("pkcs11:token=t;object=k?module-path=/usr/lib/softhsm/libsofthsm2.so")
+                .expect("parses");
+        let mut p = Problems::new("config file");
+        let signer = p.signer(
+            "key_file",
+            &source,
+            Path::new("/nonexistent.toml"),
+            |_, _| unreachable!("not a file"),
+        );
+        assert!(signer.is_none());
+        let err = p.finish::<()>(Path::new("/x.toml"), None).unwrap_err();
+        assert!(
+            err.problems()[0].starts_with("key_file: this build has no PKCS#11 support"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn every_problem_is_listed_and_the_file_named() {

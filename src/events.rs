@@ -69,6 +69,8 @@ pub const FLEET_SYNCED: &str = "9ab9617144c6465eb5f640c159c9c07f";
 pub const FLEET_SYNC_FAILED: &str = "649500c3953b4ac4b3ca48be2c46fb53";
 /// A terminal's request was refused (authentication, fleet, or the platform's answer).
 pub const TERMINAL_REFUSED: &str = "afe374d2a5d043f8a738d293a83e46ed";
+/// A terminal's requests are refused by a rate limit (logged once per device per minute).
+pub const TERMINAL_RATE_LIMITED: &str = "e76e107a6eb8490e8a72c7bed81059ad";
 /// WeChat Pay's platform certificates were downloaded and verified.
 pub const PLATFORM_CERTIFICATES_REFRESHED: &str = "1b3f5067d78042eab0dc1b0e593c4f79";
 /// Downloading the platform certificates failed; the trusted ones stay.
@@ -113,6 +115,7 @@ pub const ALL: &[(&str, &str)] = &[
     (FLEET_SYNCED, "FLEET_SYNCED"),
     (FLEET_SYNC_FAILED, "FLEET_SYNC_FAILED"),
     (TERMINAL_REFUSED, "TERMINAL_REFUSED"),
+    (TERMINAL_RATE_LIMITED, "TERMINAL_RATE_LIMITED"),
     (
         PLATFORM_CERTIFICATES_REFRESHED,
         "PLATFORM_CERTIFICATES_REFRESHED",

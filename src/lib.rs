@@ -6,7 +6,8 @@
 //! - [`config_file`]: what the config files share: TOML reading, the problems collector, the
 //!   one config error type and the private-file permission check.
 //! - [`events`]: the journal MESSAGE_IDs of the log lines an operator acts on.
-//! - [`crypto`]: RSA signing (ring), verification, key generation, PEM, fingerprints.
+//! - [`crypto`]: RSA signing (ring, or inside a PKCS#11 token with the `pkcs11` feature),
+//!   verification, key generation, PEM, fingerprints, `pkcs11:` URIs.
 //! - [`units`]: durations and timestamps as people write them.
 //! - [`prometheus`]: the metrics text format both `/metrics` pages are written in.
 //! - [`schedule`]: jitter and backoff arithmetic shared by the daemon and the proxy.

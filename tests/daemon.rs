@@ -5,16 +5,19 @@ use std::time::Duration;
 use authinfod::terminal::metrics::Denial;
 
 use crate::support::fake_proxy::{FakeProxy, Script};
-use crate::support::{TestDaemon, dead_url, device_key, socket_request, wait_until};
+use crate::support::{
+    NO_FORCED_LIMIT, TestDaemon, dead_url, device_key, socket_request, wait_until,
+};
 
 async fn proxy() -> FakeProxy {
     FakeProxy::start(&device_key().public.to_pem()).await
 }
 
-/// Starts a daemon with a first authinfo `A1` already fetched and served.
+/// Starts a daemon with a first authinfo `A1` already fetched and served, and no forced-refresh
+/// limit (its callers force one refresh per fault).
 async fn daemon_with_authinfo(proxy: &FakeProxy) -> (TestDaemon, String) {
     proxy.script([Script::Authinfo("A1".into(), None)]);
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, NO_FORCED_LIMIT).await;
     let r = daemon.put_raw_data("RAW-1").await;
     assert_eq!(r.status, 202);
     let state = daemon.state.clone();
@@ -30,7 +33,7 @@ async fn daemon_with_authinfo(proxy: &FakeProxy) -> (TestDaemon, String) {
 async fn raw_data_push_fetches_serves_and_long_poll_wakes_on_change() {
     let proxy = proxy().await;
     proxy.script([Script::Authinfo("A1".into(), Some(5400))]);
-    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &proxy.pki.ca_pem, NO_FORCED_LIMIT).await;
     let t0 = std::time::Instant::now();
 
     let r = daemon.get("/v1/authinfo").await;
@@ -304,7 +307,7 @@ async fn a_proxy_certificate_from_another_ca_is_refused() {
     let proxy = proxy().await;
     proxy.fallback(Script::Authinfo("EVIL".into(), None));
     let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
-    let daemon = TestDaemon::start(&proxy.url, &other.ca_pem, "").await;
+    let daemon = TestDaemon::start(&proxy.url, &other.ca_pem, NO_FORCED_LIMIT).await;
     daemon.put_raw_data("RAW").await;
     let r = daemon
         .request("POST", "/v1/refresh?wait=true", &[], None)
@@ -745,8 +748,9 @@ async fn a_reload_applies_the_allow_list_and_the_proxy_ca_and_keeps_the_authinfo
     let proxy = proxy().await;
     let (daemon, _) = daemon_with_authinfo(&proxy).await;
     let dir = daemon.dir.path().to_owned();
+    // As the daemon was started: without the forced-refresh limit (the test forces one).
     let rewrite = |ca: &str, extra: &str| {
-        crate::support::write_config(&dir, &proxy.url, ca, extra);
+        crate::support::write_config(&dir, &proxy.url, ca, &format!("{extra}{NO_FORCED_LIMIT}"));
     };
     let served = || async { daemon.get("/v1/authinfo").await };
 
@@ -799,7 +803,12 @@ async fn a_reload_applies_the_allow_list_and_the_proxy_ca_and_keeps_the_authinfo
     assert_eq!(served().await.json()["authinfo"], "A2");
 
     // A field a reload cannot apply is named, beside what it did apply.
-    rewrite(&proxy.pki.ca_pem, "[refresh]\ninterval = \"10m\"\n");
+    crate::support::write_config(
+        &dir,
+        &proxy.url,
+        &proxy.pki.ca_pem,
+        "[refresh]\ninterval = \"10m\"\nmin_forced_interval = \"0s\"\n",
+    );
     let config = dir.join("authinfod.toml");
     let text = std::fs::read_to_string(&config).expect("read");
     std::fs::write(&config, format!("log_level = \"debug\"\n{text}")).expect("write");

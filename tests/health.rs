@@ -20,7 +20,11 @@ use crate::support::{TestDaemon, wait_until};
 /// A daemon state and an upstream client for calling `check_once` directly.
 async fn daemon_parts(lab: &Lab) -> (Daemon, Arc<dyn Upstream>) {
     let config = config::load(&lab.daemon_config).expect("daemon config");
-    let key = RsaSigner::from_file(&config.key_file).expect("device key");
+    let key_file = config
+        .key_file
+        .file()
+        .expect("the lab's device key is a file");
+    let key = RsaSigner::from_file(key_file).expect("device key");
     let upstream: Arc<dyn Upstream> = Arc::new(
         ProxyClient::new(
             &config.proxy.url,

@@ -722,10 +722,11 @@ async fn daemon_gets_authinfo_and_inspection_through_the_proxy_over_real_tls() {
 /// stays; the proxy's error body names the platform's status and request id.
 #[tokio::test]
 async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as_an_authinfo() {
-    // Backoff far beyond the test, so that no background retry joins a refresh asked for here.
+    // Backoff far beyond the test, so that no background retry joins a refresh asked for here,
+    // and no forced-refresh limit: the test forces one refresh per fault.
     let (dir, lab) = synced_lab(
         lab::world(0, 45),
-        "[refresh]\nbackoff_min = \"24h\"\nbackoff_max = \"24h\"\n",
+        "[refresh]\nbackoff_min = \"24h\"\nbackoff_max = \"24h\"\nmin_forced_interval = \"0s\"\n",
     )
     .await;
     let daemon = TestDaemon::start_with_config(dir.clone(), &lab.daemon_config).await;
@@ -1532,4 +1533,197 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
         stderr.contains("tls_cert/tls_key") && !stderr.contains("wechatpay.merchant_key"),
         "only the TLS pair is named: {stderr}"
     );
+}
+
+// === limits: no terminal can burn the merchant's quota ===
+
+/// WeChat Pay in these labs admits 10 authinfo requests of the merchant an hour, whoever sends
+/// them, as its per-merchant limits do: the flooder's budget (5) and the other terminal's 4
+/// fit, the flooder's first 10 alone do not leave the other one.
+fn world_with_merchant_limit() -> World {
+    World {
+        authinfo_limit: Some(authinfod::sandbox::AuthinfoLimit {
+            requests: 10,
+            window: Duration::from_secs(3600),
+        }),
+        ..lab::world(1, 45)
+    }
+}
+
+/// What one round of [`flood`] got: the flooder's and the other terminal's answers.
+struct Flooded {
+    flooder: Vec<Reply>,
+    other: Vec<Reply>,
+}
+
+/// Device B, enrolled, signs 40 valid, distinct `POST /v1/authinfo` requests (each its own
+/// nonce and signature); device A, another terminal, refreshes after every tenth.
+async fn flood(lab: &Lab) -> Flooded {
+    let b = append_device_b(lab, DEVICE_B_SN);
+    lab.proxy.reload_registry();
+    let a = device_a(lab);
+    let mut conn = ProxyConnection::open(lab).await;
+    let body = authinfo_body("RAW-1");
+    let (mut flooder, mut other) = (Vec::new(), Vec::new());
+    for i in 1..=40 {
+        flooder.push(conn.signed(&b, "POST", "/v1/authinfo", &body).await);
+        if i % 10 == 0 {
+            other.push(conn.signed(&a, "POST", "/v1/authinfo", &body).await);
+        }
+    }
+    Flooded { flooder, other }
+}
+
+fn authinfo_calls(lab: &Lab) -> usize {
+    upstream_calls(lab)
+        .iter()
+        .filter(|r| r.as_str() == "POST /v3/offlineface/authinfo")
+        .count()
+}
+
+/// A terminal signing a flood of valid, distinct requests gets its bucket (5 here), then 429
+/// DEVICE_RATE_LIMITED with Retry-After, and nothing more of it reaches WeChat Pay; another
+/// terminal keeps refreshing throughout. The flood is counted in `/metrics` by route and logged
+/// once, not per request.
+#[tokio::test]
+async fn a_flooding_terminal_gets_429_after_its_budget_and_the_others_keep_refreshing() {
+    let (_dir, lab) = synced_lab_with(
+        world_with_merchant_limit(),
+        "[limits]\nauthinfo_burst = 5\nauthinfo_every = \"1h\"\n",
+        "",
+    )
+    .await;
+    let (logs, _guard) = capture();
+    let flooded = flood(&lab).await;
+
+    let statuses: Vec<u16> = flooded.flooder.iter().map(|r| r.status).collect();
+    assert_eq!(statuses[..5], [200; 5], "the bucket: {statuses:?}");
+    for r in &flooded.flooder[5..] {
+        let body = assert_refused(r, 429, codes::DEVICE_RATE_LIMITED);
+        assert!(body.retryable);
+        let after = body.retry_after_seconds.expect("retry_after_seconds");
+        // One token an hour; the first came back an hour after the first request.
+        assert!((3000..=3600).contains(&after), "{after}");
+        assert_eq!(r.header("retry-after"), Some(after.to_string()));
+        assert!(
+            body.message.contains("5 at once, then one every 1h"),
+            "{}",
+            body.message
+        );
+    }
+    for r in &flooded.other {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(r.json()["authinfo"].as_str().is_some());
+    }
+    assert_eq!(
+        authinfo_calls(&lab),
+        5 + 4,
+        "only the flooder's budget and the other's refreshes reached WeChat Pay"
+    );
+
+    let (_, metrics) = admin_get(&lab, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "authinfo_proxy_rate_limited_total{route=\"/v1/authinfo\",limit=\"device\"} 35"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"DEVICE_RATE_LIMITED\"} 35"
+        ),
+        "{metrics}"
+    );
+    let lines = logs.lines_with("rate limited");
+    assert_eq!(lines.len(), 1, "one line per device per minute: {lines:#?}");
+    assert!(
+        lines[0].contains(&format!("device_id=\"{DEVICE_B_ID}\""))
+            && lines[0].contains("code=DEVICE_RATE_LIMITED")
+            && lines[0].contains("refused_since_last_line=1"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        logs.lines_with("proxy::server: refused ").is_empty(),
+        "no per-request refusal lines: {}",
+        logs.text()
+    );
+    lab.stop().await;
+}
+
+/// The control: with the per-device limit out of the way, the same flood spends the merchant's
+/// 10 authinfo requests and WeChat Pay refuses the other terminal too (what the limit prevents).
+#[tokio::test]
+async fn without_the_device_limit_a_flooding_terminal_starves_the_others() {
+    let (_dir, lab) = synced_lab_with(
+        world_with_merchant_limit(),
+        "[limits]\nauthinfo_burst = 1000\n",
+        "",
+    )
+    .await;
+    let flooded = flood(&lab).await;
+    assert!(
+        flooded.flooder[..10].iter().all(|r| r.status == 200),
+        "the flooder took the merchant's quota"
+    );
+    for r in &flooded.other {
+        let body = assert_refused(r, 429, codes::UPSTREAM_RATE_LIMITED);
+        assert_eq!(
+            body.upstream.and_then(|u| u.code).as_deref(),
+            Some("FREQUENCY_LIMITED")
+        );
+    }
+    lab.stop().await;
+}
+
+/// Terminals together stay under the merchant's ceiling: with `wechatpay_per_second = 21` and
+/// the fleet sync keeping its 20, terminals get one WeChat Pay call a second; of two requests
+/// sent at once by two devices, one is answered 429 MERCHANT_RATE_LIMITED and not forwarded.
+#[tokio::test]
+async fn the_merchants_ceiling_leaves_the_fleet_syncs_share_and_refuses_before_forwarding() {
+    let (_dir, lab) = synced_lab_with(
+        lab::world(1, 45),
+        "[limits]\nwechatpay_per_second = 21\n",
+        "",
+    )
+    .await;
+    let b = append_device_b(&lab, DEVICE_B_SN);
+    lab.proxy.reload_registry();
+    let a = device_a(&lab);
+    let (mut conn_a, mut conn_b) = (
+        ProxyConnection::open(&lab).await,
+        ProxyConnection::open(&lab).await,
+    );
+    let before = authinfo_calls(&lab);
+    let body = authinfo_body("RAW-1");
+    let (ra, rb) = tokio::join!(
+        conn_a.signed(&a, "POST", "/v1/authinfo", &body),
+        conn_b.signed(&b, "POST", "/v1/authinfo", &body),
+    );
+    let mut statuses = [ra.status, rb.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 429]);
+    let refused = if ra.status == 429 { &ra } else { &rb };
+    let refusal = assert_refused(refused, 429, codes::MERCHANT_RATE_LIMITED);
+    assert_eq!(refusal.retry_after_seconds, Some(1));
+    assert!(
+        refusal
+            .message
+            .contains("ceiling of 1 wechatpay calls a second"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(
+        authinfo_calls(&lab) - before,
+        1,
+        "the refused one was not forwarded"
+    );
+    let (_, metrics) = admin_get(&lab, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "authinfo_proxy_rate_limited_total{route=\"/v1/authinfo\",limit=\"merchant\"} 1"
+        ),
+        "{metrics}"
+    );
+    lab.stop().await;
 }

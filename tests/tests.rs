@@ -8,6 +8,8 @@ mod daemon;
 mod egress;
 mod health;
 mod journal;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 mod proxy;
 mod socket;
 mod terminals;

@@ -29,7 +29,8 @@ fn main() -> ExitCode {
             listen,
             proxy_listen,
             devices,
-        } => sandbox(&dir, &listen, &proxy_listen, devices),
+            authinfo_per_minute,
+        } => sandbox(&dir, &listen, &proxy_listen, devices, authinfo_per_minute),
     };
     match result {
         Ok(code) => code,
@@ -96,6 +97,9 @@ fn serve(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     let registry = proxy::registry::Registry::load(&config.registry)?;
+    for warning in config.key_warnings() {
+        eprintln!("authinfo-proxy: warning: {warning}");
+    }
     println!(
         "{} is valid: listen {}, admin {}, {} enrolled device(s), WeChat Pay {} (mchid {}, serial {}, answers verified with {}), Alipay {}, Alibaba Cloud {}, fleet sync {}, egress {}, trust {:?}",
         path.display(),
@@ -232,13 +236,19 @@ fn sandbox(
     listen: &str,
     proxy_listen: &str,
     devices: usize,
+    authinfo_per_minute: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     init_logging("info");
+    let authinfo_limit = authinfo_per_minute.map(|requests| authinfod::sandbox::AuthinfoLimit {
+        requests,
+        window: std::time::Duration::from_secs(60),
+    });
     runtime()?.block_on(authinfod::demo::lab::run_standalone_sandbox(
         dir,
         listen,
         proxy_listen,
         devices,
+        authinfo_limit,
         shutdown_signal(),
     ))?;
     Ok(ExitCode::SUCCESS)

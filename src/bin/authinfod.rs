@@ -24,16 +24,15 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen {
             out,
+            pkcs11,
             force,
             device_id,
-        } => match keygen::keygen(&out, force) {
-            Ok(public) => {
-                print!("{}", keygen::enrolment_text(&public, device_id.as_deref()));
-                eprintln!("wrote the private key to {} (mode 0600)", out.display());
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => Err(anyhow::Error::new(e)),
-        },
+        } => keygen(
+            out.as_deref(),
+            pkcs11.as_deref(),
+            force,
+            device_id.as_deref(),
+        ),
         Command::Status { json, socket } => client_command(socket, |addr| status(addr, json)),
         Command::Get { socket } => client_command(socket, get),
         Command::Refresh { wait, socket } => {
@@ -68,10 +67,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// `keygen`: a key file at `out`, or a key inside the token the `pkcs11` URI names (clap
+/// requires exactly one).
+fn keygen(
+    out: Option<&std::path::Path>,
+    pkcs11: Option<&str>,
+    force: bool,
+    device_id: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let (public, made) = match (out, pkcs11) {
+        (Some(out), _) => (
+            keygen::keygen(out, force)?,
+            format!("wrote the private key to {} (mode 0600)", out.display()),
+        ),
+        (None, Some(uri)) => {
+            let (public, uri) = keygen::keygen_in_token(uri, force)?;
+            (
+                public,
+                format!(
+                    "generated the private key inside the token (sensitive, not extractable); in authinfod.toml:\nkey_file = \"{uri}\""
+                ),
+            )
+        }
+        (None, None) => anyhow::bail!("give --out FILE or --pkcs11 URI"),
+    };
+    print!("{}", keygen::enrolment_text(&public, device_id));
+    eprintln!("{made}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The one function from error to exit code.
 fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<config::ConfigError>().is_some() {
         return exit::CONFIG;
+    }
+    // keygen --pkcs11 with a URI or token that cannot be used: fixing the URI (or the token
+    // setup it names) is the cure, as for a config.
+    if let Some(e) = err.downcast_ref::<keygen::KeygenError>() {
+        return if e.is_config() {
+            exit::CONFIG
+        } else {
+            exit::FAILURE
+        };
     }
     if let Some(e) = err.downcast_ref::<terminal::DaemonError>() {
         return if e.is_config() {
@@ -110,7 +147,8 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     // Everything the daemon creates (store, socket before its chmod) is private by default.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let log = init_logging("authinfod", config::DEFAULT_LOG_LEVEL);
-    let (config, _) = config::load_for_run(config_path)?;
+    // The key opened here is the daemon's: a PKCS#11 token is logged in to once per start.
+    let (config, key) = config::load_for_run(config_path)?;
     // Checked by the config already; `$RUST_LOG`, when set, wins.
     if let Err(error) = log.apply(&config.log_level) {
         tracing::warn!(%error, "log_level not applied");
@@ -124,7 +162,7 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         // Before the socket is bound and READY=1 sent: SIGHUP's default action would kill us.
         let signals = Signals::install();
-        let daemon = terminal::Daemon::start(config, options).await?;
+        let daemon = terminal::Daemon::start_with_key(config, key, options).await?;
         let reloader = daemon.reloader();
         daemon.run(signals.until_stopped(Some(reloader))).await;
         Ok(ExitCode::SUCCESS)
@@ -134,9 +172,12 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
 fn run_once(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     init_logging("authinfod", "warn");
-    let (config, _) = config::load_for_run(config_path)?;
-    let report =
-        runtime()?.block_on(terminal::run_once(config, terminal::RunOptions::default()))?;
+    let (config, key) = config::load_for_run(config_path)?;
+    let report = runtime()?.block_on(terminal::run_once_with_key(
+        config,
+        key,
+        terminal::RunOptions::default(),
+    ))?;
     for (check, result) in &report.health {
         match result {
             Ok(()) => println!("health {}: ok", check.name()),
@@ -221,7 +262,10 @@ impl Signals {
 fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     // The file, and what `run` checks at start (the key, the state directory): a config that
     // passes here starts.
-    let (config, _) = config::load_for_run(file)?;
+    let (config, key) = config::load_for_run(file)?;
+    for warning in key.warnings() {
+        eprintln!("authinfod: warning: key_file: {warning}");
+    }
     println!(
         "{} is valid: device {}, proxy {}, socket {}, refresh every {}",
         file.display(),
@@ -275,13 +319,17 @@ async fn get(address: config::SocketAddress) -> anyhow::Result<ExitCode> {
 }
 
 async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<ExitCode> {
-    if !wait {
-        client::request_refresh(&address).await?;
-        println!("refresh requested");
-        return Ok(ExitCode::SUCCESS);
-    }
-    match client::refresh_and_wait(&address).await {
-        Ok(done) => {
+    let result = if wait {
+        client::refresh_and_wait(&address).await.map(Some)
+    } else {
+        client::request_refresh(&address).await.map(|()| None)
+    };
+    match result {
+        Ok(None) => {
+            println!("refresh requested");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Some(done)) => {
             println!(
                 "refreshed: authinfo {} ({}), expires {}",
                 done.fingerprint,
@@ -289,6 +337,19 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
                 done.expires_at
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Err(client::ClientError::Refused {
+            status: 429,
+            message,
+            retry_after_seconds,
+            ..
+        }) => {
+            let now = authinfod::units::unix_now();
+            eprintln!(
+                "authinfod: {}",
+                client::render_refresh_held(&message, retry_after_seconds, now)
+            );
+            Ok(ExitCode::from(exit::TEMPFAIL))
         }
         Err(client::ClientError::Refused { code, message, .. }) => {
             eprintln!("authinfod: refresh failed ({code}): {message}");

@@ -2,9 +2,13 @@
 //!
 //! Owns: PEM decoding (with rustls-pki-types), RSA SHA256withRSA (PKCS#1 v1.5) signing with ring (constant-time),
 //! verification with ring, RSA key generation and public-key parsing with the `rsa` crate,
-//! fingerprints, nonces and base64. It must not sign with the `rsa` crate (RUSTSEC-2023-0071:
-//! its private-key operation is not constant-time); the `rsa` crate only generates keys and
-//! parses public keys here.
+//! fingerprints, nonces and base64; [`Signer`], the one signing key type every signature goes
+//! through (a ring key, or with the `pkcs11` feature a key inside a PKCS#11 token, [`pkcs11`]),
+//! and [`KeySource`], where a configured private key is (a file or a `pkcs11:` URI). It must not
+//! sign with the `rsa` crate (RUSTSEC-2023-0071: its private-key operation is not
+//! constant-time); the `rsa` crate only generates keys and parses public keys here.
+
+pub mod pkcs11;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -41,6 +45,28 @@ pub enum CryptoError {
     Generate(String),
     #[error("the system random number generator failed")]
     Random,
+    #[cfg(feature = "pkcs11")]
+    #[error(transparent)]
+    Token(Box<pkcs11::TokenError>),
+}
+
+#[cfg(feature = "pkcs11")]
+impl From<pkcs11::TokenError> for CryptoError {
+    fn from(e: pkcs11::TokenError) -> Self {
+        Self::Token(Box::new(e))
+    }
+}
+
+impl CryptoError {
+    /// True when the same signature may succeed later with nothing changed: a PKCS#11 token
+    /// that is away (unplugged) rather than refusing.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            #[cfg(feature = "pkcs11")]
+            Self::Token(e) => e.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 // === PEM ===
@@ -200,6 +226,124 @@ impl RsaSigner {
     }
 }
 
+// === impl Signer ===
+
+/// A private key that signs SHA256withRSA (PKCS#1 v1.5): in memory with ring, or inside a
+/// PKCS#11 token (feature `pkcs11`), where the private half never leaves the token.
+#[derive(Debug)]
+// One per configured key, made at start and never moved in a hot path: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Signer {
+    Software(RsaSigner),
+    #[cfg(feature = "pkcs11")]
+    Token(Box<pkcs11::TokenSigner>),
+}
+
+impl From<RsaSigner> for Signer {
+    fn from(key: RsaSigner) -> Self {
+        Self::Software(key)
+    }
+}
+
+#[cfg(feature = "pkcs11")]
+impl From<pkcs11::TokenSigner> for Signer {
+    fn from(key: pkcs11::TokenSigner) -> Self {
+        Self::Token(Box::new(key))
+    }
+}
+
+impl Signer {
+    /// Opens the key `source` names: a token key through its URI (the file case needs the
+    /// caller's file checks and parser: see `config_file::Problems::signer`).
+    #[cfg(feature = "pkcs11")]
+    pub fn open_token(uri: &pkcs11::Pkcs11Uri) -> Result<Self, CryptoError> {
+        Ok(Self::Token(Box::new(pkcs11::TokenSigner::open(uri)?)))
+    }
+
+    /// SHA256withRSA over `message`, raw signature bytes.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        match self {
+            Self::Software(key) => key.sign(message),
+            // A token answers in milliseconds to seconds (a network HSM, a TPM, a token being
+            // looked for again after it went away): on a multi-threaded runtime the worker is
+            // handed over meanwhile, so other requests are not stalled behind the signature.
+            #[cfg(feature = "pkcs11")]
+            Self::Token(key) => {
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi_thread {
+                    Ok(tokio::task::block_in_place(|| key.sign(message))?)
+                } else {
+                    Ok(key.sign(message)?)
+                }
+            }
+        }
+    }
+
+    /// SHA256withRSA over `message`, base64.
+    pub fn sign_base64(&self, message: &[u8]) -> Result<String, CryptoError> {
+        Ok(BASE64.encode(self.sign(message)?))
+    }
+
+    /// The public half, for verification and fingerprints.
+    pub fn public_key(&self) -> Result<RsaVerifier, CryptoError> {
+        match self {
+            Self::Software(key) => key.public_key(),
+            #[cfg(feature = "pkcs11")]
+            Self::Token(key) => Ok(key.public_key().clone()),
+        }
+    }
+
+    /// What an operator should hear about the key at start (an extractable token key); empty
+    /// for a key file.
+    pub fn warnings(&self) -> Vec<String> {
+        match self {
+            Self::Software(_) => Vec::new(),
+            #[cfg(feature = "pkcs11")]
+            Self::Token(key) => key.warnings(),
+        }
+    }
+}
+
+// === impl KeySource ===
+
+/// Where a configured private key is: a PEM file, or a key inside a PKCS#11 token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Pkcs11(Box<pkcs11::Pkcs11Uri>),
+}
+
+impl KeySource {
+    /// A `pkcs11:` URI (which must parse), else a file path.
+    pub fn parse(text: &str) -> Result<Self, pkcs11::UriError> {
+        if pkcs11::Pkcs11Uri::is_uri(text) {
+            pkcs11::Pkcs11Uri::parse(text).map(|uri| Self::Pkcs11(Box::new(uri)))
+        } else {
+            Ok(Self::File(PathBuf::from(text)))
+        }
+    }
+
+    /// The file, when the key is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::File(path) => Some(path),
+            Self::Pkcs11(_) => None,
+        }
+    }
+}
+
+/// The path, or the URI with its PIN hidden.
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Pkcs11(uri) => write!(f, "{uri}"),
+        }
+    }
+}
+
 // === impl RsaVerifier ===
 
 /// An RSA public key that verifies SHA256withRSA (PKCS#1 v1.5) signatures with ring.
@@ -285,6 +429,20 @@ impl RsaVerifier {
                 what: what.to_owned(),
                 reason: e.to_string(),
             })?;
+        Self::from_rsa(&key, what)
+    }
+
+    /// An RSA public key from its modulus and public exponent (big-endian), as a PKCS#11 token
+    /// shows them (CKA_MODULUS, CKA_PUBLIC_EXPONENT).
+    pub fn from_modulus_exponent(n: &[u8], e: &[u8], what: &str) -> Result<Self, CryptoError> {
+        let key = rsa::RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+        )
+        .map_err(|err| CryptoError::BadPublicKey {
+            what: what.to_owned(),
+            reason: err.to_string(),
+        })?;
         Self::from_rsa(&key, what)
     }
 

@@ -297,6 +297,30 @@ impl LabFiles {
         extra: &str,
         verification: WechatVerification,
     ) -> Result<PathBuf, LabError> {
+        self.write_proxy_config_with_keys(
+            generated,
+            sandbox_url,
+            listen,
+            admin_listen,
+            extra,
+            verification,
+            MerchantKeys::default(),
+        )
+    }
+
+    /// [`write_proxy_config`](Self::write_proxy_config) with the merchant's private keys where
+    /// `keys` says (a PKCS#11 token's, say).
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_proxy_config_with_keys(
+        &self,
+        generated: &GeneratedLab,
+        sandbox_url: &str,
+        listen: &str,
+        admin_listen: &str,
+        extra: &str,
+        verification: WechatVerification,
+        keys: MerchantKeys<'_>,
+    ) -> Result<PathBuf, LabError> {
         let path = self.path("authinfo-proxy.toml");
         let k = &generated.sandbox_keys;
         let verification = match verification {
@@ -323,7 +347,7 @@ base_url = "{sandbox_url}"
 ca_file = "sandbox-ca.pem"
 mchid = "{mchid}"
 sp_appid = "wxsandboxspapp0001"
-merchant_key = "wechatpay-merchant.key"
+merchant_key = "{merchant_key}"
 # The serial is read from the certificate (merchant_serial = "{serial}" would say the same).
 merchant_certificate = "wechatpay-merchant-cert.pem"
 {verification}
@@ -332,7 +356,7 @@ merchant_certificate = "wechatpay-merchant-cert.pem"
 gateway = "{sandbox_url}/gateway.do"
 ca_file = "sandbox-ca.pem"
 app_id = "{app_id}"
-app_private_key = "alipay-app.key"
+app_private_key = "{app_private_key}"
 alipay_public_key = "alipay-public.pem"
 
 [aliyun]
@@ -348,6 +372,8 @@ access_key_secret_file = "aliyun-secret"
                 app_id = k.alipay_app_id,
                 ak = generated.aliyun_access_key_id,
                 upstream_timeout = LAB_UPSTREAM_TIMEOUT,
+                merchant_key = keys.wechat_merchant,
+                app_private_key = keys.alipay_app,
             ),
             // 0600: `extra` may give an [upstream] http_proxy with a password, which makes the
             // file a secret (the proxy refuses it readable by others then).
@@ -397,6 +423,26 @@ pub enum WechatVerification {
     DownloadedCertificates,
 }
 
+/// Where the lab's proxy finds the merchant's two private keys: the key files the lab writes
+/// (the default), or anything else the config accepts (a `pkcs11:` URI of a token the caller
+/// put the same keys into).
+#[derive(Debug, Clone, Copy)]
+pub struct MerchantKeys<'a> {
+    /// `[wechatpay] merchant_key`.
+    pub wechat_merchant: &'a str,
+    /// `[alipay] app_private_key`.
+    pub alipay_app: &'a str,
+}
+
+impl Default for MerchantKeys<'_> {
+    fn default() -> Self {
+        Self {
+            wechat_merchant: "wechatpay-merchant.key",
+            alipay_app: "alipay-app.key",
+        }
+    }
+}
+
 /// What a lab is started with beyond its world.
 #[derive(Debug, Clone, Default)]
 pub struct LabOptions<'a> {
@@ -408,6 +454,8 @@ pub struct LabOptions<'a> {
     /// ([`SANDBOX_ALIAS_HOST`] behind an egress proxy).
     pub host: Option<&'a str>,
     pub wechat: WechatVerification,
+    /// Where the proxy's config says the merchant keys are.
+    pub merchant_keys: MerchantKeys<'a>,
 }
 
 /// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
@@ -473,6 +521,7 @@ impl Lab {
             daemon_extra,
             host,
             wechat,
+            merchant_keys,
         } = *options;
         let host = host.unwrap_or("127.0.0.1");
         let loopback = || async {
@@ -493,13 +542,14 @@ impl Lab {
                 .map_err(LabError::Listen)?
                 .port()
         );
-        let proxy_config = files.write_proxy_config(
+        let proxy_config = files.write_proxy_config_with_keys(
             &generated,
             &sandbox_url,
             "127.0.0.1:0",
             "127.0.0.1:0",
             proxy_extra,
             wechat,
+            merchant_keys,
         )?;
         let device_public = generated.device_public.clone();
         let sandbox = start_sandbox(
@@ -540,12 +590,14 @@ impl Lab {
 
 /// `authinfo-proxy sandbox`: generates a lab in `dir` (keys, proxy config for a proxy on
 /// `proxy_listen`, registry, terminal config), serves the simulated platforms on `listen` with
-/// `devices` extra fleet devices, and prints what to run next; until `shutdown`.
+/// `devices` extra fleet devices (and the merchant's `authinfo_limit`, if any), and prints what
+/// to run next; until `shutdown`.
 pub async fn run_standalone_sandbox(
     dir: &Path,
     listen: &str,
     proxy_listen: &str,
     devices: usize,
+    authinfo_limit: Option<crate::sandbox::AuthinfoLimit>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LabError> {
     let listener = TcpListener::bind(listen).await.map_err(LabError::Listen)?;
@@ -572,7 +624,10 @@ pub async fn run_standalone_sandbox(
         generated.sandbox_keys,
         &generated.sandbox_pki,
         listener,
-        world(devices, 45),
+        World {
+            authinfo_limit,
+            ..world(devices, 45)
+        },
     )?;
     println!("Simulated WeChat Pay, Alipay and Alibaba Cloud at {sandbox_url}");
     println!("Fresh keys, certificates and configs in {}:", dir.display());

@@ -4,9 +4,9 @@
 //! `sign`, sorted by key, empty values skipped, `k=v` joined with `&`, raw values), the form
 //! POST, verification of the answer over the raw JSON text of the response object exactly as
 //! received, and the mapping of gateway errors to [`Failure`]. It must not re-serialise an
-//! answer before verifying it, must not sign with anything but [`RsaSigner`] (ring), and must
-//! not log keys, signatures or the app auth token. Certificate mode (`alipay_cert_sn`) is not
-//! supported: the merchant configures the Alipay public key.
+//! answer before verifying it, must not sign with anything but [`Signer`] (ring, or a PKCS#11
+//! token), and must not log keys, signatures or the app auth token. Certificate mode
+//! (`alipay_cert_sn`) is not supported: the merchant configures the Alipay public key.
 
 use std::fmt;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::macros::{format_description, offset};
 
-use crate::crypto::{CryptoError, RsaSigner, RsaVerifier};
+use crate::crypto::{CryptoError, RsaVerifier, Signer};
 use crate::platform::{Failure, FailureClass};
 
 /// The production gateway.
@@ -351,7 +351,7 @@ fn unverified_claim(common: &Common) -> String {
 pub struct AlipayClient {
     gateway: String,
     app_id: String,
-    app_key: RsaSigner,
+    app_key: Signer,
     alipay_public: RsaVerifier,
     app_auth_token: Option<String>,
     http: reqwest::Client,
@@ -378,14 +378,14 @@ impl AlipayClient {
     pub fn new(
         gateway: impl Into<String>,
         app_id: impl Into<String>,
-        app_key: RsaSigner,
+        app_key: impl Into<Signer>,
         alipay_public: RsaVerifier,
         http: reqwest::Client,
     ) -> Self {
         Self {
             gateway: gateway.into(),
             app_id: app_id.into(),
-            app_key,
+            app_key: app_key.into(),
             alipay_public,
             app_auth_token: None,
             http,
@@ -510,8 +510,8 @@ mod tests {
         crate::crypto::test_key(n)
     }
 
-    fn signer(n: usize) -> RsaSigner {
-        RsaSigner::from_pem(&key(n).private_pem, "test key").expect("parse")
+    fn signer(n: usize) -> crate::crypto::RsaSigner {
+        crate::crypto::RsaSigner::from_pem(&key(n).private_pem, "test key").expect("parse")
     }
 
     fn http() -> reqwest::Client {

@@ -7,7 +7,7 @@
 //! Owns: each platform's signing rules, request and response formats and error shapes. It
 //! must not know about terminals, devices' registry entries or the wire contract: the proxy
 //! maps a [`Failure`] to its own error body. Every private-key operation goes through
-//! [`crate::crypto::RsaSigner`] (ring).
+//! [`crate::crypto::Signer`] (ring, or a key inside a PKCS#11 token).
 
 pub mod alipay;
 pub mod aliyun;

@@ -14,11 +14,12 @@ use serde::Deserialize;
 
 use super::terminals::risk::Thresholds;
 use crate::config_file::Problems;
-use crate::crypto::{RsaSigner, RsaVerifier};
+use crate::crypto::{KeySource, RsaSigner, RsaVerifier, Signer};
 use crate::platform::aliyun::SignatureScheme;
 use crate::platform::wechatpay::PlatformKeys;
 use crate::platform::wechatpay::certificates::ApiV3Key;
 use crate::platform::{Egress, Trust, Upstream};
+use crate::proxy::limits::{Bucket, LimitsConfig};
 use crate::units::HumanDuration;
 
 /// Where `authinfo-proxy` looks for its config when `--config` is not given.
@@ -50,6 +51,8 @@ struct RawConfig {
     wechatpay: Option<RawWechatPay>,
     #[serde(default)]
     fleet: RawFleet,
+    #[serde(default)]
+    limits: RawLimits,
     alipay: Option<RawAlipay>,
     aliyun: Option<RawAliyun>,
     admin_token_file: Option<PathBuf>,
@@ -76,7 +79,8 @@ struct RawWechatPay {
     base_url: Option<String>,
     mchid: Option<String>,
     sp_appid: Option<String>,
-    merchant_key: Option<PathBuf>,
+    /// A key file, or a `pkcs11:` URI.
+    merchant_key: Option<String>,
     merchant_serial: Option<String>,
     merchant_certificate: Option<PathBuf>,
     public_key_id: Option<String>,
@@ -102,12 +106,25 @@ struct RawFleet {
     requests_per_day: Option<u32>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    authinfo_burst: Option<u32>,
+    authinfo_every: Option<HumanDuration>,
+    health_burst: Option<u32>,
+    health_every: Option<HumanDuration>,
+    wechatpay_per_second: Option<u32>,
+    alipay_per_second: Option<u32>,
+    aliyun_per_second: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAlipay {
     gateway: Option<String>,
     app_id: Option<String>,
-    app_private_key: Option<PathBuf>,
+    /// A key file, or a `pkcs11:` URI.
+    app_private_key: Option<String>,
     alipay_public_key: Option<PathBuf>,
     app_auth_token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
@@ -129,7 +146,8 @@ pub struct WechatPayConfig {
     pub base_url: reqwest::Url,
     pub mchid: String,
     pub sp_appid: String,
-    pub merchant_key: RsaSigner,
+    /// The merchant API key: from a file, or inside a PKCS#11 token.
+    pub merchant_key: Signer,
     pub merchant_serial: String,
     pub platform_keys: PlatformKeys,
     /// The APIv3 key: when given, platform certificates are downloaded and kept up to date.
@@ -152,7 +170,8 @@ pub struct FleetConfig {
 pub struct AlipayConfig {
     pub gateway: String,
     pub app_id: String,
-    pub app_key: RsaSigner,
+    /// The app private key: from a file, or inside a PKCS#11 token.
+    pub app_key: Signer,
     pub alipay_public: RsaVerifier,
     pub app_auth_token: Option<String>,
     pub ca_pem: Option<String>,
@@ -191,6 +210,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub wechatpay: WechatPayConfig,
     pub fleet: FleetConfig,
+    /// Per-device buckets and per-merchant ceilings (`[limits]`).
+    pub limits: LimitsConfig,
     pub alipay: Option<AlipayConfig>,
     pub aliyun: Option<AliyunConfig>,
     /// The admin listener's token (`admin_token_file`): when set, every admin call needs it
@@ -255,6 +276,24 @@ impl AdminToken {
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminToken(..)")
+    }
+}
+
+impl Config {
+    /// What an operator should hear about the configured keys at start (an extractable key in
+    /// a token), each naming its field.
+    pub fn key_warnings(&self) -> Vec<String> {
+        let named = |field: &'static str, key: &Signer| {
+            key.warnings()
+                .into_iter()
+                .map(move |w| format!("{field}: {w}"))
+        };
+        let mut warnings: Vec<String> =
+            named("wechatpay.merchant_key", &self.wechatpay.merchant_key).collect();
+        if let Some(alipay) = &self.alipay {
+            warnings.extend(named("alipay.app_private_key", &alipay.app_key));
+        }
+        warnings
     }
 }
 
@@ -343,6 +382,26 @@ impl Validator<'_> {
         }
     }
 
+    /// A private key field: a key file (relative to the config file, readable by its owner
+    /// only, parsed by `parse`) or a `pkcs11:` URI (the token checked now).
+    fn signer(
+        &mut self,
+        field: &str,
+        value: Option<String>,
+        parse: impl FnOnce(&str, &str) -> Result<RsaSigner, crate::crypto::CryptoError>,
+    ) -> Option<Signer> {
+        let text = self.required(field, value)?;
+        let source = match KeySource::parse(&text) {
+            Ok(KeySource::File(path)) => KeySource::File(self.path(&path)),
+            Ok(source) => source,
+            Err(e) => {
+                self.problem(format!("{field}: the pkcs11: URI {e}"));
+                return None;
+            }
+        };
+        self.problems.signer(field, &source, self.path, parse)
+    }
+
     fn read_optional(
         &mut self,
         field: &str,
@@ -415,6 +474,7 @@ impl Validator<'_> {
             }
         };
         let fleet = self.fleet(raw.fleet);
+        let limits = self.limits(raw.limits, &fleet);
         let alipay = match raw.alipay {
             Some(a) => self.alipay(a).map(Some),
             None => Some(None),
@@ -450,6 +510,7 @@ impl Validator<'_> {
             upstream: upstream?,
             wechatpay: wechatpay?,
             fleet,
+            limits,
             alipay: alipay?,
             aliyun: aliyun?,
             admin_token: admin_token?,
@@ -655,13 +716,9 @@ impl Validator<'_> {
         );
         let mchid = self.required("wechatpay.mchid", raw.mchid);
         let sp_appid = self.required("wechatpay.sp_appid", raw.sp_appid);
-        let merchant_key = self
-            .read("wechatpay.merchant_key", raw.merchant_key, true)
-            .and_then(|pem| {
-                RsaSigner::from_pem(&pem, "wechatpay.merchant_key")
-                    .map_err(|e| self.problem(format!("wechatpay.merchant_key: {e}")))
-                    .ok()
-            });
+        let merchant_key = self.signer("wechatpay.merchant_key", raw.merchant_key, |pem, _| {
+            RsaSigner::from_pem(pem, "wechatpay.merchant_key")
+        });
         let merchant_serial = self.merchant_serial(
             raw.merchant_serial,
             raw.merchant_certificate,
@@ -730,7 +787,7 @@ impl Validator<'_> {
         &mut self,
         serial: Option<String>,
         certificate: Option<PathBuf>,
-        merchant_key: Option<&RsaSigner>,
+        merchant_key: Option<&Signer>,
     ) -> Option<String> {
         let Some(path) = certificate else {
             if serial.is_none() {
@@ -797,6 +854,74 @@ impl Validator<'_> {
         }
     }
 
+    /// `[limits]`: every bucket admits at least one request and refills; WeChat Pay's ceiling
+    /// leaves the terminals something beyond the fleet sync's share.
+    fn limits(&mut self, raw: RawLimits, fleet: &FleetConfig) -> LimitsConfig {
+        use crate::proxy::limits as l;
+        let mut bucket =
+            |name: &str, burst: Option<u32>, every: Option<HumanDuration>, default: Bucket| {
+                let bucket = Bucket {
+                    burst: burst.unwrap_or(default.burst),
+                    every: every.map_or(default.every, |d| d.0),
+                };
+                if bucket.burst == 0 {
+                    self.problem(format!("limits.{name}_burst: must be at least 1"));
+                }
+                if bucket.every.is_zero() {
+                    self.problem(format!("limits.{name}_every: must be more than zero"));
+                }
+                bucket
+            };
+        let defaults = LimitsConfig::default();
+        let authinfo = bucket(
+            "authinfo",
+            raw.authinfo_burst,
+            raw.authinfo_every,
+            defaults.authinfo,
+        );
+        let health = bucket(
+            "health",
+            raw.health_burst,
+            raw.health_every,
+            defaults.health,
+        );
+        let mut per_second = |name: &str, value: Option<u32>, default: u32| {
+            let n = value.unwrap_or(default);
+            if n == 0 {
+                self.problem(format!("limits.{name}: must be at least 1"));
+            }
+            n
+        };
+        let wechatpay_per_second = per_second(
+            "wechatpay_per_second",
+            raw.wechatpay_per_second,
+            l::DEFAULT_WECHATPAY_PER_SECOND,
+        );
+        let alipay_per_second = per_second(
+            "alipay_per_second",
+            raw.alipay_per_second,
+            l::DEFAULT_ALIPAY_PER_SECOND,
+        );
+        let aliyun_per_second = per_second(
+            "aliyun_per_second",
+            raw.aliyun_per_second,
+            l::DEFAULT_ALIYUN_PER_SECOND,
+        );
+        if fleet.enabled && wechatpay_per_second <= fleet.requests_per_second {
+            self.problem(format!(
+                "limits.wechatpay_per_second: {wechatpay_per_second} must be more than fleet.requests_per_second ({}): the fleet sync's share is kept from it and terminals get the rest",
+                fleet.requests_per_second
+            ));
+        }
+        LimitsConfig {
+            authinfo,
+            health,
+            wechatpay_per_second,
+            alipay_per_second,
+            aliyun_per_second,
+        }
+    }
+
     fn alipay(&mut self, raw: RawAlipay) -> Option<AlipayConfig> {
         let gateway = self
             .url(
@@ -806,13 +931,9 @@ impl Validator<'_> {
             )
             .map(|u| u.to_string());
         let app_id = self.required("alipay.app_id", raw.app_id);
-        let app_key = self
-            .read("alipay.app_private_key", raw.app_private_key, true)
-            .and_then(|text| {
-                RsaSigner::from_pem_or_base64(&text, "alipay.app_private_key")
-                    .map_err(|e| self.problem(format!("alipay.app_private_key: {e}")))
-                    .ok()
-            });
+        let app_key = self.signer("alipay.app_private_key", raw.app_private_key, |text, _| {
+            RsaSigner::from_pem_or_base64(text, "alipay.app_private_key")
+        });
         let alipay_public = self
             .read("alipay.alipay_public_key", raw.alipay_public_key, false)
             .and_then(|text| {
@@ -903,6 +1024,17 @@ mod tests {
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()
         );
+        let l = raw.limits;
+        assert!(
+            l.authinfo_burst.is_some()
+                && l.authinfo_every.is_some()
+                && l.health_burst.is_some()
+                && l.health_every.is_some()
+                && l.wechatpay_per_second.is_some()
+                && l.alipay_per_second.is_some()
+                && l.aliyun_per_second.is_some(),
+            "every [limits] field is documented"
+        );
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -939,8 +1071,38 @@ mod tests {
         }
     }
 
-    fn merchant_key() -> RsaSigner {
-        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k").expect("key")
+    fn merchant_key() -> Signer {
+        RsaSigner::from_pem(&crate::crypto::test_key(0).private_pem, "k")
+            .expect("key")
+            .into()
+    }
+
+    /// `[limits]`: absent, the documented defaults; zero bursts, refills and ceilings, and a
+    /// WeChat Pay ceiling that leaves terminals nothing beyond the fleet sync, are all listed.
+    #[test]
+    fn limits_default_as_documented_and_refuse_what_admits_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = |v: &mut Validator<'_>| v.fleet(RawFleet::default());
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        assert_eq!(v.limits(RawLimits::default(), &f), LimitsConfig::default());
+        assert!(v.problems.is_empty());
+        let raw: RawLimits = toml::from_str(
+            "authinfo_burst = 0\nhealth_every = \"0s\"\nwechatpay_per_second = 20\naliyun_per_second = 0",
+        )
+        .expect("toml");
+        let mut v = validator(dir.path());
+        let f = fleet(&mut v);
+        let _ = v.limits(raw, &f);
+        assert_eq!(
+            listed(v),
+            [
+                "limits.authinfo_burst: must be at least 1",
+                "limits.health_every: must be more than zero",
+                "limits.aliyun_per_second: must be at least 1",
+                "limits.wechatpay_per_second: 20 must be more than fleet.requests_per_second (20): the fleet sync's share is kept from it and terminals get the rest",
+            ]
+        );
     }
 
     const SERIAL: [u8; 20] = [
@@ -1048,7 +1210,7 @@ mod tests {
             .alipay(RawAlipay {
                 gateway: None,
                 app_id: Some("2021000000000001".into()),
-                app_private_key: Some(private),
+                app_private_key: Some(private.display().to_string()),
                 alipay_public_key: Some(public),
                 app_auth_token_file: None,
                 ca_file: None,

@@ -32,6 +32,8 @@ pub struct ProxyMetrics {
     upstream: Mutex<BTreeMap<&'static str, Histogram>>,
     /// Upstream failures by (platform, class).
     upstream_failures: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Requests refused by a limit, by (route, limit: `device` or `merchant`).
+    rate_limited: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl ProxyMetrics {
@@ -65,6 +67,21 @@ impl ProxyMetrics {
             .or_default() += 1;
     }
 
+    /// Counts a request on `route` refused by the `limit` (`device` or `merchant`) before it
+    /// was forwarded.
+    pub fn count_rate_limited(&self, route: &'static str, limit: &'static str) {
+        *lock(&self.rate_limited).entry((route, limit)).or_default() += 1;
+    }
+
+    /// How many requests on `route` the `limit` refused (tests).
+    pub fn rate_limited(&self, route: &str, limit: &str) -> u64 {
+        lock(&self.rate_limited)
+            .iter()
+            .filter(|((r, l), _)| *r == route && *l == limit)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     /// How many requests got `outcome` on `route` (tests).
     pub fn requests(&self, route: &str, outcome: &str) -> u64 {
         lock(&self.requests)
@@ -92,6 +109,15 @@ impl ProxyMetrics {
         );
         for (code, n) in lock(&self.auth_failures).iter() {
             t.sample(name, &[("reason", code)], n);
+        }
+        let name = "authinfo_proxy_rate_limited_total";
+        t.family(
+            name,
+            "counter",
+            "Terminal requests refused before forwarding by a per-device bucket (limit=device) or the merchant's ceiling (limit=merchant), by route.",
+        );
+        for ((route, limit), n) in lock(&self.rate_limited).iter() {
+            t.sample(name, &[("route", route), ("limit", limit)], n);
         }
         let name = "authinfo_proxy_upstream_failures_total";
         t.family(

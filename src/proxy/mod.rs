@@ -7,6 +7,7 @@
 //! - [`auth`]: terminal request authentication and the nonce cache.
 //! - [`certificates`]: WeChat Pay's platform certificates, downloaded and rotated.
 //! - [`fleet`]: WeChat Pay's device list: paced sync, the day's budget, cache, lookup.
+//! - [`limits`]: per-device token buckets per route and per-merchant platform ceilings.
 //! - [`store`]: the proxy's sled store (fleet cache, device-list budget, platform certificates).
 //! - [`server`]: the terminal routes, the admin routes and the error table.
 //! - [`metrics`]: Prometheus series.
@@ -16,12 +17,14 @@
 //! downloaded platform certificates), so several replicas can run behind any load balancer; the
 //! nonce cache and the store are per replica, so a replay is caught only by the replica that saw
 //! the first use (route a terminal to one replica, or accept that window), and each replica
-//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's.
+//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's,
+//! and its own request limits until a shared [`limits::RateLimitStore`] replaces the memory one.
 
 pub mod auth;
 pub mod certificates;
 pub mod config;
 pub mod fleet;
+pub mod limits;
 pub mod metrics;
 pub mod periodic;
 pub mod registry;
@@ -174,6 +177,9 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         trust = ?config.upstream.trust,
         "authinfo-proxy starting"
     );
+    for warning in config.key_warnings() {
+        tracing::warn!(warning = %warning, "a configured key needs attention");
+    }
     let registry = SharedRegistry::load(&config.registry)?;
     tracing::info!(devices = registry.current().len(), "registry loaded");
     let timeout = config.upstream_timeout;
@@ -234,6 +240,15 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         alipay,
         aliyun,
         metrics: metrics::ProxyMetrics::default(),
+        limits: limits::Limits::new(
+            config.limits.clone(),
+            if config.fleet.enabled {
+                config.fleet.requests_per_second
+            } else {
+                0
+            },
+            Arc::new(limits::MemoryLimits::default()),
+        ),
         started: tokio::time::Instant::now(),
         health: health.clone(),
         reports: terminals::ReportLimiter::new(

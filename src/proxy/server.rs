@@ -2,7 +2,8 @@
 //!
 //! Owns: the route table (axum routes each path to its one method; any other method is a JSON
 //! 405 with `Allow`, any other path a JSON 404), the checks every terminal route makes before it
-//! forwards, in order body → authenticate → fleet ([`Authenticated`]), what each route sends to
+//! forwards, in order body → authenticate → fleet → the device's bucket ([`Authenticated`]),
+//! the merchant's ceiling right before each platform call ([`upstream`]), what each route sends to
 //! its platform (filled from the signing device's registry entry, never from the request: a
 //! device can only ask about itself), each request's span, counters and log line (`observe`),
 //! and the one table from error to status, code and retryability ([`RequestError`]). It must not
@@ -25,6 +26,7 @@ use tracing::Instrument as _;
 use super::auth::{AuthError, NonceCache, authenticate};
 use super::config::AdminToken;
 use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
+use super::limits::{Limited, LimitedRoute, Limits, Platform};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
 use super::terminals::doc::{TerminalDoc, TerminalsPage, TerminalsQuery};
@@ -48,6 +50,8 @@ pub struct App {
     pub alipay: Option<AlipayClient>,
     pub aliyun: Option<AliyunClient>,
     pub metrics: ProxyMetrics,
+    /// Per-device buckets and per-merchant ceilings.
+    pub limits: Limits,
     pub started: Instant,
     /// The fleet view: what each enrolled terminal reported, when it was seen and issued.
     pub health: Arc<FleetHealth>,
@@ -96,6 +100,9 @@ pub enum RequestError {
     ReportRateLimited { retry_after: std::time::Duration },
     #[error("the fleet view's store failed: {0}")]
     Store(String),
+    /// A limit refused `device_id`'s request before anything was forwarded.
+    #[error("{limited}; retry in {} s", whole_seconds(limited.retry_after()))]
+    Limited { device_id: String, limited: Limited },
     #[error("{platform}: {}", failure.message.as_deref().unwrap_or("failed"))]
     Upstream {
         platform: &'static str,
@@ -130,6 +137,14 @@ impl RequestError {
                 (S::TOO_MANY_REQUESTS, codes::REPORT_RATE_LIMITED, true)
             }
             Self::Store(_) => (S::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE, true),
+            Self::Limited {
+                limited: Limited::Device { .. },
+                ..
+            } => (S::TOO_MANY_REQUESTS, codes::DEVICE_RATE_LIMITED, true),
+            Self::Limited {
+                limited: Limited::Merchant { .. },
+                ..
+            } => (S::TOO_MANY_REQUESTS, codes::MERCHANT_RATE_LIMITED, true),
             Self::Upstream { failure, .. } => match failure.class {
                 FailureClass::Transport | FailureClass::ServerError => {
                     (S::BAD_GATEWAY, codes::UPSTREAM_UNAVAILABLE, true)
@@ -160,6 +175,7 @@ impl RequestError {
                 }),
             ),
             Self::ReportRateLimited { retry_after } => (Some(retry_after.as_secs().max(1)), None),
+            Self::Limited { limited, .. } => (Some(whole_seconds(limited.retry_after())), None),
             _ => (None, None),
         };
         ErrorBody {
@@ -194,6 +210,11 @@ impl IntoResponse for RequestError {
     }
 }
 
+/// `d` in whole seconds, rounded up and at least 1: what a client is told to wait.
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 // === the checks every terminal route makes ===
 
 /// A terminal request signed by an enrolled device: its body read once (at most
@@ -207,6 +228,8 @@ pub struct Signed {
     pub device: Arc<Device>,
     /// The body, exactly as signed.
     pub body: Bytes,
+    /// The route's per-device limit, when it has one.
+    route: Option<LimitedRoute>,
 }
 
 impl FromRequest<Arc<App>> for Signed {
@@ -243,12 +266,22 @@ impl FromRequest<Arc<App>> for Signed {
         )?;
         tracing::Span::current().record("device_id", device.device_id.as_str());
         app.health.seen(&device.device_id).await;
-        Ok(Self { device, body })
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .and_then(|m| LimitedRoute::of_path(m.as_str()));
+        Ok(Self {
+            device,
+            body,
+            route,
+        })
     }
 }
 
 /// A terminal request that passed the checks every platform route makes, in this order: those
-/// of [`Signed`] (body, signature, nonce), then WeChat Pay's fleet list.
+/// of [`Signed`] (body, signature, nonce), WeChat Pay's fleet list, and the device's bucket for
+/// the route ([`Limits::admit_device`]; only a request the device really signed spends its
+/// budget, so nobody can spend another device's).
 #[derive(Debug)]
 pub struct Authenticated {
     /// The device that signed the request: the only device the route may ask about.
@@ -261,8 +294,21 @@ impl FromRequest<Arc<App>> for Authenticated {
     type Rejection = RequestError;
 
     async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, RequestError> {
-        let Signed { device, body } = Signed::from_request(request, app).await?;
+        let Signed {
+            device,
+            body,
+            route,
+        } = Signed::from_request(request, app).await?;
         check_fleet(app, &device)?;
+        if let Some(route) = route {
+            app.limits
+                .admit_device(&device.device_id, route)
+                .await
+                .map_err(|limited| RequestError::Limited {
+                    device_id: device.device_id.clone(),
+                    limited,
+                })?;
+        }
         Ok(Self { device, body })
     }
 }
@@ -382,6 +428,29 @@ fn count_and_log(
     if let RequestError::Auth(_) = error {
         app.metrics.count_auth_failure(error.classify().1);
     }
+    if let RequestError::Limited { device_id, limited } = error {
+        let (limit, metric_route) = match limited {
+            Limited::Device { route, .. } => ("device", route.path()),
+            Limited::Merchant { .. } => (
+                "merchant",
+                LimitedRoute::of_path(route).map_or("other", LimitedRoute::path),
+            ),
+        };
+        app.metrics.count_rate_limited(metric_route, limit);
+        // One line per device per interval, however fast it is refused.
+        if let Some(refused) = app.limits.refusal_to_log(device_id) {
+            tracing::warn!(
+                message_id = crate::events::TERMINAL_RATE_LIMITED,
+                code = %body.code,
+                error = %error,
+                limit,
+                refused_since_last_line = refused,
+                elapsed_ms,
+                "rate limited"
+            );
+        }
+        return;
+    }
     let upstream = body.upstream.as_ref();
     tracing::warn!(
         message_id = crate::events::TERMINAL_REFUSED,
@@ -397,13 +466,23 @@ fn count_and_log(
 
 // === platform calls ===
 
-/// Times a platform call and counts its failure class.
+/// Makes a platform call for `device` within the merchant's ceiling ([`Limits::admit_platform`]:
+/// refused, the call is never made), times it and counts its failure class.
 async fn upstream<T, E>(
     app: &App,
-    platform: &'static str,
+    device: &Device,
+    ceiling: Platform,
     call: impl std::future::Future<Output = Result<T, E>>,
     failure: impl Fn(&E) -> Failure,
 ) -> Result<T, RequestError> {
+    let platform = ceiling.name();
+    app.limits
+        .admit_platform(ceiling)
+        .await
+        .map_err(|limited| RequestError::Limited {
+            device_id: device.device_id.clone(),
+            limited,
+        })?;
     let started = Instant::now();
     let result = call.await;
     app.metrics.observe_upstream(platform, started.elapsed());
@@ -448,7 +527,8 @@ async fn authinfo(
     };
     let answer = upstream(
         &app,
-        "wechatpay",
+        &device,
+        Platform::WechatPay,
         app.wechat.offlineface_authinfo(&params),
         |e| e.failure(),
     )
@@ -465,7 +545,7 @@ async fn authinfo(
 /// and each device's rate ([`ReportLimiter`]).
 async fn report(
     State(app): State<Arc<App>>,
-    Signed { device, body }: Signed,
+    Signed { device, body, .. }: Signed,
 ) -> Result<Json<wire::ReportReceipt>, RequestError> {
     if body.len() > super::terminals::MAX_REPORT_BODY {
         return Err(RequestError::BodyTooLarge(
@@ -494,7 +574,8 @@ async fn inspection(
 ) -> Result<Json<wire::Inspection>, RequestError> {
     let i = upstream(
         &app,
-        "wechatpay",
+        &device,
+        Platform::WechatPay,
         app.wechat.device_inspection(&device.device_sn),
         |e| e.failure(),
     )
@@ -539,7 +620,14 @@ async fn alipay_binding(
     let query = device.alipay.as_ref().ok_or(RequestError::NotConfigured(
         "this device's registry entry has no [device.alipay] identity",
     ))?;
-    let b = upstream(&app, "alipay", client.device_query(query), |e| e.failure()).await?;
+    let b = upstream(
+        &app,
+        &device,
+        Platform::Alipay,
+        client.device_query(query),
+        |e| e.failure(),
+    )
+    .await?;
     Ok(Json(wire::AlipayBinding {
         merchant_type: b.merchant_type,
         pid: b.pid,
@@ -560,7 +648,8 @@ async fn licence(
     ))?;
     let info = upstream(
         &app,
-        "aliyun",
+        &device,
+        Platform::Aliyun,
         client.find_device(cloudauth_id, biz_type.as_deref()),
         |e| e.failure(),
     )

@@ -143,12 +143,24 @@ pub struct World {
     pub wechat_sign_with_certificate: bool,
     /// Seconds of validity the authinfo answer carries (`expires_in`), if any.
     pub authinfo_expires_in: Option<u64>,
+    /// The merchant's limit on authinfo requests (counted on arrival, once signed correctly;
+    /// more are answered 429 FREQUENCY_LIMITED), as WeChat Pay's per-merchant limits work:
+    /// whichever terminal spends it, every terminal of the merchant is refused. `None`: no
+    /// limit.
+    pub authinfo_limit: Option<AuthinfoLimit>,
     /// Faults armed before the first request is served (for tests whose client starts calling
     /// as soon as it starts, like the proxy's fleet sync).
     pub armed_faults: Vec<(Platform, Fault)>,
     /// How long WeChat Pay's window of 20 device-list requests lasts; `None` for the documented
     /// second. A test that must see the limit whatever the machine's speed stretches it.
     pub device_list_window: Option<Duration>,
+}
+
+/// At most `requests` authinfo requests of the merchant in any `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthinfoLimit {
+    pub requests: usize,
+    pub window: Duration,
 }
 
 /// The keys the simulated platforms verify with and sign with.
@@ -415,6 +427,9 @@ pub struct SandboxState {
     received: Mutex<Vec<Received>>,
     /// Request times of the WeChat Pay device list, for its 20 requests/second limit.
     pub(crate) list_window: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    /// Arrival times of the merchant's authinfo requests, for [`World::authinfo_limit`] (the
+    /// sandbox serves one merchant).
+    pub(crate) authinfo_window: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
     pub(crate) wechat_certificates: Mutex<WechatCertificates>,
 }
 
@@ -435,6 +450,7 @@ impl SandboxState {
             faults,
             received: Mutex::new(Vec::new()),
             list_window: Mutex::new(std::collections::VecDeque::new()),
+            authinfo_window: Mutex::new(std::collections::VecDeque::new()),
             wechat_certificates: Mutex::new(WechatCertificates {
                 published,
                 withdrawn: Vec::new(),

@@ -186,6 +186,15 @@ async fn answer_arrived(
     if let Err(reason) = checked {
         return Ok(Refusal::new(StatusCode::UNAUTHORIZED, "SIGN_ERROR", reason).into_response());
     }
+    // The merchant's authinfo limit counts signed requests (a rule "after the login check").
+    if matches!(endpoint, Endpoint::Authinfo) && !admit_authinfo_request(state, &world) {
+        return Ok(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "FREQUENCY_LIMITED",
+            "the merchant's authinfo requests are over the limit",
+        )
+        .into_response());
+    }
     if let Some(status) = fault.status {
         return Ok(fault_refusal(status, fault.retry_after));
     }
@@ -326,6 +335,26 @@ fn admit_list_request(state: &SandboxState, world: &World) -> bool {
         window.pop_front();
     }
     if window.len() >= limit {
+        return false;
+    }
+    window.push_back(now);
+    true
+}
+
+/// Counts an authinfo request against [`World::authinfo_limit`]; false when it is over.
+fn admit_authinfo_request(state: &SandboxState, world: &World) -> bool {
+    let Some(limit) = world.authinfo_limit else {
+        return true;
+    };
+    let now = tokio::time::Instant::now();
+    let mut window = lock(&state.authinfo_window);
+    while window
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= limit.window)
+    {
+        window.pop_front();
+    }
+    if window.len() >= limit.requests {
         return false;
     }
     window.push_back(now);
@@ -1155,6 +1184,38 @@ mod tests {
         }
         assert!(limited >= 1, "no call was limited");
         assert_eq!(harness.sandbox.state.received_by(Platform::WechatPay), 21);
+        harness.sandbox.stop().await;
+    }
+
+    /// With a merchant limit of 3 authinfo requests an hour, the fourth signed request is
+    /// refused 429 FREQUENCY_LIMITED (retryable, rate limited); other calls are not.
+    #[tokio::test]
+    async fn the_merchants_authinfo_limit_refuses_requests_over_it() {
+        let world = World {
+            authinfo_limit: Some(crate::sandbox::AuthinfoLimit {
+                requests: 3,
+                window: Duration::from_secs(3600),
+            }),
+            ..world()
+        };
+        let harness = start_sandbox(sandbox_keys(PLATFORM_KEY_ID), world).await;
+        let client = harness.client();
+        for _ in 0..3 {
+            client
+                .offlineface_authinfo(&params("RAW-1"))
+                .await
+                .expect("within the limit");
+        }
+        let failure = failure_of(client.offlineface_authinfo(&params("RAW-1")).await);
+        assert_eq!(failure.class, FailureClass::RateLimited, "{failure:?}");
+        assert_eq!(
+            (failure.status, failure.code.as_deref()),
+            (429, Some("FREQUENCY_LIMITED"))
+        );
+        assert!(
+            client.device_inspection("SN00001").await.is_ok(),
+            "other calls are not limited"
+        );
         harness.sandbox.stop().await;
     }
 

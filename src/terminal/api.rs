@@ -17,7 +17,7 @@ use super::doc::{
     AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataAccepted, RawDataBody, RefreshAccepted,
     RefreshDone, Route,
 };
-use super::state::{Freshness, Served, State};
+use super::state::{Freshness, Hold, RefreshHeld, Served, State, whole_seconds_up};
 use crate::units::rfc3339;
 use crate::wire::MAX_RAW_DATA;
 
@@ -44,8 +44,8 @@ pub struct ApiResponse {
     pub etag: Option<String>,
     /// `Allow` on a 405.
     pub allow: Option<&'static str>,
-    /// `Retry-After: 1` on a 503 `BUSY`.
-    pub retry_after: bool,
+    /// `Retry-After` (seconds): 1 on a 503 `BUSY`, the wait on a 429.
+    pub retry_after: Option<u64>,
     pub body: bytes::Bytes,
 }
 
@@ -57,7 +57,7 @@ impl ApiResponse {
                 content_type: "application/json",
                 etag: None,
                 allow: None,
-                retry_after: false,
+                retry_after: None,
                 body: body.into(),
             },
             // The documents are plain structs of strings and numbers; should one ever fail to
@@ -69,7 +69,7 @@ impl ApiResponse {
                     content_type: "application/json",
                     etag: None,
                     allow: None,
-                    retry_after: false,
+                    retry_after: None,
                     body: bytes::Bytes::from_static(
                         br#"{"code":"INTERNAL","message":"the answer could not be encoded"}"#,
                     ),
@@ -84,7 +84,7 @@ impl ApiResponse {
             content_type: "application/json",
             etag: None,
             allow: None,
-            retry_after: false,
+            retry_after: None,
             body: bytes::Bytes::new(),
         }
     }
@@ -126,6 +126,11 @@ pub enum ApiError {
     RefreshFailed { code: String, message: String },
     #[error("the refresh did not finish within {0} s")]
     RefreshTimeout(u64),
+    #[error(
+        "no refresh started: {hold}; the next forced refresh is allowed in {}",
+        crate::units::format_duration(Duration::from_secs(whole_seconds_up(*wait)))
+    )]
+    RefreshHeld { wait: Duration, hold: Hold },
 }
 
 impl ApiError {
@@ -144,6 +149,7 @@ impl ApiError {
             Self::Store(_) => (500, "STORE_FAILED"),
             Self::RefreshFailed { .. } => (502, "REFRESH_FAILED"),
             Self::RefreshTimeout(_) => (504, "REFRESH_TIMEOUT"),
+            Self::RefreshHeld { .. } => (429, "REFRESH_RATE_LIMITED"),
         }
     }
 
@@ -153,17 +159,23 @@ impl ApiError {
             Self::RefreshFailed { code, .. } => code.clone(),
             _ => code.to_owned(),
         };
+        let retry_after = match self {
+            Self::RefreshHeld { wait, .. } => Some(whole_seconds_up(*wait)),
+            Self::Busy => Some(1),
+            _ => None,
+        };
         let mut response = ApiResponse::json(
             status,
             &ErrorDoc {
                 code,
                 message: self.to_string(),
+                retry_after_seconds: retry_after,
             },
         );
         if let Self::MethodNotAllowed { allow, .. } = self {
             response.allow = Some(allow);
         }
-        response.retry_after = matches!(self, Self::Busy);
+        response.retry_after = retry_after;
         response
     }
 }
@@ -339,19 +351,24 @@ async fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiRespons
     let fingerprint = crate::crypto::secret_fingerprint(value.as_bytes());
     // Storing is a flushed write (fsync): on the blocking pool, so that a slow disk never
     // holds up a runtime thread that other requests (the face app's polls) are waiting for.
-    let triggered = {
+    let accepted = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || state.accept_raw_data(value))
             .await
             .map_err(|e| ApiError::Store(format!("the store write did not finish: {e}")))?
             .map_err(|e| ApiError::Store(crate::error_chain(&e)))?
     };
-    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
+    // A refresh it triggers is never refused, but within the forced-refresh limit it starts
+    // when the limit allows.
+    let triggered = accepted.triggered;
+    let deferred = accepted.deferred.map(|h| whole_seconds_up(h.wait));
+    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, refresh_deferred_seconds = deferred, "raw_data received");
     Ok(ApiResponse::json(
         202,
         &RawDataAccepted {
             accepted: true,
             refresh_triggered: triggered,
+            refresh_deferred_seconds: deferred,
         },
     ))
 }
@@ -370,7 +387,9 @@ async fn post_refresh(
             )));
         }
     };
-    let seq = state.request_refresh();
+    let seq = state
+        .request_refresh()
+        .map_err(|RefreshHeld { wait, hold }| ApiError::RefreshHeld { wait, hold })?;
     if !wait {
         return Ok(ApiResponse::json(202, &RefreshAccepted { accepted: true }));
     }
@@ -429,7 +448,7 @@ fn metrics(state: &State) -> ApiResponse {
         content_type: crate::prometheus::CONTENT_TYPE,
         etag: None,
         allow: None,
-        retry_after: false,
+        retry_after: None,
         body: metrics_page(state).into(),
     }
 }

@@ -41,6 +41,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// With a 429: the seconds until the daemon allows it (`retry_after_seconds`).
+        retry_after_seconds: Option<u64>,
     },
     #[error("authinfod's answer is malformed: {0}")]
     Malformed(String),
@@ -69,11 +71,13 @@ impl Answer {
                 status: self.status,
                 code: e.code,
                 message: e.message,
+                retry_after_seconds: e.retry_after_seconds,
             },
             Err(_) => ClientError::Refused {
                 status: self.status,
                 code: String::new(),
                 message: String::from_utf8_lossy(&self.body).into_owned(),
+                retry_after_seconds: None,
             },
         })
     }
@@ -292,6 +296,13 @@ pub fn render_status(doc: &StatusDoc) -> String {
     } else if let Some(n) = r.next_attempt_in_seconds {
         let _ = write!(line, "; next in {}", ago(n));
     }
+    if r.forced_refresh_allowed_in_seconds > 0 {
+        let _ = write!(
+            line,
+            "; a forced refresh is allowed in {}",
+            ago(i64::try_from(r.forced_refresh_allowed_in_seconds).unwrap_or(i64::MAX))
+        );
+    }
     let _ = writeln!(out, "{line}");
     let raw = &doc.raw_data;
     let _ = writeln!(
@@ -328,6 +339,19 @@ pub fn render_status(doc: &StatusDoc) -> String {
     );
     render_device(&mut out, &doc.device);
     out
+}
+
+/// What `authinfod refresh` says when the daemon's forced-refresh limit refused it (429
+/// `REFRESH_RATE_LIMITED`): the daemon's reason (which ends with the wait), and the time the
+/// next forced refresh is allowed (`now` + the wait, UTC).
+pub fn render_refresh_held(message: &str, retry_after_seconds: Option<u64>, now: i64) -> String {
+    match retry_after_seconds.and_then(|s| i64::try_from(s).ok()) {
+        Some(secs) => format!(
+            "{message} (at {})",
+            crate::units::rfc3339(now.saturating_add(secs))
+        ),
+        None => message.to_owned(),
+    }
 }
 
 /// The health lines of the status summary.
@@ -397,6 +421,16 @@ fn render_check<T>(out: &mut String, name: &str, check: &CheckDoc<T>, value: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_refresh_says_when_the_next_is_allowed() {
+        let text = render_refresh_held("the next forced refresh is allowed in 48s", Some(48), 0);
+        assert_eq!(
+            text,
+            "the next forced refresh is allowed in 48s (at 1970-01-01T00:00:48Z)"
+        );
+        assert_eq!(render_refresh_held("m", None, 0), "m");
+    }
 
     #[test]
     fn ago_keeps_two_units() {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_file::Problems;
+use crate::crypto::{KeySource, Signer};
 use crate::units::HumanDuration;
 
 /// Where `authinfod` looks for its config when `--config` is not given.
@@ -62,13 +63,18 @@ pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
+/// Default shortest time between the starts of two fetches when the second is forced (`POST
+/// /v1/refresh`, `authinfod refresh`, new raw_data) while a fresh authinfo is held: a face app
+/// looping on refresh costs the merchant one platform call a minute, not one per loop. A shorter
+/// `refresh.interval` lowers it to the interval.
+pub const DEFAULT_MIN_FORCED_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The config file as written. Unknown fields are not denied here: `parse` collects them as
 /// problems beside the others (`config_file::parse_toml_lenient`).
 #[derive(Debug, Deserialize)]
 struct RawConfig {
     device_id: Option<String>,
-    key_file: Option<PathBuf>,
+    key_file: Option<String>,
     state_dir: Option<PathBuf>,
     log_level: Option<String>,
     proxy: Option<RawProxy>,
@@ -120,6 +126,7 @@ struct RawRefresh {
     assumed_validity: Option<HumanDuration>,
     raw_data_command: Option<Vec<String>>,
     raw_data_command_timeout: Option<HumanDuration>,
+    min_forced_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +248,22 @@ pub struct RefreshConfig {
     pub assumed_validity: Duration,
     pub raw_data_command: Option<Vec<String>>,
     pub raw_data_command_timeout: Duration,
+    /// A forced refresh starts at most this long after the previous start while a fresh
+    /// authinfo is held; otherwise after the backoff ceiling of the failures so far, at most
+    /// this. Zero turns the daemon's limit off (the proxy's per-device limits still apply).
+    pub min_forced_interval: Duration,
+}
+
+impl RefreshConfig {
+    /// The timing rules of the refresh loop, and of the forced-refresh limit's backoff.
+    pub fn schedule(&self) -> crate::schedule::Schedule {
+        crate::schedule::Schedule {
+            interval: self.interval,
+            jitter: self.jitter,
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+        }
+    }
 }
 
 /// Which device health checks run, and how often.
@@ -269,7 +292,8 @@ pub struct Config {
     /// The file it was read from (named in the start-up checks' errors).
     pub path: PathBuf,
     pub device_id: String,
-    pub key_file: PathBuf,
+    /// The device key: an absolute path to a PEM file, or a `pkcs11:` URI.
+    pub key_file: KeySource,
     pub state_dir: PathBuf,
     /// The log filter (EnvFilter syntax) unless `$RUST_LOG` is set; reloaded on SIGHUP.
     pub log_level: String,
@@ -317,7 +341,7 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
             None
         }
     };
-    let key_file = problems.absolute("key_file", raw.key_file, None);
+    let key_file = key_source(raw.key_file.as_deref(), problems);
     let state_dir = problems.absolute(
         "state_dir",
         raw.state_dir,
@@ -396,6 +420,24 @@ fn validate_proxy(raw: RawProxy, problems: &mut Problems) -> Option<ProxyConfig>
     })
 }
 
+/// `key_file`: an absolute path, or a `pkcs11:` URI that parses.
+fn key_source(text: Option<&str>, problems: &mut Problems) -> Option<KeySource> {
+    let Some(text) = text else {
+        problems.push("key_file", "missing");
+        return None;
+    };
+    match KeySource::parse(text) {
+        Ok(KeySource::File(path)) => problems
+            .absolute("key_file", Some(path), None)
+            .map(KeySource::File),
+        Ok(source) => Some(source),
+        Err(e) => {
+            problems.push("key_file", format_args!("the pkcs11: URI {e}"));
+            None
+        }
+    }
+}
+
 fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsConfig> {
     let textfile = match raw.textfile {
         None => Some(None),
@@ -438,52 +480,57 @@ fn validate_metrics(raw: RawMetrics, problems: &mut Problems) -> Option<MetricsC
 
 /// Reads and validates the config file at `path` and checks what `run` checks at start beyond
 /// the file itself, listing every problem of both kinds at once: the device key is private
-/// (0600), readable and an RSA key; the state directory is (or can be made) a writable
-/// directory. `check-config` and `run` both start here, so the one predicts the other. Returns
-/// the config and the key's signer.
-pub fn load_for_run(path: &Path) -> Result<(Config, crate::crypto::RsaSigner), ConfigError> {
+/// (0600), readable and an RSA key, or for a `pkcs11:` URI the module loads, the token and the
+/// key are there, the PIN works and a test signature verifies; the state directory is (or can
+/// be made) a writable directory. `check-config` and `run` both start here, so the one predicts
+/// the other. Returns the config and the key's signer.
+pub fn load_for_run(path: &Path) -> Result<(Config, Signer), ConfigError> {
     let text = crate::config_file::read(WHAT, path)?;
     let mut problems = Problems::new(WHAT);
     let raw: RawConfig = crate::config_file::parse_toml_lenient(WHAT, &text, path, &mut problems)?;
-    let key_file = raw.key_file.clone().filter(|p| p.is_absolute());
+    // The key and the state directory are checked even when other fields are wrong: every
+    // problem at once. Their own shape problems are reported by `validate`.
+    let key = raw
+        .key_file
+        .as_deref()
+        .and_then(|t| KeySource::parse(t).ok())
+        .filter(|k| k.file().is_none_or(Path::is_absolute));
     let state_dir = raw
         .state_dir
         .clone()
         .or_else(|| Some(PathBuf::from(DEFAULT_STATE_DIR)))
         .filter(|p| p.is_absolute());
     let config = validate(raw, path, &mut problems);
-    let signer = check_files(key_file.as_deref(), state_dir.as_deref(), &mut problems);
+    let signer = check_files(key.as_ref(), state_dir.as_deref(), path, &mut problems);
     let both = config.zip(signer);
     problems.finish(path, both)
 }
 
 /// The start-up file checks of [`load_for_run`] for a config already loaded (the daemon
 /// repeats them at start; tests and the demo load configs themselves).
-pub fn preflight(config: &Config) -> Result<crate::crypto::RsaSigner, ConfigError> {
+pub fn preflight(config: &Config) -> Result<Signer, ConfigError> {
     let mut problems = Problems::new(WHAT);
     let signer = check_files(
         Some(&config.key_file),
         Some(&config.state_dir),
+        &config.path,
         &mut problems,
     );
     problems.finish(&config.path, signer)
 }
 
 fn check_files(
-    key_file: Option<&Path>,
+    key: Option<&KeySource>,
     state_dir: Option<&Path>,
+    config: &Path,
     problems: &mut Problems,
-) -> Option<crate::crypto::RsaSigner> {
+) -> Option<Signer> {
     if let Some(dir) = state_dir
         && let Err(e) = writable_dir(dir)
     {
         problems.push("state_dir", e);
     }
-    let key_file = key_file?;
-    let pem = problems.read_private("key_file", key_file)?;
-    crate::crypto::RsaSigner::from_pem(&pem, &key_file.display().to_string())
-        .map_err(|e| problems.push("key_file", e))
-        .ok()
+    problems.signer("key_file", key?, config, crate::crypto::RsaSigner::from_pem)
 }
 
 /// Whether `dir` is a directory this process can write, or could be created as one (its nearest
@@ -763,6 +810,17 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         raw.raw_data_command_timeout,
         DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
     );
+    // The default never exceeds a shorter interval; a value written above it is refused: a
+    // forced refresh held past the next scheduled one would be no limit but a stall.
+    let min_forced_interval = raw
+        .min_forced_interval
+        .map_or(DEFAULT_MIN_FORCED_INTERVAL.min(interval), |d| d.0);
+    if !interval.is_zero() && min_forced_interval > interval {
+        problems.push(
+            "refresh.min_forced_interval",
+            "must not be more than refresh.interval",
+        );
+    }
     Some(RefreshConfig {
         interval,
         jitter,
@@ -771,6 +829,7 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         assumed_validity,
         raw_data_command,
         raw_data_command_timeout,
+        min_forced_interval,
     })
 }
 
@@ -800,7 +859,7 @@ pub fn test_config(dir: &Path) -> Config {
     Config {
         path: dir.join("authinfod.toml"),
         device_id: "T-TEST".into(),
-        key_file: dir.join("device.key"),
+        key_file: KeySource::File(dir.join("device.key")),
         state_dir: dir.join("state"),
         log_level: DEFAULT_LOG_LEVEL.into(),
         proxy: ProxyConfig {
@@ -825,6 +884,7 @@ pub fn test_config(dir: &Path) -> Config {
             assumed_validity: DEFAULT_ASSUMED_VALIDITY,
             raw_data_command: None,
             raw_data_command_timeout: DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
+            min_forced_interval: DEFAULT_MIN_FORCED_INTERVAL,
         },
         health: HealthConfig {
             interval: DEFAULT_HEALTH_INTERVAL,
@@ -861,6 +921,7 @@ pub(crate) mod tests {
         assert_eq!(c.proxy.url, "https://proxy.example:8443");
         assert_eq!(c.refresh.interval, DEFAULT_INTERVAL);
         assert_eq!(c.refresh.backoff_max, DEFAULT_BACKOFF_MAX);
+        assert_eq!(c.refresh.min_forced_interval, DEFAULT_MIN_FORCED_INTERVAL);
         assert_eq!(c.socket.mode, 0o660);
         assert_eq!(
             c.socket.address,
@@ -952,6 +1013,7 @@ raw_data_command = ["rawdata"]
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
+        let key_file = dir.path().join("device.key");
         let err = preflight(&config).unwrap_err();
         assert!(
             err.problems()
@@ -959,22 +1021,20 @@ raw_data_command = ["rawdata"]
                 .any(|p| p.starts_with("key_file: cannot read")),
             "{err}"
         );
-        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
-        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod");
+        std::fs::write(&key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let err = preflight(&config).unwrap_err();
         assert!(err.to_string().contains("mode 644"), "{err}");
-        std::fs::set_permissions(&config.key_file, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let signer = preflight(&config).expect("a private RSA key and a creatable state dir");
         assert_eq!(
             signer.public_key().expect("public"),
             crate::crypto::test_key(0).public
         );
-        std::fs::write(&config.key_file, "not a key").expect("write");
+        std::fs::write(&key_file, "not a key").expect("write");
         let err = preflight(&config).unwrap_err();
         assert!(err.problems()[0].starts_with("key_file: "), "{err}");
-        std::fs::write(&config.key_file, &crate::crypto::test_key(0).private_pem).expect("key");
+        std::fs::write(&key_file, &crate::crypto::test_key(0).private_pem).expect("key");
         let file = dir.path().join("a-file");
         std::fs::write(&file, "").expect("write");
         config.state_dir = file.join("state");
@@ -985,6 +1045,34 @@ raw_data_command = ["rawdata"]
             err.to_string().contains("authinfod.toml"),
             "names the file: {err}"
         );
+    }
+
+    #[test]
+    fn min_forced_interval_may_be_zero_but_not_above_the_interval() {
+        let problems = |refresh: &str| {
+            parse(&format!("[refresh]\n{refresh}\n"), Path::new("x.toml"))
+                .unwrap_err()
+                .problems()
+                .iter()
+                .filter(|p| p.starts_with("refresh."))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("interval = \"30m\"\nmin_forced_interval = \"1h\""),
+            ["refresh.min_forced_interval: must not be more than refresh.interval"]
+        );
+        assert!(problems("min_forced_interval = \"0s\"").is_empty());
+        let raw: RawRefresh = toml::from_str("interval = \"30s\"").expect("toml");
+        let mut none = Problems::new(WHAT);
+        let c = validate_refresh(raw, &mut none).expect("valid");
+        assert!(none.is_empty());
+        assert_eq!(
+            c.min_forced_interval,
+            Duration::from_secs(30),
+            "the default follows a shorter interval"
+        );
+        assert!(problems("min_forced_interval = \"5m\"").is_empty());
     }
 
     #[test]

@@ -181,6 +181,15 @@ impl DeviceHealth {
         }
     }
 
+    /// When `check` was last attempted (Unix seconds), as the store recorded it.
+    pub fn last_attempt_at(&self, check: Check) -> Option<i64> {
+        match check {
+            Check::Inspection => self.inspection.last_attempt_at,
+            Check::AlipayBinding => self.alipay_binding.last_attempt_at,
+            Check::Licence => self.licence.last_attempt_at,
+        }
+    }
+
     /// The checks the config runs.
     pub fn enabled_checks(&self) -> Vec<Check> {
         Check::ALL

@@ -131,6 +131,10 @@ pub struct RawDataAccepted {
     /// Whether the new raw_data started a refresh (no fresh authinfo, or a permanent error
     /// was holding retries).
     pub refresh_triggered: bool,
+    /// When the refresh it triggered waits for the forced-refresh limit: the seconds until it
+    /// starts (it does, with the newest raw_data, without another request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_deferred_seconds: Option<u64>,
 }
 
 /// `POST /v1/refresh`'s answer without `?wait=true` (202).
@@ -175,11 +179,14 @@ impl From<Option<Freshness>> for HeldState {
 
 // === errors ===
 
-/// Every error answer: `{"code": "UPPER_SNAKE", "message": "..."}`.
+/// Every error answer: `{"code": "UPPER_SNAKE", "message": "..."}`, and with a 429 the seconds
+/// to wait (also in `Retry-After`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDoc {
     pub code: String,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 // === GET /v1/device ===
@@ -263,6 +270,13 @@ pub struct RefreshDoc {
     pub next_attempt_in_seconds: Option<i64>,
     pub consecutive_failures: u32,
     pub waiting_for: Option<String>,
+    /// `refresh.min_forced_interval`: the shortest time between the starts of forced refreshes
+    /// while a fresh authinfo is held.
+    #[serde(default)]
+    pub min_forced_interval_seconds: u64,
+    /// Seconds until a forced refresh (`POST /v1/refresh`) is allowed; 0: now.
+    #[serde(default)]
+    pub forced_refresh_allowed_in_seconds: u64,
 }
 
 /// The raw_data part of the status document.

@@ -1,6 +1,9 @@
 //! The device health checks: the factory inspection (WeChat Pay), the Alipay binding and the
 //! face SDK licence (Alibaba Cloud), fetched through the proxy at start, then every
-//! `health.interval` less jitter, a failed check retried with backoff like authinfo.
+//! `health.interval` less jitter, a failed check retried with backoff like authinfo. Nothing
+//! else asks for a check, except a restart: a check attempted less than
+//! `refresh.min_forced_interval` before the start waits out the rest of it
+//! ([`first_check_delay`]), so a daemon restarted in a loop cannot repeat the checks faster.
 //!
 //! Owns: the check loops, reading each answer into its typed value, and the log lines an
 //! operator acts on (inspection WARN/FAIL, licence within 30 days at warning and within 7 days or
@@ -9,6 +12,7 @@
 //! (records, the document) lives in [`super::device`], which the state owns.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,6 +76,16 @@ impl Checker {
     }
 }
 
+/// How long after the start `check` is first run: at once, unless its last attempt (as stored,
+/// at `last_attempt_at`) was less than `min_gap` before `now`; then the rest of `min_gap`. A
+/// stored time ahead of the clock (the clock was set back) reads as unknown: at once.
+pub fn first_check_delay(last_attempt_at: Option<i64>, now: i64, min_gap: Duration) -> Duration {
+    let Some(age) = last_attempt_at.and_then(|at| u64::try_from(now - at).ok()) else {
+        return Duration::ZERO;
+    };
+    min_gap.saturating_sub(Duration::from_secs(age))
+}
+
 async fn check_loop(
     check: Check,
     state: Arc<State>,
@@ -80,10 +94,24 @@ async fn check_loop(
 ) {
     let mut backoff = Backoff::new(Schedule {
         interval: state.config.health.interval,
-        jitter: state.config.refresh.jitter,
-        backoff_min: state.config.refresh.backoff_min,
-        backoff_max: state.config.refresh.backoff_max,
+        ..state.config.refresh.schedule()
     });
+    let first = first_check_delay(
+        state.health().last_attempt_at(check),
+        state.now(),
+        state.config.refresh.min_forced_interval,
+    );
+    if !first.is_zero() {
+        tracing::info!(
+            check = check.name(),
+            delay_ms = u64::try_from(first.as_millis()).unwrap_or(u64::MAX),
+            "health check attempted just before this start; waiting out refresh.min_forced_interval"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(first) => {}
+        }
+    }
     loop {
         let unit = crate::crypto::random_unit();
         let delay = match check_once(check, &state, upstream.as_ref()).await {
@@ -276,6 +304,100 @@ fn log_licence(l: &wire::Licence, now: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::terminal::proxy_client::BoxFuture;
+    use crate::terminal::state::lock;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_restart_waits_out_the_gap_after_a_check_attempted_just_before() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(first_check_delay(None, 1000, minute), Duration::ZERO);
+        assert_eq!(
+            first_check_delay(Some(990), 1000, minute),
+            Duration::from_secs(50)
+        );
+        assert_eq!(first_check_delay(Some(940), 1000, minute), Duration::ZERO);
+        assert_eq!(
+            first_check_delay(Some(1100), 1000, minute),
+            Duration::ZERO,
+            "a record from the future (the clock was set back) does not hold the check"
+        );
+        assert_eq!(
+            first_check_delay(Some(1000), 1000, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+
+    /// Answers every health route with a licence and records when it was asked.
+    struct Licensed {
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl Upstream for Licensed {
+        fn fetch_authinfo<'a>(
+            &'a self,
+            _raw_data: &'a str,
+        ) -> BoxFuture<'a, Result<wire::AuthinfoResponse, UpstreamError>> {
+            Box::pin(std::future::pending())
+        }
+        fn fetch_health<'a>(
+            &'a self,
+            _route: &'static str,
+        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
+            lock(&self.calls).push(Instant::now());
+            Box::pin(std::future::ready(Ok(serde_json::json!({
+                "device_id": "wd.1", "begin_day": "2026-01-01", "expired_day": "2099-01-01"
+            }))))
+        }
+        fn send_report<'a>(
+            &'a self,
+            _report: &'a wire::Report,
+        ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
+            Box::pin(std::future::pending())
+        }
+        fn clock_skew(&self) -> Option<i64> {
+            None
+        }
+    }
+
+    /// A daemon restarted 10 s after a licence check does not check again at start: it waits
+    /// the rest of `refresh.min_forced_interval`, then checks.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_attempted_just_before_a_restart_is_not_repeated_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::terminal::config::test_config(dir.path());
+        config.health.inspection = false;
+        config.health.alipay_binding = false;
+        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
+        let record = CheckRecord::<wire::Licence> {
+            last_attempt_at: Some(crate::units::unix_now() - 10),
+            last_error: Some("down".into()),
+            ..CheckRecord::default()
+        };
+        store.save_health("licence", &record).expect("seed");
+        let state = State::load(config, store, Arc::default()).expect("state");
+        let upstream = Arc::new(Licensed {
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(Checker::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert!(lock(&upstream.calls).is_empty(), "not at start");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let calls = lock(&upstream.calls).clone();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        let at = calls[0].duration_since(start);
+        assert!(
+            at >= Duration::from_secs(49) && at <= Duration::from_secs(51),
+            "{at:?}"
+        );
+        assert!(state.health().licence.value.is_some());
+        shutdown.cancel();
+        task.await.expect("join");
+    }
 
     #[test]
     fn licence_thresholds_are_30_and_7_days() {

@@ -1,5 +1,5 @@
-//! `authinfod keygen`: makes the terminal's RSA-2048 device key and prints what the merchant
-//! enrols in the proxy's registry.
+//! `authinfod keygen`: makes the terminal's RSA-2048 device key, in a file or inside a PKCS#11
+//! token (`--pkcs11 URI`), and prints what the merchant enrols in the proxy's registry.
 //!
 //! Owns: writing the private key safely (mode 0600 from creation, never over an existing key
 //! unless forced, fsynced with its directory entry), and creating the key's missing parent
@@ -38,8 +38,29 @@ pub enum KeygenError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--pkcs11: the URI {0}")]
+    Uri(#[from] crate::crypto::pkcs11::UriError),
+    #[error(
+        "--pkcs11: this build has no PKCS#11 support (built without the pkcs11 feature, as the static musl build is)"
+    )]
+    NoPkcs11,
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+}
+
+impl KeygenError {
+    /// True when the `--pkcs11` URI, or the token setup it names (module, token, PIN), is what
+    /// needs fixing: exit 78, as for a config.
+    pub fn is_config(&self) -> bool {
+        match self {
+            Self::Uri(_) | Self::NoPkcs11 => true,
+            #[cfg(feature = "pkcs11")]
+            Self::Crypto(CryptoError::Token(e)) => {
+                !matches!(**e, crate::crypto::pkcs11::TokenError::Exists { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Generates a key, writes it to `out` (0600), creating its missing parent directories (0700),
@@ -82,6 +103,34 @@ pub fn keygen(out: &Path, force: bool) -> Result<RsaVerifier, KeygenError> {
         .and_then(|d| d.sync_all())
         .map_err(write_err)?;
     Ok(key.public)
+}
+
+/// Generates the device key inside the PKCS#11 token `uri` names: RSA-2048, the private half
+/// sensitive and not extractable (it never leaves the token), labelled and identified as the
+/// URI says. `force` replaces a key of the same label or id. Returns the public half and the
+/// URI (PIN hidden) the config's `key_file` takes, after opening the new key exactly as the
+/// daemon will (token, PIN, mechanism and a test signature).
+pub fn keygen_in_token(uri: &str, force: bool) -> Result<(RsaVerifier, String), KeygenError> {
+    let uri = crate::crypto::pkcs11::Pkcs11Uri::parse(uri)?;
+    in_token(&uri, force)
+}
+
+#[cfg(feature = "pkcs11")]
+fn in_token(
+    uri: &crate::crypto::pkcs11::Pkcs11Uri,
+    force: bool,
+) -> Result<(RsaVerifier, String), KeygenError> {
+    let bits = u64::try_from(DEVICE_KEY_BITS).unwrap_or(2048);
+    let key = crate::crypto::pkcs11::generate_key(uri, bits, force).map_err(CryptoError::from)?;
+    Ok((key.public_key().clone(), uri.to_string()))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn in_token(
+    _uri: &crate::crypto::pkcs11::Pkcs11Uri,
+    _force: bool,
+) -> Result<(RsaVerifier, String), KeygenError> {
+    Err(KeygenError::NoPkcs11)
 }
 
 /// Creates `dir` and any missing ancestors with mode [`KEY_DIR_MODE`]; an existing directory is

@@ -119,9 +119,22 @@ impl Daemon {
     /// Loads the key, opens the store (moving a broken one aside), binds the socket and tells
     /// systemd `READY=1`. No network call happens here: a stored authinfo is served at once.
     pub async fn start(config: Config, options: RunOptions) -> Result<Self, DaemonError> {
+        let key = config::preflight(&config)?;
+        Self::start_with_key(config, key, options).await
+    }
+
+    /// [`start`](Self::start) with the device key already opened (by
+    /// [`config::load_for_run`]: a token is logged in to once, not twice, since every wrong PIN
+    /// counts towards locking it).
+    pub async fn start_with_key(
+        config: Config,
+        key: crate::crypto::Signer,
+        options: RunOptions,
+    ) -> Result<Self, DaemonError> {
         tracing::info!(message_id = crate::events::DAEMON_STARTED,
             version = env!("CARGO_PKG_VERSION"),
             device_id = %config.device_id,
+            key_file = %config.key_file,
             proxy = %config.proxy.url,
             socket = %config.socket.address,
             state_dir = %config.state_dir.display(),
@@ -135,7 +148,10 @@ impl Daemon {
             allowed_gids = ?config.socket.allowed_gids,
             "authinfod starting"
         );
-        let proxy = proxy_client(&config, &options)?;
+        for warning in key.warnings() {
+            tracing::warn!(warning = %warning, key_file = %config.key_file, "the device key needs attention");
+        }
+        let proxy = proxy_client(&config, key, &options)?;
         let mut daemon = Self::start_with_upstream(config, options, proxy.clone()).await?;
         daemon.proxy = Some(proxy);
         Ok(daemon)
@@ -253,8 +269,11 @@ impl Daemon {
 }
 
 /// The signed client of the proxy, after the start-up checks of the key.
-fn proxy_client(config: &Config, options: &RunOptions) -> Result<Arc<ProxyClient>, DaemonError> {
-    let key = config::preflight(config)?;
+fn proxy_client(
+    config: &Config,
+    key: crate::crypto::Signer,
+    options: &RunOptions,
+) -> Result<Arc<ProxyClient>, DaemonError> {
     let signer = DeviceSigner::new(config.device_id.clone(), key);
     Ok(Arc::new(
         ProxyClient::new(
@@ -308,7 +327,18 @@ pub struct OnceReport {
 /// through the proxy, persisted and flushed; the socket is never started. The stored raw_data
 /// (or `raw_data_command`) is used, as by the running daemon.
 pub async fn run_once(config: Config, options: RunOptions) -> Result<OnceReport, DaemonError> {
-    let upstream = proxy_client(&config, &options)?;
+    let key = config::preflight(&config)?;
+    run_once_with_key(config, key, options).await
+}
+
+/// [`run_once`] with the device key already opened (by [`config::load_for_run`]: a token is
+/// logged in to once).
+pub async fn run_once_with_key(
+    config: Config,
+    key: crate::crypto::Signer,
+    options: RunOptions,
+) -> Result<OnceReport, DaemonError> {
+    let upstream = proxy_client(&config, key, &options)?;
     let state = load_state(config, &options)?;
     let refresh = refresher::Refresher::new(state.clone(), upstream.clone())
         .refresh_once()

@@ -88,6 +88,7 @@ impl UpstreamError {
             Self::Refused { body, .. } => body.code.clone(),
             Self::Malformed { .. } => "MALFORMED_ANSWER".into(),
             Self::EmptyAuthinfo => "EMPTY_AUTHINFO".into(),
+            Self::Sign(e) if e.is_transient() => "TOKEN_UNAVAILABLE".into(),
             Self::Sign(_) => "SIGNING_FAILED".into(),
         }
     }
@@ -95,7 +96,8 @@ impl UpstreamError {
     /// Retry later, or stop until something changes. 429 and 5xx retry (honouring
     /// `Retry-After`); a 401 after the skew retry is permanent (unknown device, wrong key);
     /// other 4xx follow the proxy's `retryable` flag; transport trouble and malformed answers
-    /// retry.
+    /// retry. A signature fails for good (a broken key) unless the key's PKCS#11 token is only
+    /// away (unplugged): then it retries, and signing resumes when the token is back.
     pub fn disposition(&self) -> Disposition {
         match self {
             Self::Refused {
@@ -114,6 +116,7 @@ impl UpstreamError {
                     Disposition::Permanent
                 }
             }
+            Self::Sign(e) if e.is_transient() => Disposition::Retry { after: None },
             Self::Sign(_) => Disposition::Permanent,
             _ => Disposition::Retry { after: None },
         }

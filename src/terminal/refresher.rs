@@ -48,13 +48,7 @@ pub struct Refresher {
 
 impl Refresher {
     pub fn new(state: Arc<State>, upstream: Arc<dyn Upstream>) -> Self {
-        let r = &state.config.refresh;
-        let schedule = Schedule {
-            interval: r.interval,
-            jitter: r.jitter,
-            backoff_min: r.backoff_min,
-            backoff_max: r.backoff_max,
-        };
+        let schedule = state.config.refresh.schedule();
         Self {
             state,
             upstream,
@@ -103,7 +97,12 @@ impl Refresher {
             Heartbeats::beat(&self.state.heartbeats.refresh, now, self.state.started);
             let wall = self.state.now();
             self.state.refresh_status().next_attempt_at = next.map(|n| wall_at(wall, now, n));
-            let wake = next.map_or(now + TICK, |n| n.min(now + TICK));
+            // A forced refresh asked for but held by the limit wakes the loop when it may start.
+            let asked = self.state.requested_refresh_at(now);
+            let wake = [next, asked]
+                .into_iter()
+                .flatten()
+                .fold(now + TICK, Instant::min);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.state.refresh_requested() => {}
@@ -129,7 +128,11 @@ impl Refresher {
                     next = Some(mono);
                 }
             }
-            let due = self.state.refresh_pending() || next.is_some_and(|n| n <= mono);
+            let asked = self
+                .state
+                .requested_refresh_at(mono)
+                .is_some_and(|at| at <= mono);
+            let due = asked || next.is_some_and(|n| n <= mono);
             if !due {
                 continue;
             }
@@ -185,6 +188,10 @@ impl Refresher {
             Outcome::Permanent => Some(Waiting::PermanentError),
             _ => None,
         };
+        let retry_after = match outcome {
+            Outcome::Retry { after } => after,
+            _ => None,
+        };
         let report = AttemptReport {
             record,
             proxy_reachable: reached,
@@ -192,6 +199,7 @@ impl Refresher {
             waiting_for,
             consecutive_failures: 0,
             next_attempt_at: None,
+            retry_after,
         };
         (outcome, report)
     }
@@ -601,12 +609,179 @@ mod tests {
             "no retries within the interval"
         );
         assert!(state.status().refresh.last_error_permanent);
-        assert!(state.accept_raw_data("NEWRAW".into()).expect("store"));
+        assert!(
+            state
+                .accept_raw_data("NEWRAW".into())
+                .expect("store")
+                .triggered
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(lock(&upstream.calls).len(), 2);
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
         shutdown.cancel();
         task.await.expect("join");
+    }
+
+    /// `POST /v1/refresh?wait=true` through the socket API's handler, as a face app sends it.
+    async fn forced_refresh(state: &Arc<State>) -> crate::terminal::api::ApiResponse {
+        let request = crate::terminal::api::ApiRequest {
+            method: http::Method::POST,
+            path: "/v1/refresh".into(),
+            query: Some("wait=true".into()),
+            ..Default::default()
+        };
+        crate::terminal::api::handle(request, state, &CancellationToken::new()).await
+    }
+
+    /// Floods `POST /v1/refresh?wait=true` every 50 ms for `duration` of the paused clock and
+    /// returns the answers' statuses and `Retry-After`s.
+    async fn flood(state: &Arc<State>, duration: Duration) -> Vec<(u16, Option<u64>)> {
+        let end = Instant::now() + duration;
+        let mut answers = Vec::new();
+        while Instant::now() < end {
+            let r = forced_refresh(state).await;
+            if r.status == 429 {
+                assert_eq!(r.json_body()["code"], "REFRESH_RATE_LIMITED");
+                assert_eq!(
+                    r.json_body()["retry_after_seconds"].as_u64(),
+                    r.retry_after,
+                    "the body and Retry-After agree"
+                );
+            }
+            answers.push((r.status, r.retry_after));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        answers
+    }
+
+    /// A face app flooding `POST /v1/refresh` while a fresh authinfo is held makes the daemon
+    /// call the proxy once a minute (`refresh.min_forced_interval`): over 121 s, the refresh at
+    /// start and the forced ones at 60 s and 120 s. Every other request gets 429 with the wait
+    /// until the next is allowed.
+    #[tokio::test(start_paused = true)]
+    async fn a_face_app_flooding_refresh_makes_one_proxy_call_a_minute() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let upstream = Arc::new(Scripted {
+            steps: Mutex::new((0..100).map(|_| Step::Ok("NEW")).collect()),
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(lock(&upstream.calls).len(), 1, "the refresh at start");
+        let answers = flood(&state, Duration::from_secs(121)).await;
+        let calls = lock(&upstream.calls).clone();
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        for gap in calls.windows(2).map(|w| w[1] - w[0]) {
+            assert!(
+                gap >= Duration::from_secs(60) && gap < Duration::from_secs(61),
+                "{calls:?}"
+            );
+        }
+        let served = answers.iter().filter(|(s, _)| *s == 200).count();
+        let limited = answers.iter().filter(|(s, _)| *s == 429).count();
+        assert_eq!((served, limited), (2, answers.len() - 2), "{answers:?}");
+        assert!(limited > 2000, "{limited}");
+        // The first refusal waits out the minute since the start; none waits longer.
+        assert_eq!(answers[0], (429, Some(60)), "{:?}", &answers[..3]);
+        assert!(
+            answers
+                .iter()
+                .all(|(_, after)| after.is_none_or(|a| a <= 60)),
+            "{answers:?}"
+        );
+        assert_eq!(state.metrics.refreshes("ok"), 3);
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+
+    /// Without a fresh authinfo (the proxy failing), the flood is held to the backoff: with the
+    /// worst-case jitter the loop's own retries come 5, 10, 20 s apart, and forced refreshes
+    /// wait the same ceilings, so 60 s of flooding make the four calls the schedule makes alone.
+    #[tokio::test(start_paused = true)]
+    async fn without_a_fresh_authinfo_a_flood_is_held_to_the_backoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let upstream = Arc::new(Scripted {
+            steps: Mutex::new((0..100).map(|_| Step::Fail(500, None)).collect()),
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        let start = Instant::now();
+        let answers = flood(&state, Duration::from_secs(60)).await;
+        let calls: Vec<Duration> = lock(&upstream.calls)
+            .iter()
+            .map(|t| t.duration_since(start))
+            .collect();
+        // At 0, then 5, 10 and 20 s after each failed start: 0, 5, 15, 35 (the next is at 75).
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        for (gap, ceiling) in calls.windows(2).map(|w| w[1] - w[0]).zip([5, 10, 20]) {
+            let ceiling = Duration::from_secs(ceiling);
+            assert!(gap >= ceiling.mul_f64(0.99) && gap <= ceiling, "{calls:?}");
+        }
+        assert!(answers.iter().filter(|(s, _)| *s == 429).count() > 1000);
+        // Forced requests admitted between the loop's own retries are the failures it answers.
+        assert!(
+            answers.iter().all(|(s, _)| matches!(s, 429 | 502)),
+            "{answers:?}"
+        );
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+
+    /// New raw_data right after a permanent refusal is stored and its refresh deferred, not
+    /// dropped: it starts by itself when the limit allows (5 s after the refused start).
+    #[tokio::test(start_paused = true)]
+    async fn raw_data_within_the_limit_starts_its_refresh_when_the_limit_allows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let upstream = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([Step::Fail(400, None), Step::Ok("GOOD")])),
+            calls: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(state.status().refresh.last_error_permanent);
+        let accepted = state.accept_raw_data("NEWRAW".into()).expect("store");
+        assert!(accepted.triggered);
+        let held = accepted.deferred.expect("held by the backoff");
+        assert!(held.wait <= Duration::from_secs(4), "{held:?}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            lock(&upstream.calls).len(),
+            1,
+            "not before the limit allows"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let calls = lock(&upstream.calls).clone();
+        assert_eq!(calls.len(), 2);
+        assert!(calls[1].duration_since(start) >= Duration::from_secs(5));
+        assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
+        shutdown.cancel();
+        task.await.expect("join");
+    }
+
+    /// The first raw_data's refresh starts at once and is reported so, however soon the loop
+    /// starts it: the hold is read where the request is made, not after.
+    #[tokio::test(start_paused = true)]
+    async fn the_refresh_new_raw_data_starts_does_not_report_itself_as_deferred() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let accepted = state.accept_raw_data("RAW-2".into()).expect("store");
+        assert!(accepted.triggered);
+        assert_eq!(accepted.deferred, None);
+        state.begin_refresh();
+        assert!(
+            state.forced_refresh_held().is_some(),
+            "once it started, another forced refresh is held"
+        );
     }
 
     /// Requests made while a refresh runs join it instead of starting another.

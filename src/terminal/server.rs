@@ -595,7 +595,10 @@ async fn answer_and_close(stream: &UnixStream, response: &ApiResponse) {
         status.canonical_reason().unwrap_or(""),
         response.content_type,
         response.body.len(),
-        if response.retry_after { "retry-after: 1\r\n" } else { "" },
+        response
+            .retry_after
+            .map(|secs| format!("retry-after: {secs}\r\n"))
+            .unwrap_or_default(),
     )
     .into_bytes();
     bytes.extend_from_slice(&response.body);
@@ -791,8 +794,8 @@ fn to_hyper(r: ApiResponse) -> hyper::Response<Full<bytes::Bytes>> {
     if let Some(allow) = r.allow {
         headers.insert(ALLOW, HeaderValue::from_static(allow));
     }
-    if r.retry_after {
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    if let Some(secs) = r.retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     response
 }

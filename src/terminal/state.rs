@@ -4,7 +4,9 @@
 //!
 //! Owns: the in-memory truth and its invariants — the served authinfo changes only through
 //! [`State::publish`] (after the store has it), refresh requests are single-flight
-//! ([`State::request_refresh`]), and one finished attempt is applied whole, under one lock
+//! ([`State::request_refresh`]) and limited (a forced refresh starts at most once per
+//! `refresh.min_forced_interval` while a fresh authinfo is held, else after the backoff:
+//! [`forced_refresh_hold`]), and one finished attempt is applied whole, under one lock
 //! ([`State::finish_refresh`]). It writes through the store's narrow API (raw_data, attempts,
 //! health records) so that what it announces is what a restart finds; it never reads the store
 //! after start, so answering status or `/v1/device` does no I/O.
@@ -24,6 +26,7 @@ use super::doc::{AuthinfoStatus, HeldState, ProxyDoc, RawDataDoc, RefreshDoc, St
 use super::metrics::Metrics;
 use super::store::{AttemptRecord, HeldAuthinfo, RawData, Store, StoreError};
 use crate::crypto;
+use crate::schedule::Schedule;
 pub use crate::sync::lock;
 use crate::units::{WallClock, rfc3339};
 
@@ -103,6 +106,10 @@ pub struct RefreshStatus {
     pub clock_skew_seconds: Option<i64>,
     /// Why the loop is idle instead of retrying, when it is.
     pub waiting_for: Option<Waiting>,
+    /// When the last fetch started (monotonic): the forced-refresh limit counts from it.
+    pub last_start: Option<Instant>,
+    /// No forced refresh before this (monotonic): the last answer's `Retry-After`.
+    pub retry_not_before: Option<Instant>,
 }
 
 /// Everything one finished refresh attempt tells, applied whole by [`State::finish_refresh`].
@@ -116,6 +123,97 @@ pub struct AttemptReport {
     pub consecutive_failures: u32,
     /// When the next attempt is due (wall clock), if one is scheduled.
     pub next_attempt_at: Option<i64>,
+    /// The `Retry-After` the answer carried (the proxy's or the platform's rate limit).
+    pub retry_after: Option<Duration>,
+}
+
+/// Why a forced refresh has to wait, as [`forced_refresh_hold`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// A fresh authinfo is held: one forced start per `refresh.min_forced_interval`.
+    Fresh { min_interval: Duration },
+    /// No fresh authinfo is held (none, stale, expired) or a permanent refusal holds the retries:
+    /// the backoff ceiling after `failures` consecutive failures (at least one), at most
+    /// `refresh.min_forced_interval`.
+    Backoff { gap: Duration, failures: u32 },
+    /// The last answer asked for this wait (`Retry-After`).
+    RetryAfter,
+}
+
+impl std::fmt::Display for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::units::format_duration;
+        match self {
+            Hold::Fresh { min_interval } => write!(
+                f,
+                "a fresh authinfo is held, so a forced refresh starts at most once every {} (refresh.min_forced_interval)",
+                format_duration(*min_interval)
+            ),
+            Hold::Backoff { gap, failures } => write!(
+                f,
+                "no fresh authinfo is held; after {failures} consecutive failure(s) a forced refresh waits {} after the last start (backoff)",
+                format_duration(*gap)
+            ),
+            Hold::RetryAfter => f.write_str("the last answer asked to retry later (Retry-After)"),
+        }
+    }
+}
+
+/// A forced refresh refused by the limit: how long until one is allowed, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshHeld {
+    pub wait: Duration,
+    pub hold: Hold,
+}
+
+/// How long a forced refresh must wait at `now`, or `None` when it may start at once: one start
+/// per `min_interval` after `last_start` while `fresh` (a fresh authinfo is held and no
+/// permanent refusal holds the retries); otherwise the backoff ceiling after `failures` (at
+/// least `schedule.backoff_min`), never more than `min_interval`; and never before
+/// `retry_not_before`. A zero `min_interval` turns the limit off, `retry_not_before` included.
+pub fn forced_refresh_hold(
+    last_start: Option<Instant>,
+    retry_not_before: Option<Instant>,
+    now: Instant,
+    fresh: bool,
+    failures: u32,
+    min_interval: Duration,
+    schedule: &Schedule,
+) -> Option<RefreshHeld> {
+    if min_interval.is_zero() {
+        return None;
+    }
+    let (gap, hold) = if fresh {
+        (min_interval, Hold::Fresh { min_interval })
+    } else {
+        let failures = failures.max(1);
+        let gap = schedule.backoff_ceiling(failures).min(min_interval);
+        (gap, Hold::Backoff { gap, failures })
+    };
+    let by_gap = last_start
+        .map(|t| (t + gap).saturating_duration_since(now))
+        .filter(|w| !w.is_zero())
+        .map(|wait| RefreshHeld { wait, hold });
+    let by_retry_after = retry_not_before
+        .map(|t| t.saturating_duration_since(now))
+        .filter(|w| !w.is_zero())
+        .map(|wait| RefreshHeld {
+            wait,
+            hold: Hold::RetryAfter,
+        });
+    match (by_gap, by_retry_after) {
+        (Some(a), Some(b)) => Some(if b.wait > a.wait { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What new raw_data set off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawDataAccepted {
+    /// A refresh was asked for (none is while a fresh authinfo is held).
+    pub triggered: bool,
+    /// The forced-refresh limit holds that refresh back this long (`None`: it starts now).
+    pub deferred: Option<RefreshHeld>,
 }
 
 /// The outcome of one finished refresh, as waiters on `POST /v1/refresh?wait=true` see it.
@@ -327,7 +425,7 @@ impl State {
     /// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is
     /// not fresh (or a permanent error is holding retries, which new raw_data may cure).
     /// Returns whether it asked.
-    pub fn accept_raw_data(&self, value: String) -> Result<bool, StoreError> {
+    pub fn accept_raw_data(&self, value: String) -> Result<RawDataAccepted, StoreError> {
         self.save_raw_data(RawData {
             value,
             received_at: self.now(),
@@ -339,11 +437,18 @@ impl State {
             .last_attempt
             .as_ref()
             .is_some_and(|a| a.permanent);
-        let refresh = !held_fresh || held_by_error;
-        if refresh {
-            self.request_fresh_refresh();
-        }
-        Ok(refresh)
+        let triggered = !held_fresh || held_by_error;
+        // The hold is read where the request is made, before the loop can start it: read
+        // after, it would be the refresh just started holding itself.
+        let deferred = if triggered {
+            self.request_fresh_refresh()
+        } else {
+            None
+        };
+        Ok(RawDataAccepted {
+            triggered,
+            deferred,
+        })
     }
 
     /// Stores `raw` as the newest raw_data (flushed) and shows it in status.
@@ -368,23 +473,69 @@ impl State {
         lock(&self.refresh)
     }
 
-    /// Asks for a refresh and returns the completion sequence number that will answer it.
-    /// A refresh already running is joined, not doubled: its completion is the answer.
-    pub fn request_refresh(&self) -> u64 {
+    /// Asks for a forced refresh and returns the completion sequence number that will answer
+    /// it. A refresh already running (or asked for and about to start) is joined, not doubled:
+    /// its completion is the answer. Otherwise the limit applies ([`forced_refresh_hold`]): within
+    /// it nothing starts and the caller is told how long to wait.
+    pub fn request_refresh(&self) -> Result<u64, RefreshHeld> {
         let mut status = self.refresh_status();
         let seq = self.completions.borrow().seq;
-        if !status.in_flight {
-            status.requested = true;
-            self.kick.notify_one();
+        if status.in_flight {
+            return Ok(seq + 1);
         }
-        seq + 1
+        if let Some(held) = self.hold_of(&status, Instant::now()) {
+            return Err(held);
+        }
+        status.requested = true;
+        self.kick.notify_one();
+        Ok(seq + 1)
     }
 
     /// Asks for a refresh that must use data newer than any refresh running now (new
-    /// raw_data): it never joins a running one.
-    pub fn request_fresh_refresh(&self) {
-        self.refresh_status().requested = true;
+    /// raw_data): it never joins a running one. It is never refused: within the limit it starts
+    /// when the limit allows (the returned wait; `None` when the limit does not hold it now).
+    pub fn request_fresh_refresh(&self) -> Option<RefreshHeld> {
+        let mut status = self.refresh_status();
+        status.requested = true;
+        let held = self.hold_of(&status, Instant::now());
+        drop(status);
         self.kick.notify_one();
+        held
+    }
+
+    /// How long a forced refresh must wait now (`None`: it may start at once).
+    pub fn forced_refresh_held(&self) -> Option<RefreshHeld> {
+        self.hold_of(&self.refresh_status(), Instant::now())
+    }
+
+    /// When the refresh asked for may start (`None` when none is asked for): now, or when the
+    /// limit allows. The loop sleeps until then.
+    pub fn requested_refresh_at(&self, now: Instant) -> Option<Instant> {
+        let status = self.refresh_status();
+        if !status.requested {
+            return None;
+        }
+        Some(
+            now + self
+                .hold_of(&status, now)
+                .map_or(Duration::ZERO, |h| h.wait),
+        )
+    }
+
+    /// The limit on forced refreshes, for the bookkeeping in `status`.
+    fn hold_of(&self, status: &RefreshStatus, now: Instant) -> Option<RefreshHeld> {
+        let permanent = status.last_attempt.as_ref().is_some_and(|a| a.permanent);
+        let fresh = !permanent && self.freshness() == Some(Freshness::Fresh);
+        let refresh = &self.config.refresh;
+        forced_refresh_hold(
+            status.last_start,
+            status.retry_not_before,
+            now,
+            fresh,
+            status.consecutive_failures,
+            refresh.min_forced_interval,
+            &refresh.schedule(),
+        )
     }
 
     /// Waits until a refresh is requested.
@@ -397,10 +548,11 @@ impl State {
     pub fn begin_refresh(&self) -> bool {
         let mut status = self.refresh_status();
         status.in_flight = true;
+        status.last_start = Some(Instant::now());
         std::mem::take(&mut status.requested)
     }
 
-    /// Whether a refresh was requested and has not started.
+    /// Whether a refresh was requested and has not started (it may be waiting for the limit).
     pub fn refresh_pending(&self) -> bool {
         self.refresh_status().requested
     }
@@ -425,6 +577,11 @@ impl State {
             status.waiting_for = report.waiting_for;
             status.consecutive_failures = report.consecutive_failures;
             status.next_attempt_at = report.next_attempt_at;
+            // Capped at one interval, as the schedule caps it: a confused answer cannot hold
+            // forced refreshes past the next scheduled one.
+            status.retry_not_before = report
+                .retry_after
+                .map(|after| Instant::now() + after.min(self.config.refresh.interval));
         }
         self.completions.send_modify(|c| {
             c.seq += 1;
@@ -522,6 +679,10 @@ impl State {
                 next_attempt_in_seconds: r.next_attempt_at.map(|t| t.saturating_sub(now).max(0)),
                 consecutive_failures: r.consecutive_failures,
                 waiting_for: r.waiting_for.map(|w| w.as_str().to_owned()),
+                min_forced_interval_seconds: self.config.refresh.min_forced_interval.as_secs(),
+                forced_refresh_allowed_in_seconds: self
+                    .hold_of(&r, Instant::now())
+                    .map_or(0, |h| whole_seconds_up(h.wait)),
             },
             raw_data: RawDataDoc {
                 present: raw.is_some(),
@@ -537,6 +698,11 @@ impl State {
             device: self.health().doc(now),
         }
     }
+}
+
+/// `d` in whole seconds, rounded up: what a client is told to wait (never 0 for a wait).
+pub fn whole_seconds_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 #[cfg(test)]
@@ -563,6 +729,73 @@ mod tests {
         // A clock set back before the fetch reads as age 0, not a huge age.
         assert_eq!(s.age(0), 0);
         assert_eq!(s.freshness(0, hour), Freshness::Fresh);
+    }
+
+    fn schedule() -> Schedule {
+        crate::terminal::config::test_config(std::path::Path::new("/t"))
+            .refresh
+            .schedule()
+    }
+
+    /// While a fresh authinfo is held a forced refresh waits `min_interval` after the last
+    /// start; without one it waits the backoff ceiling of the failures so far (5 s, 10 s, 20 s,
+    /// ...), never more than `min_interval`; a `Retry-After` is a floor; zero turns it off.
+    #[test]
+    fn forced_refreshes_wait_the_interval_when_fresh_and_the_backoff_otherwise() {
+        let s = schedule();
+        let minute = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let hold = |now, fresh, failures| {
+            forced_refresh_hold(Some(t0), None, now, fresh, failures, minute, &s)
+        };
+        assert_eq!(
+            forced_refresh_hold(None, None, t0, true, 0, minute, &s),
+            None,
+            "the first forced refresh starts at once"
+        );
+        assert_eq!(
+            hold(at(15), true, 0),
+            Some(RefreshHeld {
+                wait: Duration::from_secs(45),
+                hold: Hold::Fresh {
+                    min_interval: minute
+                }
+            })
+        );
+        assert_eq!(hold(at(60), true, 0), None);
+        let waits: Vec<Option<u64>> = (0..=6)
+            .map(|failures| hold(at(1), false, failures).map(|h| h.wait.as_secs() + 1))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                Some(5),
+                Some(5),
+                Some(10),
+                Some(20),
+                Some(40),
+                Some(60),
+                Some(60)
+            ],
+            "backoff ceilings (at least one failure's), capped at the interval"
+        );
+        assert_eq!(hold(at(5), false, 1), None);
+        let after = forced_refresh_hold(Some(t0), Some(at(300)), at(70), true, 0, minute, &s);
+        assert_eq!(
+            after,
+            Some(RefreshHeld {
+                wait: Duration::from_secs(230),
+                hold: Hold::RetryAfter
+            })
+        );
+        assert_eq!(
+            forced_refresh_hold(Some(t0), Some(at(300)), t0, true, 0, Duration::ZERO, &s),
+            None,
+            "zero turns the daemon's limit off, Retry-After included"
+        );
+        assert_eq!(whole_seconds_up(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds_up(Duration::from_secs(3)), 3);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use crate::crypto::{self, CryptoError, RsaSigner, RsaVerifier};
+use crate::crypto::{self, CryptoError, RsaVerifier, Signer};
 
 /// The authentication scheme name.
 pub const SCHEME: &str = "AUTHINFOD-SHA256-RSA2048";
@@ -191,16 +191,20 @@ fn truncate(s: &str) -> String {
 
 // === impl DeviceSigner ===
 
-/// A terminal's signing identity: its device id and RSA key.
+/// A terminal's signing identity: its device id and RSA key (a key file's, or a PKCS#11
+/// token's).
 #[derive(Debug)]
 pub struct DeviceSigner {
     device_id: String,
-    key: RsaSigner,
+    key: Signer,
 }
 
 impl DeviceSigner {
-    pub fn new(device_id: String, key: RsaSigner) -> Self {
-        Self { device_id, key }
+    pub fn new(device_id: String, key: impl Into<Signer>) -> Self {
+        Self {
+            device_id,
+            key: key.into(),
+        }
     }
 
     pub fn device_id(&self) -> &str {
@@ -243,6 +247,7 @@ impl DeviceSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::RsaSigner;
     use proptest::prelude::*;
     use std::io::Write as _;
     use std::process::{Command, Stdio};

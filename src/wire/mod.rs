@@ -451,6 +451,12 @@ pub mod codes {
     pub const UPSTREAM_BAD_SIGNATURE: &str = "UPSTREAM_BAD_SIGNATURE";
     /// 502: the platform's answer is not of the documented shape.
     pub const UPSTREAM_MALFORMED: &str = "UPSTREAM_MALFORMED";
+    /// 429: this device sent more than its limit on the route (a token bucket per device and
+    /// route); `Retry-After` says when the next fits. Nothing was forwarded.
+    pub const DEVICE_RATE_LIMITED: &str = "DEVICE_RATE_LIMITED";
+    /// 429: the merchant's terminals together reached the proxy's ceiling of calls a second to
+    /// the platform; `Retry-After` says when. Nothing was forwarded.
+    pub const MERCHANT_RATE_LIMITED: &str = "MERCHANT_RATE_LIMITED";
     /// 405: the route exists with another method.
     pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
     /// 500: the proxy itself failed.

@@ -6,6 +6,7 @@
 
 pub mod fake_proxy;
 pub mod logs;
+pub mod softhsm;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -39,6 +40,9 @@ pub const GENEROUS: Duration = Duration::from_secs(120);
 /// The daemon's `[proxy] timeout` in the tests' configs (below [`GENEROUS`], which bounds the
 /// waits around a call).
 pub const PROXY_TIMEOUT: &str = "60s";
+/// Daemon config (`extra`) that turns the daemon's forced-refresh limit off, for tests that force
+/// refreshes back to back to see each fault's outcome; the limit has tests of its own.
+pub const NO_FORCED_LIMIT: &str = "[refresh]\nmin_forced_interval = \"0s\"\n";
 
 /// Polls `cond` every 20 ms until it holds, failing the test after [`GENEROUS`].
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {

@@ -138,5 +138,9 @@ pub enum Command {
         /// Extra devices in the simulated WeChat Pay fleet list.
         #[arg(long, value_name = "N", default_value_t = 250)]
         devices: usize,
+        /// Make simulated WeChat Pay refuse the merchant's authinfo requests beyond N a minute
+        /// (429 FREQUENCY_LIMITED), as its per-merchant limits do. Default: no limit.
+        #[arg(long, value_name = "N")]
+        authinfo_per_minute: Option<usize>,
     },
 }

@@ -19,6 +19,8 @@ pub mod exit {
     pub const NO_AUTHINFO: u8 = 3;
     /// EX_UNAVAILABLE: the daemon cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
+    /// EX_TEMPFAIL: `refresh`: the daemon's forced-refresh limit holds it; try again later.
+    pub const TEMPFAIL: u8 = 75;
     /// EX_CONFIG: the configuration (or a file it names) is invalid.
     pub const CONFIG: u8 = 78;
 }
@@ -35,6 +37,10 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
     (
         exit::UNAVAILABLE,
         "the daemon cannot be reached (client commands)",
+    ),
+    (
+        exit::TEMPFAIL,
+        "refresh: not started, the forced-refresh limit holds it; the message says when the next is allowed",
     ),
     (
         exit::CONFIG,
@@ -104,11 +110,19 @@ pub enum Command {
         #[arg(value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         file: PathBuf,
     },
-    /// Make the device's RSA-2048 key (mode 0600) and print its public key for enrolment.
+    /// Make the device's RSA-2048 key (a 0600 file, or inside a PKCS#11 token) and print its public key for enrolment.
     Keygen {
         /// Where to write the private key; missing parent directories are created (0700).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "pkcs11",
+            conflicts_with = "pkcs11"
+        )]
+        out: Option<PathBuf>,
+        /// Generate the key inside the PKCS#11 token this RFC 7512 URI names (sensitive, never extractable), e.g. 'pkcs11:token=terminal;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/authinfod/pin'; key_file then takes the same URI.
+        #[arg(long, value_name = "URI")]
+        pkcs11: Option<String>,
         /// Replace an existing key (its enrolment at the proxy stops working).
         #[arg(long)]
         force: bool,
@@ -131,7 +145,9 @@ pub enum Command {
     },
     /// Ask for a refresh now.
     Refresh {
-        /// Wait for the refresh and report its outcome (exit 3 if it failed).
+        /// Wait for the refresh and report its outcome (exit 3 if it failed). Either way, a
+        /// refresh the forced-refresh limit holds is not started (exit 75, and when the next
+        /// one is allowed).
         #[arg(long)]
         wait: bool,
         #[command(flatten)]

@@ -7,10 +7,10 @@
 //!
 //! Owns: the signing string and the header's text form. It must not parse headers (that is the
 //! platform's side, simulated in [`crate::sandbox::wechatpay`]) and signs only through
-//! [`RsaSigner`] (ring). The terminal's own scheme in `wire::auth` has the same signing-string
-//! shape but is kept apart: `platform` does not depend on the wire contract.
+//! [`Signer`] (ring, or a PKCS#11 token). The terminal's own scheme in `wire::auth` has the same
+//! signing-string shape but is kept apart: `platform` does not depend on the wire contract.
 
-use crate::crypto::{CryptoError, RsaSigner};
+use crate::crypto::{CryptoError, Signer};
 
 /// The authentication scheme name.
 pub const SCHEME: &str = "WECHATPAY2-SHA256-RSA2048";
@@ -47,17 +47,21 @@ pub fn signing_string(
 pub struct MerchantSigner {
     mchid: String,
     serial_no: String,
-    key: RsaSigner,
+    key: Signer,
 }
 
 impl MerchantSigner {
     /// `serial_no` is the serial of the merchant API certificate (`apiclient_cert.pem`) whose
     /// private key is `key`.
-    pub fn new(mchid: impl Into<String>, serial_no: impl Into<String>, key: RsaSigner) -> Self {
+    pub fn new(
+        mchid: impl Into<String>,
+        serial_no: impl Into<String>,
+        key: impl Into<Signer>,
+    ) -> Self {
         Self {
             mchid: mchid.into(),
             serial_no: serial_no.into(),
-            key,
+            key: key.into(),
         }
     }
 
@@ -90,7 +94,7 @@ impl MerchantSigner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{self, BASE64};
+    use crate::crypto::{self, BASE64, RsaSigner};
     use base64::Engine as _;
     use std::io::Write as _;
     use std::process::{Command, Stdio};
