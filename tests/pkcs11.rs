@@ -36,7 +36,7 @@ fn first_pem(text: &str) -> String {
 
 /// Writes a daemon config for the proxy at `url` whose `key_file` is `key`.
 fn daemon_config(dir: &Path, url: &str, ca_pem: &str, key: &str) -> std::path::PathBuf {
-    let path = crate::support::write_config(dir, url, ca_pem, "");
+    let path = crate::support::write_config(dir, url, ca_pem, crate::support::NO_FORCED_LIMIT);
     let text = std::fs::read_to_string(&path).expect("config");
     let file_line = format!("key_file = \"{}\"", dir.join("device.key").display());
     assert!(text.contains(&file_line), "{text}");
