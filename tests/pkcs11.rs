@@ -35,6 +35,8 @@ fn first_pem(text: &str) -> String {
 }
 
 /// Writes a daemon config for the proxy at `url` whose `key_file` is `key`.
+/// A daemon config with its key in a token; forced refreshes are not limited (these tests
+/// force one after another to see each signature).
 fn daemon_config(dir: &Path, url: &str, ca_pem: &str, key: &str) -> std::path::PathBuf {
     let path = crate::support::write_config(dir, url, ca_pem, crate::support::NO_FORCED_LIMIT);
     let text = std::fs::read_to_string(&path).expect("config");
