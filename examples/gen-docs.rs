@@ -437,6 +437,7 @@ mod tests {
                 "authinfo-proxy-devices.1",
                 "authinfo-proxy-sandbox.1",
                 "authinfo-proxy-serve.1",
+                "authinfo-proxy-terminals.1",
                 "authinfo-proxy.1",
                 "authinfod-check-config.1",
                 "authinfod-get.1",

@@ -79,6 +79,10 @@ pub const PLATFORM_CERTIFICATES_FAILED: &str = "f79ce4f80a2e4ec1889b499ec3c18812
 pub const PLATFORM_CERTIFICATE_NEW: &str = "de2b89b1a7ae445595850471c4c62fbc";
 /// Every trusted platform certificate expires within 30 days.
 pub const PLATFORM_CERTIFICATES_EXPIRING: &str = "2e6ee522f42b462b90f3250335c8e548";
+/// A terminal entered a risk of the fleet view (or its severity changed).
+pub const TERMINAL_AT_RISK: &str = "b6c1f0e2a9d44f1c8e27d3a5c0f49b18";
+/// A terminal left a risk of the fleet view.
+pub const TERMINAL_RISK_CLEARED: &str = "4d9e2b7c15a34e0f9b6a8c2d7e1f0a53";
 
 /// Every id and its name, as the catalog lists them.
 pub const ALL: &[(&str, &str)] = &[
@@ -122,6 +126,8 @@ pub const ALL: &[(&str, &str)] = &[
         PLATFORM_CERTIFICATES_EXPIRING,
         "PLATFORM_CERTIFICATES_EXPIRING",
     ),
+    (TERMINAL_AT_RISK, "TERMINAL_AT_RISK"),
+    (TERMINAL_RISK_CLEARED, "TERMINAL_RISK_CLEARED"),
 ];
 
 #[cfg(test)]

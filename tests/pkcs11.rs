@@ -34,7 +34,6 @@ fn first_pem(text: &str) -> String {
     format!("{}-----END PUBLIC KEY-----\n", &text[start..end])
 }
 
-/// Writes a daemon config for the proxy at `url` whose `key_file` is `key`.
 /// A daemon config with its key in a token; forced refreshes are not limited (these tests
 /// force one after another to see each signature).
 fn daemon_config(dir: &Path, url: &str, ca_pem: &str, key: &str) -> std::path::PathBuf {

@@ -30,16 +30,16 @@ use crate::support::{
 };
 
 /// Device B: enrolled by the tests that need a second terminal.
-const DEVICE_B_ID: &str = "T-2002";
+pub(crate) const DEVICE_B_ID: &str = "T-2002";
 /// B's serial: the first extra device of `lab::world(n, ..)`, listed as ACTIVATED.
-const DEVICE_B_SN: &str = "SANDBOX0000002000";
+pub(crate) const DEVICE_B_SN: &str = "SANDBOX0000002000";
 /// A serial WeChat Pay does not list for the merchant.
 const UNLISTED_SN: &str = "SANDBOX0000009999";
 
 // === the lab ===
 
 /// Starts a lab in a fresh directory (the directory lives as long as the returned handle).
-async fn start_lab(
+pub(crate) async fn start_lab(
     world: World,
     proxy_extra: &str,
     daemon_extra: &str,
@@ -59,12 +59,12 @@ async fn start_lab(
 
 /// A lab whose proxy has finished its first fleet sync, so that every later upstream call is
 /// one a test caused.
-async fn synced_lab(world: World, daemon_extra: &str) -> (Arc<tempfile::TempDir>, Lab) {
+pub(crate) async fn synced_lab(world: World, daemon_extra: &str) -> (Arc<tempfile::TempDir>, Lab) {
     synced_lab_with(world, "", daemon_extra).await
 }
 
 /// [`synced_lab`] with `proxy_extra` TOML in the proxy's config.
-async fn synced_lab_with(
+pub(crate) async fn synced_lab_with(
     world: World,
     proxy_extra: &str,
     daemon_extra: &str,
@@ -79,7 +79,7 @@ async fn synced_lab_with(
 }
 
 /// Every request the simulated platforms received so far, as `METHOD target`.
-fn upstream_calls(lab: &Lab) -> Vec<String> {
+pub(crate) fn upstream_calls(lab: &Lab) -> Vec<String> {
     lab.sandbox
         .state
         .received()
@@ -97,13 +97,13 @@ fn list_calls(lab: &Lab) -> Vec<String> {
 }
 
 /// The lab's demo terminal (device A), signing with the key the lab enrolled.
-fn device_a(lab: &Lab) -> DeviceSigner {
+pub(crate) fn device_a(lab: &Lab) -> DeviceSigner {
     let key = RsaSigner::from_file(&lab.files.path("device.key")).expect("device key");
     DeviceSigner::new(DEVICE_ID.into(), key)
 }
 
 /// A signer for `device_id` with `key`.
-fn signer(device_id: &str, key: &GeneratedKey) -> DeviceSigner {
+pub(crate) fn signer(device_id: &str, key: &GeneratedKey) -> DeviceSigner {
     DeviceSigner::new(
         device_id.into(),
         RsaSigner::from_pem(&key.private_pem, "test key").expect("key"),
@@ -112,7 +112,7 @@ fn signer(device_id: &str, key: &GeneratedKey) -> DeviceSigner {
 
 /// Enrols device B (the shared test key, serial `sn`) by appending it to the lab's registry
 /// file; the running proxy sees it after a reload.
-fn append_device_b(lab: &Lab, sn: &str) -> DeviceSigner {
+pub(crate) fn append_device_b(lab: &Lab, sn: &str) -> DeviceSigner {
     use std::io::Write as _;
     let entry = format!(
         "\n[[device]]\ndevice_id = \"{DEVICE_B_ID}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{sn}\"\nsub_mchid = \"1900000002\"\norganization_id = \"ORG-CANTEEN-02\"\n",
@@ -139,7 +139,7 @@ fn authinfo_body(raw_data: &str) -> Vec<u8> {
 
 /// Parses a refusal and checks its status and code.
 #[track_caller]
-fn assert_refused(reply: &Reply, status: u16, code: &str) -> ErrorBody {
+pub(crate) fn assert_refused(reply: &Reply, status: u16, code: &str) -> ErrorBody {
     let text = String::from_utf8_lossy(&reply.body).into_owned();
     let body: ErrorBody = serde_json::from_slice(&reply.body)
         .unwrap_or_else(|e| panic!("not an error body ({e}): {text}"));
@@ -154,14 +154,14 @@ fn assert_refused(reply: &Reply, status: u16, code: &str) -> ErrorBody {
 // === a connection to the proxy ===
 
 /// One keep-alive HTTPS connection to the proxy, trusting only the lab's proxy CA.
-struct ProxyConnection {
+pub(crate) struct ProxyConnection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     /// Ends when the connection closes.
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ProxyConnection {
-    async fn open(lab: &Lab) -> Self {
+    pub(crate) async fn open(lab: &Lab) -> Self {
         Self::open_to(lab, lab.proxy.addr).await
     }
 
@@ -188,7 +188,7 @@ impl ProxyConnection {
     }
 
     /// Sends one request on this connection; `target` goes on the wire as given.
-    async fn send(
+    pub(crate) async fn send(
         &mut self,
         method: &str,
         target: &str,
@@ -222,7 +222,7 @@ impl ProxyConnection {
     }
 
     /// Sends a request signed by `device` at `timestamp`.
-    async fn signed_at(
+    pub(crate) async fn signed_at(
         &mut self,
         device: &DeviceSigner,
         timestamp: i64,
@@ -237,7 +237,7 @@ impl ProxyConnection {
     }
 
     /// Sends a request signed by `device` now.
-    async fn signed(
+    pub(crate) async fn signed(
         &mut self,
         device: &DeviceSigner,
         method: &str,
@@ -971,7 +971,7 @@ async fn fleet_sync_pages_261_devices_within_the_configured_rate_and_lists_them(
     );
 
     // The admin listener serves the same list, and the table shows it.
-    let admin = authinfod::proxy::admin_fleet(lab.proxy.admin_addr)
+    let admin = authinfod::proxy::admin_fleet(lab.proxy.admin_addr, None)
         .await
         .expect("admin /fleet");
     assert_eq!(admin.devices, snapshot.devices);
@@ -1390,7 +1390,7 @@ async fn sighup_reloads_the_registry_of_a_running_proxy() {
 // === the admin listener ===
 
 /// A plain HTTP/1.0 GET to the proxy's admin listener: (status line, body).
-async fn admin_get(lab: &Lab, path: &str) -> (String, String) {
+pub(crate) async fn admin_get(lab: &Lab, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(lab.proxy.admin_addr)
         .await

@@ -13,3 +13,4 @@ mod link;
 mod pkcs11;
 mod proxy;
 mod socket;
+mod terminals;

@@ -18,6 +18,11 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Devices { json, live, config } => devices(&config, json, live),
+        Command::Terminals {
+            json,
+            at_risk,
+            config,
+        } => terminals(&config, json, at_risk),
         Command::Certificates { out, config } => certificates(&config, out.as_deref()),
         Command::Sandbox {
             dir,
@@ -147,7 +152,7 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
                 .map_err(anyhow::Error::from)
         } else {
             let url = format!("http://{}/fleet", config.admin_listen);
-            proxy::admin_fleet(config.admin_listen)
+            proxy::admin_fleet(config.admin_listen, config.admin_token.as_ref())
                 .await
                 .with_context(|| format!("cannot ask the running proxy at {url} (is it running? --live pages WeChat Pay directly)"))
         }
@@ -172,6 +177,35 @@ fn devices(path: &std::path::Path, json: bool, live: bool) -> anyhow::Result<Exi
         println!("{}", serde_json::to_string_pretty(&snapshot)?);
     } else {
         print!("{}", proxy::fleet::render_table(&snapshot));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn terminals(path: &std::path::Path, json: bool, at_risk: bool) -> anyhow::Result<ExitCode> {
+    let config = config::load(path)?;
+    let url = format!("http://{}/terminals", config.admin_listen);
+    let answer = runtime()?.block_on(proxy::admin_terminals(
+        config.admin_listen,
+        config.admin_token.as_ref(),
+        at_risk,
+    ));
+    let list = match answer {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!(
+                "authinfo-proxy: cannot ask the running proxy at {url} (is it running?): {}",
+                authinfod::error_chain(&e)
+            );
+            return Ok(ExitCode::from(exit::UNAVAILABLE));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print!(
+            "{}",
+            proxy::terminals::doc::render_table(&list.terminals, &list.summary)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

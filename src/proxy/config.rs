@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::terminals::risk::Thresholds;
 use crate::config_file::Problems;
 use crate::crypto::{KeySource, RsaSigner, RsaVerifier, Signer};
 use crate::platform::aliyun::SignatureScheme;
@@ -54,6 +55,22 @@ struct RawConfig {
     limits: RawLimits,
     alipay: Option<RawAlipay>,
     aliyun: Option<RawAliyun>,
+    admin_token_file: Option<PathBuf>,
+    #[serde(default)]
+    terminals: RawTerminals,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTerminals {
+    authinfo_issued_within: Option<HumanDuration>,
+    offline_after: Option<HumanDuration>,
+    runway_below: Option<HumanDuration>,
+    licence_warning_days: Option<i64>,
+    licence_critical_days: Option<i64>,
+    clock_skew_above: Option<HumanDuration>,
+    report_burst: Option<u32>,
+    report_refill: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +214,69 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub alipay: Option<AlipayConfig>,
     pub aliyun: Option<AliyunConfig>,
+    /// The admin listener's token (`admin_token_file`): when set, every admin call needs it
+    /// (`Authorization: Bearer <token>`, or basic auth with it as the password). Required when
+    /// the admin listener is not on loopback.
+    pub admin_token: Option<AdminToken>,
+    /// The fleet view's settings (`[terminals]`).
+    pub terminals: TerminalsConfig,
+}
+
+/// `[terminals]`: the fleet view's risk thresholds and each terminal's report rate.
+#[derive(Debug, Clone, Copy)]
+pub struct TerminalsConfig {
+    pub thresholds: Thresholds,
+    /// Reports a terminal may send in a burst.
+    pub report_burst: u32,
+    /// One more report is admitted every this long once the burst is spent.
+    pub report_refill: Duration,
+}
+
+/// The admin listener's token. Never logged or shown.
+#[derive(Clone)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The shortest token accepted (a guessable token on a non-loopback listener is no wall).
+    pub const MIN_LEN: usize = 16;
+
+    pub fn new(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.len() < Self::MIN_LEN {
+            return Err(format!(
+                "the token must be at least {} characters",
+                Self::MIN_LEN
+            ));
+        }
+        if text
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ':')
+        {
+            return Err("the token must not hold spaces, control characters or ':'".into());
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `given` is the token, in time independent of where they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        mine.len() == given.len()
+            && mine
+                .iter()
+                .zip(given)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 impl Config {
@@ -409,6 +489,23 @@ impl Validator<'_> {
             Some(a) => self.aliyun(a).map(Some),
             None => Some(None),
         };
+        let admin_token = self
+            .read_optional("admin_token_file", raw.admin_token_file, true)
+            .and_then(|text| match text.map(|t| AdminToken::new(&t)).transpose() {
+                Ok(token) => Some(token),
+                Err(e) => {
+                    self.problem(format!("admin_token_file: {e}"));
+                    None
+                }
+            });
+        if let (Some(addr), Some(None)) = (admin_listen, &admin_token)
+            && !addr.ip().is_loopback()
+        {
+            self.problem(format!(
+                "admin_listen: {addr} is not loopback, so the admin listener (the fleet dashboard, /terminals, /metrics) needs admin_token_file"
+            ));
+        }
+        let terminals = self.terminals(raw.terminals);
         Some(Config {
             listen: listen?,
             admin_listen: admin_listen?,
@@ -422,6 +519,64 @@ impl Validator<'_> {
             limits,
             alipay: alipay?,
             aliyun: aliyun?,
+            admin_token: admin_token?,
+            terminals: terminals?,
+        })
+    }
+
+    /// `[terminals]`: the fleet view's thresholds.
+    fn terminals(&mut self, raw: RawTerminals) -> Option<TerminalsConfig> {
+        let d = Thresholds::default();
+        let p = &mut self.problems;
+        let t = Thresholds {
+            authinfo_issued_within: p.positive(
+                "terminals.authinfo_issued_within",
+                raw.authinfo_issued_within,
+                d.authinfo_issued_within,
+            ),
+            offline_after: p.positive(
+                "terminals.offline_after",
+                raw.offline_after,
+                d.offline_after,
+            ),
+            runway_below: raw.runway_below.map_or(d.runway_below, |h| h.0),
+            licence_warning_days: raw.licence_warning_days.unwrap_or(d.licence_warning_days),
+            licence_critical_days: raw.licence_critical_days.unwrap_or(d.licence_critical_days),
+            clock_skew_above: p.positive(
+                "terminals.clock_skew_above",
+                raw.clock_skew_above,
+                d.clock_skew_above,
+            ),
+        };
+        let mut ok = !t.authinfo_issued_within.is_zero()
+            && !t.offline_after.is_zero()
+            && !t.clock_skew_above.is_zero();
+        if !(0..=3650).contains(&t.licence_critical_days) {
+            self.problem("terminals.licence_critical_days: must be 0 to 3650".into());
+            ok = false;
+        }
+        if !(t.licence_critical_days..=3650).contains(&t.licence_warning_days) {
+            self.problem(
+                "terminals.licence_warning_days: must be at least licence_critical_days and at most 3650"
+                    .into(),
+            );
+            ok = false;
+        }
+        let report_burst = raw.report_burst.unwrap_or(super::terminals::REPORT_BURST);
+        if report_burst == 0 {
+            self.problem("terminals.report_burst: must be at least 1".into());
+            ok = false;
+        }
+        let report_refill = self.problems.positive(
+            "terminals.report_refill",
+            raw.report_refill,
+            super::terminals::REPORT_REFILL,
+        );
+        ok &= !report_refill.is_zero();
+        ok.then_some(TerminalsConfig {
+            thresholds: t,
+            report_burst,
+            report_refill,
         })
     }
 
@@ -871,6 +1026,12 @@ mod tests {
         };
         // Every field this issue added is documented there.
         assert!(raw.upstream.http_proxy.is_some() && raw.upstream.trust.is_some());
+        let t = &raw.terminals;
+        assert!(raw.admin_token_file.is_some() && t.authinfo_issued_within.is_some());
+        assert!(t.offline_after.is_some() && t.runway_below.is_some());
+        assert!(t.licence_warning_days.is_some() && t.licence_critical_days.is_some());
+        assert!(t.clock_skew_above.is_some() && t.report_burst.is_some());
+        assert!(t.report_refill.is_some());
         assert!(wechatpay.merchant_certificate.is_some() && wechatpay.apiv3_key_file.is_some());
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()

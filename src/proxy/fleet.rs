@@ -30,7 +30,8 @@ const MAX_PAGES: u64 = 1000;
 const MAX_RATE_LIMITED_RETRIES: u32 = 6;
 
 /// What the fleet list says of a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FleetStatus {
     Activated,
     /// Listed, but not `ACTIVATED`.
@@ -41,12 +42,68 @@ pub enum FleetStatus {
     Unknown,
 }
 
+impl FleetStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Activated => "activated",
+            Self::Inactivated => "inactivated",
+            Self::Unlisted => "unlisted",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
 /// A synced list.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FleetSnapshot {
     /// Unix seconds of the sync; `None` before the first.
     pub synced_at: Option<i64>,
     pub devices: Vec<Device>,
+}
+
+impl FleetSnapshot {
+    /// The list by serial, for looking up many devices at once (the fleet view).
+    pub fn index(&self) -> FleetIndex<'_> {
+        FleetIndex {
+            synced: self.synced_at.is_some(),
+            by_sn: self
+                .devices
+                .iter()
+                .filter_map(|d| Some((d.device_sn.as_deref()?, d)))
+                .collect(),
+        }
+    }
+}
+
+/// Whether WeChat Pay's list shows `device` as activated.
+pub fn is_activated(device: &Device) -> bool {
+    device.activation_status.as_deref() == Some("ACTIVATED")
+}
+
+/// A [`FleetSnapshot`] by serial.
+#[derive(Debug)]
+pub struct FleetIndex<'a> {
+    synced: bool,
+    by_sn: HashMap<&'a str, &'a Device>,
+}
+
+impl FleetIndex<'_> {
+    /// What the list says of `device_sn` (as [`Fleet::status`]).
+    pub fn status(&self, device_sn: &str) -> FleetStatus {
+        if !self.synced {
+            return FleetStatus::Unknown;
+        }
+        match self.by_sn.get(device_sn) {
+            Some(d) if is_activated(d) => FleetStatus::Activated,
+            Some(_) => FleetStatus::Inactivated,
+            None => FleetStatus::Unlisted,
+        }
+    }
+
+    /// The list's entry for `device_sn`.
+    pub fn device(&self, device_sn: &str) -> Option<&Device> {
+        self.by_sn.get(device_sn).copied()
+    }
 }
 
 /// Why a sync failed.
@@ -371,10 +428,7 @@ impl Indexed {
         let by_sn = snapshot
             .devices
             .iter()
-            .filter_map(|d| {
-                let activated = d.activation_status.as_deref() == Some("ACTIVATED");
-                d.device_sn.clone().map(|sn| (sn, activated))
-            })
+            .filter_map(|d| d.device_sn.clone().map(|sn| (sn, is_activated(d))))
             .collect();
         Self {
             snapshot: Arc::new(snapshot),
@@ -465,11 +519,11 @@ pub fn render_table(snapshot: &FleetSnapshot) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let rows: Vec<[String; 8]> = snapshot
+    let rows: Vec<Vec<String>> = snapshot
         .devices
         .iter()
         .map(|d| {
-            [
+            vec![
                 cell(&d.device_sn),
                 cell(&d.device_category),
                 cell(&d.device_class),
@@ -491,29 +545,8 @@ pub fn render_table(snapshot: &FleetSnapshot) -> String {
         "ACTIVATION",
         "SUB_MCHID",
     ];
-    let mut widths: Vec<usize> = header.iter().map(|h| display_width(h)).collect();
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(display_width(c));
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut l = String::new();
-        for (c, w) in cells.iter().zip(&widths) {
-            let pad = w.saturating_sub(display_width(c));
-            let _ = write!(l, "{c}{}  ", " ".repeat(pad));
-        }
-        l.trim_end().to_owned()
-    };
-    let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
-    for row in &rows {
-        let _ = writeln!(out, "{}", line(row));
-    }
-    let activated = snapshot
-        .devices
-        .iter()
-        .filter(|d| d.activation_status.as_deref() == Some("ACTIVATED"))
-        .count();
+    out.push_str(&columns(&header, &rows));
+    let activated = snapshot.devices.iter().filter(|d| is_activated(d)).count();
     let _ = writeln!(
         out,
         "{} device(s), {activated} activated; synced {}",
@@ -525,9 +558,36 @@ pub fn render_table(snapshot: &FleetSnapshot) -> String {
     out
 }
 
+/// `header` and `rows` as lines of columns two spaces apart, each padded to its widest cell in
+/// terminal columns ([`display_width`]), trailing spaces trimmed: the one table layout of the
+/// proxy's commands (`devices`, `terminals`).
+pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    use std::fmt::Write as _;
+    let mut widths: Vec<usize> = header.iter().map(|h| display_width(h)).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(display_width(c));
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (c, w) in cells.zip(&widths) {
+            let pad = w.saturating_sub(display_width(c));
+            let _ = write!(l, "{c}{}  ", " ".repeat(pad));
+        }
+        l.trim_end().to_owned()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", line(&mut header.iter().copied()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
 /// The terminal columns `text` takes: East Asian wide and fullwidth characters (the Chinese
 /// names WeChat Pay gives device categories, classes and scenes) take two, others one.
-fn display_width(text: &str) -> usize {
+pub fn display_width(text: &str) -> usize {
     text.chars()
         .map(|c| match u32::from(c) {
             0x1100..=0x115F

@@ -30,6 +30,7 @@ pub mod periodic;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod terminals;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -217,6 +218,13 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         Some(key) => Some(start_certificates(configured_keys, key, store.clone(), &wechat).await),
         None => None,
     };
+    let records =
+        terminals::records::StoredRecords::open(store.clone()).map_err(FleetError::from)?;
+    let health = Arc::new(terminals::FleetHealth::new(
+        Arc::new(records),
+        config.terminals.thresholds,
+        fleet::system_clock(),
+    ));
     let fleet = Arc::new(Fleet::new(
         store,
         config.fleet.requests_per_second,
@@ -242,6 +250,12 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             Arc::new(limits::MemoryLimits::default()),
         ),
         started: tokio::time::Instant::now(),
+        health: health.clone(),
+        reports: terminals::ReportLimiter::new(
+            config.terminals.report_burst,
+            config.terminals.report_refill,
+        ),
+        admin_token: config.admin_token,
     });
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -275,6 +289,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             shutdown.clone(),
         ));
     }
+    tracker.spawn(terminals::run(health, fleet_inputs(&app), shutdown.clone()));
     if config.fleet.enabled {
         tracker.spawn(fleet::run_sync(
             fleet,
@@ -290,6 +305,17 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         app,
         shutdown,
         tracker,
+    })
+}
+
+/// What the fleet view's loop reads each pass from `app`: the registry now, and the fleet list
+/// when the fleet check is on. It also forgets the report rate of devices no longer enrolled.
+fn fleet_inputs(app: &Arc<App>) -> terminals::Inputs {
+    let app = app.clone();
+    Box::new(move || {
+        let registry = app.registry.current();
+        app.reports.retain(|id| registry.get(id).is_some());
+        (registry, app.fleet_enabled.then(|| app.fleet.snapshot()))
     })
 }
 
@@ -395,7 +421,7 @@ const ADMIN_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 /// `serve` then finds. sled admits one process at a time, so a store held by a process that
 /// does not answer on `admin` is [`ProxyError::StoreBusy`], never a second, separate count.
 pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
-    match admin_post_sync(admin).await {
+    match admin_post_sync(admin, config.admin_token.as_ref()).await {
         Err(ProxyError::Http { source, .. }) if source.is_connect() => {}
         answered => return answered,
     }
@@ -415,10 +441,14 @@ pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapsh
 }
 
 /// Asks a running proxy's admin listener to sync now and answer with the new list.
-async fn admin_post_sync(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+async fn admin_post_sync(
+    admin: SocketAddr,
+    token: Option<&config::AdminToken>,
+) -> Result<FleetSnapshot, ProxyError> {
     admin_call(
         reqwest::Method::POST,
         admin,
+        token,
         "/fleet/sync",
         ADMIN_SYNC_TIMEOUT,
     )
@@ -426,41 +456,86 @@ async fn admin_post_sync(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError>
 }
 
 /// Asks a running proxy's admin listener for its cached fleet (`devices`).
-pub async fn admin_fleet(admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
+pub async fn admin_fleet(
+    admin: SocketAddr,
+    token: Option<&config::AdminToken>,
+) -> Result<FleetSnapshot, ProxyError> {
     admin_call(
         reqwest::Method::GET,
         admin,
+        token,
         "/fleet",
         std::time::Duration::from_secs(10),
     )
     .await
 }
 
-/// One call to the admin listener answering a fleet list, or a [`SyncRefusal`].
-async fn admin_call(
+/// Asks a running proxy's admin listener for its whole fleet view (`terminals`), page by page,
+/// worst first; only the terminals at risk with `at_risk`.
+pub async fn admin_terminals(
+    admin: SocketAddr,
+    token: Option<&config::AdminToken>,
+    at_risk: bool,
+) -> Result<terminals::doc::TerminalsList, ProxyError> {
+    let mut all = Vec::new();
+    let mut page = 1;
+    loop {
+        let path = format!(
+            "/terminals?per_page={}&page={page}{}",
+            terminals::doc::MAX_PER_PAGE,
+            if at_risk { "&at_risk=true" } else { "" }
+        );
+        let answer: terminals::doc::TerminalsPage = admin_call(
+            reqwest::Method::GET,
+            admin,
+            token,
+            &path,
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+        all.extend(answer.terminals);
+        if page >= answer.pages {
+            return Ok(terminals::doc::TerminalsList {
+                summary: answer.summary,
+                terminals: all,
+            });
+        }
+        page += 1;
+    }
+}
+
+/// One call to the admin listener answering a `T`, or a [`SyncRefusal`] or error body.
+async fn admin_call<T: serde::de::DeserializeOwned>(
     method: reqwest::Method,
     admin: SocketAddr,
+    token: Option<&config::AdminToken>,
     path: &str,
     timeout: std::time::Duration,
-) -> Result<FleetSnapshot, ProxyError> {
+) -> Result<T, ProxyError> {
     // The admin listener is local: straight to it, whatever the egress proxy.
     let http = http("admin listener", None, &Upstream::direct(), timeout)?;
     let failed = |source| ProxyError::Http {
         platform: "admin listener",
         source,
     };
-    let response = http
-        .request(method, format!("http://{admin}{path}"))
-        .send()
-        .await
-        .map_err(failed)?;
+    let mut request = http.request(method, format!("http://{admin}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request.send().await.map_err(failed)?;
     let status = response.status();
     let bytes = response.bytes().await.map_err(failed)?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| ProxyError::Admin(e.to_string()));
     }
-    match serde_json::from_slice::<SyncRefusal>(&bytes) {
-        Ok(refusal) => Err(ProxyError::AdminRefused(refusal)),
+    if let Ok(refusal) = serde_json::from_slice::<SyncRefusal>(&bytes) {
+        return Err(ProxyError::AdminRefused(refusal));
+    }
+    match serde_json::from_slice::<crate::wire::ErrorBody>(&bytes) {
+        Ok(body) => Err(ProxyError::Admin(format!(
+            "HTTP {status} on {path}: {} {}",
+            body.code, body.message
+        ))),
         Err(_) => Err(ProxyError::Admin(format!("HTTP {status} on {path}"))),
     }
 }

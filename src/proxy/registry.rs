@@ -188,12 +188,29 @@ impl Registry {
         problems.finish(path, Some(Self { devices }))
     }
 
+    /// A registry of `devices` built in code (simulated fleets, benchmarks); a later device of
+    /// the same id replaces an earlier one. A registry file is read with [`Registry::parse`],
+    /// which also refuses shared keys and serials.
+    pub fn from_devices(devices: impl IntoIterator<Item = Device>) -> Self {
+        Self {
+            devices: devices
+                .into_iter()
+                .map(|d| (d.device_id.clone(), Arc::new(d)))
+                .collect(),
+        }
+    }
+
     pub fn get(&self, device_id: &str) -> Option<Arc<Device>> {
         self.devices.get(device_id).cloned()
     }
 
     pub fn len(&self) -> usize {
         self.devices.len()
+    }
+
+    /// Every enrolled device, by id.
+    pub fn devices(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.values()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -224,6 +241,11 @@ impl SharedRegistry {
     /// The registry now.
     pub fn current(&self) -> Arc<Registry> {
         crate::sync::read(&self.current).clone()
+    }
+
+    /// Serves `registry` until the next reload (simulated fleets, benchmarks).
+    pub fn replace(&self, registry: Registry) {
+        *crate::sync::write(&self.current) = Arc::new(registry);
     }
 
     /// Reloads the file; on failure the old registry stays and the error is returned.

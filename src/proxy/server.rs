@@ -24,10 +24,13 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::auth::{AuthError, NonceCache, authenticate};
+use super::config::AdminToken;
 use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
 use super::limits::{Limited, LimitedRoute, Limits, Platform};
 use super::metrics::ProxyMetrics;
 use super::registry::{Device, SharedRegistry};
+use super::terminals::doc::{TerminalDoc, TerminalsPage, TerminalsQuery};
+use super::terminals::{FleetHealth, FleetView, ReportLimiter};
 use crate::platform::alipay::AlipayClient;
 use crate::platform::aliyun::{self, AliyunClient};
 use crate::platform::wechatpay::{AuthinfoParams, WechatPayClient};
@@ -50,6 +53,21 @@ pub struct App {
     /// Per-device buckets and per-merchant ceilings.
     pub limits: Limits,
     pub started: Instant,
+    /// The fleet view: what each enrolled terminal reported, when it was seen and issued.
+    pub health: Arc<FleetHealth>,
+    /// Each terminal's report rate.
+    pub reports: ReportLimiter,
+    /// Required on every admin call when set.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl App {
+    /// Every enrolled terminal judged now, with the fleet list when the fleet check is on.
+    pub async fn fleet_view(&self) -> Result<FleetView, super::store::StoreError> {
+        let registry = self.registry.current();
+        let fleet = self.fleet_enabled.then(|| self.fleet.snapshot());
+        self.health.view(&registry, fleet.as_deref()).await
+    }
 }
 
 // === errors ===
@@ -76,8 +94,12 @@ pub enum RequestError {
     },
     #[error("bad request: {0}")]
     BadRequest(String),
-    #[error("the body is larger than {} bytes", wire::MAX_REQUEST_BODY)]
-    BodyTooLarge,
+    #[error("the body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("more reports than this proxy admits ([terminals] report_burst, report_refill)")]
+    ReportRateLimited { retry_after: std::time::Duration },
+    #[error("the fleet view's store failed: {0}")]
+    Store(String),
     /// A limit refused `device_id`'s request before anything was forwarded.
     #[error("{limited}; retry in {} s", whole_seconds(limited.retry_after()))]
     Limited { device_id: String, limited: Limited },
@@ -110,7 +132,11 @@ impl RequestError {
                 (S::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, false)
             }
             Self::BadRequest(_) => (S::BAD_REQUEST, codes::BAD_REQUEST, false),
-            Self::BodyTooLarge => (S::PAYLOAD_TOO_LARGE, codes::BODY_TOO_LARGE, false),
+            Self::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, codes::BODY_TOO_LARGE, false),
+            Self::ReportRateLimited { .. } => {
+                (S::TOO_MANY_REQUESTS, codes::REPORT_RATE_LIMITED, true)
+            }
+            Self::Store(_) => (S::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE, true),
             Self::Limited {
                 limited: Limited::Device { .. },
                 ..
@@ -148,6 +174,7 @@ impl RequestError {
                     request_id: failure.request_id.clone(),
                 }),
             ),
+            Self::ReportRateLimited { retry_after } => (Some(retry_after.as_secs().max(1)), None),
             Self::Limited { limited, .. } => (Some(whole_seconds(limited.retry_after())), None),
             _ => (None, None),
         };
@@ -190,21 +217,22 @@ fn whole_seconds(d: std::time::Duration) -> u64 {
 
 // === the checks every terminal route makes ===
 
-/// A terminal request that passed the checks every terminal route makes, in this order: its
-/// body read once (at most [`wire::MAX_REQUEST_BODY`]), its signature by an enrolled device
-/// ([`authenticate`], which records the nonce), WeChat Pay's fleet list, and the device's
-/// bucket for the route ([`Limits::admit_device`]; only a request the device really signed
-/// spends its budget, so nobody can spend another device's). Taken by every terminal handler,
-/// it also records `device_id` on the request's span.
+/// A terminal request signed by an enrolled device: its body read once (at most
+/// [`wire::MAX_REQUEST_BODY`]) and its signature verified ([`authenticate`], which records the
+/// nonce). The fleet view notes the device as seen; it also records `device_id` on the
+/// request's span. Only the report route takes it alone: it forwards nothing to a platform, and
+/// the merchant wants the health of a terminal WeChat Pay refuses too.
 #[derive(Debug)]
-pub struct Authenticated {
+pub struct Signed {
     /// The device that signed the request: the only device the route may ask about.
     pub device: Arc<Device>,
     /// The body, exactly as signed.
     pub body: Bytes,
+    /// The route's per-device limit, when it has one.
+    route: Option<LimitedRoute>,
 }
 
-impl FromRequest<Arc<App>> for Authenticated {
+impl FromRequest<Arc<App>> for Signed {
     type Rejection = RequestError;
 
     async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, RequestError> {
@@ -214,7 +242,7 @@ impl FromRequest<Arc<App>> for Authenticated {
             .map_err(|e| {
                 let e = e.into_inner();
                 if e.is::<http_body_util::LengthLimitError>() {
-                    RequestError::BodyTooLarge
+                    RequestError::BodyTooLarge(wire::MAX_REQUEST_BODY)
                 } else {
                     RequestError::BadRequest(e.to_string())
                 }
@@ -237,11 +265,41 @@ impl FromRequest<Arc<App>> for Authenticated {
             unix_now(),
         )?;
         tracing::Span::current().record("device_id", device.device_id.as_str());
-        check_fleet(app, &device)?;
+        app.health.seen(&device.device_id).await;
         let route = parts
             .extensions
             .get::<MatchedPath>()
             .and_then(|m| LimitedRoute::of_path(m.as_str()));
+        Ok(Self {
+            device,
+            body,
+            route,
+        })
+    }
+}
+
+/// A terminal request that passed the checks every platform route makes, in this order: those
+/// of [`Signed`] (body, signature, nonce), WeChat Pay's fleet list, and the device's bucket for
+/// the route ([`Limits::admit_device`]; only a request the device really signed spends its
+/// budget, so nobody can spend another device's).
+#[derive(Debug)]
+pub struct Authenticated {
+    /// The device that signed the request: the only device the route may ask about.
+    pub device: Arc<Device>,
+    /// The body, exactly as signed.
+    pub body: Bytes,
+}
+
+impl FromRequest<Arc<App>> for Authenticated {
+    type Rejection = RequestError;
+
+    async fn from_request(request: Request, app: &Arc<App>) -> Result<Self, RequestError> {
+        let Signed {
+            device,
+            body,
+            route,
+        } = Signed::from_request(request, app).await?;
+        check_fleet(app, &device)?;
         if let Some(route) = route {
             app.limits
                 .admit_device(&device.device_id, route)
@@ -284,6 +342,7 @@ pub fn terminal_router(app: Arc<App>) -> axum::Router {
             only(Method::GET, alipay_binding),
         )
         .route(wire::ROUTE_LICENCE, only(Method::GET, licence))
+        .route(wire::ROUTE_REPORT, only(Method::POST, report))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
@@ -467,9 +526,38 @@ async fn authinfo(
         |e| e.failure(),
     )
     .await?;
+    app.health.issued(&device.device_id).await;
     Ok(Json(wire::AuthinfoResponse {
         authinfo: answer.authinfo,
         expires_in: answer.expires_in,
+    }))
+}
+
+/// `POST /v1/report`: keeps the signing device's health report for the fleet view. Bounded: at
+/// most [`super::terminals::MAX_REPORT_BODY`] bytes, texts checked ([`wire::Report::check`]),
+/// and each device's rate ([`ReportLimiter`]).
+async fn report(
+    State(app): State<Arc<App>>,
+    Signed { device, body, .. }: Signed,
+) -> Result<Json<wire::ReportReceipt>, RequestError> {
+    if body.len() > super::terminals::MAX_REPORT_BODY {
+        return Err(RequestError::BodyTooLarge(
+            super::terminals::MAX_REPORT_BODY,
+        ));
+    }
+    app.reports
+        .admit(&device.device_id)
+        .map_err(|retry_after| RequestError::ReportRateLimited { retry_after })?;
+    let report: wire::Report = serde_json::from_slice(&body)
+        .map_err(|e| RequestError::BadRequest(format!("not a report: {e}")))?;
+    report.check().map_err(RequestError::BadRequest)?;
+    let received_at = app
+        .health
+        .report(&device.device_id, report)
+        .await
+        .map_err(|e| RequestError::Store(crate::error_chain(&e)))?;
+    Ok(Json(wire::ReportReceipt {
+        received_at: crate::units::rfc3339(received_at),
     }))
 }
 
@@ -581,15 +669,175 @@ async fn licence(
 
 // === admin ===
 
-/// `/healthz`, `/metrics`, `/fleet` and `POST /fleet/sync`, for the admin listener (loopback by
-/// default).
+/// The admin listener's routes (loopback by default; behind [`admin_auth`] when a token is
+/// configured): `/healthz`, `/metrics`, `/fleet`, `POST /fleet/sync`, the fleet view's
+/// `/terminals` and `/terminals/{device_id}`, and its dashboard at `/`.
 pub fn admin_router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/fleet", get(fleet))
         .route("/fleet/sync", axum::routing::post(fleet_sync))
+        .route("/terminals", get(terminals))
+        .route("/terminals/{device_id}", get(terminal))
+        .layer(middleware::from_fn_with_state(app.clone(), admin_auth))
         .with_state(app)
+}
+
+/// Why an admin call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "this admin listener needs its token: Authorization: Bearer <token>, or basic auth with the token as the password"
+    )]
+    Unauthorized,
+    #[error("bad query: {0}")]
+    BadQuery(String),
+    #[error("no terminal {0} is enrolled")]
+    UnknownTerminal(String),
+    #[error("the fleet view's store failed: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED),
+            Self::BadQuery(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST),
+            Self::UnknownTerminal(_) => (StatusCode::NOT_FOUND, codes::NOT_FOUND),
+            Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
+        };
+        let body = ErrorBody {
+            code: code.to_owned(),
+            message: self.to_string(),
+            retryable: matches!(self, Self::Store(_)),
+            retry_after_seconds: None,
+            upstream: None,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"authinfo-proxy\", charset=\"UTF-8\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<super::store::StoreError> for AdminError {
+    fn from(e: super::store::StoreError) -> Self {
+        Self::Store(crate::error_chain(&e))
+    }
+}
+
+/// With a configured token, admits only admin calls that carry it: `Bearer <token>`, or
+/// `Basic` with any user and the token as the password (what a browser asks for the dashboard).
+async fn admin_auth(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AdminError> {
+    let Some(token) = &app.admin_token else {
+        return Ok(next.run(request).await);
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(admin_credential);
+    if given.is_some_and(|g| token.matches(&g)) {
+        Ok(next.run(request).await)
+    } else {
+        Err(AdminError::Unauthorized)
+    }
+}
+
+/// The secret an `Authorization` header carries: a bearer token, or a basic password.
+fn admin_credential(header: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().as_bytes().to_vec());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let colon = decoded.iter().position(|b| *b == b':')?;
+        return Some(decoded[colon + 1..].to_vec());
+    }
+    None
+}
+
+/// A query of the fleet view, or its error as JSON.
+fn fleet_query(
+    query: Result<axum::extract::Query<TerminalsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<TerminalsQuery, AdminError> {
+    query
+        .map(|q| q.0)
+        .map_err(|e| AdminError::BadQuery(e.body_text()))
+}
+
+/// `GET /terminals`: the summary and one page of terminals, worst first, filtered by risk,
+/// severity or `at_risk=true`.
+async fn terminals(
+    State(app): State<Arc<App>>,
+    query: Result<axum::extract::Query<TerminalsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<TerminalsPage>, AdminError> {
+    let query = fleet_query(query)?;
+    let view = app.fleet_view().await?;
+    Ok(Json(TerminalsPage::of(&view, &query)))
+}
+
+/// `GET /terminals/{device_id}`: one terminal, all it reported and its risks.
+async fn terminal(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(device_id): axum::extract::Path<String>,
+) -> Result<Json<TerminalDoc>, AdminError> {
+    let view = app.fleet_view().await?;
+    let t = view
+        .get(&device_id)
+        .ok_or_else(|| AdminError::UnknownTerminal(device_id.chars().take(100).collect()))?;
+    Ok(Json(TerminalDoc::of(t, view.now)))
+}
+
+/// `GET /`: the dashboard, with the same query as `/terminals` for its table. Its style and
+/// script run under a per-page nonce; nothing else may (Content-Security-Policy).
+async fn dashboard(
+    State(app): State<Arc<App>>,
+    query: Result<axum::extract::Query<TerminalsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AdminError> {
+    let mut query = fleet_query(query)?;
+    query
+        .per_page
+        .get_or_insert(super::terminals::dashboard::DASHBOARD_PER_PAGE);
+    let view = app.fleet_view().await?;
+    let page = TerminalsPage::of(&view, &query);
+    let nonce = crate::crypto::nonce().map_err(|e| AdminError::Internal(e.to_string()))?;
+    let html = super::terminals::dashboard::render(&view, &page, &nonce);
+    let csp = format!(
+        "default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    );
+    let mut response = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    Ok(response)
 }
 
 /// The answer to `GET /healthz`.
@@ -653,11 +901,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             (unix_now() - t) as f64,
         ));
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(&gauges),
-    )
-        .into_response()
+    let mut text = app.metrics.render(&gauges);
+    match app.fleet_view().await {
+        Ok(view) => text.push_str(&super::terminals::render_metrics(&view)),
+        Err(error) => {
+            tracing::warn!(error = %crate::error_chain(&error), "cannot judge the fleet for /metrics; its series are left out");
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn fleet(State(app): State<Arc<App>>) -> Response {

@@ -1,6 +1,7 @@
 //! The proxy's own state on disk: one sled database under `state_dir/fleet` (the name it has had
 //! since it held only the fleet cache) with the last synced fleet list, the day's count of
-//! device-list requests, and the WeChat Pay platform certificates the proxy downloaded.
+//! device-list requests, the WeChat Pay platform certificates the proxy downloaded, and the
+//! fleet view's record of each enrolled terminal.
 //!
 //! Owns: the keys and encodings of those records and writing them durably (every write is
 //! flushed before it is relied on). It must not decide what the records mean (the fleet, the
@@ -12,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use super::fleet::FleetSnapshot;
+use super::terminals::record::TerminalRecord;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ const FLEET_KEY: &str = "fleet";
 const BUDGET_TREE: &str = "device_list_budget";
 /// The key of the downloaded platform certificates (a PEM bundle).
 const CERTIFICATES_KEY: &str = "wechatpay_platform_certificates";
+/// The tree of terminal records (JSON), one key per device id.
+const TERMINALS_TREE: &str = "terminals";
 
 /// The proxy's store. Cheap to clone; clones share the database.
 #[derive(Debug, Clone)]
@@ -165,6 +169,65 @@ impl Store {
     pub async fn save_platform_certificates(&self, pem: &str) -> Result<(), StoreError> {
         self.db.insert(CERTIFICATES_KEY, pem.as_bytes())?;
         self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// The stored terminal records: `(device_id, record)`, and the device ids whose record does not
+/// decode.
+pub type TerminalRecordsRead = (Vec<(String, TerminalRecord)>, Vec<String>);
+
+impl Store {
+    // === terminal records ===
+
+    /// Every stored terminal record, and the device ids whose record does not decode.
+    pub fn terminal_records(&self) -> Result<TerminalRecordsRead, StoreError> {
+        let tree = self.db.open_tree(TERMINALS_TREE)?;
+        let mut records = Vec::new();
+        let mut undecodable = Vec::new();
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            let device_id = String::from_utf8_lossy(&key).into_owned();
+            match serde_json::from_slice(&value) {
+                Ok(record) => records.push((device_id, record)),
+                Err(_) => undecodable.push(device_id),
+            }
+        }
+        Ok((records, undecodable))
+    }
+
+    /// Writes (`Some`) or removes (`None`) terminal records, then flushes.
+    pub async fn save_terminal_records(
+        &self,
+        changes: &[(&str, Option<&TerminalRecord>)],
+    ) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(TERMINALS_TREE)?;
+        let mut batch = sled::Batch::default();
+        for (device_id, record) in changes {
+            match record {
+                Some(record) => {
+                    let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Encode {
+                        what: "terminal",
+                        reason: e.to_string(),
+                    })?;
+                    batch.insert(device_id.as_bytes(), bytes);
+                }
+                None => batch.remove(device_id.as_bytes()),
+            }
+        }
+        tree.apply_batch(batch)?;
+        tree.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Writes `bytes` as `device_id`'s terminal record as is (tests of damaged records).
+    pub fn put_raw_terminal_record(&self, device_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .open_tree(TERMINALS_TREE)?
+            .insert(device_id, bytes)?;
         Ok(())
     }
 }

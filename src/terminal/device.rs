@@ -72,6 +72,10 @@ pub struct CheckRecord<T> {
     /// The last attempt's error, when it failed.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The last attempt's error code, when it failed: the platform's own (`DEVICE_NOT_EXIST`)
+    /// when it answered, else the proxy's or the daemon's (`PROXY_UNREACHABLE`).
+    #[serde(default)]
+    pub last_error_code: Option<String>,
     /// The proxy said this platform is not configured for the device.
     #[serde(default)]
     pub not_configured: bool,
@@ -88,6 +92,7 @@ impl<T> Default for CheckRecord<T> {
             fetched_at: None,
             last_attempt_at: None,
             last_error: None,
+            last_error_code: None,
             not_configured: false,
         }
     }
@@ -111,6 +116,7 @@ impl<T: Clone> CheckRecord<T> {
             age_seconds: self.fetched_at.map(|t| now.saturating_sub(t).max(0)),
             last_attempt_at: self.last_attempt_at.map(rfc3339),
             last_error: self.last_error.clone(),
+            last_error_code: self.last_error_code.clone(),
         }
     }
 }

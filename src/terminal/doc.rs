@@ -164,15 +164,7 @@ pub struct HealthzDoc {
     pub authinfo_state: HeldState,
 }
 
-/// The held authinfo's state, `none` when nothing is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeldState {
-    Fresh,
-    Stale,
-    Expired,
-    None,
-}
+pub use crate::wire::HeldState;
 
 impl From<Option<Freshness>> for HeldState {
     fn from(f: Option<Freshness>) -> Self {
@@ -181,17 +173,6 @@ impl From<Option<Freshness>> for HeldState {
             Some(Freshness::Stale) => HeldState::Stale,
             Some(Freshness::Expired) => HeldState::Expired,
             None => HeldState::None,
-        }
-    }
-}
-
-impl HeldState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HeldState::Fresh => "fresh",
-            HeldState::Stale => "stale",
-            HeldState::Expired => "expired",
-            HeldState::None => "none",
         }
     }
 }
@@ -210,30 +191,7 @@ pub struct ErrorDoc {
 
 // === GET /v1/device ===
 
-/// A health check's state in the documents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckState {
-    /// A value is held (possibly with a newer failure beside it).
-    Ok,
-    /// No value yet, and the last attempt failed.
-    Error,
-    /// Not fetched yet.
-    Pending,
-    /// Disabled in the daemon's config, or the proxy does not configure it for this device.
-    NotConfigured,
-}
-
-impl CheckState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckState::Ok => "ok",
-            CheckState::Error => "error",
-            CheckState::Pending => "pending",
-            CheckState::NotConfigured => "not_configured",
-        }
-    }
-}
+pub use crate::wire::CheckState;
 
 /// One check in `GET /v1/device`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +202,9 @@ pub struct CheckDoc<T> {
     pub age_seconds: Option<i64>,
     pub last_attempt_at: Option<String>,
     pub last_error: Option<String>,
+    /// The last attempt's error code: the platform's when it answered (`DEVICE_NOT_EXIST`).
+    #[serde(default)]
+    pub last_error_code: Option<String>,
 }
 
 /// The licence as `GET /v1/device` shows it: the proxy's answer and the days left.

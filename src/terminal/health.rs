@@ -186,6 +186,7 @@ where
             record.value = Some(value);
             record.fetched_at = Some(now);
             record.last_error = None;
+            record.last_error_code = None;
             record.not_configured = false;
             state.metrics.count_check(name, "ok");
             Ok(())
@@ -197,6 +198,7 @@ where
             );
             record.not_configured = true;
             record.last_error = None;
+            record.last_error_code = None;
             state.metrics.count_check(name, "not_configured");
             Err(Disposition::Permanent)
         }
@@ -209,10 +211,7 @@ where
                 _ => None,
             };
             let unbound = check == Check::AlipayBinding
-                && upstream_code.as_deref().is_some_and(|c| {
-                    let c = c.to_ascii_uppercase();
-                    c.contains("DEVICE_NOT_EXIST") || c.contains("RECORD_NOT_EXIST")
-                });
+                && upstream_code.as_deref().is_some_and(alipay_unbound);
             if unbound {
                 tracing::warn!(message_id = crate::events::ALIPAY_UNBOUND, check = name, error = %text, "the device is not bound in Alipay (or Alipay does not know it)");
             } else if record.last_error.is_none() {
@@ -222,6 +221,7 @@ where
                 tracing::debug!(check = name, code = %error.code(), error = %text, "health check failed again");
             }
             record.last_error = Some(text);
+            record.last_error_code = Some(upstream_code.unwrap_or_else(|| error.code()));
             state.metrics.count_check(name, "error");
             Err(error.disposition())
         }
@@ -231,7 +231,16 @@ where
     }
     *slot(&mut state.health()) = record;
     state.changed();
+    // The proxy's fleet view hears of every check (the reporter coalesces).
+    state.want_report();
     outcome
+}
+
+/// Whether Alipay's error code for the binding query says it does not know the device (not
+/// bound): the log line here and the daemon's report both read it so.
+pub fn alipay_unbound(code: &str) -> bool {
+    let code = code.to_ascii_uppercase();
+    code.contains("DEVICE_NOT_EXIST") || code.contains("RECORD_NOT_EXIST")
 }
 
 /// Logs a WARN/FAIL inspection at warning level.
@@ -340,6 +349,12 @@ mod tests {
             Box::pin(std::future::ready(Ok(serde_json::json!({
                 "device_id": "wd.1", "begin_day": "2026-01-01", "expired_day": "2099-01-01"
             }))))
+        }
+        fn send_report<'a>(
+            &'a self,
+            _report: &'a wire::Report,
+        ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
+            Box::pin(std::future::pending())
         }
         fn clock_skew(&self) -> Option<i64> {
             None

@@ -118,6 +118,8 @@ pub struct Metrics {
     refreshes: Mutex<BTreeMap<&'static str, u64>>,
     /// Health checks by (check, outcome).
     checks: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Health reports to the proxy by outcome.
+    reports: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 fn route_index(route: Option<Route>) -> usize {
@@ -185,6 +187,19 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// `outcome`: `ok`, `error`.
+    pub fn count_report(&self, outcome: &'static str) {
+        *crate::sync::lock(&self.reports).entry(outcome).or_default() += 1;
+    }
+
+    /// Reports sent with `outcome`.
+    pub fn reports(&self, outcome: &str) -> u64 {
+        crate::sync::lock(&self.reports)
+            .get(outcome)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn refreshes(&self, outcome: &str) -> u64 {
         crate::sync::lock(&self.refreshes)
             .get(outcome)
@@ -237,6 +252,15 @@ impl Metrics {
         );
         for ((check, outcome), n) in crate::sync::lock(&self.checks).iter() {
             t.sample(name, &[("check", check), ("outcome", outcome)], n);
+        }
+        let name = "authinfod_reports_total";
+        t.family(
+            name,
+            "counter",
+            "Health reports to the proxy's fleet view by outcome.",
+        );
+        for (outcome, n) in crate::sync::lock(&self.reports).iter() {
+            t.sample(name, &[("outcome", outcome)], n);
         }
         let name = "authinfod_socket_peers_denied_total";
         t.family(

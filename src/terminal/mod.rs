@@ -9,6 +9,7 @@
 //! - [`proxy_client`]: the signed HTTPS client of the merchant's proxy.
 //! - [`refresher`]: the refresh loop and its schedule.
 //! - [`health`]: the device health checks (inspection, Alipay binding, licence).
+//! - [`reporter`]: the health reports to the proxy's fleet view (`POST /v1/report`).
 //! - [`api`]: the socket API as a pure function; [`server`]: the socket transport;
 //!   [`admission`]: who gets room on the socket (slots, per-uid shares, eviction, budgets).
 //! - [`systemd`]: sd_notify and the watchdog; [`metrics`]: Prometheus counters; [`exporter`]:
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod proxy_client;
 pub mod refresher;
 pub mod reload;
+pub mod reporter;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -231,6 +233,9 @@ impl Daemon {
         let tasks = [
             tokio::spawn(
                 refresher::Refresher::new(state.clone(), upstream.clone()).run(token.clone()),
+            ),
+            tokio::spawn(
+                reporter::Reporter::new(state.clone(), upstream.clone()).run(token.clone()),
             ),
             tokio::spawn(health::Checker::new(state.clone(), upstream).run(token.clone())),
             tokio::spawn(server.serve(state.clone(), token.clone())),

@@ -35,6 +35,12 @@ pub trait Upstream: Send + Sync + 'static {
         route: &'static str,
     ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>>;
 
+    /// `POST /v1/report`: the terminal's health report for the merchant's fleet view.
+    fn send_report<'a>(
+        &'a self,
+        report: &'a wire::Report,
+    ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>>;
+
     /// The proxy's clock minus ours, once learned.
     fn clock_skew(&self) -> Option<i64>;
 }
@@ -401,6 +407,21 @@ impl Upstream for ProxyClient {
     ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
         Box::pin(async move {
             let bytes = self.call(reqwest::Method::GET, route, Vec::new()).await?;
+            parse(&bytes)
+        })
+    }
+
+    fn send_report<'a>(
+        &'a self,
+        report: &'a wire::Report,
+    ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(report).map_err(|e| UpstreamError::Malformed {
+                reason: e.to_string(),
+            })?;
+            let bytes = self
+                .call(reqwest::Method::POST, wire::ROUTE_REPORT, body)
+                .await?;
             parse(&bytes)
         })
     }

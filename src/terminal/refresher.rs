@@ -465,6 +465,12 @@ mod tests {
         ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
             Box::pin(std::future::pending())
         }
+        fn send_report<'a>(
+            &'a self,
+            _report: &'a crate::wire::Report,
+        ) -> BoxFuture<'a, Result<crate::wire::ReportReceipt, UpstreamError>> {
+            Box::pin(std::future::pending())
+        }
         fn clock_skew(&self) -> Option<i64> {
             None
         }

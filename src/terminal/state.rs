@@ -274,6 +274,9 @@ pub struct State {
     authinfo: watch::Sender<Option<Arc<Served>>>,
     refresh: Mutex<RefreshStatus>,
     kick: Notify,
+    /// Set when something the proxy's fleet view shows changed (a refresh attempt, a health
+    /// check); the reporter waits on it. One stored permit: triggers coalesce.
+    report_wanted: Notify,
     completions: watch::Sender<Completion>,
     health: Mutex<DeviceHealth>,
     raw_data: Mutex<Option<RawDataMeta>>,
@@ -346,6 +349,7 @@ impl State {
                 ..RefreshStatus::default()
             }),
             kick: Notify::new(),
+            report_wanted: Notify::new(),
             completions: watch::Sender::new(Completion {
                 seq: 0,
                 record: None,
@@ -584,6 +588,20 @@ impl State {
             c.record = Some(record);
         });
         self.changed();
+        self.want_report();
+    }
+
+    // === reports to the proxy ===
+
+    /// Asks the reporter to send a report soon (after a refresh attempt or a health check).
+    /// Never blocks; asks made before the reporter looks again count once.
+    pub fn want_report(&self) {
+        self.report_wanted.notify_one();
+    }
+
+    /// Waits until a report is wanted.
+    pub async fn report_requested(&self) {
+        self.report_wanted.notified().await;
     }
 
     /// Ends a refresh that was cut short (shutdown): waiters are woken with no record.

@@ -16,6 +16,8 @@ pub const ROUTE_INSPECTION: &str = "/v1/inspection";
 pub const ROUTE_ALIPAY_BINDING: &str = "/v1/alipay-binding";
 /// `GET`: the signing device's offline face SDK licence.
 pub const ROUTE_LICENCE: &str = "/v1/licence";
+/// `POST`: the signing device's health report ([`Report`]) for the merchant's fleet view.
+pub const ROUTE_REPORT: &str = "/v1/report";
 
 /// Largest raw_data either side accepts (the face SDK's are a few KiB): the daemon from the face
 /// app and its command, the proxy from a terminal.
@@ -128,6 +130,271 @@ pub struct Licence {
     pub expired_day: String,
 }
 
+/// The held authinfo's state, `none` when nothing is held (the daemon's status and its report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldState {
+    Fresh,
+    Stale,
+    Expired,
+    None,
+}
+
+impl HeldState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldState::Fresh => "fresh",
+            HeldState::Stale => "stale",
+            HeldState::Expired => "expired",
+            HeldState::None => "none",
+        }
+    }
+}
+
+/// A health check's state (the daemon's documents and its report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckState {
+    /// A value is held (possibly with a newer failure beside it).
+    Ok,
+    /// No value yet, and the last attempt failed.
+    Error,
+    /// Not fetched yet.
+    Pending,
+    /// Disabled in the daemon's config, or the proxy does not configure it for this device.
+    NotConfigured,
+}
+
+impl CheckState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckState::Ok => "ok",
+            CheckState::Error => "error",
+            CheckState::Pending => "pending",
+            CheckState::NotConfigured => "not_configured",
+        }
+    }
+}
+
+// === POST /v1/report ===
+
+/// Longest text field a [`Report`] may carry (versions, fingerprints, codes, dates).
+pub const MAX_REPORT_TEXT: usize = 128;
+
+/// Body of `POST /v1/report`: what a terminal tells the merchant's fleet view about itself,
+/// after each refresh attempt and health check and at least every 15 minutes. Never a secret:
+/// the authinfo only by its fingerprint, no raw_data, no key.
+///
+/// Durations are as the terminal saw them when it sent the report (`age_seconds`,
+/// `runway_seconds`): the proxy anchors them on the time it received the report, so a terminal
+/// whose clock is wrong is still judged right. Unknown fields are ignored and new fields have
+/// defaults, so proxies and terminals of different versions understand each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The daemon's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// The terminal's wall clock when it sent the report (Unix seconds): the proxy compares it
+    /// with its own.
+    pub sent_at: i64,
+    pub uptime_seconds: u64,
+    pub authinfo: ReportedAuthinfo,
+    pub refresh: ReportedRefresh,
+    pub raw_data_present: bool,
+    /// The proxy's clock minus the terminal's, as the daemon learned it (a 401 with `Date`).
+    #[serde(default)]
+    pub clock_skew_seconds: Option<i64>,
+    /// Whether the daemon's store persists what it holds.
+    #[serde(default)]
+    pub store: StoreHealth,
+    pub inspection: ReportedCheck<InspectionResult>,
+    pub alipay_binding: ReportedCheck<BindingState>,
+    /// The licence's last day of validity (`YYYY-MM-DD`).
+    pub licence: ReportedCheck<String>,
+}
+
+/// The held authinfo in a [`Report`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedAuthinfo {
+    pub state: HeldState,
+    /// First 8 hex of its SHA-256 (never the value).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Seconds since it was fetched.
+    #[serde(default)]
+    pub age_seconds: Option<u64>,
+    /// Seconds of validity left.
+    #[serde(default)]
+    pub runway_seconds: Option<i64>,
+    /// Its expiry (RFC 3339, the terminal's clock).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+/// The refresh loop in a [`Report`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedRefresh {
+    #[serde(default)]
+    pub last_attempt_ok: Option<bool>,
+    /// The last attempt's error code (`PROXY_UNREACHABLE`, `UPSTREAM_REJECTED`, ...).
+    #[serde(default)]
+    pub last_error_code: Option<String>,
+    #[serde(default)]
+    pub last_error_permanent: bool,
+    #[serde(default)]
+    pub consecutive_failures: u32,
+}
+
+/// One device health check in a [`Report`]: its state, the held value, how old that value is
+/// and the last attempt's error code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "T: serde::de::DeserializeOwned"))]
+pub struct ReportedCheck<T> {
+    pub state: CheckState,
+    #[serde(default = "no_value")]
+    pub value: Option<T>,
+    /// Seconds since the value was fetched.
+    #[serde(default)]
+    pub age_seconds: Option<i64>,
+    #[serde(default)]
+    pub last_error_code: Option<String>,
+}
+
+fn no_value<T>() -> Option<T> {
+    None
+}
+
+/// What the Alipay binding check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// Alipay knows the device and its binding.
+    Bound,
+    /// Alipay does not know the device (not bound).
+    Unbound,
+}
+
+impl BindingState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingState::Bound => "bound",
+            BindingState::Unbound => "unbound",
+        }
+    }
+}
+
+/// The daemon's store as its report tells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreHealth {
+    /// Everything held is on disk.
+    Ok,
+    /// Damage was found and repaired since start; everything held is on disk.
+    Recovered,
+    /// Writes fail: what is held would not survive a restart.
+    NotPersisting,
+    /// The daemon does not say (older daemons).
+    #[default]
+    Unknown,
+}
+
+impl StoreHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreHealth::Ok => "ok",
+            StoreHealth::Recovered => "recovered",
+            StoreHealth::NotPersisting => "not_persisting",
+            StoreHealth::Unknown => "unknown",
+        }
+    }
+}
+
+impl Report {
+    /// The report of a healthy terminal running `version` at `sent_at`: a fresh authinfo of 10
+    /// minutes, the health checks done, the licence valid until `licence_until`. For the
+    /// sandbox's simulated terminals, tests and benchmarks, which change what they need.
+    pub fn healthy(version: &str, sent_at: i64, licence_until: &str) -> Self {
+        fn check<T>(value: T) -> ReportedCheck<T> {
+            ReportedCheck {
+                state: CheckState::Ok,
+                value: Some(value),
+                age_seconds: Some(600),
+                last_error_code: None,
+            }
+        }
+        Report {
+            version: version.to_owned(),
+            sent_at,
+            uptime_seconds: 86_400,
+            authinfo: ReportedAuthinfo {
+                state: HeldState::Fresh,
+                fingerprint: Some("0a1b2c3d".into()),
+                age_seconds: Some(600),
+                runway_seconds: Some(6_600),
+                expires_at: None,
+            },
+            refresh: ReportedRefresh {
+                last_attempt_ok: Some(true),
+                last_error_code: None,
+                last_error_permanent: false,
+                consecutive_failures: 0,
+            },
+            raw_data_present: true,
+            clock_skew_seconds: None,
+            store: StoreHealth::Ok,
+            inspection: check(InspectionResult::Success),
+            alipay_binding: check(BindingState::Bound),
+            licence: check(licence_until.to_owned()),
+        }
+    }
+
+    /// Checks what a terminal may send: every text at most [`MAX_REPORT_TEXT`] bytes and free
+    /// of control characters (they end up in tables, logs and pages). The error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let texts = [
+            ("version", Some(&self.version)),
+            ("authinfo.fingerprint", self.authinfo.fingerprint.as_ref()),
+            ("authinfo.expires_at", self.authinfo.expires_at.as_ref()),
+            (
+                "refresh.last_error_code",
+                self.refresh.last_error_code.as_ref(),
+            ),
+            (
+                "inspection.last_error_code",
+                self.inspection.last_error_code.as_ref(),
+            ),
+            (
+                "alipay_binding.last_error_code",
+                self.alipay_binding.last_error_code.as_ref(),
+            ),
+            ("licence.value", self.licence.value.as_ref()),
+            (
+                "licence.last_error_code",
+                self.licence.last_error_code.as_ref(),
+            ),
+        ];
+        for (field, text) in texts {
+            let Some(text) = text else { continue };
+            if text.len() > MAX_REPORT_TEXT {
+                return Err(format!("{field} is longer than {MAX_REPORT_TEXT} bytes"));
+            }
+            if text.chars().any(char::is_control) {
+                return Err(format!("{field} holds a control character"));
+            }
+        }
+        if self.version.is_empty() {
+            return Err("version is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Answer to `POST /v1/report`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportReceipt {
+    /// When the proxy stored it (RFC 3339, the proxy's clock).
+    pub received_at: String,
+}
+
 /// The platform's side of an upstream failure, passed to the terminal for its status page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamDetail {
@@ -179,8 +446,15 @@ pub mod codes {
     pub const NOT_FOUND: &str = "NOT_FOUND";
     /// 400: the request body is not what the route takes.
     pub const BAD_REQUEST: &str = "BAD_REQUEST";
-    /// 413: the request body is over [`super::MAX_REQUEST_BODY`].
+    /// 413: the request body is over [`super::MAX_REQUEST_BODY`] (a report: over the proxy's
+    /// report limit).
     pub const BODY_TOO_LARGE: &str = "BODY_TOO_LARGE";
+    /// 429: the terminal sends reports faster than the proxy admits; `Retry-After` says when.
+    pub const REPORT_RATE_LIMITED: &str = "REPORT_RATE_LIMITED";
+    /// 401 (admin listener): the admin token is missing or wrong.
+    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
+    /// 503: the proxy cannot keep the report now (its store failed); retryable.
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     /// 422: the platform refused the request as such (bad raw_data, unknown device there).
     pub const UPSTREAM_REJECTED: &str = "UPSTREAM_REJECTED";
     /// 429: the platform rate-limited the merchant.
@@ -244,6 +518,49 @@ mod tests {
         assert_eq!(i.result, InspectionResult::Warn);
         assert!(i.errors.is_empty());
         assert_eq!(i.imei.as_deref(), Some("1"));
+    }
+
+    fn report() -> Report {
+        serde_json::from_str(
+            r#"{"version":"0.1.0","sent_at":1,"uptime_seconds":5,
+                "authinfo":{"state":"fresh","fingerprint":"0a1b2c3d","age_seconds":60,"runway_seconds":7000},
+                "refresh":{"last_attempt_ok":true,"consecutive_failures":0},
+                "raw_data_present":true,
+                "inspection":{"state":"ok","value":"WARN","age_seconds":10},
+                "alipay_binding":{"state":"error","last_error_code":"DEVICE_NOT_EXIST","value":"unbound"},
+                "licence":{"state":"ok","value":"2027-01-01"},
+                "a_field_of_a_newer_daemon":1}"#,
+        )
+        .expect("a report with an unknown field reads")
+    }
+
+    /// A report of an older daemon (no store, no skew) reads with defaults; a newer one's
+    /// unknown fields are ignored.
+    #[test]
+    fn reports_read_across_versions() {
+        let r = report();
+        assert_eq!(r.store, StoreHealth::Unknown);
+        assert_eq!(r.clock_skew_seconds, None);
+        assert_eq!(r.inspection.value, Some(InspectionResult::Warn));
+        assert_eq!(r.alipay_binding.value, Some(BindingState::Unbound));
+        assert_eq!(r.check(), Ok(()));
+        let back: Report =
+            serde_json::from_slice(&serde_json::to_vec(&r).expect("json")).expect("round trip");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn report_texts_are_bounded_and_free_of_control_characters() {
+        let mut r = report();
+        r.version = "x".repeat(MAX_REPORT_TEXT + 1);
+        assert!(r.check().unwrap_err().starts_with("version"));
+        let mut r = report();
+        r.refresh.last_error_code = Some("A\u{1b}[31mB".into());
+        assert!(r.check().unwrap_err().contains("control character"));
+        // Markup is not refused here: it is text, escaped wherever it is shown.
+        let mut r = report();
+        r.version = "<script>alert(1)</script>".into();
+        assert_eq!(r.check(), Ok(()));
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub const EXIT_STATUS: &[(u8, &str)] = &[
     (exit::USAGE, "usage error"),
     (
         exit::UNAVAILABLE,
-        "the running proxy cannot be reached (devices), or its store is held by a process that does not answer on the admin listener (devices --live)",
+        "the running proxy cannot be reached (devices, terminals), or its store is held by a process that does not answer on the admin listener (devices --live)",
     ),
     (
         exit::CONFIG,
@@ -97,6 +97,19 @@ pub enum Command {
         #[arg(long)]
         live: bool,
         /// The configuration file (the running proxy's admin address, or the WeChat Pay keys for --live).
+        #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the fleet view from the running proxy: every enrolled terminal with its risks,
+    /// worst first (from the terminals' reports, when they were last seen and issued an authinfo).
+    Terminals {
+        /// Print JSON (the documents of the admin listener's `/terminals`) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only the terminals in a risk of warning or worse.
+        #[arg(long)]
+        at_risk: bool,
+        /// The configuration file (the running proxy's admin address and token).
         #[arg(long, short, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
