@@ -123,7 +123,9 @@ fn positive(text: &str) -> Result<usize, String> {
 fn seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{text:?} is not a positive whole number of seconds")),
+        _ => Err(format!(
+            "{text:?} is not a positive whole number of seconds"
+        )),
     }
 }
 

@@ -115,7 +115,9 @@ fn positive(text: &str) -> Result<usize, String> {
 fn seconds(text: &str) -> Result<Duration, String> {
     match text.parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{text:?} is not a positive whole number of seconds")),
+        _ => Err(format!(
+            "{text:?} is not a positive whole number of seconds"
+        )),
     }
 }
 
@@ -315,6 +317,7 @@ interval = "1d"
                     fetched_at: now,
                     expires_at: now + 7200,
                     expires_in: None,
+                    proxy_fetched_at: None,
                 })
                 .context("cannot seed the store")?;
         }

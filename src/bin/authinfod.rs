@@ -106,6 +106,8 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     init_logging("authinfod", "info");
     let config = config::load(config_path)?;
+    // A panic inside sled's open aborts this (release) build; the next start must know.
+    terminal::store::record_panics_while_opening(&config.state_dir);
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),

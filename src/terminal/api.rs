@@ -212,12 +212,12 @@ fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
 }
 
 fn authinfo_doc(served: &Served, state: &State) -> AuthinfoDoc {
-    let now = state.now();
+    let now = state.time();
     AuthinfoDoc {
         authinfo: served.held.authinfo.clone(),
         fetched_at: rfc3339(served.held.fetched_at),
         expires_at: rfc3339(served.held.expires_at),
-        age_seconds: served.age(now),
+        age_seconds: served.age(now).seconds,
         state: served.freshness(now, state.config.refresh.interval),
     }
 }
@@ -374,9 +374,13 @@ fn healthz(state: &State) -> ApiResponse {
 }
 
 fn metrics(state: &State) -> ApiResponse {
-    let now = state.now();
+    let now = state.time();
     let current = state.current();
     let status = state.refresh_status().clone();
+    let store = state.store.status();
+    // Counts and Unix times as the f64 the text format carries (exact below 2^53).
+    let seconds = |s: u64| s as f64;
+    let unix = |t: i64| t as f64;
     let mut gauges = vec![
         (
             "authinfod_authinfo_present",
@@ -393,24 +397,43 @@ fn metrics(state: &State) -> ApiResponse {
             "Seconds since the daemon started.",
             state.uptime().as_secs_f64(),
         ),
+        (
+            "authinfod_store_persisting",
+            "1 while writes reach the disk; 0 while the store serves from memory only.",
+            f64::from(u8::from(store.not_persisting.is_none())),
+        ),
+        (
+            "authinfod_store_generation",
+            "Generation of the store's last write.",
+            seconds(store.generation),
+        ),
     ];
-    if let Some(s) = &current {
+    if let Some(at) = store.last_persist_at {
         gauges.push((
-            "authinfod_authinfo_age_seconds",
-            "Age of the held authinfo.",
-            s.age(now) as f64,
-        ));
-        gauges.push((
-            "authinfod_authinfo_runway_seconds",
-            "Seconds until the held authinfo expires (offline runway).",
-            s.held.expires_at.saturating_sub(now) as f64,
+            "authinfod_store_last_persist_timestamp_seconds",
+            "Unix time of the last write that reached the disk.",
+            unix(at),
         ));
     }
-    if let Some(skew) = status.clock_skew_seconds {
+    if let Some(s) = &current {
+        if let Some(age) = s.age(now).seconds {
+            gauges.push((
+                "authinfod_authinfo_age_seconds",
+                "Age of the held authinfo (absent while it cannot be told).",
+                seconds(age),
+            ));
+        }
+        gauges.push((
+            "authinfod_authinfo_runway_seconds",
+            "Seconds until the held authinfo expires (offline runway; at most its validity).",
+            seconds(s.runway(now)),
+        ));
+    }
+    if let Some(skew) = state.clock_skew() {
         gauges.push((
             "authinfod_clock_skew_seconds",
-            "The proxy's clock minus ours, as learned.",
-            skew as f64,
+            "The proxy's clock minus ours, from its last answer's Date.",
+            unix(skew),
         ));
     }
     ApiResponse {
@@ -418,7 +441,17 @@ fn metrics(state: &State) -> ApiResponse {
         content_type: "text/plain; version=0.0.4",
         etag: None,
         allow: None,
-        body: state.metrics.render(&gauges).into_bytes(),
+        body: state
+            .metrics
+            .render(
+                &gauges,
+                &[(
+                    "authinfod_store_recoveries_total",
+                    "Damage to the store found and repaired since start.",
+                    store.recoveries,
+                )],
+            )
+            .into_bytes(),
     }
 }
 
@@ -431,7 +464,7 @@ mod tests {
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
         let (store, _) = Store::open(&config.state_dir).expect("store");
-        State::load(config, store, Arc::default()).expect("state")
+        State::load(config, store, Arc::default(), Arc::default()).expect("state")
     }
 
     fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {
@@ -450,6 +483,7 @@ mod tests {
             fetched_at,
             expires_at: fetched_at + 7200,
             expires_in: None,
+            proxy_fetched_at: None,
         })
     }
 
@@ -468,7 +502,7 @@ mod tests {
         let doc: AuthinfoDoc = serde_json::from_slice(&r.body).expect("doc");
         assert_eq!(doc.authinfo, "AUTH");
         assert_eq!(doc.state, Freshness::Fresh);
-        assert!(doc.age_seconds >= 10);
+        assert!(doc.age_seconds >= Some(10));
         let r = handle(
             get("/v1/authinfo", None, Some(&served.etag)),
             &state,
@@ -594,10 +628,7 @@ mod tests {
         let r = handle(put("R1"), &state, &token).await;
         assert_eq!(r.status, 202);
         assert_eq!(r.json_body()["refresh_triggered"], true);
-        assert_eq!(
-            state.store.raw_data().expect("read").expect("stored").value,
-            "R1"
-        );
+        assert_eq!(state.store.raw_data().expect("stored").value, "R1");
         assert!(state.refresh_pending());
         state.begin_refresh();
         state.abandon_refresh();
@@ -605,10 +636,7 @@ mod tests {
         let r = handle(put("R2"), &state, &token).await;
         assert_eq!(r.json_body()["refresh_triggered"], false);
         assert!(!state.refresh_pending());
-        assert_eq!(
-            state.store.raw_data().expect("read").expect("stored").value,
-            "R2"
-        );
+        assert_eq!(state.store.raw_data().expect("stored").value, "R2");
     }
 
     #[tokio::test]

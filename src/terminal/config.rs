@@ -42,6 +42,8 @@ pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_RAW_DATA_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the device health checks.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
+/// Default interval of the store check (state directory still there, pending writes retried).
+pub const DEFAULT_STORE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -57,6 +59,14 @@ struct RawConfig {
     refresh: RawRefresh,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    check_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +98,8 @@ struct RawRefresh {
     assumed_validity: Option<HumanDuration>,
     raw_data_command: Option<Vec<String>>,
     raw_data_command_timeout: Option<HumanDuration>,
+    expires_in_min: Option<HumanDuration>,
+    expires_in_max: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +195,15 @@ pub struct RefreshConfig {
     pub assumed_validity: Duration,
     pub raw_data_command: Option<Vec<String>>,
     pub raw_data_command_timeout: Duration,
+    /// The `expires_in` (seconds) an answer may carry; outside it the answer is malformed.
+    pub expires_in_range: std::ops::RangeInclusive<u64>,
+}
+
+/// The store's upkeep.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How often the store checks that its files are still there and retries pending writes.
+    pub check_interval: Duration,
 }
 
 /// Which device health checks run, and how often.
@@ -204,6 +225,7 @@ pub struct Config {
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
+    pub store: StoreConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -268,6 +290,13 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
         alipay_binding: raw.health.alipay_binding.unwrap_or(true),
         licence: raw.health.licence.unwrap_or(true),
     };
+    let store = StoreConfig {
+        check_interval: problems.positive(
+            "store.check_interval",
+            raw.store.check_interval,
+            DEFAULT_STORE_CHECK_INTERVAL,
+        ),
+    };
     Some(Config {
         device_id: device_id?,
         key_file: key_file?,
@@ -276,6 +305,7 @@ fn validate(raw: RawConfig, problems: &mut Problems) -> Option<Config> {
         socket: socket?,
         refresh: refresh?,
         health,
+        store,
     })
 }
 
@@ -482,6 +512,24 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         raw.raw_data_command_timeout,
         DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
     );
+    let expires_in_min = raw
+        .expires_in_min
+        .map_or(crate::wire::MIN_EXPIRES_IN, |d| d.0.as_secs());
+    let expires_in_max = raw
+        .expires_in_max
+        .map_or(crate::wire::MAX_EXPIRES_IN, |d| d.0.as_secs());
+    if expires_in_min == 0 || expires_in_max < expires_in_min {
+        problems.push(
+            "refresh.expires_in_max",
+            "refresh.expires_in_min must be at least 1s and expires_in_max not less than it",
+        );
+    }
+    if !(expires_in_min..=expires_in_max).contains(&assumed_validity.as_secs()) {
+        problems.push(
+            "refresh.assumed_validity",
+            "must lie between refresh.expires_in_min and refresh.expires_in_max",
+        );
+    }
     Some(RefreshConfig {
         interval,
         jitter,
@@ -490,6 +538,7 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         assumed_validity,
         raw_data_command,
         raw_data_command_timeout,
+        expires_in_range: expires_in_min..=expires_in_max,
     })
 }
 
@@ -542,12 +591,16 @@ pub fn test_config(dir: &Path) -> Config {
             assumed_validity: DEFAULT_ASSUMED_VALIDITY,
             raw_data_command: None,
             raw_data_command_timeout: DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
+            expires_in_range: crate::wire::EXPIRES_IN_RANGE,
         },
         health: HealthConfig {
             interval: DEFAULT_HEALTH_INTERVAL,
             inspection: true,
             alipay_binding: true,
             licence: true,
+        },
+        store: StoreConfig {
+            check_interval: DEFAULT_STORE_CHECK_INTERVAL,
         },
     }
 }

@@ -54,11 +54,15 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    /// Renders the counters and the given gauges.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// Renders the counters, the given gauges and the given counters kept elsewhere (the
+    /// store's), each `(name, help, value)`.
+    pub fn render(&self, gauges: &[(&str, &str, f64)], counters: &[(&str, &str, u64)]) -> String {
         let mut t = Text::default();
         t.build_info("authinfod", "Version of the running daemon.");
         t.gauges(gauges);
+        for (name, help, value) in counters {
+            t.single(name, "counter", help, value);
+        }
         let name = "authinfod_socket_requests_total";
         t.family(name, "counter", "Socket API requests by route and status.");
         for ((route, status), n) in crate::sync::lock(&self.requests).iter() {
@@ -110,13 +114,19 @@ mod tests {
         m.count_request("/v1/authinfo", 200);
         m.count_request("/v1/authinfo", 200);
         m.count_refresh("ok");
-        let text = m.render(&[("authinfod_authinfo_age_seconds", "Age.", 12.0)]);
+        let text = m.render(
+            &[("authinfod_authinfo_age_seconds", "Age.", 12.0)],
+            &[("authinfod_store_recoveries_total", "Repairs.", 3)],
+        );
         assert!(
             text.contains(
                 "authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2"
             )
         );
         assert!(text.contains("authinfod_refresh_attempts_total{outcome=\"ok\"} 1"));
+        assert!(text.contains(
+            "# TYPE authinfod_store_recoveries_total counter\nauthinfod_store_recoveries_total 3"
+        ));
         assert!(text.contains(
             "# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12"
         ));

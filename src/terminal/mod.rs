@@ -2,7 +2,7 @@
 //! socket.
 //!
 //! - [`config`]: the TOML config, defaults and validation.
-//! - [`store`]: sled persistence with recovery.
+//! - [`store`]: sled persistence, a crash-safe copy beside it, and recovery from either.
 //! - [`doc`]: the socket API's documents and route table, as types servers and clients share.
 //! - [`device`]: the device health facts as data (checks, records, their document).
 //! - [`state`]: the shared in-memory state: served authinfo, refresh bookkeeping, health.
@@ -80,6 +80,8 @@ pub struct RunOptions {
     pub watchdog: Option<Duration>,
     /// The wall clock (the system's; tests shift it).
     pub clock: Arc<crate::units::WallClock>,
+    /// What the proxy client learns of the proxy's clock, read by the state for ages.
+    pub proxy_clock: Arc<crate::units::PeerClock>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -128,7 +130,7 @@ impl Daemon {
                 signer,
                 config.proxy.timeout,
             )?
-            .with_clock(options.clock.clone()),
+            .with_clocks(options.clock.clone(), options.proxy_clock.clone()),
         );
         Self::start_with_upstream(config, options, upstream).await
     }
@@ -139,20 +141,20 @@ impl Daemon {
         options: RunOptions,
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
-        let (store, recovery) = Store::open(&config.state_dir)?;
-        if let Some(r) = recovery {
-            tracing::error!(
-                moved_to = %r.moved_to.display(),
-                reason = %r.reason,
-                "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-            );
-        }
-        let state = State::load(config, store, options.clock.clone())?;
+        // Damage found here is repaired and logged by the store itself.
+        let (store, _) = Store::open_with_clock(&config.state_dir, options.clock.clone())?;
+        let state = State::load(
+            config,
+            store,
+            options.clock.clone(),
+            options.proxy_clock.clone(),
+        )?;
         match state.current() {
             Some(served) => tracing::info!(
                 authinfo_fingerprint = %served.fingerprint,
-                age_seconds = served.age(state.now()),
-                state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+                age_seconds = served.age(state.time()).seconds,
+                age_basis = served.age(state.time()).basis.as_str(),
+                state = served.freshness(state.time(), state.config.refresh.interval).as_str(),
                 "serving the stored authinfo"
             ),
             None => tracing::info!(
@@ -197,6 +199,11 @@ impl Daemon {
                 state.clone(),
                 options.notifier.clone(),
                 options.watchdog,
+                token.clone(),
+            )),
+            tokio::spawn(store::keep(
+                state.store.clone(),
+                state.config.store.check_interval,
                 token.clone(),
             )),
         ];

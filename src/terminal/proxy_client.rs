@@ -1,21 +1,21 @@
 //! The daemon's client of the merchant's proxy: HTTPS with the proxy's CA pinned, every request
 //! signed with the device key per the wire contract, answers checked before anyone sees them.
 //!
-//! Owns: transport, signing, clock-skew learning (a 401 `TIMESTAMP_SKEW` carries the proxy's
-//! `Date`: the offset is learned and the request retried once), and the classification of
-//! failures into "retry later" and "permanent". It must not touch the store or the schedule:
-//! the refresher decides what a result means.
+//! Owns: transport, signing, learning the proxy's clock (the `Date` of every answer goes into the
+//! shared [`PeerClock`]; requests are timestamped by it once known, and a 401 `TIMESTAMP_SKEW`
+//! is retried once with the clock it carried), and the classification of failures into "retry
+//! later" and "permanent". It must not touch the store or the schedule: the refresher decides
+//! what a result means.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::crypto::CryptoError;
-use crate::units::WallClock;
+use crate::units::{PeerClock, WallClock};
 use crate::wire::{self, AuthinfoRequest, AuthinfoResponse, ErrorBody, auth::DeviceSigner};
 
 /// A boxed future, for the object-safe [`Upstream`] trait.
@@ -34,9 +34,6 @@ pub trait Upstream: Send + Sync + 'static {
         &'a self,
         route: &'static str,
     ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>>;
-
-    /// The proxy's clock minus ours, once learned.
-    fn clock_skew(&self) -> Option<i64>;
 }
 
 /// What to do about a failure.
@@ -134,11 +131,10 @@ pub struct ProxyClient {
     http: reqwest::Client,
     signer: DeviceSigner,
     timeout: Duration,
-    /// The learned offset, seconds (proxy minus local).
-    skew: AtomicI64,
-    /// The wall clock request timestamps are read from.
+    /// The wall clock request timestamps are read from until the proxy's is known.
     clock: Arc<WallClock>,
-    skew_known: AtomicBool,
+    /// The proxy's clock, learned from the `Date` of its answers.
+    proxy_clock: Arc<PeerClock>,
 }
 
 impl ProxyClient {
@@ -172,20 +168,21 @@ impl ProxyClient {
             http,
             signer,
             timeout,
-            skew: AtomicI64::new(0),
-            skew_known: AtomicBool::new(false),
             clock: Arc::default(),
+            proxy_clock: Arc::default(),
         })
     }
 
-    /// Reads timestamps from `clock` (the daemon's) instead of the system's.
-    pub fn with_clock(mut self, clock: Arc<WallClock>) -> Self {
+    /// Reads the local time from `clock` (the daemon's) instead of the system's, and records
+    /// what it learns of the proxy's clock in `proxy_clock` (shared with the daemon's state).
+    pub fn with_clocks(mut self, clock: Arc<WallClock>, proxy_clock: Arc<PeerClock>) -> Self {
         self.clock = clock;
+        self.proxy_clock = proxy_clock;
         self
     }
 
-    /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
-    /// sends once more.
+    /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date` (now learned), sends
+    /// once more.
     async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -194,13 +191,10 @@ impl ProxyClient {
     ) -> Result<T, UpstreamError> {
         let bytes = match self.send(&method, path, &body).await {
             Err(SendError::Skewed { proxy_date, .. }) => {
-                let offset = proxy_date - self.clock.now();
                 tracing::warn!(
-                    clock_skew_seconds = offset,
+                    clock_skew_seconds = proxy_date.saturating_sub(self.clock.now()),
                     "proxy refused our timestamp; learned its clock and retrying once"
                 );
-                self.skew.store(offset, Ordering::Relaxed);
-                self.skew_known.store(true, Ordering::Relaxed);
                 self.send(&method, path, &body).await
             }
             other => other,
@@ -215,7 +209,7 @@ impl ProxyClient {
         path: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, SendError> {
-        let timestamp = self.clock.now() + self.skew.load(Ordering::Relaxed);
+        let timestamp = self.proxy_clock.now().unwrap_or_else(|| self.clock.now());
         let authorization = self
             .signer
             .authorize(method.as_str(), path, timestamp, body)
@@ -236,6 +230,15 @@ impl ProxyClient {
             .map_err(|e| SendError::Other(self.transport(e)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        let proxy_date = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_secs()).ok());
+        if let Some(date) = proxy_date {
+            self.proxy_clock.observe(date);
+        }
         let bytes = read_limited(response, wire::MAX_RESPONSE_BODY)
             .await
             .map_err(|e| SendError::Other(self.transport(e)))?
@@ -267,14 +270,8 @@ impl ProxyClient {
         if status == 401
             && let UpstreamError::Refused { body, .. } = &error
             && body.code == wire::codes::TIMESTAMP_SKEW
-            && let Some(proxy_date) = headers
-                .get(reqwest::header::DATE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| httpdate::parse_http_date(v).ok())
+            && let Some(proxy_date) = proxy_date
         {
-            let proxy_date = proxy_date
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
             return Err(SendError::Skewed { proxy_date, error });
         }
         Err(SendError::Other(error))
@@ -359,12 +356,6 @@ impl Upstream for ProxyClient {
         route: &'static str,
     ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
         Box::pin(self.call(reqwest::Method::GET, route, Vec::new()))
-    }
-
-    fn clock_skew(&self) -> Option<i64> {
-        self.skew_known
-            .load(Ordering::Relaxed)
-            .then(|| self.skew.load(Ordering::Relaxed))
     }
 }
 

@@ -91,19 +91,25 @@ fn send_abstract(
 
 /// The one-line story for `STATUS=`.
 pub fn status_line(state: &State) -> String {
-    let now = state.now();
+    let time = state.time();
+    let now = time.local;
     let status = state.refresh_status().clone();
     let authinfo = match state.current() {
         None => "no authinfo yet".to_owned(),
         Some(s) => format!(
             "authinfo {} {} (age {}, {} left)",
             s.fingerprint,
-            s.freshness(now, state.config.refresh.interval).as_str(),
-            format_duration(Duration::from_secs(s.age(now))),
-            format_duration(Duration::from_secs(
-                u64::try_from(s.held.expires_at - now).unwrap_or(0)
-            )),
+            s.freshness(time, state.config.refresh.interval).as_str(),
+            s.age(time).seconds.map_or_else(
+                || "unknown".to_owned(),
+                |a| format_duration(Duration::from_secs(a))
+            ),
+            format_duration(Duration::from_secs(s.runway(time))),
         ),
+    };
+    let store = match state.store.status().not_persisting {
+        Some(n) => format!("; store not persisting: {}", n.reason),
+        None => String::new(),
     };
     let next = match (status.waiting_for, status.next_attempt_at) {
         (Some(w), _) => format!("waiting for {}", w.as_str()),
@@ -125,7 +131,7 @@ pub fn status_line(state: &State) -> String {
         ),
         _ => String::new(),
     };
-    format!("{authinfo}; {next}{failing}")
+    format!("{authinfo}; {next}{failing}{store}")
 }
 
 /// Whether both loops have reported in within [`STUCK_AFTER`].
@@ -198,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = crate::terminal::config::test_config(dir.path());
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store, Arc::default()).expect("state");
+        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
         let beat = |slot: &std::sync::atomic::AtomicU64| {
             crate::terminal::state::Heartbeats::beat(
                 slot,
