@@ -6,3 +6,4 @@ mod support;
 mod daemon;
 mod health;
 mod proxy;
+mod store;

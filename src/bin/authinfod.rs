@@ -234,11 +234,16 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
 async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Result<ExitCode> {
     let accepted = client::put_raw_data(&address, raw.trim()).await?;
     println!(
-        "raw_data accepted{}",
+        "raw_data accepted{}{}",
         if accepted.refresh_triggered {
             "; refresh triggered"
         } else {
             ""
+        },
+        if accepted.persisted {
+            ""
+        } else {
+            "; NOT persisted: the store is not persisting (see authinfod status)"
         }
     );
     Ok(ExitCode::SUCCESS)

@@ -14,8 +14,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::doc::{
-    AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataAccepted, RawDataBody, RefreshAccepted,
-    RefreshDone, Route,
+    AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataBody, RefreshAccepted, RefreshDone, Route,
 };
 use super::state::{Freshness, Served, State};
 use crate::units::rfc3339;
@@ -114,8 +113,6 @@ pub enum ApiError {
     Busy,
     #[error("the daemon is shutting down")]
     ShuttingDown,
-    #[error("the store failed: {0}")]
-    Store(String),
     #[error("{message}")]
     RefreshFailed { code: String, message: String },
     #[error("the refresh did not finish within {0} s")]
@@ -135,7 +132,6 @@ impl ApiError {
             Self::PeerDenied { .. } => (403, "PEER_DENIED"),
             Self::Busy => (503, "BUSY"),
             Self::ShuttingDown => (503, "SHUTTING_DOWN"),
-            Self::Store(_) => (500, "STORE_FAILED"),
             Self::RefreshFailed { .. } => (502, "REFRESH_FAILED"),
             Self::RefreshTimeout(_) => (504, "REFRESH_TIMEOUT"),
         }
@@ -293,17 +289,14 @@ fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiResponse, Api
         )));
     }
     let fingerprint = crate::crypto::secret_fingerprint(value.as_bytes());
-    let triggered = state
-        .accept_raw_data(value)
-        .map_err(|e| ApiError::Store(crate::error_chain(&e)))?;
-    tracing::info!(raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, "raw_data received");
-    Ok(ApiResponse::json(
-        202,
-        &RawDataAccepted {
-            accepted: true,
-            refresh_triggered: triggered,
-        },
-    ))
+    let accepted = state.accept_raw_data(value);
+    tracing::info!(
+        raw_data_fingerprint = %fingerprint,
+        refresh_triggered = accepted.refresh_triggered,
+        persisted = accepted.persisted,
+        "raw_data received"
+    );
+    Ok(ApiResponse::json(202, &accepted))
 }
 
 async fn post_refresh(

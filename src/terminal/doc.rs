@@ -157,6 +157,15 @@ pub struct RawDataAccepted {
     /// Whether the new raw_data started a refresh (no fresh authinfo, or a permanent error
     /// was holding retries).
     pub refresh_triggered: bool,
+    /// Whether it reached the disk. `false` while the store is not persisting (full or
+    /// read-only disk; see the status): it is used all the same, and written once the disk
+    /// takes it.
+    #[serde(default = "yes")]
+    pub persisted: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/refresh`'s answer without `?wait=true` (202).

@@ -596,7 +596,7 @@ mod tests {
             "no retries within the interval"
         );
         assert!(state.status().refresh.last_error_permanent);
-        assert!(state.accept_raw_data("NEWRAW".into()).expect("store"));
+        assert!(state.accept_raw_data("NEWRAW".into()).refresh_triggered);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(lock(&upstream.calls).len(), 2);
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");

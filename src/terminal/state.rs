@@ -20,8 +20,8 @@ use super::config::Config;
 use super::device::{DeviceHealth, Enabled};
 pub use super::doc::{AgeBasis, Freshness};
 use super::doc::{
-    AuthinfoStatus, HeldState, ProxyDoc, RawDataDoc, RecoveryDoc, RefreshDoc, StatusDoc, StoreDoc,
-    StoreState,
+    AuthinfoStatus, HeldState, ProxyDoc, RawDataAccepted, RawDataDoc, RecoveryDoc, RefreshDoc,
+    StatusDoc, StoreDoc, StoreState,
 };
 use super::metrics::Metrics;
 use super::store::{AttemptRecord, HeldAuthinfo, RawData, Store, StoreError};
@@ -339,15 +339,18 @@ impl State {
 
     // === raw_data ===
 
-    /// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is
-    /// not fresh (or a permanent error is holding retries, which new raw_data may cure).
-    /// Returns whether it asked.
-    pub fn accept_raw_data(&self, value: String) -> Result<bool, StoreError> {
-        self.save_raw_data(RawData {
-            value,
-            received_at: self.now(),
-            source: "socket".into(),
-        })?;
+    /// Takes raw_data pushed by the face app and asks for a refresh when the held authinfo is
+    /// not fresh (or a permanent error is holding retries, which new raw_data may cure). The
+    /// raw_data is used from now on even when the store cannot persist it (the store logs why
+    /// and status shows it); the answer says whether it reached the disk.
+    pub fn accept_raw_data(&self, value: String) -> RawDataAccepted {
+        let persisted = self
+            .save_raw_data(RawData {
+                value,
+                received_at: self.now(),
+                source: "socket".into(),
+            })
+            .is_ok();
         let held_fresh = self.freshness() == Some(Freshness::Fresh);
         let held_by_error = self
             .refresh_status()
@@ -358,7 +361,11 @@ impl State {
         if refresh {
             self.request_fresh_refresh();
         }
-        Ok(refresh)
+        RawDataAccepted {
+            accepted: true,
+            refresh_triggered: refresh,
+            persisted,
+        }
     }
 
     /// Stores `raw` as the newest raw_data and shows it in status. The store holds it from now

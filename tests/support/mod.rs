@@ -206,6 +206,12 @@ impl TestDaemon {
         .await
     }
 
+    /// `POST /v1/refresh?wait=true`: the refresh's outcome.
+    pub async fn refresh_and_wait(&self) -> Reply {
+        self.request("POST", "/v1/refresh?wait=true", &[], None)
+            .await
+    }
+
     pub async fn status(&self) -> serde_json::Value {
         let r = self.get("/v1/status").await;
         assert_eq!(r.status, 200);

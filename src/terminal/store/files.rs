@@ -65,11 +65,17 @@ pub fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreErr
         path: dir.to_owned(),
         source,
     })?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        StoreError::Locked {
-            path: dir.to_owned(),
-        }
-    })
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => StoreError::Locked {
+                path: dir.to_owned(),
+            },
+            other => StoreError::Lock {
+                path: dir.to_owned(),
+                source: std::io::Error::from(other),
+            },
+        },
+    )
 }
 
 /// Writes `bytes` to `path` so that a crash or power cut at any moment leaves either the old file
@@ -111,6 +117,19 @@ pub fn remove_temporary(path: &Path) {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Whether sled's `conf` in `sled_dir` is damaged, and why. sled 0.34 writes its settings there
+/// followed by their CRC-32 (little-endian); it only warns about a bad checksum, and takes a file
+/// of 8 bytes or less for none (rewriting it in place, without truncating what was there).
+pub fn damaged_sled_conf(sled_dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(sled_dir.join("conf")).ok()?;
+    if bytes.len() <= 8 {
+        return Some(format!("it is {} bytes long", bytes.len()));
+    }
+    let (content, crc) = bytes.split_at(bytes.len() - 4);
+    let expected = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    (crc32fast::hash(content) != expected).then(|| "its checksum does not match".to_owned())
 }
 
 /// What the opening marker says about the previous start.

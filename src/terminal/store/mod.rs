@@ -61,6 +61,12 @@ pub enum StoreError {
     },
     #[error("another process holds the state directory {path} (is authinfod already running?)")]
     Locked { path: PathBuf },
+    #[error("cannot lock the state directory {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("sled {op} failed at {path}")]
     Sled {
         op: &'static str,
@@ -216,6 +222,16 @@ impl Store {
         files::remove_temporary(&paths.copy);
         let now = clock.now();
         let copy = recover::read_copy(&paths.copy);
+        // sled's settings file holds nothing of ours: a damaged one is removed and sled writes
+        // it anew, instead of sled tripping over it (or silently keeping it).
+        let conf_damage = files::damaged_sled_conf(&paths.sled).and_then(|why| {
+            let conf = paths.sled.join("conf");
+            std::fs::remove_file(&conf).ok().map(|()| Finding {
+                damaged: format!("sled's settings file {} is damaged ({why})", conf.display()),
+                restored_from: Source::Sled,
+                restored: Some("sled's settings, written anew by sled".into()),
+            })
+        });
         let mut moved_to = None;
         let mut trouble = None;
         let opened = match open_guarded(&paths) {
@@ -291,10 +307,12 @@ impl Store {
                     } else {
                         Source::Nothing
                     },
+                    restored: None,
                 },
             );
             moved = Some(to);
         }
+        findings.extend(conf_damage);
         let recoveries: Vec<Recovery> = findings
             .into_iter()
             .map(|finding| store.note_recovery(&mut inner, finding, moved.take()))
@@ -431,7 +449,7 @@ impl Store {
     /// Checks that the state directory, sled's file and the copy are still the ones written
     /// (re-creating and rewriting them from memory if not), and writes what is pending (retrying
     /// a store that is not persisting). The first check after start always writes, to prove the
-    /// disk takes writes. Blocking: run it off the async threads ([`keep`] does).
+    /// disk takes writes.
     pub fn check(&self) {
         let mut inner = self.lock();
         let repaired = self.check_paths(&mut inner);
@@ -548,6 +566,7 @@ impl Store {
                         Finding {
                             damaged: format!("sled's store cannot be opened ({reason})"),
                             restored_from: Source::Memory,
+                            restored: None,
                         },
                         Some(moved_to),
                     );
@@ -607,6 +626,7 @@ impl Store {
                     Finding {
                         damaged,
                         restored_from: Source::Memory,
+                        restored: None,
                     },
                     None,
                 );
@@ -623,10 +643,12 @@ impl Store {
         finding: Finding,
         moved_to: Option<PathBuf>,
     ) -> Recovery {
-        let restored = match finding.restored_from {
-            Source::Nothing => format!("kept what was whole: {}", inner.snapshot.describe()),
-            from => format!("{} from the {}", inner.snapshot.describe(), from.as_str()),
-        };
+        let restored = finding
+            .restored
+            .unwrap_or_else(|| match finding.restored_from {
+                Source::Nothing => format!("kept what was whole: {}", inner.snapshot.describe()),
+                from => format!("{} from the {}", inner.snapshot.describe(), from.as_str()),
+            });
         let recovery = Recovery {
             at: self.clock.now(),
             damaged: finding.damaged,
@@ -666,14 +688,11 @@ impl Store {
     }
 }
 
-/// Runs [`Store::check`] at once and then every `every`, off the async threads, until
-/// `shutdown`.
+/// Runs [`Store::check`] at once and then every `every`, until `shutdown`. The check runs on the
+/// async thread, as every store write does: it is a few `stat`s, and a few fsyncs when it writes.
 pub async fn keep(store: Store, every: Duration, shutdown: CancellationToken) {
     loop {
-        let s = store.clone();
-        if let Err(error) = tokio::task::spawn_blocking(move || s.check()).await {
-            tracing::error!(%error, "the store check failed");
-        }
+        store.check();
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(every) => {}
@@ -891,19 +910,25 @@ mod tests {
         assert!(files > 0);
     }
 
-    /// sled files that are garbage: sled cannot open them; the store is moved aside and
+    /// A sled snapshot that is garbage: sled cannot open the store; it is moved aside and
     /// everything comes back from the copy.
     #[test]
     fn an_unopenable_sled_store_is_moved_aside_and_refilled_from_the_copy() {
         let dir = tempfile::tempdir().expect("tempdir");
         filled(dir.path());
-        let store_dir = dir.path().join("store");
-        std::fs::write(store_dir.join("db"), b"").expect("empty db");
-        std::fs::write(
-            store_dir.join("conf"),
-            b"\xde\xad\xbe\xef not a sled conf at all",
-        )
-        .expect("garble conf");
+        // sled writes a snapshot when it opens a store with a log to recover.
+        drop(Store::open(dir.path()).expect("reopen"));
+        let mut garbled = 0;
+        for entry in std::fs::read_dir(dir.path().join("store"))
+            .expect("read_dir")
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with("snap.") {
+                std::fs::write(entry.path(), b"\xde\xad\xbe\xef not a snapshot").expect("garble");
+                garbled += 1;
+            }
+        }
+        assert!(garbled > 0);
         let (store, recoveries) = Store::open(dir.path()).expect("recovers");
         assert_holds_b(&store);
         let r = &recoveries[0];

@@ -167,6 +167,8 @@ impl Source {
 pub struct Finding {
     pub damaged: String,
     pub restored_from: Source,
+    /// What was restored, when it is not simply what the store holds now.
+    pub restored: Option<String>,
 }
 
 /// The decision.
@@ -198,6 +200,7 @@ pub fn reconcile(sled: Option<&SledView>, copy: &CopyView) -> Reconciled {
         out.findings.push(Finding {
             damaged,
             restored_from,
+            restored: None,
         });
     };
     let Some(sled) = sled else {
