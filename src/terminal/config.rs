@@ -638,6 +638,29 @@ pub(crate) mod tests {
         assert!(c.socket.allowed_uids.contains(&0));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert!(c.health.inspection && c.health.alipay_binding && c.health.licence);
+        assert_eq!(c.refresh.expires_in_range, crate::wire::EXPIRES_IN_RANGE);
+        assert_eq!(c.store.check_interval, DEFAULT_STORE_CHECK_INTERVAL);
+    }
+
+    #[test]
+    fn an_expires_in_range_that_excludes_the_assumed_validity_or_is_reversed_is_refused() {
+        for refresh in [
+            "expires_in_min = \"1h\"\nexpires_in_max = \"30m\"",
+            "expires_in_max = \"1h\"",
+            "expires_in_min = \"0s\"",
+        ] {
+            let text = format!(
+                "device_id = \"T1\"\nkey_file = \"/k\"\n[proxy]\nurl = \"https://p\"\nca_file = \"/nonexistent\"\n[refresh]\n{refresh}\n"
+            );
+            let err = parse(&text, Path::new("t.toml")).unwrap_err();
+            let ConfigError::Invalid { problems, .. } = &err else {
+                panic!("expected Invalid, got {err}");
+            };
+            assert!(
+                problems.iter().any(|p| p.starts_with("refresh.")),
+                "{refresh}: {problems:#?}"
+            );
+        }
     }
 
     #[test]

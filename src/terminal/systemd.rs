@@ -136,9 +136,10 @@ pub fn status_line(state: &State) -> String {
 
 /// Whether both loops have reported in within [`STUCK_AFTER`].
 pub fn loops_alive(state: &State) -> bool {
-    let now = state.started.elapsed().as_millis() as u64;
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let now = millis(state.started.elapsed());
     let fresh = |slot: &std::sync::atomic::AtomicU64| {
-        now.saturating_sub(slot.load(Ordering::Relaxed)) < STUCK_AFTER.as_millis() as u64
+        now.saturating_sub(slot.load(Ordering::Relaxed)) < millis(STUCK_AFTER)
     };
     fresh(&state.heartbeats.refresh) && fresh(&state.heartbeats.socket)
 }
