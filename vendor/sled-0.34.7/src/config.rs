@@ -835,7 +835,9 @@ impl RunningConfig {
                 let path = path_buf.as_path();
                 let path_str = &*path.to_string_lossy();
                 if path_str.starts_with(&*absolute_path.to_string_lossy())
-                    && !path_str.ends_with(".in___motion")
+                    // authinfod: upstream's fix (c5763094, after 0.34.7): a snapshot
+                    // still being written (or left by a kill) is not a snapshot.
+                    && !path_str.ends_with(".generating")
                 {
                     Some(path.to_path_buf())
                 } else {
