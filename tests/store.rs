@@ -299,6 +299,35 @@ async fn a_snapshot_left_half_written_by_a_kill_is_not_damage() {
     assert!(moved_aside(&state_dir(&dir)).is_empty());
 }
 
+/// Starts that died inside sled's open (ten recorded in its marker, more than the count that
+/// moves a store aside without a probe): the daemon's own binary, run as the probe, opens the
+/// store alone, so those starts were killed and the store is kept as it is.
+#[tokio::test]
+async fn the_binarys_probe_keeps_a_store_that_starts_died_opening() {
+    use authinfod::terminal::store::{Store, StoreOptions};
+    let proxy = proxy().await;
+    let dir = three_fetches(&proxy, "").await;
+    let state = state_dir(&dir);
+    let marker = state.join("store.opening");
+    std::fs::write(&marker, "starts 10\n").expect("marker");
+    let (logs, _guard) = capture();
+    let options = StoreOptions {
+        probe: Some(PathBuf::from(env!("CARGO_BIN_EXE_authinfod"))),
+        ..StoreOptions::default()
+    };
+    let (store, recoveries) = Store::open_with(&state, &options).expect("open");
+    assert!(recoveries.is_empty(), "{recoveries:?}");
+    assert_eq!(store.authinfo().expect("held").authinfo, "A3");
+    assert!(moved_aside(&state).is_empty());
+    assert!(!marker.exists());
+    assert_eq!(
+        logs.lines_with("a probe opening it alone did not").len(),
+        1,
+        "{}",
+        logs.text()
+    );
+}
+
 // === the copy ===
 
 fn copy(state: &Path) -> PathBuf {

@@ -14,6 +14,17 @@ mod cli;
 use cli::{Cli, Command, SocketArgs, exit};
 
 fn main() -> ExitCode {
+    // The store's probe: the daemon runs its own binary as a child that only opens sled, after a
+    // start died inside sled's open (terminal::store). Not a subcommand: nobody else runs it.
+    if let Some(state_dir) = std::env::var_os(terminal::store::PROBE_ENV) {
+        let parent = std::env::var(terminal::store::PROBE_PARENT_ENV)
+            .ok()
+            .and_then(|p| p.parse().ok());
+        return ExitCode::from(terminal::store::probe_child(
+            std::path::Path::new(&state_dir),
+            parent,
+        ));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(&config),
@@ -111,6 +122,8 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
+        // Without it (no /proc), deaths inside sled's open are counted instead.
+        store_probe: std::env::current_exe().ok(),
         ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {

@@ -82,6 +82,9 @@ pub struct RunOptions {
     pub clock: Arc<crate::units::WallClock>,
     /// What the proxy client learns of the proxy's clock, read by the state for ages.
     pub proxy_clock: Arc<crate::units::PeerClock>,
+    /// The daemon's own binary, to open the store in a child after a start died inside sled's
+    /// open ([`store::StoreOptions::probe`]).
+    pub store_probe: Option<std::path::PathBuf>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -142,7 +145,13 @@ impl Daemon {
         upstream: Arc<dyn Upstream>,
     ) -> Result<Self, DaemonError> {
         // Damage found here is repaired and logged by the store itself.
-        let (store, _) = Store::open_with_clock(&config.state_dir, options.clock.clone())?;
+        let (store, _) = Store::open_with(
+            &config.state_dir,
+            &store::StoreOptions {
+                clock: options.clock.clone(),
+                probe: options.store_probe.clone(),
+            },
+        )?;
         let state = State::load(
             config,
             store,

@@ -18,11 +18,13 @@
 //!   generation, plus the generation itself, in one batch.
 //! - `store.copy`: the same snapshot as one sealed record, replaced atomically.
 //! - `store.opening`: present only while sled opens; tells the next start that this one died
-//!   there (and, from the panic hook, whether sled panicked).
+//!   there (and, from the panic hook, whether sled panicked), and that start has a child open
+//!   sled alone first ([`probe`]) to tell a kill from a store that crashes sled.
 //! - `store.broken-<time>`: a sled store that could not be opened, moved aside (the newest
 //!   [`files::KEEP_MOVED_ASIDE`] are kept).
 
 mod files;
+mod probe;
 mod records;
 mod recover;
 mod seal;
@@ -35,6 +37,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::sync::CancellationToken;
 
 use self::files::FileId;
+pub use self::probe::{PROBE_ENV, PROBE_PARENT_ENV, child as probe_child};
 pub use self::records::{AttemptRecord, HeldAuthinfo, RawData};
 use self::records::{KEY_COPY, KEY_GENERATION, KEY_SCHEMA, SCHEMA, Snapshot, encode};
 pub use self::recover::Source;
@@ -44,10 +47,11 @@ use crate::units::WallClock;
 
 /// sled's page cache bound: the data here is a few KiB, so 2 MiB is ample.
 const CACHE_CAPACITY: u64 = 2 * 1024 * 1024;
-/// After this many starts in a row died inside sled's open without a panic (an abort, a
-/// segfault, or kills), the store is taken for one that crashes sled and is moved aside: the copy
-/// still holds everything. A single kill there (systemd stopping a slow start, a power cut) is not
-/// damage, and with the copy even a wrong guess loses nothing.
+/// Without a probe ([`StoreOptions::probe`]): after this many starts in a row died inside sled's
+/// open without a panic (an abort, a segfault, or kills), the store is taken for one that crashes
+/// sled and is moved aside: the copy still holds everything. A single kill there (systemd
+/// stopping a slow start, a power cut) is not damage, and with the copy even a wrong guess loses
+/// nothing. With a probe, deaths are not counted: the probe tells.
 const OPEN_DEATHS_LIMIT: u32 = 3;
 
 /// Errors of the store.
@@ -199,10 +203,23 @@ enum OpenFailure {
     Trouble(String),
 }
 
+/// How a store is opened.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The wall clock (the system's; tests shift it).
+    pub clock: Arc<WallClock>,
+    /// The daemon's own binary, run as a child that opens sled alone ([`PROBE_ENV`]) when the
+    /// previous start died inside sled's open: a child that opens it proves that start was
+    /// killed, one that dies or hangs proves the store crashes sled (moved aside at once).
+    /// `None`, or a child that cannot be run: such deaths are counted instead
+    /// ([`OPEN_DEATHS_LIMIT`]).
+    pub probe: Option<PathBuf>,
+}
+
 impl Store {
-    /// [`open_with_clock`](Self::open_with_clock) on the system's clock.
+    /// [`open_with`](Self::open_with) on the system's clock, without a probe.
     pub fn open(state_dir: &Path) -> Result<(Self, Vec<Recovery>), StoreError> {
-        Self::open_with_clock(state_dir, Arc::default())
+        Self::open_with(state_dir, &StoreOptions::default())
     }
 
     /// Opens (or creates) the store under `state_dir`, reads sled and the copy, and repairs
@@ -212,10 +229,11 @@ impl Store {
     /// disk, permissions) is left alone and the copy is served read-only, not persisting, until
     /// a write succeeds. Errors only when the state directory cannot be created or is locked by
     /// another process.
-    pub fn open_with_clock(
+    pub fn open_with(
         state_dir: &Path,
-        clock: Arc<WallClock>,
+        options: &StoreOptions,
     ) -> Result<(Self, Vec<Recovery>), StoreError> {
+        let clock = options.clock.clone();
         let paths = Arc::new(Paths::new(state_dir));
         files::prepare_dir(state_dir)?;
         let lock = files::lock_dir(state_dir)?;
@@ -234,7 +252,7 @@ impl Store {
         });
         let mut moved_to = None;
         let mut trouble = None;
-        let opened = match open_guarded(&paths) {
+        let opened = match open_guarded(&paths, options.probe.as_deref()) {
             Ok(opened) => Some(opened),
             Err(OpenFailure::Trouble(reason)) => {
                 trouble = Some(reason);
@@ -714,9 +732,11 @@ pub fn record_panics_while_opening(state_dir: &Path) {
 }
 
 /// Opens sled and reads it, guarded by the opening marker: a store on which the previous start
-/// panicked, or on which [`OPEN_DEATHS_LIMIT`] starts in a row died, is reported as damage
-/// without opening it again. A panic inside (in a build that unwinds) is damage too.
-fn open_guarded(paths: &Paths) -> Result<(sled::Db, SledView), OpenFailure> {
+/// panicked is reported as damage without opening it again; one on which the previous start died
+/// otherwise is first opened by the `probe` child (damage if that dies or hangs too), or without
+/// a probe, damage once [`OPEN_DEATHS_LIMIT`] starts in a row died. A panic inside (in a build
+/// that unwinds) is damage too.
+fn open_guarded(paths: &Paths, probe: Option<&Path>) -> Result<(sled::Db, SledView), OpenFailure> {
     let starts = match files::read_marker(&paths.marker) {
         files::Marker::Panicked(message) => {
             let _ = std::fs::remove_file(&paths.marker);
@@ -724,18 +744,40 @@ fn open_guarded(paths: &Paths) -> Result<(sled::Db, SledView), OpenFailure> {
                 "sled panicked opening it at the previous start: {message}"
             )));
         }
-        files::Marker::Died { starts } if starts >= OPEN_DEATHS_LIMIT => {
-            let _ = std::fs::remove_file(&paths.marker);
-            return Err(OpenFailure::Damage(format!(
-                "{starts} starts in a row died while sled was opening it"
-            )));
-        }
         files::Marker::Died { starts } => {
-            tracing::warn!(
-                starts,
-                "the previous start died while sled was opening the store (killed, or crashed); opening it again"
+            let outcome = probe.map_or_else(
+                || probe::Outcome::Unavailable("no probe is configured".into()),
+                |program| probe::run(program, &paths.state_dir, probe::TIMEOUT),
             );
-            starts + 1
+            match outcome {
+                probe::Outcome::Opened | probe::Outcome::SledError => {
+                    tracing::warn!(
+                        starts,
+                        "the previous start died while sled was opening the store, and a probe opening it alone did not: that start was killed, not crashed by the store; opening it again"
+                    );
+                    1
+                }
+                probe::Outcome::Died(how) => {
+                    let _ = std::fs::remove_file(&paths.marker);
+                    return Err(OpenFailure::Damage(format!(
+                        "the previous start died while sled was opening it, and so did a probe opening it alone ({how})"
+                    )));
+                }
+                probe::Outcome::Unavailable(_) if starts >= OPEN_DEATHS_LIMIT => {
+                    let _ = std::fs::remove_file(&paths.marker);
+                    return Err(OpenFailure::Damage(format!(
+                        "{starts} starts in a row died while sled was opening it"
+                    )));
+                }
+                probe::Outcome::Unavailable(why) => {
+                    tracing::warn!(
+                        starts,
+                        probe = %why,
+                        "the previous start died while sled was opening the store (killed, or crashed); opening it again"
+                    );
+                    starts + 1
+                }
+            }
         }
         files::Marker::Absent => 1,
     };
@@ -1088,6 +1130,46 @@ mod tests {
             recoveries[0].damaged.contains("index out of bounds"),
             "{recoveries:?}"
         );
+        assert_holds_b(&store);
+    }
+
+    /// With a probe, deaths inside sled's open are not counted: a probe that opens the store
+    /// clears any number of them, and one that dies moves the store aside at the first.
+    #[test]
+    fn with_a_probe_a_death_inside_the_open_is_damage_only_when_the_probe_dies_too() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        filled(&state);
+        let marker = state.join("store.opening");
+        let opens = StoreOptions {
+            probe: Some(PathBuf::from("/bin/true")),
+            ..StoreOptions::default()
+        };
+        files::write_marker(&marker, OPEN_DEATHS_LIMIT + 5);
+        let (store, recoveries) = Store::open_with(&state, &opens).expect("open");
+        assert!(recoveries.is_empty(), "{recoveries:?}");
+        assert_holds_b(&store);
+        assert!(!marker.exists());
+        drop(store);
+
+        let aborts = dir.path().join("aborts");
+        std::fs::write(&aborts, "#!/bin/sh\nkill -ABRT $$\n").expect("script");
+        std::fs::set_permissions(&aborts, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dies = StoreOptions {
+            probe: Some(aborts),
+            ..StoreOptions::default()
+        };
+        let (store, recoveries) = Store::open_with(&state, &dies).expect("open without a marker");
+        assert!(recoveries.is_empty(), "no marker, no probe: {recoveries:?}");
+        drop(store);
+        files::write_marker(&marker, 1);
+        let (store, recoveries) = Store::open_with(&state, &dies).expect("open");
+        assert!(
+            recoveries[0].damaged.contains("killed by SIGABRT"),
+            "{recoveries:?}"
+        );
+        assert!(recoveries[0].moved_to.is_some());
         assert_holds_b(&store);
     }
 
