@@ -380,6 +380,7 @@ interval = "1d"
                     fetched_at: now,
                     expires_at: now + 7200,
                     expires_in: None,
+                    proxy_fetched_at: None,
                 })
                 .context("cannot seed the store")?;
         }

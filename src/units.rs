@@ -139,6 +139,44 @@ impl WallClock {
     }
 }
 
+/// What the daemon knows of its proxy's clock: the `Date` of the proxy's last answer, anchored on
+/// the boot-time clock. Unlike the wall clock, that clock is never set (NTP, an operator or a dead
+/// RTC cannot move it), and unlike the monotonic clock it keeps counting through a suspend; so the
+/// estimate of the proxy's time now stays right when the local clock is changed, until the next
+/// answer refreshes it. The proxy is a merchant server on NTP: its clock is the one to trust when
+/// the terminal's is wrong.
+#[derive(Debug, Default)]
+pub struct PeerClock {
+    /// The proxy's Unix seconds and the boot-time clock when they were read.
+    anchor: std::sync::Mutex<Option<(i64, Duration)>>,
+}
+
+impl PeerClock {
+    /// Records that the proxy's clock reads `unix` seconds now (from its `Date` header).
+    pub fn observe(&self, unix: i64) {
+        *crate::sync::lock(&self.anchor) = Some((unix, since_boot()));
+    }
+
+    /// The proxy's clock now, as estimated from its last answer; `None` before any answer.
+    pub fn now(&self) -> Option<i64> {
+        let (unix, at) = (*crate::sync::lock(&self.anchor))?;
+        let elapsed = since_boot().saturating_sub(at).as_secs();
+        Some(unix.saturating_add(i64::try_from(elapsed).unwrap_or(i64::MAX)))
+    }
+}
+
+/// Time since boot, counting suspend (`CLOCK_BOOTTIME`); where that clock does not exist, the
+/// monotonic clock.
+fn since_boot() -> Duration {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let id = nix::time::ClockId::CLOCK_BOOTTIME;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let id = nix::time::ClockId::CLOCK_MONOTONIC;
+    // Both clocks exist on every kernel this runs on; the fallback keeps the estimate frozen
+    // rather than wrong.
+    nix::time::clock_gettime(id).map_or(Duration::ZERO, Duration::from)
+}
+
 /// The wall clock as Unix seconds (negative before 1970, which a terminal with a dead RTC can
 /// report).
 pub fn unix_now() -> i64 {
@@ -210,6 +248,18 @@ mod tests {
             .err()
             .expect("error");
         assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn peer_clock_is_unknown_until_observed_then_follows_the_boot_clock() {
+        let peer = PeerClock::default();
+        assert_eq!(peer.now(), None);
+        peer.observe(1_000_000);
+        let now = peer.now().expect("observed");
+        // Nothing here sleeps: the estimate is the observed time plus (close to) no time.
+        assert!((1_000_000..1_000_002).contains(&now), "{now}");
+        peer.observe(-5);
+        assert!(peer.now().expect("observed") < 0);
     }
 
     #[test]

@@ -172,7 +172,7 @@ async fn every_fault_leaves_the_held_authinfo_untouched_and_shows_in_status() {
         assert_eq!(status["proxy"]["reachable"], reached, "{script:?}");
         assert_eq!(status["authinfo"]["state"], "fresh");
     }
-    let stored = daemon.state.store.authinfo().expect("store").expect("held");
+    let stored = daemon.state.store.authinfo().expect("held");
     assert_eq!(stored.authinfo, "A1", "the store was not touched either");
     proxy.assert_all_requests_valid();
     daemon.stop().await;
@@ -196,6 +196,7 @@ async fn a_proxy_that_never_answers_times_out_and_leaves_the_held_authinfo() {
                 fetched_at: now,
                 expires_at: now + 7200,
                 expires_in: None,
+                proxy_fetched_at: None,
             })
             .expect("seed authinfo");
         store
@@ -401,7 +402,7 @@ async fn a_peer_outside_the_allow_list_gets_403_and_nothing_else() {
     let r = daemon.put_raw_data("RAW").await;
     assert_eq!(r.status, 403);
     assert!(
-        daemon.state.store.raw_data().expect("store").is_none(),
+        daemon.state.store.raw_data().is_none(),
         "a denied peer changes nothing"
     );
     assert_eq!(daemon.state.metrics.denials(Denial::NotAllowed), 4);
@@ -480,7 +481,7 @@ async fn device_route_answers_with_sections_for_every_check() {
     // The fake proxy answers both remote checks with NOT_CONFIGURED; Alipay is switched off here
     // and never asked.
     wait_until("both remote checks ran", || {
-        let text = state.metrics.render(&[]);
+        let text = state.metrics.render(&[], &[]);
         ["inspection", "licence"].iter().all(|check| {
             text.contains(&format!(
                 "{{check=\"{check}\",outcome=\"not_configured\"}} 1"

@@ -341,7 +341,7 @@ async fn the_demo_plays_the_whole_story() {
         .expect("demo");
     let text = String::from_utf8(out).expect("utf8");
     for expected in [
-        "202 {\"accepted\":true,\"refresh_triggered\":true}",
+        "202 {\"accepted\":true,\"refresh_triggered\":true,\"persisted\":true}",
         "stored in sled and served",
         "200 {\"authinfo\": \"SANDBOX-AUTHINFO-",
         "inspection (WeChat Pay):      ok: SUCCESS",

@@ -872,7 +872,7 @@ async fn upstream_faults_reach_the_daemon_as_typed_retryable_errors_and_never_as
         daemon.get("/v1/authinfo").await.json()["authinfo"],
         held_authinfo
     );
-    let stored = daemon.state.store.authinfo().expect("store").expect("held");
+    let stored = daemon.state.store.authinfo().expect("held");
     assert_eq!(
         serde_json::Value::from(stored.authinfo),
         held_authinfo,

@@ -4,6 +4,7 @@
 mod support;
 
 mod certificates;
+mod crash;
 mod daemon;
 mod egress;
 mod health;
@@ -13,4 +14,5 @@ mod link;
 mod pkcs11;
 mod proxy;
 mod socket;
+mod store;
 mod terminals;

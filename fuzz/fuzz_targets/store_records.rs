@@ -4,7 +4,7 @@
 //! The input is `KEY` on the first line (`authinfo.current`, `authinfo.previous`, `raw_data`,
 //! `attempt.last`, `health.inspection`, `health.alipay_binding`, `health.licence`), an empty
 //! line, then the record's bytes. Properties: the bytes give either the record or a
-//! `StoreError::Corrupt` naming that key; a record that decodes encodes back to a record equal
+//! `StoreError::Decode` naming that key; a record that decodes encodes back to a record equal
 //! to it; and a daemon holding it still answers every read route of the socket API within the
 //! contract (a documented status, JSON, no panic), whatever the timestamps and strings in it.
 #![no_main]
@@ -24,15 +24,14 @@ fn decode<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
     key: &str,
     bytes: &[u8],
 ) -> Option<T> {
-    let path = std::path::Path::new("/var/lib/authinfod/store");
-    match decode_record::<T>(path, key, bytes) {
+    match decode_record::<T>(key, bytes) {
         Ok(record) => {
             let again = serde_json::to_vec(&record).expect("a record encodes");
-            let back: T = decode_record(path, key, &again).expect("an encoded record decodes");
+            let back: T = decode_record(key, &again).expect("an encoded record decodes");
             assert_eq!(back, record);
             Some(record)
         }
-        Err(StoreError::Corrupt { key: named, .. }) => {
+        Err(StoreError::Decode { key: named, .. }) => {
             assert_eq!(named, key);
             None
         }

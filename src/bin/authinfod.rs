@@ -14,6 +14,17 @@ mod cli;
 use cli::{Cli, Command, SocketArgs, exit};
 
 fn main() -> ExitCode {
+    // The store's probe: the daemon runs its own binary as a child that only opens sled, after a
+    // start died inside sled's open (terminal::store). Not a subcommand: nobody else runs it.
+    if let Some(state_dir) = std::env::var_os(terminal::store::PROBE_ENV) {
+        let parent = std::env::var(terminal::store::PROBE_PARENT_ENV)
+            .ok()
+            .and_then(|p| p.parse().ok());
+        return ExitCode::from(terminal::store::probe_child(
+            std::path::Path::new(&state_dir),
+            parent,
+        ));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {
@@ -153,10 +164,14 @@ fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     if let Err(error) = log.apply(&config.log_level) {
         tracing::warn!(%error, "log_level not applied");
     }
+    // A panic inside sled's open aborts this (release) build; the next start must know.
+    terminal::store::record_panics_while_opening(&config.state_dir);
     let options = terminal::RunOptions {
         notifier: terminal::systemd::Notifier::new(std::env::var_os("NOTIFY_SOCKET")),
         watchdog: watchdog_period(),
         log,
+        // Without it (no /proc), deaths inside sled's open are counted instead.
+        store_probe: std::env::current_exe().ok(),
         ..terminal::RunOptions::default()
     };
     runtime()?.block_on(async {
@@ -362,11 +377,16 @@ async fn refresh(address: config::SocketAddress, wait: bool) -> anyhow::Result<E
 async fn put_raw_data(address: config::SocketAddress, raw: String) -> anyhow::Result<ExitCode> {
     let accepted = client::put_raw_data(&address, raw.trim()).await?;
     println!(
-        "raw_data accepted{}",
+        "raw_data accepted{}{}",
         if accepted.refresh_triggered {
             "; refresh triggered"
         } else {
             ""
+        },
+        if accepted.persisted {
+            ""
+        } else {
+            "; NOT persisted: the store is not persisting (see authinfod status)"
         }
     );
     Ok(ExitCode::SUCCESS)

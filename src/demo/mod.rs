@@ -236,7 +236,8 @@ async fn play(
         "  200 {{\"authinfo\": \"{}\", \"state\": \"{}\", \"age_seconds\": {}, \"expires_at\": \"{}\"}}",
         short(&doc.authinfo),
         doc.state.as_str(),
-        doc.age_seconds,
+        doc.age_seconds
+            .map_or_else(|| "null".to_owned(), |a| a.to_string()),
         doc.expires_at
     ))?;
 

@@ -526,6 +526,16 @@ async fn authinfo(
         |e| e.failure(),
     )
     .await?;
+    // A validity outside the sane range is a malformed answer, never passed on (the daemon
+    // checks again). The range is the wire default for now; a `[wechatpay]` setting for it
+    // belongs in the proxy's config.
+    wire::check_expires_in(answer.expires_in, &wire::EXPIRES_IN_RANGE).map_err(|reason| {
+        app.metrics.count_upstream_failure("wechatpay", "malformed");
+        RequestError::Upstream {
+            platform: "wechatpay",
+            failure: Failure::local(FailureClass::Malformed, reason),
+        }
+    })?;
     app.health.issued(&device.device_id).await;
     Ok(Json(wire::AuthinfoResponse {
         authinfo: answer.authinfo,

@@ -14,10 +14,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::doc::{
-    AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataAccepted, RawDataBody, RefreshAccepted,
-    RefreshDone, Route,
+    AuthinfoDoc, ErrorDoc, HealthzDoc, HeldState, RawDataBody, RefreshAccepted, RefreshDone, Route,
 };
-use super::state::{Freshness, Hold, RefreshHeld, Served, State, whole_seconds_up};
+use super::state::{Freshness, Hold, Now, RefreshHeld, Served, State, whole_seconds_up};
 use crate::units::rfc3339;
 use crate::wire::MAX_RAW_DATA;
 
@@ -120,8 +119,6 @@ pub enum ApiError {
     Busy,
     #[error("the daemon is shutting down")]
     ShuttingDown,
-    #[error("the store failed: {0}")]
-    Store(String),
     #[error("{message}")]
     RefreshFailed { code: String, message: String },
     #[error("the refresh did not finish within {0} s")]
@@ -131,6 +128,9 @@ pub enum ApiError {
         crate::units::format_duration(Duration::from_secs(whole_seconds_up(*wait)))
     )]
     RefreshHeld { wait: Duration, hold: Hold },
+    /// A bug: work on the blocking pool did not finish (it panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -146,10 +146,10 @@ impl ApiError {
             Self::PeerDenied { .. } => (403, "PEER_DENIED"),
             Self::Busy => (503, "BUSY"),
             Self::ShuttingDown => (503, "SHUTTING_DOWN"),
-            Self::Store(_) => (500, "STORE_FAILED"),
             Self::RefreshFailed { .. } => (502, "REFRESH_FAILED"),
             Self::RefreshTimeout(_) => (504, "REFRESH_TIMEOUT"),
             Self::RefreshHeld { .. } => (429, "REFRESH_RATE_LIMITED"),
+            Self::Internal(_) => (500, "INTERNAL"),
         }
     }
 
@@ -241,12 +241,12 @@ fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
         .map(|(_, v)| v)
 }
 
-fn authinfo_doc(served: &Served, state: &State, now: i64) -> AuthinfoDoc {
+fn authinfo_doc(served: &Served, state: &State, now: Now) -> AuthinfoDoc {
     AuthinfoDoc {
         authinfo: served.held.authinfo.clone(),
         fetched_at: rfc3339(served.held.fetched_at),
         expires_at: rfc3339(served.held.expires_at),
-        age_seconds: served.age(now),
+        age_seconds: served.age(now).seconds,
         state: served.freshness(now, state.config.refresh.interval),
     }
 }
@@ -306,13 +306,13 @@ thread_local! {
     /// document changes only with a new authinfo or the next second (its age and state), and
     /// escaping the secret's few hundred characters into JSON was the largest part of a
     /// request's own work: the face app's polls reuse it (a clone of `Bytes`, no copy).
-    static AUTHINFO_ANSWER: std::cell::RefCell<Option<(Arc<Served>, i64, ApiResponse)>> =
+    static AUTHINFO_ANSWER: std::cell::RefCell<Option<(Arc<Served>, Now, ApiResponse)>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// The 200 answer for `served` now, encoded at most once per second per thread.
 fn authinfo_answer(served: &Arc<Served>, state: &State) -> ApiResponse {
-    let now = state.now();
+    let now = state.time();
     AUTHINFO_ANSWER.with_borrow_mut(|cached| {
         // Holding the `Arc` keeps its address from being reused by another authinfo.
         if let Some((s, at, answer)) = cached.as_ref()
@@ -355,22 +355,17 @@ async fn put_raw_data(req: &ApiRequest, state: &Arc<State>) -> Result<ApiRespons
         let state = state.clone();
         tokio::task::spawn_blocking(move || state.accept_raw_data(value))
             .await
-            .map_err(|e| ApiError::Store(format!("the store write did not finish: {e}")))?
-            .map_err(|e| ApiError::Store(crate::error_chain(&e)))?
+            .map_err(|e| ApiError::Internal(format!("the store write did not finish: {e}")))?
     };
-    // A refresh it triggers is never refused, but within the forced-refresh limit it starts
-    // when the limit allows.
-    let triggered = accepted.triggered;
-    let deferred = accepted.deferred.map(|h| whole_seconds_up(h.wait));
-    tracing::info!(message_id = crate::events::RAW_DATA_RECEIVED, raw_data_fingerprint = %fingerprint, refresh_triggered = triggered, refresh_deferred_seconds = deferred, "raw_data received");
-    Ok(ApiResponse::json(
-        202,
-        &RawDataAccepted {
-            accepted: true,
-            refresh_triggered: triggered,
-            refresh_deferred_seconds: deferred,
-        },
-    ))
+    tracing::info!(
+        message_id = crate::events::RAW_DATA_RECEIVED,
+        raw_data_fingerprint = %fingerprint,
+        refresh_triggered = accepted.refresh_triggered,
+        refresh_deferred_seconds = accepted.refresh_deferred_seconds,
+        persisted = accepted.persisted,
+        "raw_data received"
+    );
+    Ok(ApiResponse::json(202, &accepted))
 }
 
 async fn post_refresh(
@@ -407,7 +402,7 @@ async fn post_refresh(
     match completion.record.as_deref() {
         Some(r) if r.ok => {
             let current = state.current().ok_or(ApiError::NoAuthinfo)?;
-            let doc = authinfo_doc(&current, state, state.now());
+            let doc = authinfo_doc(&current, state, state.time());
             Ok(ApiResponse::json(
                 200,
                 &RefreshDone {
@@ -455,9 +450,13 @@ fn metrics(state: &State) -> ApiResponse {
 
 /// The metrics page (the socket's `/metrics`, the textfile, the loopback listener).
 pub fn metrics_page(state: &State) -> String {
-    let now = state.now();
+    let now = state.time();
     let current = state.current();
     let status = state.refresh_status().clone();
+    let store = state.store.status();
+    // Counts and Unix times as the f64 the text format carries (exact below 2^53).
+    let seconds = |s: u64| s as f64;
+    let unix = |t: i64| t as f64;
     let mut gauges = vec![
         (
             "authinfod_authinfo_present",
@@ -474,27 +473,53 @@ pub fn metrics_page(state: &State) -> String {
             "Seconds since the daemon started.",
             state.uptime().as_secs_f64(),
         ),
+        (
+            "authinfod_store_persisting",
+            "1 while writes reach the disk; 0 while the store serves from memory only.",
+            f64::from(u8::from(store.not_persisting.is_none())),
+        ),
+        (
+            "authinfod_store_generation",
+            "Generation of the store's last write.",
+            seconds(store.generation),
+        ),
     ];
-    if let Some(s) = &current {
+    if let Some(at) = store.last_persist_at {
         gauges.push((
-            "authinfod_authinfo_age_seconds",
-            "Age of the held authinfo.",
-            s.age(now) as f64,
+            "authinfod_store_last_persist_timestamp_seconds",
+            "Unix time of the last write that reached the disk.",
+            unix(at),
         ));
+    }
+    if let Some(s) = &current {
+        if let Some(age) = s.age(now).seconds {
+            gauges.push((
+                "authinfod_authinfo_age_seconds",
+                "Age of the held authinfo (absent while it cannot be told).",
+                seconds(age),
+            ));
+        }
         gauges.push((
             "authinfod_authinfo_runway_seconds",
-            "Seconds until the held authinfo expires (offline runway).",
-            s.held.expires_at.saturating_sub(now) as f64,
+            "Seconds until the held authinfo expires (offline runway; at most its validity).",
+            seconds(s.runway(now)),
         ));
     }
-    if let Some(skew) = status.clock_skew_seconds {
+    if let Some(skew) = state.clock_skew() {
         gauges.push((
             "authinfod_clock_skew_seconds",
-            "The proxy's clock minus ours, as learned.",
-            skew as f64,
+            "The proxy's clock minus ours, from its last answer's Date.",
+            unix(skew),
         ));
     }
-    state.metrics.render(&gauges)
+    state.metrics.render(
+        &gauges,
+        &[(
+            "authinfod_store_recoveries_total",
+            "Damage to the store found and repaired since start.",
+            store.recoveries,
+        )],
+    )
 }
 
 #[cfg(test)]
@@ -506,7 +531,7 @@ mod tests {
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
         let (store, _) = Store::open(&config.state_dir).expect("store");
-        State::load(config, store, Arc::default()).expect("state")
+        State::load(config, store, Arc::default(), Arc::default()).expect("state")
     }
 
     fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {
@@ -525,6 +550,7 @@ mod tests {
             fetched_at,
             expires_at: fetched_at + 7200,
             expires_in: None,
+            proxy_fetched_at: None,
         })
     }
 
@@ -543,7 +569,7 @@ mod tests {
         let doc: AuthinfoDoc = serde_json::from_slice(&r.body).expect("doc");
         assert_eq!(doc.authinfo, "AUTH");
         assert_eq!(doc.state, Freshness::Fresh);
-        assert!(doc.age_seconds >= 10);
+        assert!(doc.age_seconds >= Some(10));
         let r = handle(
             get("/v1/authinfo", None, Some(&served.etag)),
             &state,
@@ -669,10 +695,7 @@ mod tests {
         let r = handle(put("R1"), &state, &token).await;
         assert_eq!(r.status, 202);
         assert_eq!(r.json_body()["refresh_triggered"], true);
-        assert_eq!(
-            state.store.raw_data().expect("read").expect("stored").value,
-            "R1"
-        );
+        assert_eq!(state.store.raw_data().expect("stored").value, "R1");
         assert!(state.refresh_pending());
         state.begin_refresh();
         state.abandon_refresh();
@@ -680,10 +703,7 @@ mod tests {
         let r = handle(put("R2"), &state, &token).await;
         assert_eq!(r.json_body()["refresh_triggered"], false);
         assert!(!state.refresh_pending());
-        assert_eq!(
-            state.store.raw_data().expect("read").expect("stored").value,
-            "R2"
-        );
+        assert_eq!(state.store.raw_data().expect("stored").value, "R2");
     }
 
     #[tokio::test]

@@ -13,8 +13,8 @@ use tokio::net::UnixStream;
 
 use super::config::SocketAddress;
 use super::doc::{
-    AuthinfoDoc, CheckDoc, CheckState, DeviceDoc, ErrorDoc, RawDataAccepted, RawDataBody,
-    RefreshDone, Route, StatusDoc,
+    AgeBasis, AuthinfoDoc, CheckDoc, CheckState, DeviceDoc, ErrorDoc, RawDataAccepted, RawDataBody,
+    RefreshDone, Route, StatusDoc, StoreState,
 };
 
 /// How long a client command waits for the daemon (a `refresh --wait` waits for the refresh).
@@ -214,8 +214,8 @@ pub async fn request(
 }
 
 /// A duration in the largest two units, for people (`1h12m`, `4m5s`, `9s`).
-fn ago(seconds: i64) -> String {
-    let d = crate::units::format_duration(Duration::from_secs(seconds.unsigned_abs()));
+fn ago(seconds: u64) -> String {
+    let d = crate::units::format_duration(Duration::from_secs(seconds));
     let mut parts = 0;
     let mut out = String::new();
     for c in d.chars() {
@@ -239,15 +239,24 @@ pub fn render_status(doc: &StatusDoc) -> String {
         "authinfod {} on device {}, up {}",
         doc.version,
         doc.device_id,
-        ago(doc.uptime_seconds as i64)
+        ago(doc.uptime_seconds)
     );
-    match (&a.fingerprint, a.age_seconds, a.runway_seconds) {
-        (Some(fp), Some(age), Some(runway)) => {
+    match (&a.fingerprint, a.runway_seconds) {
+        (Some(fp), Some(runway)) => {
+            let fetched = match (a.age_seconds, a.age_basis) {
+                (Some(age), Some(AgeBasis::ProxyClock)) => {
+                    format!("fetched {} ago by the proxy's clock", ago(age))
+                }
+                (Some(age), _) => format!("fetched {} ago", ago(age)),
+                (None, _) => format!(
+                    "fetched {} by a clock now set back: AGE UNKNOWN",
+                    a.fetched_at.as_deref().unwrap_or("?")
+                ),
+            };
             let _ = writeln!(
                 out,
-                "authinfo  {} (fingerprint {fp}), fetched {} ago, {} ({}, {})",
+                "authinfo  {} (fingerprint {fp}), {fetched}, {} ({}, {})",
                 a.state.as_str().to_uppercase(),
-                ago(age as i64),
                 if runway > 0 {
                     format!("expires in {}", ago(runway))
                 } else {
@@ -266,7 +275,7 @@ pub fn render_status(doc: &StatusDoc) -> String {
         }
     }
     let r = &doc.refresh;
-    let mut line = format!("refresh   every {}", ago(r.interval_seconds as i64));
+    let mut line = format!("refresh   every {}", ago(r.interval_seconds));
     match (&r.last_attempt_ok, &r.last_attempt_at) {
         (Some(true), Some(at)) => {
             let _ = write!(line, "; last attempt ok at {at}");
@@ -294,13 +303,13 @@ pub fn render_status(doc: &StatusDoc) -> String {
     } else if let Some(w) = &r.waiting_for {
         let _ = write!(line, "; waiting for {w}");
     } else if let Some(n) = r.next_attempt_in_seconds {
-        let _ = write!(line, "; next in {}", ago(n));
+        let _ = write!(line, "; next in {}", ago(n.unsigned_abs()));
     }
     if r.forced_refresh_allowed_in_seconds > 0 {
         let _ = write!(
             line,
             "; a forced refresh is allowed in {}",
-            ago(i64::try_from(r.forced_refresh_allowed_in_seconds).unwrap_or(i64::MAX))
+            ago(r.forced_refresh_allowed_in_seconds)
         );
     }
     let _ = writeln!(out, "{line}");
@@ -323,6 +332,29 @@ pub fn render_status(doc: &StatusDoc) -> String {
             ""
         }
     );
+    let st = &doc.store;
+    let mut line = match st.state {
+        StoreState::NotPersisting => format!(
+            "store     NOT PERSISTING since {}: {} (serving from memory)",
+            st.not_persisting_since.as_deref().unwrap_or("?"),
+            st.not_persisting_reason.as_deref().unwrap_or("?")
+        ),
+        StoreState::Recovered | StoreState::Ok => format!("store     {}", st.state.as_str()),
+    };
+    let _ = write!(
+        line,
+        "; generation {}, last written {}",
+        st.generation,
+        st.last_persist_at.as_deref().unwrap_or("not since start")
+    );
+    if let Some(r) = &st.last_recovery {
+        let _ = write!(
+            line,
+            "; RECOVERED at {}: {}; restored {} ({} repair(s) since start)",
+            r.at, r.damaged, r.restored, st.recoveries
+        );
+    }
+    let _ = writeln!(out, "{line}");
     let p = &doc.proxy;
     let _ = writeln!(
         out,
@@ -435,6 +467,7 @@ mod tests {
     #[test]
     fn ago_keeps_two_units() {
         assert_eq!(ago(4000), "1h6m");
+        assert_eq!(ago(0), "0s");
         assert_eq!(ago(59), "59s");
         assert_eq!(ago(90061), "1d1h");
     }

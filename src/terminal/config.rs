@@ -68,6 +68,8 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(86400);
 /// looping on refresh costs the merchant one platform call a minute, not one per loop. A shorter
 /// `refresh.interval` lowers it to the interval.
 pub const DEFAULT_MIN_FORCED_INTERVAL: Duration = Duration::from_secs(60);
+/// Default interval of the store check (state directory still there, pending writes retried).
+pub const DEFAULT_STORE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The config file as written. Unknown fields are not denied here: `parse` collects them as
 /// problems beside the others (`config_file::parse_toml_lenient`).
@@ -86,12 +88,20 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    store: RawStore,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RawMetrics {
     textfile: Option<PathBuf>,
     listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    check_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +137,8 @@ struct RawRefresh {
     raw_data_command: Option<Vec<String>>,
     raw_data_command_timeout: Option<HumanDuration>,
     min_forced_interval: Option<HumanDuration>,
+    expires_in_min: Option<HumanDuration>,
+    expires_in_max: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +264,8 @@ pub struct RefreshConfig {
     /// authinfo is held; otherwise after the backoff ceiling of the failures so far, at most
     /// this. Zero turns the daemon's limit off (the proxy's per-device limits still apply).
     pub min_forced_interval: Duration,
+    /// The `expires_in` (seconds) an answer may carry; outside it the answer is malformed.
+    pub expires_in_range: std::ops::RangeInclusive<u64>,
 }
 
 impl RefreshConfig {
@@ -264,6 +278,13 @@ impl RefreshConfig {
             backoff_max: self.backoff_max,
         }
     }
+}
+
+/// The store's upkeep.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How often the store checks that its files are still there and retries pending writes.
+    pub check_interval: Duration,
 }
 
 /// Which device health checks run, and how often.
@@ -302,6 +323,7 @@ pub struct Config {
     pub refresh: RefreshConfig,
     pub health: HealthConfig,
     pub metrics: MetricsConfig,
+    pub store: StoreConfig,
 }
 
 /// Why a config could not be used (shared with the proxy's files).
@@ -376,6 +398,13 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
             ),
         );
     }
+    let store = StoreConfig {
+        check_interval: problems.positive(
+            "store.check_interval",
+            raw.store.check_interval,
+            DEFAULT_STORE_CHECK_INTERVAL,
+        ),
+    };
     Some(Config {
         log_level,
         path: path.to_owned(),
@@ -387,6 +416,7 @@ fn validate(raw: RawConfig, path: &Path, problems: &mut Problems) -> Option<Conf
         socket: socket?,
         refresh: refresh?,
         health,
+        store,
     })
 }
 
@@ -526,31 +556,35 @@ fn check_files(
     problems: &mut Problems,
 ) -> Option<Signer> {
     if let Some(dir) = state_dir
-        && let Err(e) = writable_dir(dir)
+        && let Err(e) = usable_state_dir(dir)
     {
         problems.push("state_dir", e);
     }
     problems.signer("key_file", key?, config, crate::crypto::RsaSigner::from_pem)
 }
 
-/// Whether `dir` is a directory this process can write, or could be created as one (its nearest
-/// existing ancestor is a writable directory). Nothing is created.
-fn writable_dir(dir: &Path) -> Result<(), String> {
+/// Whether `dir` is a directory this process can read (writing it is the store's to try), or
+/// could be created as one (its nearest existing ancestor is a writable directory). Nothing is
+/// created.
+fn usable_state_dir(dir: &Path) -> Result<(), String> {
     use nix::unistd::{AccessFlags, access};
     let mut at = dir;
     loop {
         match std::fs::metadata(at) {
+            // An existing state directory only needs to be readable: on a read-only or full
+            // disk the daemon serves what it holds and says it is not persisting (README, How
+            // it behaves).
+            Ok(meta) if meta.is_dir() && at == dir => {
+                return access(at, AccessFlags::R_OK | AccessFlags::X_OK)
+                    .map_err(|e| format!("{} is not readable: {e}", dir.display()));
+            }
             Ok(meta) if meta.is_dir() => {
                 return access(at, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
-                    if at == dir {
-                        format!("{} is not writable: {e}", dir.display())
-                    } else {
-                        format!(
-                            "{} does not exist and {} is not writable to create it: {e}",
-                            dir.display(),
-                            at.display()
-                        )
-                    }
+                    format!(
+                        "{} does not exist and {} is not writable to create it: {e}",
+                        dir.display(),
+                        at.display()
+                    )
                 });
             }
             Ok(_) => return Err(format!("{} is not a directory", at.display())),
@@ -821,6 +855,24 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
             "must not be more than refresh.interval",
         );
     }
+    let expires_in_min = raw
+        .expires_in_min
+        .map_or(crate::wire::MIN_EXPIRES_IN, |d| d.0.as_secs());
+    let expires_in_max = raw
+        .expires_in_max
+        .map_or(crate::wire::MAX_EXPIRES_IN, |d| d.0.as_secs());
+    if expires_in_min == 0 || expires_in_max < expires_in_min {
+        problems.push(
+            "refresh.expires_in_max",
+            "refresh.expires_in_min must be at least 1s and expires_in_max not less than it",
+        );
+    }
+    if !(expires_in_min..=expires_in_max).contains(&assumed_validity.as_secs()) {
+        problems.push(
+            "refresh.assumed_validity",
+            "must lie between refresh.expires_in_min and refresh.expires_in_max",
+        );
+    }
     Some(RefreshConfig {
         interval,
         jitter,
@@ -830,6 +882,7 @@ fn validate_refresh(raw: RawRefresh, problems: &mut Problems) -> Option<RefreshC
         raw_data_command,
         raw_data_command_timeout,
         min_forced_interval,
+        expires_in_range: expires_in_min..=expires_in_max,
     })
 }
 
@@ -885,6 +938,7 @@ pub fn test_config(dir: &Path) -> Config {
             raw_data_command: None,
             raw_data_command_timeout: DEFAULT_RAW_DATA_COMMAND_TIMEOUT,
             min_forced_interval: DEFAULT_MIN_FORCED_INTERVAL,
+            expires_in_range: crate::wire::EXPIRES_IN_RANGE,
         },
         health: HealthConfig {
             interval: DEFAULT_HEALTH_INTERVAL,
@@ -893,6 +947,9 @@ pub fn test_config(dir: &Path) -> Config {
             licence: true,
         },
         metrics: MetricsConfig::default(),
+        store: StoreConfig {
+            check_interval: DEFAULT_STORE_CHECK_INTERVAL,
+        },
     }
 }
 
@@ -930,6 +987,29 @@ pub(crate) mod tests {
         assert!(c.socket.allowed_uids.contains(&0));
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert!(c.health.inspection && c.health.alipay_binding && c.health.licence);
+        assert_eq!(c.refresh.expires_in_range, crate::wire::EXPIRES_IN_RANGE);
+        assert_eq!(c.store.check_interval, DEFAULT_STORE_CHECK_INTERVAL);
+    }
+
+    #[test]
+    fn an_expires_in_range_that_excludes_the_assumed_validity_or_is_reversed_is_refused() {
+        for refresh in [
+            "expires_in_min = \"1h\"\nexpires_in_max = \"30m\"",
+            "expires_in_max = \"1h\"",
+            "expires_in_min = \"0s\"",
+        ] {
+            let text = format!(
+                "device_id = \"T1\"\nkey_file = \"/k\"\n[proxy]\nurl = \"https://p\"\nca_file = \"/nonexistent\"\n[refresh]\n{refresh}\n"
+            );
+            let err = parse(&text, Path::new("t.toml")).unwrap_err();
+            let ConfigError::Invalid { problems, .. } = &err else {
+                panic!("expected Invalid, got {err}");
+            };
+            assert!(
+                problems.iter().any(|p| p.starts_with("refresh.")),
+                "{refresh}: {problems:#?}"
+            );
+        }
     }
 
     /// Found by the `daemon_config` fuzz target: `interval = "9999999999999999d"` validated, and

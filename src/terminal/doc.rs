@@ -104,6 +104,30 @@ impl Freshness {
     }
 }
 
+/// By which clock an authinfo's age is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgeBasis {
+    /// The terminal's wall clock.
+    LocalClock,
+    /// The proxy's clock (its `Date`), both at the fetch and now: right even when the terminal's
+    /// clock is not.
+    ProxyClock,
+    /// It cannot be told: the authinfo was fetched in the future of the terminal's clock (the
+    /// clock was set back) and the proxy has not answered since.
+    Unknown,
+}
+
+impl AgeBasis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgeBasis::LocalClock => "local_clock",
+            AgeBasis::ProxyClock => "proxy_clock",
+            AgeBasis::Unknown => "unknown",
+        }
+    }
+}
+
 /// `GET /v1/authinfo`'s body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthinfoDoc {
@@ -111,7 +135,9 @@ pub struct AuthinfoDoc {
     pub authinfo: String,
     pub fetched_at: String,
     pub expires_at: String,
-    pub age_seconds: u64,
+    /// `null` when the age cannot be told (see [`AgeBasis::Unknown`]); `state` is then `stale`
+    /// at best.
+    pub age_seconds: Option<u64>,
     pub state: Freshness,
 }
 
@@ -135,6 +161,15 @@ pub struct RawDataAccepted {
     /// starts (it does, with the newest raw_data, without another request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_deferred_seconds: Option<u64>,
+    /// Whether it reached the disk. `false` while the store is not persisting (full or
+    /// read-only disk; see the status): it is used all the same, and written once the disk
+    /// takes it.
+    #[serde(default = "yes")]
+    pub persisted: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/refresh`'s answer without `?wait=true` (202).
@@ -238,6 +273,7 @@ pub struct StatusDoc {
     pub refresh: RefreshDoc,
     pub raw_data: RawDataDoc,
     pub proxy: ProxyDoc,
+    pub store: StoreDoc,
     pub device: DeviceDoc,
 }
 
@@ -249,8 +285,11 @@ pub struct AuthinfoStatus {
     pub fetched_at: Option<String>,
     pub expires_at: Option<String>,
     pub age_seconds: Option<u64>,
-    /// Seconds of validity left: how long the terminal can work offline.
-    pub runway_seconds: Option<i64>,
+    /// By which clock the age is told.
+    pub age_basis: Option<AgeBasis>,
+    /// Seconds of validity left: how long the terminal can work offline. Never more than the
+    /// validity (with an unknown age, the whole validity: the most it can be).
+    pub runway_seconds: Option<u64>,
     /// Whether `expires_at` comes from the platform (`true`) or the assumed validity.
     pub expiry_from_platform: Option<bool>,
 }
@@ -284,6 +323,8 @@ pub struct RefreshDoc {
 pub struct RawDataDoc {
     pub present: bool,
     pub received_at: Option<String>,
+    /// First 8 hex of its SHA-256 (never the value).
+    pub fingerprint: Option<String>,
     pub source: Option<String>,
     pub command_configured: bool,
 }
@@ -294,6 +335,61 @@ pub struct ProxyDoc {
     pub url: String,
     pub reachable: Option<bool>,
     pub clock_skew_seconds: Option<i64>,
+}
+
+/// The store's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreState {
+    /// Everything held is on disk, and nothing was found damaged since start.
+    Ok,
+    /// Something was found damaged, deleted or rolled back since start and restored (see
+    /// `last_recovery`); everything held is on disk.
+    Recovered,
+    /// Writes fail (see `not_persisting_reason`): what is held is served from memory only and
+    /// is written as soon as the disk takes it.
+    NotPersisting,
+}
+
+impl StoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreState::Ok => "ok",
+            StoreState::Recovered => "recovered",
+            StoreState::NotPersisting => "not_persisting",
+        }
+    }
+}
+
+/// One repair of the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryDoc {
+    pub at: String,
+    /// What was damaged, deleted or behind.
+    pub damaged: String,
+    /// `copy`, `sled`, `memory` (the running daemon's) or `nothing`.
+    pub restored_from: String,
+    /// What was restored (the authinfo by fingerprint).
+    pub restored: String,
+    /// Where a store that could not be opened was moved.
+    pub moved_to: Option<String>,
+}
+
+/// The store part of the status document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreDoc {
+    pub state: StoreState,
+    pub not_persisting_reason: Option<String>,
+    pub not_persisting_since: Option<String>,
+    /// Repairs since start.
+    pub recoveries: u64,
+    pub last_recovery: Option<RecoveryDoc>,
+    /// The generation of the last write: it grows with every write.
+    pub generation: u64,
+    /// When a write last reached the disk.
+    pub last_persist_at: Option<String>,
+    /// The state directory.
+    pub path: String,
 }
 
 #[cfg(test)]
@@ -332,6 +428,20 @@ mod tests {
         for f in [Freshness::Fresh, Freshness::Stale, Freshness::Expired] {
             assert_eq!(HeldState::from(Some(f)).as_str(), f.as_str());
             assert_eq!(serde_json::to_value(f).expect("json"), f.as_str());
+        }
+        for b in [
+            AgeBasis::LocalClock,
+            AgeBasis::ProxyClock,
+            AgeBasis::Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(b).expect("json"), b.as_str());
+        }
+        for st in [
+            StoreState::Ok,
+            StoreState::Recovered,
+            StoreState::NotPersisting,
+        ] {
+            assert_eq!(serde_json::to_value(st).expect("json"), st.as_str());
         }
         for c in [
             CheckState::Ok,

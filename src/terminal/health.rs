@@ -356,9 +356,6 @@ mod tests {
         ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
             Box::pin(std::future::pending())
         }
-        fn clock_skew(&self) -> Option<i64> {
-            None
-        }
     }
 
     /// A daemon restarted 10 s after a licence check does not check again at start: it waits
@@ -376,7 +373,7 @@ mod tests {
             ..CheckRecord::default()
         };
         store.save_health("licence", &record).expect("seed");
-        let state = State::load(config, store, Arc::default()).expect("state");
+        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
         let upstream = Arc::new(Licensed {
             calls: Mutex::new(Vec::new()),
         });

@@ -229,11 +229,15 @@ impl Metrics {
         samples
     }
 
-    /// Renders the counters and the given gauges.
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// Renders the counters, the given gauges and the given counters kept elsewhere (the
+    /// store's), each `(name, help, value)`.
+    pub fn render(&self, gauges: &[(&str, &str, f64)], counters: &[(&str, &str, u64)]) -> String {
         let mut t = Text::default();
         t.build_info("authinfod", "Version of the running daemon.");
         t.gauges(gauges);
+        for (name, help, value) in counters {
+            t.single(name, "counter", help, value);
+        }
         let name = "authinfod_socket_requests_total";
         t.family(name, "counter", "Socket API requests by route and status.");
         for ((route, status), n) in self.request_samples() {
@@ -331,7 +335,10 @@ mod tests {
         m.count_denial(Denial::NotAllowed);
         m.count_busy(Busy::WaitingRequests);
         m.count_closed(Closed::FirstByteTimeout);
-        let text = m.render(&[("authinfod_authinfo_age_seconds", "Age.", 12.0)]);
+        let text = m.render(
+            &[("authinfod_authinfo_age_seconds", "Age.", 12.0)],
+            &[("authinfod_store_recoveries_total", "Repairs.", 3)],
+        );
         for line in [
             "authinfod_socket_requests_total{route=\"/v1/authinfo\",status=\"200\"} 2",
             "authinfod_socket_requests_total{route=\"other\",status=\"404\"} 1",
@@ -342,6 +349,7 @@ mod tests {
             "authinfod_socket_busy_total{reason=\"waiting_requests\"} 1",
             "authinfod_socket_connections_closed_total{reason=\"first_byte_timeout\"} 1",
             "# TYPE authinfod_authinfo_age_seconds gauge\nauthinfod_authinfo_age_seconds 12",
+            "# TYPE authinfod_store_recoveries_total counter\nauthinfod_store_recoveries_total 3",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -2,7 +2,7 @@
 //! socket.
 //!
 //! - [`config`]: the TOML config, defaults and validation.
-//! - [`store`]: sled persistence with recovery.
+//! - [`store`]: sled persistence, a crash-safe copy beside it, and recovery from either.
 //! - [`doc`]: the socket API's documents and route table, as types servers and clients share.
 //! - [`device`]: the device health facts as data (checks, records, their document).
 //! - [`state`]: the shared in-memory state: served authinfo, refresh bookkeeping, health.
@@ -93,6 +93,11 @@ pub struct RunOptions {
     pub clock: Arc<crate::units::WallClock>,
     /// Changes the log filter on a reload (the binary's subscriber; nothing by default).
     pub log: crate::logging::LogControl,
+    /// What the proxy client learns of the proxy's clock, read by the state for ages.
+    pub proxy_clock: Arc<crate::units::PeerClock>,
+    /// The daemon's own binary, to open the store in a child after a start died inside sled's
+    /// open ([`store::StoreOptions::probe`]).
+    pub store_probe: Option<std::path::PathBuf>,
 }
 
 /// A started daemon: store loaded, socket bound, not yet refreshing.
@@ -245,6 +250,11 @@ impl Daemon {
                 options.watchdog,
                 token.clone(),
             )),
+            tokio::spawn(store::keep(
+                state.store.clone(),
+                state.config.store.check_interval,
+                token.clone(),
+            )),
         ];
         shutdown.await;
         options.notifier.notify("STOPPING=1\nSTATUS=stopping");
@@ -282,26 +292,32 @@ fn proxy_client(
             signer,
             config.proxy.timeout,
         )?
-        .with_clock(options.clock.clone()),
+        .with_clocks(options.clock.clone(), options.proxy_clock.clone()),
     ))
 }
 
 /// Opens the store (recovering a broken one) and makes the state serving what it holds.
 fn load_state(config: Config, options: &RunOptions) -> Result<Arc<State>, DaemonError> {
-    let (store, recovery) = Store::open(&config.state_dir)?;
-    if let Some(r) = recovery {
-        tracing::error!(message_id = crate::events::STORE_RECOVERED,
-            moved_to = %r.moved_to.display(),
-            reason = %r.reason,
-            "the store was unusable; moved it aside and starting empty (the authinfo will be fetched again)"
-        );
-    }
-    let state = State::load(config, store, options.clock.clone())?;
+    // Damage found here is repaired and logged by the store itself.
+    let (store, _) = Store::open_with(
+        &config.state_dir,
+        &store::StoreOptions {
+            clock: options.clock.clone(),
+            probe: options.store_probe.clone(),
+        },
+    )?;
+    let state = State::load(
+        config,
+        store,
+        options.clock.clone(),
+        options.proxy_clock.clone(),
+    )?;
     match state.current() {
         Some(served) => tracing::info!(message_id = crate::events::SERVING_STORED,
             authinfo_fingerprint = %served.fingerprint,
-            age_seconds = served.age(state.now()),
-            state = served.freshness(state.now(), state.config.refresh.interval).as_str(),
+            age_seconds = served.age(state.time()).seconds,
+            age_basis = served.age(state.time()).basis.as_str(),
+            state = served.freshness(state.time(), state.config.refresh.interval).as_str(),
             "serving the stored authinfo"
         ),
         None => tracing::info!(

@@ -1,21 +1,21 @@
 //! The daemon's client of the merchant's proxy: HTTPS with the proxy's CA pinned, every request
 //! signed with the device key per the wire contract, answers checked before anyone sees them.
 //!
-//! Owns: transport, signing, clock-skew learning (a 401 `TIMESTAMP_SKEW` carries the proxy's
-//! `Date`: the offset is learned and the request retried once), and the classification of
-//! failures into "retry later" and "permanent". It must not touch the store or the schedule:
-//! the refresher decides what a result means.
+//! Owns: transport, signing, learning the proxy's clock (the `Date` of every answer goes into the
+//! shared [`PeerClock`]; requests are timestamped by it once known, and a 401 `TIMESTAMP_SKEW`
+//! is retried once with the clock it carried), and the classification of failures into "retry
+//! later" and "permanent". It must not touch the store or the schedule: the refresher decides
+//! what a result means.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::crypto::CryptoError;
-use crate::units::WallClock;
+use crate::units::{PeerClock, WallClock};
 use crate::wire::{self, AuthinfoRequest, AuthinfoResponse, ErrorBody, auth::DeviceSigner};
 
 /// A boxed future, for the object-safe [`Upstream`] trait.
@@ -40,9 +40,6 @@ pub trait Upstream: Send + Sync + 'static {
         &'a self,
         report: &'a wire::Report,
     ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>>;
-
-    /// The proxy's clock minus ours, once learned.
-    fn clock_skew(&self) -> Option<i64>;
 }
 
 /// What to do about a failure.
@@ -169,11 +166,10 @@ pub struct ProxyClient {
     http: std::sync::RwLock<reqwest::Client>,
     signer: DeviceSigner,
     timeout: Duration,
-    /// The learned offset, seconds (proxy minus local).
-    skew: AtomicI64,
-    /// The wall clock request timestamps are read from.
+    /// The wall clock request timestamps are read from until the proxy's is known.
     clock: Arc<WallClock>,
-    skew_known: AtomicBool,
+    /// The proxy's clock, learned from the `Date` of its answers.
+    proxy_clock: Arc<PeerClock>,
 }
 
 impl ProxyClient {
@@ -189,9 +185,8 @@ impl ProxyClient {
             http: std::sync::RwLock::new(http_client(tls, timeout)?),
             signer,
             timeout,
-            skew: AtomicI64::new(0),
-            skew_known: AtomicBool::new(false),
             clock: Arc::default(),
+            proxy_clock: Arc::default(),
         })
     }
 
@@ -202,9 +197,11 @@ impl ProxyClient {
         Ok(())
     }
 
-    /// Reads timestamps from `clock` (the daemon's) instead of the system's.
-    pub fn with_clock(mut self, clock: Arc<WallClock>) -> Self {
+    /// Reads the local time from `clock` (the daemon's) instead of the system's, and records
+    /// what it learns of the proxy's clock in `proxy_clock` (shared with the daemon's state).
+    pub fn with_clocks(mut self, clock: Arc<WallClock>, proxy_clock: Arc<PeerClock>) -> Self {
         self.clock = clock;
+        self.proxy_clock = proxy_clock;
         self
     }
 
@@ -218,14 +215,11 @@ impl ProxyClient {
     ) -> Result<Vec<u8>, UpstreamError> {
         match self.send(&method, path, &body).await {
             Err(SendError::Skewed { proxy_date, .. }) => {
-                let offset = proxy_date - self.clock.now();
                 tracing::warn!(
                     message_id = crate::events::CLOCK_SKEW_LEARNED,
-                    clock_skew_seconds = offset,
+                    clock_skew_seconds = proxy_date.saturating_sub(self.clock.now()),
                     "proxy refused our timestamp; learned its clock and retrying once"
                 );
-                self.skew.store(offset, Ordering::Relaxed);
-                self.skew_known.store(true, Ordering::Relaxed);
                 self.send(&method, path, &body).await
             }
             other => other,
@@ -239,7 +233,7 @@ impl ProxyClient {
         path: &str,
         body: &[u8],
     ) -> Result<Vec<u8>, SendError> {
-        let timestamp = self.clock.now() + self.skew.load(Ordering::Relaxed);
+        let timestamp = self.proxy_clock.now().unwrap_or_else(|| self.clock.now());
         let authorization = self
             .signer
             .authorize(method.as_str(), path, timestamp, body)
@@ -260,6 +254,15 @@ impl ProxyClient {
             .map_err(|e| SendError::Other(self.transport(e)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        let proxy_date = headers
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i64::try_from(d.as_secs()).ok());
+        if let Some(date) = proxy_date {
+            self.proxy_clock.observe(date);
+        }
         let bytes = read_limited(response, wire::MAX_RESPONSE_BODY)
             .await
             .map_err(|e| SendError::Other(self.transport(e)))?
@@ -424,12 +427,6 @@ impl Upstream for ProxyClient {
                 .await?;
             parse(&bytes)
         })
-    }
-
-    fn clock_skew(&self) -> Option<i64> {
-        self.skew_known
-            .load(Ordering::Relaxed)
-            .then(|| self.skew.load(Ordering::Relaxed))
     }
 }
 

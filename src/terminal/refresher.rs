@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy_client::{Disposition, Upstream, UpstreamError};
-use super::state::{AttemptReport, Heartbeats, State, Waiting};
+use super::state::{AttemptReport, Freshness, Heartbeats, State, Waiting};
 use super::store::{AttemptRecord, HeldAuthinfo, RawData};
 use crate::schedule::{Backoff, Schedule};
 use crate::wire::MAX_RAW_DATA;
@@ -63,22 +63,28 @@ impl Refresher {
         self
     }
 
-    /// When the first refresh is due: at once when nothing is held or the held authinfo is
-    /// older than the interval; otherwise when it turns one interval old.
+    /// When the first refresh is due: at once when nothing is held, or the held authinfo is
+    /// older than the interval or of unknown age (the clock was set back past its fetch);
+    /// otherwise when it turns one interval old.
     fn initial_due(&self, now: Instant) -> Option<Instant> {
         match self.state.current() {
             None if self.can_get_raw_data() => Some(now),
             None => None,
-            Some(served) => {
-                let age = Duration::from_secs(served.age(self.state.now()));
-                Some(now + self.schedule.interval.saturating_sub(age))
-            }
+            Some(served) => match served.age(self.state.time()).seconds {
+                Some(age) => Some(
+                    now + self
+                        .schedule
+                        .interval
+                        .saturating_sub(Duration::from_secs(age)),
+                ),
+                None => Some(now),
+            },
         }
     }
 
     fn can_get_raw_data(&self) -> bool {
         self.state.config.refresh.raw_data_command.is_some()
-            || matches!(self.state.store.raw_data(), Ok(Some(_)))
+            || self.state.store.raw_data().is_some()
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -109,22 +115,24 @@ impl Refresher {
                 () = tokio::time::sleep_until(wake) => {}
             }
             let (mono, wall) = (Instant::now(), self.state.now());
-            let slept = wall
+            let jump = wall
                 .saturating_sub(last_tick.1)
                 .saturating_sub(secs(mono.duration_since(last_tick.0)));
             last_tick = (mono, wall);
-            if slept > secs(JUMP_THRESHOLD) {
-                let stale = self
-                    .state
-                    .current()
-                    .is_some_and(|s| s.age(wall) >= self.schedule.interval.as_secs());
+            if jump.saturating_abs() > secs(JUMP_THRESHOLD) {
+                // Ahead: a suspend or the clock set forward, the held authinfo may have aged.
+                // Back: the clock was set back, its age may now be unknown. Either way a held
+                // authinfo that is not fresh any more is refreshed at once.
+                let fresh = self.state.current().is_some_and(|s| {
+                    s.freshness(self.state.time(), self.schedule.interval) == Freshness::Fresh
+                });
                 tracing::info!(
                     message_id = crate::events::CLOCK_JUMP,
-                    jump_seconds = slept,
-                    stale,
-                    "wall clock moved ahead of the monotonic clock (suspend or clock set)"
+                    jump_seconds = jump,
+                    fresh,
+                    "the wall clock jumped against the monotonic clock (suspend, or the clock was set)"
                 );
-                if stale && next.is_some() {
+                if !fresh && next.is_some() {
                     next = Some(mono);
                 }
             }
@@ -195,7 +203,6 @@ impl Refresher {
         let report = AttemptReport {
             record,
             proxy_reachable: reached,
-            clock_skew_seconds: self.upstream.clock_skew(),
             waiting_for,
             consecutive_failures: 0,
             next_attempt_at: None,
@@ -226,21 +233,24 @@ impl Refresher {
             Ok(_) => true,
             Err(e) => e.reached_proxy(),
         };
-        let now = self.state.now();
-        let failure = match result {
-            Ok(answer) if answer.expires_in == Some(0) => UpstreamError::Malformed {
-                reason: "expires_in is 0: the authinfo would be expired on arrival".into(),
-            },
-            Ok(answer) => {
-                let validity = answer.expires_in.map_or(
-                    self.state.config.refresh.assumed_validity,
-                    Duration::from_secs,
-                );
+        // The answer's `Date` has just been read: the proxy's clock is as fresh as it gets.
+        let time = self.state.time();
+        let now = time.local;
+        let range = &self.state.config.refresh.expires_in_range;
+        let failure = match result
+            .map(|answer| crate::wire::check_expires_in(answer.expires_in, range).map(|()| answer))
+        {
+            Ok(Err(reason)) => UpstreamError::Malformed { reason },
+            Ok(Ok(answer)) => {
+                let validity = answer
+                    .expires_in
+                    .unwrap_or(self.state.config.refresh.assumed_validity.as_secs());
                 let held = HeldAuthinfo {
                     authinfo: answer.authinfo,
                     fetched_at: now,
-                    expires_at: now.saturating_add(secs(validity)),
+                    expires_at: now.saturating_add(i64::try_from(validity).unwrap_or(i64::MAX)),
                     expires_in: answer.expires_in,
+                    proxy_fetched_at: time.proxy,
                 };
                 if let Err(error) = self.state.store.save_authinfo(&held) {
                     // Serving the new authinfo from memory is still better for the face app
@@ -324,7 +334,7 @@ impl Refresher {
                 .await
             {
                 Ok(value) => {
-                    let stored = self.state.store.raw_data().ok().flatten();
+                    let stored = self.state.store.raw_data();
                     if stored.as_ref().is_some_and(|s| s.value == value) {
                         return stored;
                     }
@@ -343,13 +353,7 @@ impl Refresher {
                 }
             }
         }
-        match self.state.store.raw_data() {
-            Ok(raw) => raw,
-            Err(error) => {
-                tracing::error!(error = %crate::error_chain(&error), "cannot read the stored raw_data");
-                None
-            }
-        }
+        self.state.store.raw_data()
     }
 }
 
@@ -471,9 +475,6 @@ mod tests {
         ) -> BoxFuture<'a, Result<crate::wire::ReportReceipt, UpstreamError>> {
             Box::pin(std::future::pending())
         }
-        fn clock_skew(&self) -> Option<i64> {
-            None
-        }
     }
 
     fn state_with_raw_data(dir: &std::path::Path) -> Arc<State> {
@@ -486,7 +487,7 @@ mod tests {
                 source: "socket".into(),
             })
             .expect("raw");
-        State::load(config, store, Arc::default()).expect("state")
+        State::load(config, store, Arc::default(), Arc::default()).expect("state")
     }
 
     fn max_random() -> f64 {
@@ -571,6 +572,7 @@ mod tests {
                 fetched_at: unix_now() - age,
                 expires_at: unix_now() + 3600,
                 expires_in: None,
+                proxy_fetched_at: None,
             });
             let upstream = Arc::new(Scripted {
                 steps: Mutex::new(VecDeque::from([Step::Ok("NEW")])),
@@ -609,12 +611,7 @@ mod tests {
             "no retries within the interval"
         );
         assert!(state.status().refresh.last_error_permanent);
-        assert!(
-            state
-                .accept_raw_data("NEWRAW".into())
-                .expect("store")
-                .triggered
-        );
+        assert!(state.accept_raw_data("NEWRAW".into()).refresh_triggered);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(lock(&upstream.calls).len(), 2);
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
@@ -749,10 +746,12 @@ mod tests {
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(state.status().refresh.last_error_permanent);
-        let accepted = state.accept_raw_data("NEWRAW".into()).expect("store");
-        assert!(accepted.triggered);
-        let held = accepted.deferred.expect("held by the backoff");
-        assert!(held.wait <= Duration::from_secs(4), "{held:?}");
+        let accepted = state.accept_raw_data("NEWRAW".into());
+        assert!(accepted.refresh_triggered);
+        let held = accepted
+            .refresh_deferred_seconds
+            .expect("held by the backoff");
+        assert!(held <= 4, "{held:?}");
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
             lock(&upstream.calls).len(),
@@ -774,9 +773,9 @@ mod tests {
     async fn the_refresh_new_raw_data_starts_does_not_report_itself_as_deferred() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let accepted = state.accept_raw_data("RAW-2".into()).expect("store");
-        assert!(accepted.triggered);
-        assert_eq!(accepted.deferred, None);
+        let accepted = state.accept_raw_data("RAW-2".into());
+        assert!(accepted.refresh_triggered);
+        assert_eq!(accepted.refresh_deferred_seconds, None);
         state.begin_refresh();
         assert!(
             state.forced_refresh_held().is_some(),
@@ -794,6 +793,7 @@ mod tests {
             fetched_at: unix_now(),
             expires_at: unix_now() + 7200,
             expires_in: None,
+            proxy_fetched_at: None,
         });
         let upstream = Arc::new(Scripted {
             // The first call never answers: the refresh stays in flight.

@@ -47,7 +47,9 @@ pub fn build(status: &StatusDoc, now: i64) -> Report {
             state: a.state,
             fingerprint: a.fingerprint.clone(),
             age_seconds: a.age_seconds,
-            runway_seconds: a.runway_seconds,
+            runway_seconds: a
+                .runway_seconds
+                .map(|r| i64::try_from(r).unwrap_or(i64::MAX)),
             expires_at: a.expires_at.clone(),
         },
         refresh: ReportedRefresh {
@@ -229,15 +231,18 @@ mod tests {
                 }
             })
         }
-        fn clock_skew(&self) -> Option<i64> {
-            None
-        }
     }
 
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        State::new(config, store, Default::default(), Arc::default())
+        State::new(
+            config,
+            store,
+            Default::default(),
+            Arc::default(),
+            Arc::default(),
+        )
     }
 
     /// A report at start; triggers within the settling time make one report; with no trigger,
@@ -296,6 +301,7 @@ mod tests {
             fetched_at: now - 600,
             expires_at: now + 6600,
             expires_in: Some(7200),
+            proxy_fetched_at: None,
         });
         {
             let mut health = state.health();

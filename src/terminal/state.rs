@@ -21,14 +21,36 @@ use tokio::time::Instant;
 
 use super::config::Config;
 use super::device::{DeviceHealth, Enabled};
-pub use super::doc::Freshness;
-use super::doc::{AuthinfoStatus, HeldState, ProxyDoc, RawDataDoc, RefreshDoc, StatusDoc};
+pub use super::doc::{AgeBasis, Freshness};
+use super::doc::{
+    AuthinfoStatus, HeldState, ProxyDoc, RawDataAccepted, RawDataDoc, RecoveryDoc, RefreshDoc,
+    StatusDoc, StoreDoc, StoreState,
+};
 use super::metrics::Metrics;
 use super::store::{AttemptRecord, HeldAuthinfo, RawData, Store, StoreError};
 use crate::crypto;
 use crate::schedule::Schedule;
 pub use crate::sync::lock;
-use crate::units::{WallClock, rfc3339};
+use crate::units::{PeerClock, WallClock, rfc3339};
+
+/// What the daemon knows of the time now: its own wall clock, and the proxy's clock when an
+/// answer has told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Unix seconds on the local wall clock (which may be wrong, and may be set at any time).
+    pub local: i64,
+    /// Unix seconds on the proxy's clock, estimated from its last `Date`.
+    pub proxy: Option<i64>,
+}
+
+/// How old a held authinfo is, and by which clock that is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age {
+    /// `None` when it cannot be told: fetched "in the future" of the local clock (the clock was
+    /// set back) and no proxy time to tell by.
+    pub seconds: Option<u64>,
+    pub basis: AgeBasis,
+}
 
 /// An authinfo as served: the held record plus its derived ETag and log fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,20 +75,48 @@ impl Served {
         }
     }
 
-    /// Seconds since it was fetched (0 if the wall clock went back past the fetch).
-    pub fn age(&self, now: i64) -> u64 {
-        u64::try_from(now.saturating_sub(self.held.fetched_at)).unwrap_or(0)
+    /// Its age at `now`: by the proxy's clock when both its fetch and now are known on it (the
+    /// local clock may have been wrong at the fetch, or changed since); else by the local clock,
+    /// unless the fetch lies in the local clock's future (the clock was set back), which leaves
+    /// the age unknown.
+    pub fn age(&self, now: Now) -> Age {
+        if let (Some(proxy_now), Some(fetched)) = (now.proxy, self.held.proxy_fetched_at) {
+            return Age {
+                // A second's rounding of the `Date` headers may make it negative: 0.
+                seconds: Some(u64::try_from(proxy_now.saturating_sub(fetched)).unwrap_or(0)),
+                basis: AgeBasis::ProxyClock,
+            };
+        }
+        match u64::try_from(now.local.saturating_sub(self.held.fetched_at)) {
+            Ok(seconds) => Age {
+                seconds: Some(seconds),
+                basis: AgeBasis::LocalClock,
+            },
+            Err(_) => Age {
+                seconds: None,
+                basis: AgeBasis::Unknown,
+            },
+        }
     }
 
-    /// Its freshness at `now` for a refresh interval of `interval`.
-    pub fn freshness(&self, now: i64, interval: Duration) -> Freshness {
-        if now >= self.held.expires_at {
-            Freshness::Expired
-        } else if self.age(now) >= interval.as_secs() {
-            Freshness::Stale
-        } else {
-            Freshness::Fresh
+    /// Its freshness at `now` for a refresh interval of `interval`. An authinfo of unknown age is
+    /// `stale` at best: it may be older than it looks.
+    pub fn freshness(&self, now: Now, interval: Duration) -> Freshness {
+        match self.age(now).seconds {
+            Some(age) if age >= self.held.validity() => Freshness::Expired,
+            Some(age) if age >= interval.as_secs() => Freshness::Stale,
+            Some(_) => Freshness::Fresh,
+            None => Freshness::Stale,
         }
+    }
+
+    /// Seconds of validity left at `now`: never more than its validity, whatever the clocks say
+    /// (an authinfo of unknown age is given its whole validity, the most it can have).
+    pub fn runway(&self, now: Now) -> u64 {
+        let validity = self.held.validity();
+        self.age(now)
+            .seconds
+            .map_or(validity, |age| validity.saturating_sub(age))
     }
 }
 
@@ -102,8 +152,6 @@ pub struct RefreshStatus {
     pub consecutive_failures: u32,
     /// Whether the last call reached the proxy (an HTTP answer of any status counts).
     pub proxy_reachable: Option<bool>,
-    /// The proxy's clock minus ours, in seconds, when learned from a 401.
-    pub clock_skew_seconds: Option<i64>,
     /// Why the loop is idle instead of retrying, when it is.
     pub waiting_for: Option<Waiting>,
     /// When the last fetch started (monotonic): the forced-refresh limit counts from it.
@@ -118,7 +166,6 @@ pub struct AttemptReport {
     pub record: AttemptRecord,
     /// Whether the proxy answered; `None` when no call was made.
     pub proxy_reachable: Option<bool>,
-    pub clock_skew_seconds: Option<i64>,
     pub waiting_for: Option<Waiting>,
     pub consecutive_failures: u32,
     /// When the next attempt is due (wall clock), if one is scheduled.
@@ -207,15 +254,6 @@ pub fn forced_refresh_hold(
     }
 }
 
-/// What new raw_data set off.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawDataAccepted {
-    /// A refresh was asked for (none is while a fresh authinfo is held).
-    pub triggered: bool,
-    /// The forced-refresh limit holds that refresh back this long (`None`: it starts now).
-    pub deferred: Option<RefreshHeld>,
-}
-
 /// The outcome of one finished refresh, as waiters on `POST /v1/refresh?wait=true` see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -255,6 +293,7 @@ pub struct Loaded {
 struct RawDataMeta {
     received_at: i64,
     source: String,
+    fingerprint: String,
 }
 
 impl From<&RawData> for RawDataMeta {
@@ -262,6 +301,7 @@ impl From<&RawData> for RawDataMeta {
         Self {
             received_at: r.received_at,
             source: r.source.clone(),
+            fingerprint: crypto::secret_fingerprint(r.value.as_bytes()),
         }
     }
 }
@@ -290,6 +330,7 @@ pub struct State {
     clock: Arc<WallClock>,
     /// Who may use the socket: from `config.socket` at start, replaced by a reload.
     peers: RwLock<Arc<Peers>>,
+    proxy_clock: Arc<PeerClock>,
 }
 
 /// The socket's allow-list: a peer is served when its uid or its primary gid is listed.
@@ -316,30 +357,37 @@ impl Peers {
 
 impl State {
     /// Reads what `store` holds (an error is returned, never taken for "nothing stored") and
-    /// makes the state serving it.
+    /// makes the state serving it. `clock` is the wall clock; `proxy_clock` what the proxy client
+    /// learns of the proxy's.
     pub fn load(
         config: Config,
         store: Store,
         clock: Arc<WallClock>,
+        proxy_clock: Arc<PeerClock>,
     ) -> Result<Arc<Self>, StoreError> {
-        let mut health = DeviceHealth {
+        let health = DeviceHealth {
             inspection: store.health("inspection")?.unwrap_or_default(),
             alipay_binding: store.health("alipay_binding")?.unwrap_or_default(),
             licence: store.health("licence")?.unwrap_or_default(),
             enabled: Enabled::default(),
         };
-        health.enabled = Enabled::from_config(&config.health);
         let loaded = Loaded {
-            authinfo: store.authinfo()?,
-            last_attempt: store.last_attempt()?,
-            raw_data: store.raw_data()?,
+            authinfo: store.authinfo(),
+            last_attempt: store.last_attempt(),
+            raw_data: store.raw_data(),
             health,
         };
-        Ok(Self::new(config, store, loaded, clock))
+        Ok(Self::new(config, store, loaded, clock, proxy_clock))
     }
 
     /// State for `config` serving `loaded`.
-    pub fn new(config: Config, store: Store, loaded: Loaded, clock: Arc<WallClock>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        store: Store,
+        loaded: Loaded,
+        clock: Arc<WallClock>,
+        proxy_clock: Arc<PeerClock>,
+    ) -> Arc<Self> {
         let mut health = loaded.health;
         health.enabled = Enabled::from_config(&config.health);
         Arc::new(Self {
@@ -362,6 +410,7 @@ impl State {
             started: Instant::now(),
             clock,
             peers: RwLock::new(Arc::new(Peers::from_config(&config.socket))),
+            proxy_clock,
             config,
             store,
         })
@@ -380,6 +429,20 @@ impl State {
     /// Replaces the socket's allow-list (a reload); connections already admitted keep going.
     pub fn set_peers(&self, peers: Peers) {
         *crate::sync::write(&self.peers) = Arc::new(peers);
+    }
+
+    /// The time now on both clocks the daemon knows.
+    pub fn time(&self) -> Now {
+        Now {
+            local: self.clock.now(),
+            proxy: self.proxy_clock.now(),
+        }
+    }
+
+    /// The proxy's clock minus ours, in seconds, once an answer has told it.
+    pub fn clock_skew(&self) -> Option<i64> {
+        let now = self.time();
+        now.proxy.map(|p| p.saturating_sub(now.local))
     }
 
     // === the served authinfo ===
@@ -417,20 +480,24 @@ impl State {
     /// The served authinfo's freshness now (`None` when nothing is held).
     pub fn freshness(&self) -> Option<Freshness> {
         self.current()
-            .map(|s| s.freshness(self.now(), self.config.refresh.interval))
+            .map(|s| s.freshness(self.time(), self.config.refresh.interval))
     }
 
     // === raw_data ===
 
-    /// Stores raw_data pushed by the face app and asks for a refresh when the held authinfo is
-    /// not fresh (or a permanent error is holding retries, which new raw_data may cure).
-    /// Returns whether it asked.
-    pub fn accept_raw_data(&self, value: String) -> Result<RawDataAccepted, StoreError> {
-        self.save_raw_data(RawData {
-            value,
-            received_at: self.now(),
-            source: "socket".into(),
-        })?;
+    /// Takes raw_data pushed by the face app and asks for a refresh when the held authinfo is
+    /// not fresh (or a permanent error is holding retries, which new raw_data may cure). The
+    /// raw_data is used from now on even when the store cannot persist it (the store logs why
+    /// and status shows it); the answer says whether it reached the disk, and how long the
+    /// forced-refresh limit holds the refresh it asked for back.
+    pub fn accept_raw_data(&self, value: String) -> RawDataAccepted {
+        let persisted = self
+            .save_raw_data(RawData {
+                value,
+                received_at: self.now(),
+                source: "socket".into(),
+            })
+            .is_ok();
         let held_fresh = self.freshness() == Some(Freshness::Fresh);
         let held_by_error = self
             .refresh_status()
@@ -445,18 +512,21 @@ impl State {
         } else {
             None
         };
-        Ok(RawDataAccepted {
-            triggered,
-            deferred,
-        })
+        RawDataAccepted {
+            accepted: true,
+            refresh_triggered: triggered,
+            refresh_deferred_seconds: deferred.map(|h| whole_seconds_up(h.wait)),
+            persisted,
+        }
     }
 
-    /// Stores `raw` as the newest raw_data (flushed) and shows it in status.
+    /// Stores `raw` as the newest raw_data and shows it in status. The store holds it from now
+    /// on even when the write fails (the error says so; status shows the store not persisting).
     pub fn save_raw_data(&self, raw: RawData) -> Result<(), StoreError> {
-        self.store.save_raw_data(&raw)?;
+        let saved = self.store.save_raw_data(&raw);
         *lock(&self.raw_data) = Some(RawDataMeta::from(&raw));
         self.changed();
-        Ok(())
+        saved
     }
 
     // === device health ===
@@ -571,9 +641,6 @@ impl State {
             if let Some(reached) = report.proxy_reachable {
                 status.proxy_reachable = Some(reached);
             }
-            if report.clock_skew_seconds.is_some() {
-                status.clock_skew_seconds = report.clock_skew_seconds;
-            }
             status.waiting_for = report.waiting_for;
             status.consecutive_failures = report.consecutive_failures;
             status.next_attempt_at = report.next_attempt_at;
@@ -634,7 +701,7 @@ impl State {
 
     /// The status document now.
     pub fn status(&self) -> StatusDoc {
-        let now = self.now();
+        let now = self.time();
         let interval = self.config.refresh.interval;
         let current = self.current();
         let authinfo = match &current {
@@ -644,22 +711,28 @@ impl State {
                 fetched_at: None,
                 expires_at: None,
                 age_seconds: None,
+                age_basis: None,
                 runway_seconds: None,
                 expiry_from_platform: None,
             },
-            Some(s) => AuthinfoStatus {
-                state: Some(s.freshness(now, interval)).into(),
-                fingerprint: Some(s.fingerprint.clone()),
-                fetched_at: Some(rfc3339(s.held.fetched_at)),
-                expires_at: Some(rfc3339(s.held.expires_at)),
-                age_seconds: Some(s.age(now)),
-                runway_seconds: Some(s.held.expires_at.saturating_sub(now).max(0)),
-                expiry_from_platform: Some(s.held.expires_in.is_some()),
-            },
+            Some(s) => {
+                let age = s.age(now);
+                AuthinfoStatus {
+                    state: Some(s.freshness(now, interval)).into(),
+                    fingerprint: Some(s.fingerprint.clone()),
+                    fetched_at: Some(rfc3339(s.held.fetched_at)),
+                    expires_at: Some(rfc3339(s.held.expires_at)),
+                    age_seconds: age.seconds,
+                    age_basis: Some(age.basis),
+                    runway_seconds: Some(s.runway(now)),
+                    expiry_from_platform: Some(s.held.expires_in.is_some()),
+                }
+            }
         };
         let raw = lock(&self.raw_data).clone();
         let r = self.refresh_status().clone();
         let last = r.last_attempt.as_deref();
+        let local = now.local;
         StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
             device_id: self.config.device_id.clone(),
@@ -676,7 +749,7 @@ impl State {
                 // The held authinfo is the last success: it is only ever replaced by a newer one.
                 last_success_at: current.as_ref().map(|s| rfc3339(s.held.fetched_at)),
                 next_attempt_at: r.next_attempt_at.map(rfc3339),
-                next_attempt_in_seconds: r.next_attempt_at.map(|t| t.saturating_sub(now).max(0)),
+                next_attempt_in_seconds: r.next_attempt_at.map(|t| t.saturating_sub(local).max(0)),
                 consecutive_failures: r.consecutive_failures,
                 waiting_for: r.waiting_for.map(|w| w.as_str().to_owned()),
                 min_forced_interval_seconds: self.config.refresh.min_forced_interval.as_secs(),
@@ -687,15 +760,43 @@ impl State {
             raw_data: RawDataDoc {
                 present: raw.is_some(),
                 received_at: raw.as_ref().map(|r| rfc3339(r.received_at)),
+                fingerprint: raw.as_ref().map(|r| r.fingerprint.clone()),
                 source: raw.map(|r| r.source),
                 command_configured: self.config.refresh.raw_data_command.is_some(),
             },
             proxy: ProxyDoc {
                 url: self.config.proxy.url.clone(),
                 reachable: r.proxy_reachable,
-                clock_skew_seconds: r.clock_skew_seconds,
+                clock_skew_seconds: self.clock_skew(),
             },
-            device: self.health().doc(now),
+            store: self.store_doc(),
+            device: self.health().doc(local),
+        }
+    }
+
+    /// The store part of the status document.
+    pub fn store_doc(&self) -> StoreDoc {
+        let s = self.store.status();
+        let state = match (&s.not_persisting, &s.last_recovery) {
+            (Some(_), _) => StoreState::NotPersisting,
+            (None, Some(_)) => StoreState::Recovered,
+            (None, None) => StoreState::Ok,
+        };
+        StoreDoc {
+            state,
+            not_persisting_reason: s.not_persisting.as_ref().map(|n| n.reason.clone()),
+            not_persisting_since: s.not_persisting.as_ref().map(|n| rfc3339(n.since)),
+            recoveries: s.recoveries,
+            last_recovery: s.last_recovery.map(|r| RecoveryDoc {
+                at: rfc3339(r.at),
+                damaged: r.damaged,
+                restored_from: r.restored_from.as_str().to_owned(),
+                restored: r.restored,
+                moved_to: r.moved_to.map(|p| p.display().to_string()),
+            }),
+            generation: s.generation,
+            last_persist_at: s.last_persist_at.map(rfc3339),
+            path: self.store.state_dir().display().to_string(),
         }
     }
 }
@@ -715,20 +816,74 @@ mod tests {
             fetched_at,
             expires_at,
             expires_in: None,
+            proxy_fetched_at: None,
         })
+    }
+
+    fn local(t: i64) -> Now {
+        Now {
+            local: t,
+            proxy: None,
+        }
     }
 
     #[test]
     fn freshness_follows_interval_then_validity() {
         let hour = Duration::from_secs(3600);
         let s = served(1000, 1000 + 7200);
-        assert_eq!(s.freshness(1000, hour), Freshness::Fresh);
-        assert_eq!(s.freshness(1000 + 3599, hour), Freshness::Fresh);
-        assert_eq!(s.freshness(1000 + 3600, hour), Freshness::Stale);
-        assert_eq!(s.freshness(1000 + 7200, hour), Freshness::Expired);
-        // A clock set back before the fetch reads as age 0, not a huge age.
-        assert_eq!(s.age(0), 0);
-        assert_eq!(s.freshness(0, hour), Freshness::Fresh);
+        assert_eq!(s.freshness(local(1000), hour), Freshness::Fresh);
+        assert_eq!(s.freshness(local(1000 + 3599), hour), Freshness::Fresh);
+        assert_eq!(s.freshness(local(1000 + 3600), hour), Freshness::Stale);
+        assert_eq!(s.freshness(local(1000 + 7200), hour), Freshness::Expired);
+        assert_eq!(s.runway(local(1000 + 7000)), 200);
+        assert_eq!(s.runway(local(1000 + 9000)), 0);
+    }
+
+    /// A clock set back before the fetch does not make an authinfo young: its age is unknown,
+    /// it is stale at best, and its runway is at most its validity.
+    #[test]
+    fn a_fetch_in_the_local_clocks_future_is_of_unknown_age() {
+        let hour = Duration::from_secs(3600);
+        let s = served(100_000, 100_000 + 7200);
+        let a_day_back = local(100_000 - 86_400);
+        assert_eq!(
+            s.age(a_day_back),
+            Age {
+                seconds: None,
+                basis: AgeBasis::Unknown
+            }
+        );
+        assert_eq!(s.freshness(a_day_back, hour), Freshness::Stale);
+        assert_eq!(s.runway(a_day_back), 7200);
+    }
+
+    /// Once the proxy's clock is known, ages come from it, whatever the local clock says.
+    #[test]
+    fn the_proxys_clock_corrects_the_age() {
+        let hour = Duration::from_secs(3600);
+        let mut held = served(100_000, 100_000 + 7200).held;
+        held.proxy_fetched_at = Some(500_000);
+        let s = Served::new(held);
+        for local_now in [0, 100_000 - 86_400, 100_000 + 86_400] {
+            let now = Now {
+                local: local_now,
+                proxy: Some(500_000 + 600),
+            };
+            assert_eq!(
+                s.age(now),
+                Age {
+                    seconds: Some(600),
+                    basis: AgeBasis::ProxyClock
+                }
+            );
+            assert_eq!(s.freshness(now, hour), Freshness::Fresh);
+            assert_eq!(s.runway(now), 6600);
+        }
+        let later = Now {
+            local: 0,
+            proxy: Some(500_000 + 7200),
+        };
+        assert_eq!(s.freshness(later, hour), Freshness::Expired);
     }
 
     fn schedule() -> Schedule {

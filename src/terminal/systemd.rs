@@ -91,19 +91,25 @@ fn send_abstract(
 
 /// The one-line story for `STATUS=`.
 pub fn status_line(state: &State) -> String {
-    let now = state.now();
+    let time = state.time();
+    let now = time.local;
     let status = state.refresh_status().clone();
     let authinfo = match state.current() {
         None => "no authinfo yet".to_owned(),
         Some(s) => format!(
             "authinfo {} {} (age {}, {} left)",
             s.fingerprint,
-            s.freshness(now, state.config.refresh.interval).as_str(),
-            format_duration(Duration::from_secs(s.age(now))),
-            format_duration(Duration::from_secs(
-                u64::try_from(s.held.expires_at - now).unwrap_or(0)
-            )),
+            s.freshness(time, state.config.refresh.interval).as_str(),
+            s.age(time).seconds.map_or_else(
+                || "unknown".to_owned(),
+                |a| format_duration(Duration::from_secs(a))
+            ),
+            format_duration(Duration::from_secs(s.runway(time))),
         ),
+    };
+    let store = match state.store.status().not_persisting {
+        Some(n) => format!("; store not persisting: {}", n.reason),
+        None => String::new(),
     };
     let next = match (status.waiting_for, status.next_attempt_at) {
         (Some(w), _) => format!("waiting for {}", w.as_str()),
@@ -125,14 +131,15 @@ pub fn status_line(state: &State) -> String {
         ),
         _ => String::new(),
     };
-    format!("{authinfo}; {next}{failing}")
+    format!("{authinfo}; {next}{failing}{store}")
 }
 
 /// Whether both loops have reported in within [`STUCK_AFTER`].
 pub fn loops_alive(state: &State) -> bool {
-    let now = state.started.elapsed().as_millis() as u64;
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let now = millis(state.started.elapsed());
     let fresh = |slot: &std::sync::atomic::AtomicU64| {
-        now.saturating_sub(slot.load(Ordering::Relaxed)) < STUCK_AFTER.as_millis() as u64
+        now.saturating_sub(slot.load(Ordering::Relaxed)) < millis(STUCK_AFTER)
     };
     fresh(&state.heartbeats.refresh) && fresh(&state.heartbeats.socket)
 }
@@ -206,7 +213,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = crate::terminal::config::test_config(dir.path());
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store, Arc::default()).expect("state");
+        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
         let beat = |slot: &std::sync::atomic::AtomicU64| {
             crate::terminal::state::Heartbeats::beat(
                 slot,
@@ -236,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = crate::terminal::config::test_config(dir.path());
         let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store, Arc::default()).expect("state");
+        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
         let path = dir.path().join("notify");
         let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
         receiver.set_nonblocking(true).expect("nonblocking");
@@ -266,6 +273,7 @@ mod tests {
             fetched_at: now,
             expires_at: now + 7200,
             expires_in: None,
+            proxy_fetched_at: None,
         });
         settle().await;
         // Still within the first second of paused time: no tick has come since the start.

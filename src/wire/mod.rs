@@ -59,6 +59,34 @@ pub struct AuthinfoResponse {
     pub expires_in: Option<u64>,
 }
 
+/// Shortest validity an authinfo answer may carry (`expires_in`): anything shorter would be
+/// stale before the next refresh could replace it, and 0 means expired on arrival.
+pub const MIN_EXPIRES_IN: u64 = 60;
+/// Longest validity an authinfo answer may carry: WeChat Pay asks for an hourly refresh, so a
+/// week is far beyond anything plausible, and a larger value (2^64 - 1 has been seen from a
+/// broken upstream) would overflow the arithmetic that turns it into an expiry time.
+pub const MAX_EXPIRES_IN: u64 = 7 * 86400;
+/// The `expires_in` both sides accept unless configured otherwise.
+pub const EXPIRES_IN_RANGE: std::ops::RangeInclusive<u64> = MIN_EXPIRES_IN..=MAX_EXPIRES_IN;
+
+/// Checks an answer's `expires_in` against `range`: the one check the proxy (on WeChat Pay's
+/// answer) and the daemon (on the proxy's) both apply. `None` (no validity given) passes; the
+/// daemon then assumes its configured validity. The error is a sentence for the malformed-answer
+/// message.
+pub fn check_expires_in(
+    expires_in: Option<u64>,
+    range: &std::ops::RangeInclusive<u64>,
+) -> Result<(), String> {
+    match expires_in {
+        Some(secs) if !range.contains(&secs) => Err(format!(
+            "expires_in {secs} is outside the accepted {} to {} seconds",
+            range.start(),
+            range.end()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Result of a factory inspection (`GET /v3/iotmanage/device-inspections/{device_sn}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -586,6 +614,19 @@ mod tests {
         })
         .expect("json");
         assert!(AuthinfoRequest::from_body(&long).is_err());
+    }
+
+    #[test]
+    fn expires_in_outside_the_range_is_refused_and_absent_passes() {
+        for bad in [0, 59, 7 * 86400 + 1, 1 << 63, u64::MAX] {
+            let err = check_expires_in(Some(bad), &EXPIRES_IN_RANGE).unwrap_err();
+            assert!(err.contains(&bad.to_string()), "{err}");
+        }
+        for good in [60, 7200, 7 * 86400] {
+            assert_eq!(check_expires_in(Some(good), &EXPIRES_IN_RANGE), Ok(()));
+        }
+        assert_eq!(check_expires_in(None, &EXPIRES_IN_RANGE), Ok(()));
+        assert!(check_expires_in(Some(100), &(200..=300)).is_err());
     }
 
     #[test]

@@ -175,7 +175,25 @@ fn parse_authorization(header: &str) -> Option<(String, String, String, String)>
     ))
 }
 
+/// Answers a request, every answer with a `Date` of the proxy's (offset) clock, as the real
+/// proxy's server sends one with every answer.
 async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: &Mutex<Inner>,
+    key: &rsa::RsaPublicKey,
+) -> hyper::Response<Full<bytes::Bytes>> {
+    let mut response = answer_undated(req, state, key).await;
+    let clock = now() + state.lock().expect("lock").clock_offset;
+    let date = httpdate::fmt_http_date(
+        std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(clock).expect("after 1970")),
+    );
+    response
+        .headers_mut()
+        .insert("date", date.parse().expect("date"));
+    response
+}
+
+async fn answer_undated(
     req: hyper::Request<hyper::body::Incoming>,
     state: &Mutex<Inner>,
     key: &rsa::RsaPublicKey,
@@ -237,11 +255,7 @@ async fn answer(
         Err("TIMESTAMP_SKEW") => {
             // Not a contract violation: the proxy's answer to a skewed clock.
             state.lock().expect("lock").seen.push(seen);
-            let date =
-                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(clock as u64));
-            let mut r = error_response(401, "TIMESTAMP_SKEW", None);
-            r.headers_mut().insert("date", date.parse().expect("date"));
-            return r;
+            return error_response(401, "TIMESTAMP_SKEW", None);
         }
         Err(why) => {
             seen.violation = Some(why.to_owned());

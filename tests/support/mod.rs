@@ -46,6 +46,20 @@ pub const PROXY_TIMEOUT: &str = "60s";
 /// refreshes back to back to see each fault's outcome; the limit has tests of its own.
 pub const NO_FORCED_LIMIT: &str = "[refresh]\nmin_forced_interval = \"0s\"\n";
 
+/// `extra` with issue 14's forced-refresh limit lifted: in its `[refresh]` section, or in one
+/// added (for tests that force refreshes back to back to test something else).
+pub fn no_forced_limit(extra: &str) -> String {
+    if extra.contains("[refresh]\n") {
+        extra.replacen(
+            "[refresh]\n",
+            "[refresh]\nmin_forced_interval = \"0s\"\n",
+            1,
+        )
+    } else {
+        format!("{extra}\n{NO_FORCED_LIMIT}")
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds, failing the test after [`GENEROUS`].
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, mut cond: F) {
     let deadline = tokio::time::Instant::now() + GENEROUS;
@@ -242,6 +256,12 @@ impl TestDaemon {
             Some(&body),
         )
         .await
+    }
+
+    /// `POST /v1/refresh?wait=true`: the refresh's outcome.
+    pub async fn refresh_and_wait(&self) -> Reply {
+        self.request("POST", "/v1/refresh?wait=true", &[], None)
+            .await
     }
 
     pub async fn status(&self) -> serde_json::Value {
