@@ -707,6 +707,16 @@ async fn metrics_reach_a_textfile_and_a_loopback_listener() {
         std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 0"))
     })
     .await;
+    let first = std::fs::read_to_string(&textfile).expect("textfile");
+    for gauge in [
+        "authinfod_authinfo_age_seconds NaN",
+        "authinfod_authinfo_runway_seconds 0",
+    ] {
+        assert!(
+            first.contains(gauge),
+            "gauges are always there: {gauge} in {first}"
+        );
+    }
     assert_eq!(daemon.put_raw_data("RAW-1").await.status, 202);
     wait_until("the textfile shows the new authinfo", || {
         std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains("authinfod_authinfo_present 1"))

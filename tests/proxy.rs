@@ -1442,8 +1442,8 @@ async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream
     let (status, text) = admin_get(&lab, "/metrics").await;
     assert!(status.contains(" 200 "), "{status}");
     for line in [
-        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"OK\"} 1",
-        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"BAD_SIGNATURE\"} 2",
+        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",status=\"200\",outcome=\"ok\"} 1",
+        "authinfo_proxy_requests_total{route=\"/v1/authinfo\",status=\"401\",outcome=\"bad_signature\"} 2",
         "authinfo_proxy_auth_failures_total{reason=\"BAD_SIGNATURE\"} 2",
         "authinfo_proxy_registry_devices 1",
         "authinfo_proxy_fleet_devices 5",
@@ -1630,7 +1630,7 @@ async fn a_flooding_terminal_gets_429_after_its_budget_and_the_others_keep_refre
     );
     assert!(
         metrics.contains(
-            "authinfo_proxy_requests_total{route=\"/v1/authinfo\",outcome=\"DEVICE_RATE_LIMITED\"} 35"
+            "authinfo_proxy_requests_total{route=\"/v1/authinfo\",status=\"429\",outcome=\"device_rate_limited\"} 35"
         ),
         "{metrics}"
     );

@@ -197,7 +197,7 @@ async fn daemon_reports_reach_terminals_json_the_command_and_metrics() {
         "authinfo_proxy_terminals_at_risk{severity=\"critical\"} 0",
         "authinfo_proxy_terminals{risk=\"offline\",severity=\"critical\"} 0",
         "authinfo_proxy_terminal_report_age_seconds_count 1",
-        "authinfo_proxy_requests_total{route=\"/v1/report\",outcome=\"OK\"} ",
+        "authinfo_proxy_requests_total{route=\"/v1/report\",status=\"200\",outcome=\"ok\"} ",
     ] {
         assert!(
             metrics.lines().any(|l| l.starts_with(line)),

@@ -24,8 +24,9 @@ struct Histogram {
 /// The proxy's metrics.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
-    /// Terminal requests by (route, outcome code; `OK` for success).
-    requests: Mutex<BTreeMap<(String, String), u64>>,
+    /// Terminal requests by (route, HTTP status, outcome: the answer's code in lower case,
+    /// `ok` for success).
+    requests: Mutex<BTreeMap<(String, u16, String), u64>>,
     /// Refused authentications by reason code.
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Upstream call latency by platform.
@@ -38,9 +39,11 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     /// Counts a terminal request; `route` is a route the router matched, or `other`.
-    pub fn count_request(&self, route: &str, outcome: &str) {
+    /// `outcome` is the answer's code (`OK`, `BAD_SIGNATURE`): labelled in lower case, the one
+    /// style of every `outcome` label on both binaries (README, Metrics).
+    pub fn count_request(&self, route: &str, status: u16, outcome: &str) {
         *lock(&self.requests)
-            .entry((route.to_owned(), outcome.to_owned()))
+            .entry((route.to_owned(), status, outcome.to_ascii_lowercase()))
             .or_default() += 1;
     }
 
@@ -86,7 +89,7 @@ impl ProxyMetrics {
     pub fn requests(&self, route: &str, outcome: &str) -> u64 {
         lock(&self.requests)
             .iter()
-            .filter(|((r, o), _)| *r == route && o == outcome)
+            .filter(|((r, _, o), _)| *r == route && o.eq_ignore_ascii_case(outcome))
             .map(|(_, n)| *n)
             .sum()
     }
@@ -97,9 +100,17 @@ impl ProxyMetrics {
         t.build_info("authinfo_proxy", "Version of the running proxy.");
         t.gauges(gauges);
         let name = "authinfo_proxy_requests_total";
-        t.family(name, "counter", "Terminal requests by route and outcome.");
-        for ((route, outcome), n) in lock(&self.requests).iter() {
-            t.sample(name, &[("route", route), ("outcome", outcome)], n);
+        t.family(
+            name,
+            "counter",
+            "Terminal requests by route, HTTP status and outcome (the answer's code, lower case).",
+        );
+        for ((route, status, outcome), n) in lock(&self.requests).iter() {
+            t.sample(
+                name,
+                &[("route", route), ("status", status), ("outcome", outcome)],
+                n,
+            );
         }
         let name = "authinfo_proxy_auth_failures_total";
         t.family(

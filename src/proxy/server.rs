@@ -408,13 +408,14 @@ fn count_and_log(
     response: &Response,
     elapsed_ms: u64,
 ) {
+    let status = response.status().as_u16();
     let Some(error) = error else {
         if response.status().is_success() {
-            app.metrics.count_request(route, "OK");
+            app.metrics.count_request(route, status, "OK");
             tracing::info!(elapsed_ms, "served");
         } else {
             // Every refusal is a `RequestError`; an answer that is neither is the proxy's fault.
-            app.metrics.count_request(route, codes::INTERNAL);
+            app.metrics.count_request(route, status, codes::INTERNAL);
             tracing::error!(
                 status = response.status().as_u16(),
                 elapsed_ms,
@@ -424,7 +425,7 @@ fn count_and_log(
         return;
     };
     let body = error.body();
-    app.metrics.count_request(route, &body.code);
+    app.metrics.count_request(route, status, &body.code);
     if let RequestError::Auth(_) = error {
         app.metrics.count_auth_failure(error.classify().1);
     }
@@ -887,7 +888,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Json<HealthzDoc> {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let snapshot = app.fleet.snapshot();
-    let mut gauges = vec![
+    let gauges = [
         (
             "authinfo_proxy_registry_devices",
             "Devices enrolled in the registry.",
@@ -903,14 +904,14 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             "Nonces remembered for replay detection.",
             app.nonces.len() as f64,
         ),
-    ];
-    if let Some(t) = snapshot.synced_at {
-        gauges.push((
+        (
             "authinfo_proxy_fleet_age_seconds",
-            "Seconds since the fleet list was synced.",
-            (unix_now() - t) as f64,
-        ));
-    }
+            "Seconds since the fleet list was synced (NaN: not synced yet).",
+            snapshot
+                .synced_at
+                .map_or(f64::NAN, |t| (unix_now() - t) as f64),
+        ),
+    ];
     let mut text = app.metrics.render(&gauges);
     match app.fleet_view().await {
         Ok(view) => text.push_str(&super::terminals::render_metrics(&view)),
@@ -918,7 +919,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             tracing::warn!(error = %crate::error_chain(&error), "cannot judge the fleet for /metrics; its series are left out");
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::prometheus::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }
 
 async fn fleet(State(app): State<Arc<App>>) -> Response {

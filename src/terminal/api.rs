@@ -484,34 +484,33 @@ pub fn metrics_page(state: &State) -> String {
             seconds(store.generation),
         ),
     ];
-    if let Some(at) = store.last_persist_at {
-        gauges.push((
+    // Every gauge is always there (README, Metrics): NaN while what it measures is unknown, so
+    // an alert on it sees "unknown", never a series that vanished.
+    gauges.extend([
+        (
             "authinfod_store_last_persist_timestamp_seconds",
-            "Unix time of the last write that reached the disk.",
-            unix(at),
-        ));
-    }
-    if let Some(s) = &current {
-        if let Some(age) = s.age(now).seconds {
-            gauges.push((
-                "authinfod_authinfo_age_seconds",
-                "Age of the held authinfo (absent while it cannot be told).",
-                seconds(age),
-            ));
-        }
-        gauges.push((
+            "Unix time of the last write that reached the disk (NaN: none since start).",
+            store.last_persist_at.map_or(f64::NAN, unix),
+        ),
+        (
+            "authinfod_authinfo_age_seconds",
+            "Age of the held authinfo (NaN: none held, or its age cannot be told).",
+            current
+                .as_ref()
+                .and_then(|s| s.age(now).seconds)
+                .map_or(f64::NAN, seconds),
+        ),
+        (
             "authinfod_authinfo_runway_seconds",
-            "Seconds until the held authinfo expires (offline runway; at most its validity).",
-            seconds(s.runway(now)),
-        ));
-    }
-    if let Some(skew) = state.clock_skew() {
-        gauges.push((
+            "Seconds until the held authinfo expires (offline runway; at most its validity; 0: none held).",
+            current.as_ref().map_or(0.0, |s| seconds(s.runway(now))),
+        ),
+        (
             "authinfod_clock_skew_seconds",
-            "The proxy's clock minus ours, from its last answer's Date.",
-            unix(skew),
-        ));
-    }
+            "The proxy's clock minus ours, from its last answer's Date (NaN: not learned yet).",
+            state.clock_skew().map_or(f64::NAN, unix),
+        ),
+    ]);
     state.metrics.render(
         &gauges,
         &[(
