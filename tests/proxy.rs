@@ -1444,10 +1444,11 @@ async fn admin_listener_reports_health_and_counts_requests_refusals_and_upstream
     for line in [
         "authinfo_proxy_requests_total{route=\"/v1/authinfo\",status=\"200\",outcome=\"ok\"} 1",
         "authinfo_proxy_requests_total{route=\"/v1/authinfo\",status=\"401\",outcome=\"bad_signature\"} 2",
-        "authinfo_proxy_auth_failures_total{reason=\"BAD_SIGNATURE\"} 2",
+        "authinfo_proxy_auth_failures_total{reason=\"bad_signature\"} 2",
         "authinfo_proxy_registry_devices 1",
         "authinfo_proxy_fleet_devices 5",
         "# TYPE authinfo_proxy_upstream_seconds histogram",
+        "# TYPE process_resident_memory_bytes gauge",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }

@@ -119,7 +119,7 @@ impl ProxyMetrics {
             "Refused terminal authentications (signature, skew, replay, unknown device) by reason.",
         );
         for (code, n) in lock(&self.auth_failures).iter() {
-            t.sample(name, &[("reason", code)], n);
+            t.sample(name, &[("reason", &code.to_ascii_lowercase())], n);
         }
         let name = "authinfo_proxy_rate_limited_total";
         t.family(
@@ -150,6 +150,7 @@ impl ProxyMetrics {
             t.sample(&format!("{name}_sum"), &[("platform", platform)], h.sum);
             t.sample(&format!("{name}_count"), &[("platform", platform)], h.count);
         }
+        t.process();
         t.finish()
     }
 }
