@@ -47,11 +47,12 @@ pub fn fixture() -> &'static Fixture {
             fetched_at: now - 60,
             expires_at: now + 7200,
             expires_in: Some(7260),
+            proxy_fetched_at: None,
         };
         store.save_authinfo(&held).expect("store the held authinfo");
         let clock = Arc::new(WallClock::default());
         let state = crate::paused_runtime()
-            .block_on(async { State::load(config, store, clock) })
+            .block_on(async { State::load(config, store, clock, Arc::default()) })
             .expect("the fixture store reads back");
         Fixture {
             state,
