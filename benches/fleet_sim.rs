@@ -5,9 +5,10 @@
 //! Each terminal runs what its refresh loop and its health checker run: a refresh when the held
 //! authinfo is one interval old (up to `jitter` early), full-jitter exponential backoff after a
 //! failure, and three device health checks at start and then every `health.interval` on the
-//! same backoff. The fleet has been running for a while when the simulation starts: each
-//! terminal's authinfo was fetched at a uniformly random time in the last interval, and its
-//! health checks at a random time in the last day. A proxy outage makes every call in its window
+//! same backoff. The fleet starts with each terminal's authinfo fetched at a uniformly random
+//! time in the last interval and its health checks at a random time in the last day, and runs
+//! `--warmup-hours` (3) before counting, so that what is counted is the schedule's own spread,
+//! not the initial draw's. A proxy outage makes every call in its window
 //! fail (the daemon's backoff then runs as it would on `PROXY_UNREACHABLE`).
 //!
 //! Two runs: 24 h undisturbed, where each minute's load must stay within ±15 % of the mean, and
@@ -33,9 +34,13 @@ struct Args {
     /// Terminals in the fleet.
     #[arg(long, default_value_t = 100_000)]
     terminals: usize,
-    /// Simulated hours.
+    /// Simulated hours (counted after the warm-up).
     #[arg(long, default_value_t = 24)]
     hours: u64,
+    /// Hours simulated before counting starts, so that the fleet's phases have settled from
+    /// the initial draw into the schedule's own spread.
+    #[arg(long, default_value_t = 3)]
+    warmup_hours: u64,
     /// When the outage starts, hours into the run.
     #[arg(long, default_value_t = 12.0)]
     outage_at: f64,
@@ -90,7 +95,8 @@ fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
         interval: defaults::DEFAULT_HEALTH_INTERVAL,
         ..refresh
     };
-    let end = Duration::from_secs(args.hours * 3600).as_secs_f64();
+    let warmup = Duration::from_secs(args.warmup_hours * 3600).as_secs_f64();
+    let end = warmup + Duration::from_secs(args.hours * 3600).as_secs_f64();
     let mut random = Random(args.seed);
     let mut backoffs: Vec<(Backoff, Backoff)> = Vec::with_capacity(args.terminals);
     // (due time in ms, terminal, task): a min-heap of every terminal's next call.
@@ -112,7 +118,7 @@ fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
             Task::Health,
         )));
     }
-    let minutes = (end / 60.0).ceil() as usize;
+    let minutes = (args.hours * 60) as usize;
     let mut per_minute = vec![0u64; minutes];
     while let Some(Reverse((at, id, task))) = queue.pop() {
         let now = at as f64 / 1000.0;
@@ -123,8 +129,10 @@ fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
             Task::Refresh => 1,
             Task::Health => 3,
         };
-        per_minute[(now / 60.0) as usize] += calls;
-        let down = outage.is_some_and(|(from, to)| now >= from && now < to);
+        if now >= warmup {
+            per_minute[((now - warmup) / 60.0) as usize] += calls;
+        }
+        let down = outage.is_some_and(|(from, to)| now >= warmup + from && now < warmup + to);
         let backoff = match task {
             Task::Refresh => &mut backoffs[id].0,
             Task::Health => &mut backoffs[id].1,
