@@ -715,14 +715,20 @@ fn raise_open_files_limit(limits: &SocketLimits) {
             + OTHER_FILES,
     )
     .unwrap_or(u64::MAX);
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+    let Ok((soft_limit, hard_limit)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
+    // `rlim_t` is 32 bits on 32-bit ARM glibc (armv7 terminals), 64 elsewhere.
+    #[allow(clippy::useless_conversion)]
+    let (soft, hard) = (u64::from(soft_limit), u64::from(hard_limit));
     if soft >= needed {
         return;
     }
     let raised = needed.min(hard);
-    match setrlimit(Resource::RLIMIT_NOFILE, raised, hard) {
+    // At most the hard limit, so it fits the type the hard limit came in.
+    #[allow(clippy::useless_conversion)]
+    let new_soft = raised.try_into().unwrap_or(hard_limit);
+    match setrlimit(Resource::RLIMIT_NOFILE, new_soft, hard_limit) {
         Ok(()) if raised >= needed => {
             tracing::info!(
                 from = soft,

@@ -213,7 +213,9 @@ fn serve(
                 at.saturating_duration_since(now)
             })
             .clamp(Duration::from_millis(1), Duration::from_millis(50));
-        let tv = nix::sys::time::TimeVal::new(0, wait.as_micros() as i64);
+        // At most 50 ms: fits suseconds_t, which is 32 bits on 32-bit ARM.
+        let micros = wait.as_micros().try_into().unwrap_or(50_000);
+        let tv = nix::sys::time::TimeVal::new(0, micros);
         setsockopt(fd, sockopt::ReceiveTimeout, &tv).map_err(|e| format!("timeout: {e}"))?;
         let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(n) => n,

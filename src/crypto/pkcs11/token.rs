@@ -804,11 +804,17 @@ pub fn generate_key(uri: &Pkcs11Uri, bits: u64, force: bool) -> Result<TokenSign
     if let Some(label) = &uri.object {
         name.push(Attribute::Label(label.as_bytes().to_vec()));
     }
+    // CK_ULONG is 32 bits on 32-bit ARM (armv7 terminals).
+    let modulus_bits = std::os::raw::c_ulong::try_from(bits).map_err(|_| TokenError::Pkcs11 {
+        token: token.label.clone(),
+        during: "choosing the key size",
+        source: Pkcs11Failure(CkError::InvalidValue),
+    })?;
     let mut public_template = vec![
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
-        Attribute::ModulusBits(bits.into()),
+        Attribute::ModulusBits(modulus_bits.into()),
         Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
     ];
     public_template.extend(name.iter().cloned());
