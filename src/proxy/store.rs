@@ -268,7 +268,19 @@ mod tests {
         assert!(matches!(second, StoreError::Locked { .. }), "{second:?}");
         assert!(second.to_string().contains("in use"), "{second}");
         drop(first);
-        Store::open(dir.path()).expect("open again once released");
+        // sled lets go of its file lock when its IO threads drop their handles, a moment after
+        // the last `Db` is dropped (long moments under emulation): the daemon's store retries
+        // for the same reason.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir.path()) {
+                Ok(_) => break,
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open again once released: {e:?}"),
+            }
+        }
     }
 
     #[tokio::test]

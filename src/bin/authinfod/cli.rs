@@ -120,7 +120,7 @@ pub enum Command {
             conflicts_with = "pkcs11"
         )]
         out: Option<PathBuf>,
-        /// Generate the key inside the PKCS#11 token this RFC 7512 URI names (sensitive, never extractable), e.g. 'pkcs11:token=terminal;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/authinfod/pin'; key_file then takes the same URI.
+        /// Generate the key inside the PKCS#11 token this RFC 7512 URI names (sensitive, never extractable): pkcs11:token=terminal;object=device followed by ?module-path= and &pin-source=file: (README, Hardware-backed keys); key_file then takes the same URI.
         #[arg(long, value_name = "URI")]
         pkcs11: Option<String>,
         /// Replace an existing key (its enrolment at the proxy stops working).

@@ -23,6 +23,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 const OPENED: u8 = 0;
 /// The child's exit code when sled returned an error (or the parent was gone).
 const SLED_ERROR: u8 = 1;
+/// The conventional exit status of a program that could not be executed.
+const EXEC_FAILED: u8 = 127;
 
 /// What the child found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,9 @@ fn outcome(status: ExitStatus) -> Outcome {
     match status.code().and_then(|c| u8::try_from(c).ok()) {
         Some(OPENED) => Outcome::Opened,
         Some(SLED_ERROR) => Outcome::SledError,
+        // The program could not be executed: how a failed exec shows where a wrapper starts it
+        // (qemu-user under binfmt, a shell). The probe itself never exits 127.
+        Some(EXEC_FAILED) => Outcome::Unavailable(format!("it could not be executed ({status})")),
         _ => Outcome::Died(format!("it exited with {status}")),
     }
 }
@@ -162,6 +167,19 @@ mod tests {
             "{got:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A failed exec reported as exit status 127 (qemu-user, a wrapper shell) is "cannot run",
+    /// not a death inside sled's open.
+    #[test]
+    fn exit_127_is_a_probe_that_could_not_run() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("exec-failed");
+        std::fs::write(&script, "#!/bin/sh\nexit 127\n").expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let got = run(&script, dir.path(), TIMEOUT);
+        assert!(matches!(got, Outcome::Unavailable(_)), "{got:?}");
     }
 
     #[test]
