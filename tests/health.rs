@@ -355,3 +355,25 @@ async fn the_demo_plays_the_whole_story() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 }
+
+/// The README's first command, as the binary runs it: `authinfod demo` starts its own runtime
+/// and signal handlers (installed outside the runtime they panicked: no reactor), plays the
+/// story and exits 0.
+#[test]
+fn binary_demo_plays_the_story_and_exits_0() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authinfod"))
+        .args(["demo", "--duration", "1s"])
+        .output()
+        .expect("run authinfod demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Stopped. Everything the demo made is deleted."),
+        "{stdout}"
+    );
+}

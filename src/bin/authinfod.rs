@@ -399,10 +399,10 @@ fn demo(duration: &str) -> anyhow::Result<ExitCode> {
     // The story is the output; only warnings and errors of the parts are logged beside it.
     init_logging("authinfod-demo", "warn");
     let mut out = std::io::stdout();
-    runtime()?.block_on(authinfod::demo::run(
-        duration,
-        Signals::install().until_stopped(None),
-        &mut out,
-    ))?;
+    // The signal handlers need the runtime's reactor: installed inside it.
+    runtime()?.block_on(async {
+        let stopped = Signals::install().until_stopped(None);
+        authinfod::demo::run(duration, stopped, &mut out).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
