@@ -177,25 +177,40 @@ fn run(options: &Options) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    let building = built.elapsed();
+    // Written through to sled before the pages are timed: a live fleet's flushes are a few
+    // thousand records every 15 s, not 100 000 at once.
+    let flushed = Instant::now();
+    lab_runtime.block_on(records.flush())?;
     println!(
-        "pages: {} terminals enrolled with reports in {:.1} s",
+        "pages: {} terminals enrolled with reports in {:.1} s, flushed to sled in {:.1} s",
         options.terminals,
-        built.elapsed().as_secs_f64()
+        building.as_secs_f64(),
+        flushed.elapsed().as_secs_f64()
     );
     let admin = lab.proxy.admin_addr;
+    // The first request judges the fleet (nothing has judged these records yet); the ones that
+    // follow within the loop's interval reuse that view (FleetHealth::view, from 10 000
+    // terminals on). Both are printed: the first is the worst a request can take.
     for path in ["/terminals", "/"] {
+        let health = &lab.proxy.app.health;
+        lab_runtime.block_on(async {
+            health.forget_view().await;
+        });
         let mut times = Vec::new();
         let mut size = 0;
-        for _ in 0..options.page_runs {
+        for _ in 0..options.page_runs.max(2) {
             let started = Instant::now();
             let body = client.block_on(admin_get(admin, path))?;
             times.push(started.elapsed());
             size = body.len();
         }
+        let first = times.remove(0);
         times.sort();
         println!(
-            "pages: GET {path:<10} {} terminals: median {:.0} ms, worst {:.0} ms over {} runs ({} KiB; target <= 200 ms)",
+            "pages: GET {path:<10} {} terminals: first (judging the fleet) {:.0} ms; then median {:.0} ms, worst {:.0} ms over {} runs reusing the view ({} KiB; target <= 200 ms)",
             options.terminals,
+            first.as_secs_f64() * 1000.0,
             times[times.len() / 2].as_secs_f64() * 1000.0,
             times[times.len() - 1].as_secs_f64() * 1000.0,
             times.len(),

@@ -62,11 +62,12 @@ pub struct App {
 }
 
 impl App {
-    /// Every enrolled terminal judged now, with the fleet list when the fleet check is on.
-    pub async fn fleet_view(&self) -> Result<FleetView, super::store::StoreError> {
+    /// Every enrolled terminal judged now, with the fleet list when the fleet check is on (a
+    /// large fleet's latest view, [`FleetHealth::view`]).
+    pub async fn fleet_view(&self) -> Result<Arc<FleetView>, super::store::StoreError> {
         let registry = self.registry.current();
         let fleet = self.fleet_enabled.then(|| self.fleet.snapshot());
-        self.health.view(&registry, fleet.as_deref()).await
+        self.health.view(&registry, fleet.as_ref()).await
     }
 }
 

@@ -19,6 +19,7 @@ pub mod record;
 pub mod records;
 pub mod risk;
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,18 +106,25 @@ pub fn evaluate(
     thresholds: &Thresholds,
     now: i64,
 ) -> FleetView {
-    let by_id: HashMap<&str, &Arc<TerminalRecord>> =
-        records.iter().map(|(k, v)| (&**k, v)).collect();
     let index = fleet.map(FleetSnapshot::index);
-    let newest_version = records
-        .iter()
-        .filter(|(id, _)| registry.get(id).is_some())
-        .filter_map(|(_, r)| Version::parse(&r.report.as_ref()?.report.version))
-        .max();
-    let mut terminals: Vec<Assessed> = registry
+    // Each enrolled device with its record, looked up once (a record of a device no longer
+    // enrolled is not in the view, nor its version).
+    let enrolled: Vec<(&Arc<Device>, Option<&Arc<TerminalRecord>>)> = registry
         .devices()
-        .map(|device| {
-            let record = by_id.get(device.device_id.as_str()).map(|r| Arc::clone(r));
+        .map(|device| (device, records.get(device.device_id.as_str())))
+        .collect();
+    let newest_version = enrolled
+        .iter()
+        .filter_map(|(_, r)| {
+            let text = &r.as_ref()?.report.as_ref()?.report.version;
+            Some((Version::order(text)?, text))
+        })
+        .max_by_key(|(order, _)| *order)
+        .and_then(|(_, text)| Version::parse(text));
+    let mut terminals: Vec<Assessed> = enrolled
+        .into_iter()
+        .map(|(device, record)| {
+            let record = record.cloned();
             let listed = index.as_ref().and_then(|i| i.device(&device.device_sn));
             let fleet = index
                 .as_ref()
@@ -144,12 +152,10 @@ pub fn evaluate(
             }
         })
         .collect();
-    terminals.sort_by(|a, b| {
-        b.worst()
-            .cmp(&a.worst())
-            .then(b.risks.len().cmp(&a.risks.len()))
-            .then_with(|| a.device.device_id.cmp(&b.device.device_id))
-    });
+    // Worst first, then most risks first; the sort is stable and the registry yields devices
+    // by device_id, so ties stay in device_id order without comparing ids (comparing 100 000
+    // ids was most of the sort).
+    terminals.sort_by_key(|t| (Reverse(t.worst()), Reverse(t.risks.len())));
     FleetView {
         now,
         thresholds: *thresholds,
@@ -216,11 +222,48 @@ impl ReportLimiter {
     }
 }
 
+/// From this many enrolled terminals on, a request reads the latest judged view when it is
+/// younger than [`EVALUATE_EVERY`] instead of judging the fleet itself. Judging is linear in
+/// the fleet (about 150-200 ms for 100 000 terminals on one core, README "Fleet health"); below
+/// this it costs a few milliseconds and every request is judged afresh, so a report shows at
+/// once.
+pub const REUSE_VIEW_FROM: usize = 10_000;
+
 /// The fleet view's hub: records what the routes see and judges the fleet on demand.
 pub struct FleetHealth {
     records: Arc<dyn TerminalRecords>,
     pub thresholds: Thresholds,
     clock: Clock,
+    /// The latest view and what it was judged from. A tokio lock held while judging: requests
+    /// that arrive meanwhile wait for that view rather than judging the fleet again each.
+    latest: tokio::sync::Mutex<Option<Judged>>,
+}
+
+/// A view with the inputs it was judged from.
+struct Judged {
+    view: Arc<FleetView>,
+    registry: Arc<Registry>,
+    fleet: Option<Arc<FleetSnapshot>>,
+}
+
+impl Judged {
+    /// Judged from these inputs, and young enough to stand for a view of `now`.
+    fn serves(
+        &self,
+        registry: &Arc<Registry>,
+        fleet: Option<&Arc<FleetSnapshot>>,
+        now: i64,
+    ) -> bool {
+        let age = now.saturating_sub(self.view.now);
+        registry.len() >= REUSE_VIEW_FROM
+            && Arc::ptr_eq(&self.registry, registry)
+            && match (&self.fleet, fleet) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+            && (0..i64::try_from(EVALUATE_EVERY.as_secs()).unwrap_or(i64::MAX)).contains(&age)
+    }
 }
 
 impl std::fmt::Debug for FleetHealth {
@@ -238,6 +281,7 @@ impl FleetHealth {
             records,
             thresholds,
             clock,
+            latest: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -280,20 +324,51 @@ impl FleetHealth {
         Ok(received_at)
     }
 
-    /// Every terminal `registry` enrolls, judged now.
+    /// Every terminal `registry` enrolls, judged now; for a fleet of [`REUSE_VIEW_FROM`] or
+    /// more, the latest view when it was judged from the same registry and fleet list less
+    /// than [`EVALUATE_EVERY`] ago.
     pub async fn view(
         &self,
-        registry: &Registry,
-        fleet: Option<&FleetSnapshot>,
-    ) -> Result<FleetView, StoreError> {
+        registry: &Arc<Registry>,
+        fleet: Option<&Arc<FleetSnapshot>>,
+    ) -> Result<Arc<FleetView>, StoreError> {
+        self.judge(registry, fleet, true).await
+    }
+
+    /// Drops the latest view: the next request judges the fleet (benchmarks).
+    pub async fn forget_view(&self) {
+        *self.latest.lock().await = None;
+    }
+
+    /// Judges the fleet (`reuse`: unless the latest view serves) and keeps the view for the
+    /// requests that follow.
+    async fn judge(
+        &self,
+        registry: &Arc<Registry>,
+        fleet: Option<&Arc<FleetSnapshot>>,
+        reuse: bool,
+    ) -> Result<Arc<FleetView>, StoreError> {
+        let mut latest = self.latest.lock().await;
+        if let Some(judged) = latest
+            .as_ref()
+            .filter(|j| reuse && j.serves(registry, fleet, self.now()))
+        {
+            return Ok(judged.view.clone());
+        }
         let records = self.records.snapshot().await?;
-        Ok(evaluate(
+        let view = Arc::new(evaluate(
             registry,
-            fleet,
+            fleet.map(|f| &**f),
             &records,
             &self.thresholds,
             self.now(),
-        ))
+        ));
+        *latest = Some(Judged {
+            view: view.clone(),
+            registry: registry.clone(),
+            fleet: fleet.cloned(),
+        });
+        Ok(view)
     }
 
     /// Logs each terminal's risks entered, left or changed in severity since they were last
@@ -490,7 +565,9 @@ pub async fn run(health: Arc<FleetHealth>, inputs: Inputs, shutdown: Cancellatio
             last_registry = Some(registry.clone());
         }
         let pass = async {
-            let view = health.view(&registry, fleet.as_deref()).await?;
+            // Always judged afresh: the risks announced must be judged from the records as
+            // they are now (a reused view's records predate the last announcement).
+            let view = health.judge(&registry, fleet.as_ref(), false).await?;
             health.announce(&view).await?;
             health.records.flush().await
         };
@@ -541,6 +618,108 @@ mod tests {
         );
         limiter.retain(|id| id == "T-2");
         assert_eq!(crate::sync::lock(&limiter.buckets).len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod view_reuse_tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::records::StoredRecords;
+    use super::*;
+    use crate::crypto::RsaVerifier;
+    use crate::proxy::store::Store;
+
+    fn registry(devices: usize) -> Arc<Registry> {
+        let key = crate::crypto::test_key(0);
+        let public_key = RsaVerifier::from_pem(&key.public.to_pem(), "test").expect("public");
+        Arc::new(Registry::from_devices((0..devices).map(|i| Device {
+            device_id: format!("T-{i:05}"),
+            public_key: public_key.clone(),
+            device_sn: format!("SN{i:05}"),
+            authinfo_device_id: format!("T-{i:05}"),
+            sub_mchid: "1900000109".into(),
+            sub_appid: "wx0000000000000000".into(),
+            organization_id: "org".into(),
+            alipay: None,
+            aliyun: None,
+        })))
+    }
+
+    fn report(at: i64) -> wire::Report {
+        wire::Report::healthy("1.4.0", at, "2030-01-01")
+    }
+
+    /// A small fleet is judged on every request (a report shows at once); a large one reuses
+    /// the latest view of the same registry and fleet list while it is younger than the loop's
+    /// interval, and never across a registry change; the loop always judges afresh.
+    #[tokio::test]
+    async fn a_large_fleets_view_is_reused_within_the_loops_interval_and_a_small_one_never() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let records = StoredRecords::open(Store::open(dir.path()).expect("store")).expect("open");
+        let now = Arc::new(AtomicI64::new(1_000_000));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Ordering::SeqCst))
+        };
+        let health = FleetHealth::new(Arc::new(records), Thresholds::default(), clock);
+        let never_seen = |view: &FleetView, id: &str| {
+            view.get(id)
+                .expect("enrolled")
+                .risks
+                .iter()
+                .any(|r| r.risk == RiskKind::NeverSeen)
+        };
+
+        let small = registry(3);
+        let first = health.view(&small, None).await.expect("view");
+        assert!(never_seen(&first, "T-00001"));
+        health
+            .report("T-00001", report(1_000_000))
+            .await
+            .expect("report");
+        let second = health.view(&small, None).await.expect("view");
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "a small fleet is judged again"
+        );
+        assert!(!never_seen(&second, "T-00001"), "the report shows at once");
+
+        let large = registry(REUSE_VIEW_FROM);
+        let first = health.view(&large, None).await.expect("view");
+        assert!(never_seen(&first, "T-00002"));
+        health
+            .report("T-00002", report(1_000_000))
+            .await
+            .expect("report");
+        now.fetch_add(14, Ordering::SeqCst);
+        let reused = health.view(&large, None).await.expect("view");
+        assert!(
+            Arc::ptr_eq(&first, &reused),
+            "14 s later the view is reused"
+        );
+        let judged = health.judge(&large, None, false).await.expect("judge");
+        assert!(!Arc::ptr_eq(&first, &judged), "the loop judges afresh");
+        assert!(!never_seen(&judged, "T-00002"));
+        assert!(
+            Arc::ptr_eq(&judged, &health.view(&large, None).await.expect("view")),
+            "requests reuse what the loop judged"
+        );
+        now.fetch_add(15, Ordering::SeqCst);
+        let aged = health.view(&large, None).await.expect("view");
+        assert!(!Arc::ptr_eq(&judged, &aged), "15 s old is judged again");
+        let replaced = registry(REUSE_VIEW_FROM);
+        let other = health.view(&replaced, None).await.expect("view");
+        assert!(
+            !Arc::ptr_eq(&aged, &other),
+            "another registry is judged again"
+        );
+        now.fetch_sub(60, Ordering::SeqCst);
+        let back = health.view(&replaced, None).await.expect("view");
+        assert!(
+            !Arc::ptr_eq(&other, &back),
+            "a clock set back is judged again"
+        );
     }
 }
 

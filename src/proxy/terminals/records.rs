@@ -25,8 +25,8 @@ use crate::sync::lock;
 /// What a [`TerminalRecords`] answers.
 pub type RecordsFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Every record, shared: `(device_id, record)`.
-pub type Snapshot = Vec<(Arc<str>, Arc<TerminalRecord>)>;
+/// Every record, shared, by device_id.
+pub type Snapshot = HashMap<Arc<str>, Arc<TerminalRecord>>;
 
 /// The per-terminal records of the fleet view. Callers pass only device ids that are enrolled
 /// (they come from authenticated requests), so the records stay one per enrolled device.
@@ -146,14 +146,8 @@ impl TerminalRecords for StoredRecords {
     }
 
     fn snapshot(&self) -> RecordsFuture<'_, Snapshot> {
-        let inner = lock(&self.inner);
-        ready(
-            inner
-                .records
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        // A clone of the table (no rehashing): the fleet view looks each enrolled device up.
+        ready(lock(&self.inner).records.clone())
     }
 
     fn retain<'a>(

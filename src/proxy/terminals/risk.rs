@@ -262,8 +262,8 @@ fn from_report(
             "its store does not persist: a restart would lose the authinfo".into(),
         ));
     }
-    if let (Some(newest), Some(own)) = (newest_version, Version::parse(&r.version))
-        && own < *newest
+    if let (Some(newest), Some(own)) = (newest_version, Version::order(&r.version))
+        && own < (newest.numbers, newest.release)
     {
         risks.push(Risk::new(
             RiskKind::OutdatedVersion,
@@ -305,6 +305,17 @@ pub struct Version {
 impl Version {
     /// `None` for a version that does not read so: it is never called older.
     pub fn parse(text: &str) -> Option<Self> {
+        let (numbers, release) = Self::order(text)?;
+        Some(Self {
+            numbers,
+            release,
+            text: text.to_owned(),
+        })
+    }
+
+    /// Where `text` stands among versions (what [`Ord`] compares), without keeping the text:
+    /// the fleet view orders every terminal's version and keeps only the newest.
+    pub fn order(text: &str) -> Option<([u64; 3], bool)> {
         let core = text.strip_prefix('v').unwrap_or(text);
         let core = core.split('+').next().unwrap_or(core);
         let (core, pre) = match core.split_once('-') {
@@ -321,11 +332,7 @@ impl Version {
         if parts.next().is_some() {
             return None;
         }
-        Some(Self {
-            numbers,
-            release: pre.is_none(),
-            text: text.to_owned(),
-        })
+        Some((numbers, pre.is_none()))
     }
 }
 
