@@ -529,6 +529,37 @@ pub fn generate_rsa_key(bits: usize) -> Result<GeneratedKey, CryptoError> {
     })
 }
 
+// === request signing strings ===
+
+/// The string an APIv3-style request signature covers: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`.
+/// WeChat Pay's scheme ([`crate::platform::wechatpay::sign`]) and the device scheme that copies
+/// its shape ([`crate::wire::auth`]) both sign it; each module re-exports it as
+/// `signing_string`. `path_and_query` is the request target exactly as sent; a GET has an empty
+/// body, so its string ends in `\n\n`.
+pub fn request_signing_string(
+    method: &str,
+    path_and_query: &str,
+    timestamp: i64,
+    nonce: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let timestamp = timestamp.to_string();
+    let mut s = Vec::with_capacity(
+        method.len() + path_and_query.len() + timestamp.len() + nonce.len() + body.len() + 5,
+    );
+    for line in [
+        method.as_bytes(),
+        path_and_query.as_bytes(),
+        timestamp.as_bytes(),
+        nonce.as_bytes(),
+        body,
+    ] {
+        s.extend_from_slice(line);
+        s.push(b'\n');
+    }
+    s
+}
+
 // === hashing and randomness ===
 
 /// Lower-case hex SHA-256 of `data`.
@@ -592,6 +623,39 @@ pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
     static KEYS: [OnceLock<GeneratedKey>; POOL] = [const { OnceLock::new() }; POOL];
     assert!(i < POOL, "the test key pool has {POOL} keys");
     KEYS[i].get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+}
+
+/// What `openssl dgst -sha256 -sign` makes of `message` with the private key `private_pem`: the
+/// independent SHA256withRSA the known-answer tests compare ring's signatures with (PKCS#1 v1.5
+/// is deterministic). openssl must be installed (scripts/setup installs it).
+#[cfg(test)]
+pub(crate) fn openssl_sign(private_pem: &str, message: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&key_path, private_pem).expect("write key");
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(&key_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed (scripts/setup installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(message)
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 #[cfg(test)]
