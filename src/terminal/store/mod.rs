@@ -37,6 +37,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::sync::CancellationToken;
 
 use self::files::FileId;
+pub(crate) use self::files::write_atomically_with_mode;
 pub use self::probe::{PROBE_ENV, PROBE_PARENT_ENV, child as probe_child};
 pub use self::records::{AttemptRecord, HeldAuthinfo, RawData};
 use self::records::{KEY_COPY, KEY_GENERATION, KEY_SCHEMA, SCHEMA, Snapshot, encode};
