@@ -148,13 +148,7 @@ async fn rpc(
         Some(q) => format!("/?{q}"),
         None => "/".to_owned(),
     };
-    let fault = state
-        .faults
-        .take(Platform::Aliyun, &target)
-        .unwrap_or_default();
-    if let Some(latency) = fault.latency {
-        tokio::time::sleep(latency).await;
-    }
+    let fault = state.faults.take_and_delay(Platform::Aliyun, &target).await;
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -113,6 +113,16 @@ impl Faults {
         }
         Some(taken)
     }
+
+    /// What every simulated platform does first with a request: [`take`](Self::take) the fault
+    /// that applies to `target` (none is the default, no fault) and sleep its `latency`.
+    pub async fn take_and_delay(&self, platform: Platform, target: &str) -> Fault {
+        let fault = self.take(platform, target).unwrap_or_default();
+        if let Some(latency) = fault.latency {
+            tokio::time::sleep(latency).await;
+        }
+        fault
+    }
 }
 
 /// What the simulated platforms know: the merchant's devices and their facts.
