@@ -205,6 +205,18 @@ impl ProxyClient {
         self
     }
 
+    /// `POST path` with `body` as JSON; the answer's bytes.
+    async fn post_json(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed {
+            reason: e.to_string(),
+        })?;
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
     /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
     /// sends once more.
     async fn call(
@@ -391,15 +403,10 @@ impl Upstream for ProxyClient {
         raw_data: &'a str,
     ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(&AuthinfoRequest {
+            let request = AuthinfoRequest {
                 raw_data: raw_data.to_owned(),
-            })
-            .map_err(|e| UpstreamError::Malformed {
-                reason: e.to_string(),
-            })?;
-            let bytes = self
-                .call(reqwest::Method::POST, wire::ROUTE_AUTHINFO, body)
-                .await?;
+            };
+            let bytes = self.post_json(wire::ROUTE_AUTHINFO, &request).await?;
             read_authinfo(&bytes)
         })
     }
@@ -419,12 +426,7 @@ impl Upstream for ProxyClient {
         report: &'a wire::Report,
     ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(report).map_err(|e| UpstreamError::Malformed {
-                reason: e.to_string(),
-            })?;
-            let bytes = self
-                .call(reqwest::Method::POST, wire::ROUTE_REPORT, body)
-                .await?;
+            let bytes = self.post_json(wire::ROUTE_REPORT, report).await?;
             parse(&bytes)
         })
     }
