@@ -373,13 +373,7 @@ impl RsaVerifier {
                 if pem.contains("-----BEGIN RSA PUBLIC KEY-----") =>
             {
                 use rsa::pkcs1::DecodeRsaPublicKey as _;
-                let key = rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()).map_err(|e| {
-                    CryptoError::BadPublicKey {
-                        what: what.to_owned(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                Self::from_rsa(&key, what)
+                Self::from_parsed(rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()), what)
             }
             Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(CryptoError::BadPublicKey {
                 what: what.to_owned(),
@@ -413,23 +407,13 @@ impl RsaVerifier {
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
     pub fn from_spki_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
-        let key =
-            rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| CryptoError::BadPublicKey {
-                what: what.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Self::from_rsa(&key, what)
+        Self::from_parsed(rsa::RsaPublicKey::from_public_key_der(der), what)
     }
 
     /// Parses a DER PKCS#1 `RSAPublicKey`.
     pub fn from_pkcs1_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
         use rsa::pkcs1::DecodeRsaPublicKey as _;
-        let key =
-            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| CryptoError::BadPublicKey {
-                what: what.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Self::from_rsa(&key, what)
+        Self::from_parsed(rsa::RsaPublicKey::from_pkcs1_der(der), what)
     }
 
     /// An RSA public key from its modulus and public exponent (big-endian), as a PKCS#11 token
@@ -438,10 +422,19 @@ impl RsaVerifier {
         let key = rsa::RsaPublicKey::new(
             rsa::BigUint::from_bytes_be(n),
             rsa::BigUint::from_bytes_be(e),
-        )
-        .map_err(|err| CryptoError::BadPublicKey {
+        );
+        Self::from_parsed(key, what)
+    }
+
+    /// A key the rsa crate parsed, checked as [`from_rsa`](Self::from_rsa) does; its parse
+    /// error as [`CryptoError::BadPublicKey`].
+    fn from_parsed(
+        parsed: Result<rsa::RsaPublicKey, impl fmt::Display>,
+        what: &str,
+    ) -> Result<Self, CryptoError> {
+        let key = parsed.map_err(|e| CryptoError::BadPublicKey {
             what: what.to_owned(),
-            reason: err.to_string(),
+            reason: e.to_string(),
         })?;
         Self::from_rsa(&key, what)
     }
@@ -627,32 +620,45 @@ pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
 
 /// What `openssl dgst -sha256 -sign` makes of `message` with the private key `private_pem`: the
 /// independent SHA256withRSA the known-answer tests compare ring's signatures with (PKCS#1 v1.5
-/// is deterministic). openssl must be installed (scripts/setup installs it).
+/// is deterministic).
 #[cfg(test)]
 pub(crate) fn openssl_sign(private_pem: &str, message: &[u8]) -> Vec<u8> {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tempdir");
     let key_path = dir.path().join("key.pem");
     std::fs::write(&key_path, private_pem).expect("write key");
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-sign"])
-        .arg(&key_path)
+    let key_path = key_path.to_str().expect("a temporary path is UTF-8");
+    run_piped(
+        "openssl",
+        &["dgst", "-sha256", "-sign", key_path],
+        message,
+        "scripts/setup installs it",
+    )
+}
+
+/// Runs `program` with `args` and `input` on its stdin, as the known-answer tests run the
+/// independent implementations (openssl, python3's cryptography) they compare with; asserts
+/// that it succeeded (its stderr and `hint` say why not) and returns its stdout.
+#[cfg(test)]
+pub(crate) fn run_piped(program: &str, args: &[&str], input: &[u8], hint: &str) -> Vec<u8> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("openssl must be installed (scripts/setup installs it)");
+        .unwrap_or_else(|e| panic!("{program} must be installed ({hint}): {e}"));
     child
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(message)
+        .write_all(input)
         .expect("write");
-    let out = child.wait_with_output().expect("openssl");
+    let out = child.wait_with_output().expect(program);
     assert!(
         out.status.success(),
-        "openssl failed: {}",
+        "{program} failed ({hint}): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout

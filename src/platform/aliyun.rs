@@ -811,16 +811,13 @@ print(sig)
             "version": CLOUDAUTH_VERSION, "date": "2024-05-06T07:08:09Z", "nonce": "NONCE123",
             "secret": secret,
         });
-        let out = std::process::Command::new("python3")
-            .args(["-c", PYTHON_ACS3, &input.to_string()])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = crate::crypto::run_piped(
+            "python3",
+            &["-c", PYTHON_ACS3, &input.to_string()],
+            b"",
+            "scripts/setup installs it",
         );
-        let stdout = String::from_utf8(out.stdout).expect("utf-8");
+        let stdout = String::from_utf8(out).expect("utf-8");
         let mut lines = stdout.lines();
         let (py_digest, py_signature) = (lines.next().expect("digest"), lines.next().expect("sig"));
 
