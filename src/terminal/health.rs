@@ -331,14 +331,14 @@ mod tests {
         let mut config = crate::terminal::config::test_config(dir.path());
         config.health.inspection = false;
         config.health.alipay_binding = false;
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
         let record = CheckRecord::<wire::Licence> {
             last_attempt_at: Some(crate::units::unix_now() - 10),
             last_error: Some("down".into()),
             ..CheckRecord::default()
         };
-        store.save_health("licence", &record).expect("seed");
-        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
+        let state = crate::terminal::state::test_state_with(config, |store| {
+            store.save_health("licence", &record).expect("seed");
+        });
         // Every health route answers with a licence.
         let upstream = FakeUpstream::health(serde_json::json!({
             "device_id": "wd.1", "begin_day": "2026-01-01", "expired_day": "2099-01-01"

@@ -423,15 +423,15 @@ mod tests {
 
     fn state_with_raw_data(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        store
-            .save_raw_data(&RawData {
-                value: "RAW".into(),
-                received_at: 0,
-                source: "socket".into(),
-            })
-            .expect("raw");
-        State::load(config, store, Arc::default(), Arc::default()).expect("state")
+        crate::terminal::state::test_state_with(config, |store| {
+            store
+                .save_raw_data(&RawData {
+                    value: "RAW".into(),
+                    received_at: 0,
+                    source: "socket".into(),
+                })
+                .expect("raw");
+        })
     }
 
     /// An authinfo "OLD" fetched `age` seconds ago, valid for `runway` more seconds.
