@@ -496,15 +496,7 @@ mod tests {
     #[tokio::test]
     async fn faults_map_to_typed_errors_and_retryability() {
         let t = start_https(world()).await;
-        let arm = |fault: Fault| {
-            t.sandbox.state.faults.set(
-                Platform::Alipay,
-                Fault {
-                    count: Some(1),
-                    ..fault
-                },
-            );
-        };
+        let arm = |fault: Fault| t.sandbox.state.faults.arm_once(Platform::Alipay, fault);
         let c = client(&t);
         let q = by_id("tid-1");
 

@@ -788,15 +788,7 @@ mod tests {
     #[tokio::test]
     async fn faults_map_to_typed_errors_and_retryability() {
         let t = start_https(world()).await;
-        let arm = |fault: Fault| {
-            t.sandbox.state.faults.set(
-                Platform::Aliyun,
-                Fault {
-                    count: Some(1),
-                    ..fault
-                },
-            );
-        };
+        let arm = |fault: Fault| t.sandbox.state.faults.arm_once(Platform::Aliyun, fault);
         let c = client(&t, SignatureScheme::default());
         let find = || c.find_device("wd.dev1", None);
 

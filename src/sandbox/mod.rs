@@ -83,6 +83,17 @@ impl Faults {
         lock(&self.armed).insert(platform, fault);
     }
 
+    /// Arms `fault` for `platform`'s next answer only (whatever its `count`).
+    pub fn arm_once(&self, platform: Platform, fault: Fault) {
+        self.set(
+            platform,
+            Fault {
+                count: Some(1),
+                ..fault
+            },
+        );
+    }
+
     /// Disarms `platform`'s fault.
     pub fn clear(&self, platform: Platform) {
         lock(&self.armed).remove(&platform);
