@@ -445,6 +445,12 @@ mod tests {
         }
     }
 
+    /// The refresher of `state` running against `upstream`.
+    fn refreshing(state: &Arc<State>, upstream: &Arc<FakeUpstream>) -> Running {
+        let refresher = Refresher::new(state.clone(), upstream.clone());
+        Running::start(|stop| refresher.run(stop))
+    }
+
     fn max_random() -> f64 {
         0.999_999
     }
@@ -519,8 +525,7 @@ mod tests {
             let state = state_with_raw_data(dir.path());
             state.publish(old_authinfo(age, 3600));
             let upstream = FakeUpstream::authinfo([Step::Ok("NEW")]);
-            let running =
-                Running::start(|stop| Refresher::new(state.clone(), upstream.clone()).run(stop));
+            let running = refreshing(&state, &upstream);
             tokio::time::sleep(Duration::from_secs(60)).await;
             assert_eq!(
                 lock(&upstream.calls).len() == 1,
@@ -537,8 +542,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
         let upstream = FakeUpstream::authinfo([Step::Fail(400, None), Step::Ok("GOOD")]);
-        let running =
-            Running::start(|stop| Refresher::new(state.clone(), upstream.clone()).run(stop));
+        let running = refreshing(&state, &upstream);
         tokio::time::sleep(Duration::from_secs(1800)).await;
         assert_eq!(
             lock(&upstream.calls).len(),
@@ -594,8 +598,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
         let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Ok("NEW")));
-        let running =
-            Running::start(|stop| Refresher::new(state.clone(), upstream.clone()).run(stop));
+        let running = refreshing(&state, &upstream);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(lock(&upstream.calls).len(), 1, "the refresh at start");
         let answers = flood(&state, Duration::from_secs(121)).await;
@@ -661,8 +664,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
         let upstream = FakeUpstream::authinfo([Step::Fail(400, None), Step::Ok("GOOD")]);
-        let running =
-            Running::start(|stop| Refresher::new(state.clone(), upstream.clone()).run(stop));
+        let running = refreshing(&state, &upstream);
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(state.status().refresh.last_error_permanent);
@@ -710,8 +712,7 @@ mod tests {
         state.publish(old_authinfo(0, 7200));
         // The first call never answers: the refresh stays in flight.
         let upstream = FakeUpstream::authinfo([]);
-        let running =
-            Running::start(|stop| Refresher::new(state.clone(), upstream.clone()).run(stop));
+        let running = refreshing(&state, &upstream);
         let first = state.request_refresh();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(state.refresh_status().in_flight);
