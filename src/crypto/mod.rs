@@ -627,41 +627,12 @@ pub(crate) fn openssl_sign(private_pem: &str, message: &[u8]) -> Vec<u8> {
     let key_path = dir.path().join("key.pem");
     std::fs::write(&key_path, private_pem).expect("write key");
     let key_path = key_path.to_str().expect("a temporary path is UTF-8");
-    run_piped(
+    crate::test_support::run_piped(
         "openssl",
         &["dgst", "-sha256", "-sign", key_path],
         message,
         "scripts/setup installs it",
     )
-}
-
-/// Runs `program` with `args` and `input` on its stdin, as the known-answer tests run the
-/// independent implementations (openssl, python3's cryptography) they compare with; asserts
-/// that it succeeded (its stderr and `hint` say why not) and returns its stdout.
-#[cfg(test)]
-pub(crate) fn run_piped(program: &str, args: &[&str], input: &[u8], hint: &str) -> Vec<u8> {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} must be installed ({hint}): {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(input)
-        .expect("write");
-    let out = child.wait_with_output().expect(program);
-    assert!(
-        out.status.success(),
-        "{program} failed ({hint}): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 #[cfg(test)]

@@ -811,7 +811,7 @@ print(sig)
             "version": CLOUDAUTH_VERSION, "date": "2024-05-06T07:08:09Z", "nonce": "NONCE123",
             "secret": secret,
         });
-        let out = crate::crypto::run_piped(
+        let out = crate::test_support::run_piped(
             "python3",
             &["-c", PYTHON_ACS3, &input.to_string()],
             b"",

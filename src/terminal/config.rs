@@ -1139,8 +1139,7 @@ raw_data_command = ["rawdata"]
                 .any(|p| p.starts_with("key_file: cannot read")),
             "{err}"
         );
-        std::fs::write(&key_file, &crate::crypto::test_key(0).private_pem).expect("key");
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        crate::test_support::write_file(&key_file, &crate::crypto::test_key(0).private_pem, 0o644);
         let err = preflight(&config).unwrap_err();
         assert!(err.to_string().contains("mode 644"), "{err}");
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");

@@ -337,7 +337,7 @@ else:
 "#;
 
     fn python(input: serde_json::Value) -> String {
-        let out = crate::crypto::run_piped(
+        let out = crate::test_support::run_piped(
             "python3",
             &["-c", PYTHON_AESGCM],
             input.to_string().as_bytes(),

@@ -1170,7 +1170,6 @@ mod tests {
     /// clears any number of them, and one that dies moves the store aside at the first.
     #[test]
     fn with_a_probe_a_death_inside_the_open_is_damage_only_when_the_probe_dies_too() {
-        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         filled(&state);
@@ -1187,8 +1186,7 @@ mod tests {
         drop(store);
 
         let aborts = dir.path().join("aborts");
-        std::fs::write(&aborts, "#!/bin/sh\nkill -ABRT $$\n").expect("script");
-        std::fs::set_permissions(&aborts, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::test_support::write_file(&aborts, "#!/bin/sh\nkill -ABRT $$\n", 0o755);
         let dies = StoreOptions {
             probe: Some(aborts),
             ..StoreOptions::default()
