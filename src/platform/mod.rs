@@ -425,34 +425,26 @@ mod tests {
             "{}/v3/iotmanage/devices?offset=0&limit=1",
             t.sandbox.base_url
         );
-        let via = |trust: Trust| Upstream {
-            egress: Egress::Direct,
-            trust,
+        // A GET of the sandbox directly, trusting `trust` and the platform's `ca_file`.
+        let get = |trust: Trust, ca_file: Option<&str>| {
+            let client = Upstream {
+                egress: Egress::Direct,
+                trust,
+            }
+            .client(ca_file, "wechatpay", CALL_TIMEOUT)
+            .expect("client");
+            client.get(&url).send()
         };
-        let answer = via(Trust::System(Arc::new(system)))
-            .client(None, "wechatpay", CALL_TIMEOUT)
-            .expect("client")
-            .get(&url)
-            .send()
+        let answer = get(Trust::System(Arc::new(system)), None)
             .await
             .expect("the system store trusts the sandbox");
         assert_eq!(answer.status(), 401);
-        let error = via(Trust::Webpki)
-            .client(None, "wechatpay", CALL_TIMEOUT)
-            .expect("client")
-            .get(&url)
-            .send()
+        let error = get(Trust::Webpki, None)
             .await
             .expect_err("the Mozilla roots do not know the sandbox CA");
         assert!(error.is_connect(), "{error:?}");
         // A platform's ca_file is added to either.
-        let answer = via(Trust::Webpki)
-            .client(Some(&t.ca_pem), "wechatpay", CALL_TIMEOUT)
-            .expect("client")
-            .get(&url)
-            .send()
-            .await
-            .expect("ca_file");
+        let answer = get(Trust::Webpki, Some(&t.ca_pem)).await.expect("ca_file");
         assert_eq!(answer.status(), 401);
     }
 
