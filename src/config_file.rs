@@ -480,8 +480,7 @@ mod tests {
     fn private_files_are_owner_only_and_readable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("key");
-        std::fs::write(&key, "secret").expect("write");
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        crate::test_support::write_file(&key, "secret", 0o600);
         check_private_file(&key).expect("0600 is fine");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         let err = check_private_file(&key).unwrap_err();

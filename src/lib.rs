@@ -22,6 +22,7 @@
 //!   budget, platform certificates, its store, HTTPS server.
 //! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
 //! - `demo` (feature `merchant`): the whole chain in one process.
+//! - `test_support` (unit tests only): helpers the modules' tests share.
 //!
 //! Dependencies point one way: `terminal` and `proxy` use `wire`; `proxy` and `sandbox` use
 //! `platform`; only the binaries and `demo` use `terminal`.
@@ -64,6 +65,8 @@ pub mod platform;
 pub mod proxy;
 #[cfg(feature = "merchant")]
 pub mod sandbox;
+#[cfg(test)]
+mod test_support;
 
 /// An error and its sources, joined with `: ` — the one-line form logs and status carry.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

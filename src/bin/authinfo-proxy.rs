@@ -12,6 +12,10 @@ use clap::Parser as _;
 mod cli;
 use cli::{Cli, Command, exit};
 
+#[path = "shared/mod.rs"]
+mod shared;
+use shared::runtime;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -50,23 +54,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The proxy's log filter is `$RUST_LOG` only; it is not reloaded, so the control is dropped.
 fn init_logging(default: &str) {
-    let journal = std::env::var("JOURNAL_STREAM").ok();
-    let filter = std::env::var("RUST_LOG").ok();
-    authinfod::logging::init(
-        authinfod::logging::detect(journal.as_deref()),
-        filter.as_deref(),
-        default,
-        "authinfo-proxy",
-    );
-    // The proxy's log filter is `$RUST_LOG` only; it is not reloaded.
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    shared::init_logging("authinfo-proxy", default);
 }
 
 /// Resolves on SIGTERM or SIGINT, after logging which.

@@ -13,6 +13,10 @@ use clap::Parser as _;
 mod cli;
 use cli::{Cli, Command, SocketArgs, exit};
 
+#[path = "shared/mod.rs"]
+mod shared;
+use shared::{init_logging, runtime};
+
 fn main() -> ExitCode {
     // The store's probe: the daemon runs its own binary as a child that only opens sled, after a
     // start died inside sled's open (terminal::store). Not a subcommand: nobody else runs it.
@@ -132,26 +136,6 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return exit::UNAVAILABLE;
     }
     exit::FAILURE
-}
-
-/// Logs to journald or stderr; `RUST_LOG` overrides `default`.
-fn init_logging(identifier: &str, default: &str) -> authinfod::logging::LogControl {
-    let journal = std::env::var("JOURNAL_STREAM").ok();
-    let filter = std::env::var("RUST_LOG").ok();
-    authinfod::logging::init(
-        authinfod::logging::detect(journal.as_deref()),
-        filter.as_deref(),
-        default,
-        identifier,
-    )
-    .1
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }
 
 fn run(config_path: &std::path::Path) -> anyhow::Result<ExitCode> {

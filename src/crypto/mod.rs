@@ -373,13 +373,7 @@ impl RsaVerifier {
                 if pem.contains("-----BEGIN RSA PUBLIC KEY-----") =>
             {
                 use rsa::pkcs1::DecodeRsaPublicKey as _;
-                let key = rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()).map_err(|e| {
-                    CryptoError::BadPublicKey {
-                        what: what.to_owned(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                Self::from_rsa(&key, what)
+                Self::from_parsed(rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()), what)
             }
             Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(CryptoError::BadPublicKey {
                 what: what.to_owned(),
@@ -413,23 +407,13 @@ impl RsaVerifier {
 
     /// Parses a DER SubjectPublicKeyInfo holding an RSA key.
     pub fn from_spki_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
-        let key =
-            rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| CryptoError::BadPublicKey {
-                what: what.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Self::from_rsa(&key, what)
+        Self::from_parsed(rsa::RsaPublicKey::from_public_key_der(der), what)
     }
 
     /// Parses a DER PKCS#1 `RSAPublicKey`.
     pub fn from_pkcs1_der(der: &[u8], what: &str) -> Result<Self, CryptoError> {
         use rsa::pkcs1::DecodeRsaPublicKey as _;
-        let key =
-            rsa::RsaPublicKey::from_pkcs1_der(der).map_err(|e| CryptoError::BadPublicKey {
-                what: what.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Self::from_rsa(&key, what)
+        Self::from_parsed(rsa::RsaPublicKey::from_pkcs1_der(der), what)
     }
 
     /// An RSA public key from its modulus and public exponent (big-endian), as a PKCS#11 token
@@ -438,10 +422,19 @@ impl RsaVerifier {
         let key = rsa::RsaPublicKey::new(
             rsa::BigUint::from_bytes_be(n),
             rsa::BigUint::from_bytes_be(e),
-        )
-        .map_err(|err| CryptoError::BadPublicKey {
+        );
+        Self::from_parsed(key, what)
+    }
+
+    /// A key the rsa crate parsed, checked as [`from_rsa`](Self::from_rsa) does; its parse
+    /// error as [`CryptoError::BadPublicKey`].
+    fn from_parsed(
+        parsed: Result<rsa::RsaPublicKey, impl fmt::Display>,
+        what: &str,
+    ) -> Result<Self, CryptoError> {
+        let key = parsed.map_err(|e| CryptoError::BadPublicKey {
             what: what.to_owned(),
-            reason: err.to_string(),
+            reason: e.to_string(),
         })?;
         Self::from_rsa(&key, what)
     }
@@ -529,6 +522,37 @@ pub fn generate_rsa_key(bits: usize) -> Result<GeneratedKey, CryptoError> {
     })
 }
 
+// === request signing strings ===
+
+/// The string an APIv3-style request signature covers: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`.
+/// WeChat Pay's scheme ([`crate::platform::wechatpay::sign`]) and the device scheme that copies
+/// its shape ([`crate::wire::auth`]) both sign it; each module re-exports it as
+/// `signing_string`. `path_and_query` is the request target exactly as sent; a GET has an empty
+/// body, so its string ends in `\n\n`.
+pub fn request_signing_string(
+    method: &str,
+    path_and_query: &str,
+    timestamp: i64,
+    nonce: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let timestamp = timestamp.to_string();
+    let mut s = Vec::with_capacity(
+        method.len() + path_and_query.len() + timestamp.len() + nonce.len() + body.len() + 5,
+    );
+    for line in [
+        method.as_bytes(),
+        path_and_query.as_bytes(),
+        timestamp.as_bytes(),
+        nonce.as_bytes(),
+        body,
+    ] {
+        s.extend_from_slice(line);
+        s.push(b'\n');
+    }
+    s
+}
+
 // === hashing and randomness ===
 
 /// Lower-case hex SHA-256 of `data`.
@@ -592,6 +616,23 @@ pub(crate) fn test_key(i: usize) -> &'static GeneratedKey {
     static KEYS: [OnceLock<GeneratedKey>; POOL] = [const { OnceLock::new() }; POOL];
     assert!(i < POOL, "the test key pool has {POOL} keys");
     KEYS[i].get_or_init(|| generate_rsa_key(2048).expect("keygen"))
+}
+
+/// What `openssl dgst -sha256 -sign` makes of `message` with the private key `private_pem`: the
+/// independent SHA256withRSA the known-answer tests compare ring's signatures with (PKCS#1 v1.5
+/// is deterministic).
+#[cfg(test)]
+pub(crate) fn openssl_sign(private_pem: &str, message: &[u8]) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&key_path, private_pem).expect("write key");
+    let key_path = key_path.to_str().expect("a temporary path is UTF-8");
+    crate::test_support::run_piped(
+        "openssl",
+        &["dgst", "-sha256", "-sign", key_path],
+        message,
+        "scripts/setup installs it",
+    )
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::fmt;
 use std::time::Duration;
 
 use base64::Engine as _;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::utf8_percent_encode;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -37,14 +37,6 @@ pub const FIND_PAGE_SIZE: u32 = 50;
 pub const FIND_MAX_PAGES: u32 = 200;
 /// The ACS3 signature algorithm name.
 pub const ACS3_ALGORITHM: &str = "ACS3-HMAC-SHA256";
-
-/// RFC 3986 encoding: everything but `A-Z a-z 0-9 - _ . ~` becomes `%XX` (upper-case hex), so a
-/// space is `%20`, `*` is `%2A` and `~` stays.
-const RFC3986: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
 
 /// One entry of Cloudauth `DescribeDeviceInfo`'s `DeviceInfoList.DeviceInfo[]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,7 +302,7 @@ impl Stamp {
 
 /// RFC 3986 percent-encoding as Alibaba Cloud signs with it.
 pub fn percent_encode(text: &str) -> String {
-    utf8_percent_encode(text, RFC3986).to_string()
+    utf8_percent_encode(text, super::RFC3986).to_string()
 }
 
 /// `k=v` pairs, keys and values percent-encoded, sorted by key, joined with `&`.
@@ -693,6 +685,18 @@ mod tests {
         crate::platform::http_client(tls, crate::platform::DEFAULT_TIMEOUT).expect("http")
     }
 
+    /// A client of `endpoint` with the AccessKey `id`/`secret`.
+    fn client(endpoint: &str, id: &str, secret: &str, scheme: SignatureScheme) -> AliyunClient {
+        AliyunClient::new(endpoint, AccessKey::new(id, secret), scheme, http()).expect("client")
+    }
+
+    fn stamp(time: time::OffsetDateTime, nonce: &str) -> Stamp {
+        Stamp {
+            time,
+            nonce: nonce.into(),
+        }
+    }
+
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -729,17 +733,16 @@ mod tests {
     /// The vendor's published V3 example (RunInstances, POST, empty body) through the client.
     #[test]
     fn acs3_published_vendor_example() {
-        let client = AliyunClient::new(
+        let client = client(
             "https://ecs.cn-shanghai.aliyuncs.com",
-            AccessKey::new("YourAccessKeyId", "YourAccessKeySecret"),
+            "YourAccessKeyId",
+            "YourAccessKeySecret",
             SignatureScheme::Acs3HmacSha256,
-            http(),
-        )
-        .expect("client");
-        let stamp = Stamp {
-            time: time::macros::datetime!(2023-10-26 09:01:01 UTC),
-            nonce: "d410180a5abf7fe235dd9b74aca91fc0".into(),
-        };
+        );
+        let stamp = stamp(
+            time::macros::datetime!(2023-10-26 09:01:01 UTC),
+            "d410180a5abf7fe235dd9b74aca91fc0",
+        );
         let signed = client.sign(
             "RunInstances",
             "2014-05-26",
@@ -790,17 +793,13 @@ print(sig)
     #[test]
     fn acs3_matches_an_independent_python_computation() {
         let secret = "s3cr3t/with+odd=chars";
-        let client = AliyunClient::new(
+        let client = client(
             "https://cloudauth.aliyuncs.com",
-            AccessKey::new("LTAI5tTestKey", secret),
+            "LTAI5tTestKey",
+            secret,
             SignatureScheme::Acs3HmacSha256,
-            http(),
-        )
-        .expect("client");
-        let stamp = Stamp {
-            time: time::macros::datetime!(2024-05-06 07:08:09 UTC),
-            nonce: "NONCE123".into(),
-        };
+        );
+        let stamp = stamp(time::macros::datetime!(2024-05-06 07:08:09 UTC), "NONCE123");
         let p = params(&[
             ("DeviceId", "wd.6ziU$ff~sp*A e/中"),
             ("BizType", "FACE_TEST"),
@@ -812,16 +811,13 @@ print(sig)
             "version": CLOUDAUTH_VERSION, "date": "2024-05-06T07:08:09Z", "nonce": "NONCE123",
             "secret": secret,
         });
-        let out = std::process::Command::new("python3")
-            .args(["-c", PYTHON_ACS3, &input.to_string()])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = crate::test_support::run_piped(
+            "python3",
+            &["-c", PYTHON_ACS3, &input.to_string()],
+            b"",
+            "scripts/setup installs it",
         );
-        let stdout = String::from_utf8(out.stdout).expect("utf-8");
+        let stdout = String::from_utf8(out).expect("utf-8");
         let mut lines = stdout.lines();
         let (py_digest, py_signature) = (lines.next().expect("digest"), lines.next().expect("sig"));
 
@@ -854,17 +850,13 @@ print(sig)
 
     #[test]
     fn v1_request_carries_common_parameters_and_a_valid_signature() {
-        let client = AliyunClient::new(
+        let client = client(
             DEFAULT_ENDPOINT,
-            AccessKey::new("testid", "testsecret"),
+            "testid",
+            "testsecret",
             SignatureScheme::RpcHmacSha1,
-            http(),
-        )
-        .expect("client");
-        let stamp = Stamp {
-            time: time::macros::datetime!(2016-02-23 12:46:24 UTC),
-            nonce: "n1".into(),
-        };
+        );
+        let stamp = stamp(time::macros::datetime!(2016-02-23 12:46:24 UTC), "n1");
         let signed = client.sign(
             DESCRIBE_DEVICE_INFO,
             CLOUDAUTH_VERSION,
@@ -904,13 +896,12 @@ print(sig)
                 "{bad}: {err}"
             );
         }
-        let c = AliyunClient::new(
+        let c = client(
             "https://127.0.0.1:8443/",
-            AccessKey::new("a", "b"),
+            "a",
+            "b",
             SignatureScheme::default(),
-            http(),
-        )
-        .expect("client");
+        );
         assert_eq!(c.host, "127.0.0.1:8443");
     }
 
@@ -1016,13 +1007,12 @@ print(sig)
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let client = AliyunClient::new(
+        let client = client(
             DEFAULT_ENDPOINT,
-            AccessKey::new("LTAIid", "very-secret-value"),
+            "LTAIid",
+            "very-secret-value",
             SignatureScheme::default(),
-            http(),
-        )
-        .expect("client");
+        );
         let shown = format!("{client:?}");
         assert!(shown.contains("LTAIid"), "{shown}");
         assert!(!shown.contains("very-secret-value"), "{shown}");

@@ -1050,10 +1050,8 @@ mod tests {
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
         let path = dir.join(name);
-        std::fs::write(&path, text).expect("write");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        crate::test_support::write_file(&path, text, 0o600);
         path
     }
 
@@ -1346,8 +1344,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("authinfo-proxy.toml");
-        std::fs::write(&config, "").expect("write");
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        crate::test_support::write_file(&config, "", 0o644);
         let with_password = raw_upstream(Some("http://u:hunter2@proxy:3128"), None);
         let (_, problems) = upstream_in(dir.path(), with_password, &[]);
         assert_eq!(problems.len(), 1, "{problems:?}");
@@ -1450,8 +1447,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("apiclient_key.pem");
-        std::fs::write(&path, "x").expect("write");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        crate::test_support::write_file(&path, "x", 0o640);
         let err = crate::config_file::check_private_file(&path)
             .unwrap_err()
             .to_string();

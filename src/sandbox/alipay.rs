@@ -97,13 +97,7 @@ async fn gateway(
         Some(q) => format!("/gateway.do?{q}"),
         None => "/gateway.do".to_owned(),
     };
-    let fault = state
-        .faults
-        .take(Platform::Alipay, &target)
-        .unwrap_or_default();
-    if let Some(latency) = fault.latency {
-        tokio::time::sleep(latency).await;
-    }
+    let fault = state.faults.take_and_delay(Platform::Alipay, &target).await;
     let mut params = parse_form(query.as_deref().unwrap_or_default());
     params.extend(parse_form(&String::from_utf8_lossy(&body)));
     let checked = check_request(&state, &params, OffsetDateTime::now_utc());
@@ -502,15 +496,7 @@ mod tests {
     #[tokio::test]
     async fn faults_map_to_typed_errors_and_retryability() {
         let t = start_https(world()).await;
-        let arm = |fault: Fault| {
-            t.sandbox.state.faults.set(
-                Platform::Alipay,
-                Fault {
-                    count: Some(1),
-                    ..fault
-                },
-            );
-        };
+        let arm = |fault: Fault| t.sandbox.state.faults.arm_once(Platform::Alipay, fault);
         let c = client(&t);
         let q = by_id("tid-1");
 

@@ -148,13 +148,7 @@ async fn rpc(
         Some(q) => format!("/?{q}"),
         None => "/".to_owned(),
     };
-    let fault = state
-        .faults
-        .take(Platform::Aliyun, &target)
-        .unwrap_or_default();
-    if let Some(latency) = fault.latency {
-        tokio::time::sleep(latency).await;
-    }
+    let fault = state.faults.take_and_delay(Platform::Aliyun, &target).await;
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -794,15 +788,7 @@ mod tests {
     #[tokio::test]
     async fn faults_map_to_typed_errors_and_retryability() {
         let t = start_https(world()).await;
-        let arm = |fault: Fault| {
-            t.sandbox.state.faults.set(
-                Platform::Aliyun,
-                Fault {
-                    count: Some(1),
-                    ..fault
-                },
-            );
-        };
+        let arm = |fault: Fault| t.sandbox.state.faults.arm_once(Platform::Aliyun, fault);
         let c = client(&t, SignatureScheme::default());
         let find = || c.find_device("wd.dev1", None);
 

@@ -23,6 +23,9 @@ use super::lock;
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`ConnectProxy::stop`] waits for the tunnels to close (they close when they see the
+/// shutdown).
+const TUNNEL_DRAIN: Duration = Duration::from_secs(10);
 
 /// One `CONNECT` the proxy was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,25 +76,19 @@ impl ConnectProxy {
         let tunnels = Arc::new(Mutex::new(Vec::new()));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let (log, token, inner) = (tunnels.clone(), shutdown.clone(), tracker.clone());
+        let (log, token) = (tunnels.clone(), shutdown.clone());
         tracker.spawn(async move {
-            loop {
-                let (client, _) = tokio::select! {
-                    () = token.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(conn) => conn,
-                        Err(_) => continue,
-                    },
-                };
+            crate::serve::accept_loop(&listener, &token, None, TUNNEL_DRAIN, |client, _| {
                 let (log, expected, token) = (log.clone(), expected.clone(), token.clone());
                 let hosts = hosts.clone();
-                inner.spawn(async move {
+                Some(Box::pin(async move {
                     tokio::select! {
                         () = token.cancelled() => {}
                         () = tunnel(client, expected.as_deref(), &hosts, &log) => {}
                     }
-                });
-            }
+                }))
+            })
+            .await;
         });
         Ok(Self {
             addr,
@@ -114,7 +111,7 @@ impl ConnectProxy {
         lock(&self.tunnels).clone()
     }
 
-    /// Stops listening and closes every tunnel.
+    /// Stops listening and closes every tunnel (waiting up to [`TUNNEL_DRAIN`] for them).
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tracker.close();

@@ -83,6 +83,17 @@ impl Faults {
         lock(&self.armed).insert(platform, fault);
     }
 
+    /// Arms `fault` for `platform`'s next answer only (whatever its `count`).
+    pub fn arm_once(&self, platform: Platform, fault: Fault) {
+        self.set(
+            platform,
+            Fault {
+                count: Some(1),
+                ..fault
+            },
+        );
+    }
+
     /// Disarms `platform`'s fault.
     pub fn clear(&self, platform: Platform) {
         lock(&self.armed).remove(&platform);
@@ -112,6 +123,16 @@ impl Faults {
             None => {}
         }
         Some(taken)
+    }
+
+    /// What every simulated platform does first with a request: [`take`](Self::take) the fault
+    /// that applies to `target` (none is the default, no fault) and sleep its `latency`.
+    pub async fn take_and_delay(&self, platform: Platform, target: &str) -> Fault {
+        let fault = self.take(platform, target).unwrap_or_default();
+        if let Some(latency) = fault.latency {
+            tokio::time::sleep(latency).await;
+        }
+        fault
     }
 }
 

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -30,21 +31,15 @@ impl NetCut {
         let shutdown = CancellationToken::new();
         let (flag, token) = (cut.clone(), shutdown.clone());
         tokio::spawn(async move {
-            loop {
-                let (inbound, _) = tokio::select! {
-                    () = token.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(c) => c,
-                        Err(_) => continue,
-                    },
-                };
+            // No drain: live connections end when they see `token` themselves.
+            crate::serve::accept_loop(&listener, &token, None, Duration::ZERO, |inbound, _| {
                 if flag.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
+                    // Dropping the connection closes it at once.
+                    return None;
                 }
                 let mut cut_rx = cut_rx.clone();
                 let token = token.clone();
-                tokio::spawn(async move {
+                Some(Box::pin(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -54,8 +49,9 @@ impl NetCut {
                         _ = cut_rx.wait_for(|cut| *cut) => {}
                         () = token.cancelled() => {}
                     }
-                });
-            }
+                }))
+            })
+            .await;
         });
         Ok(Self {
             addr,

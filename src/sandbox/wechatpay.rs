@@ -139,11 +139,8 @@ async fn answer(
         .map_or_else(|| request.uri.path(), |pq| pq.as_str());
     let fault = state
         .faults
-        .take(Platform::WechatPay, target)
-        .unwrap_or_default();
-    if let Some(latency) = fault.latency {
-        tokio::time::sleep(latency).await;
-    }
+        .take_and_delay(Platform::WechatPay, target)
+        .await;
     // The way there: the request arrives (is recorded and counted) after it.
     jitter(fault.latency_jitter).await;
     let response = answer_arrived(state, request, endpoint, target, &fault).await;

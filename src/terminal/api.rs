@@ -524,13 +524,11 @@ pub fn metrics_page(state: &State) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::terminal::store::{HeldAuthinfo, Store};
+    use crate::terminal::store::HeldAuthinfo;
     use crate::units::unix_now;
 
     fn state(dir: &std::path::Path) -> Arc<State> {
-        let config = crate::terminal::config::test_config(dir);
-        let (store, _) = Store::open(&config.state_dir).expect("store");
-        State::load(config, store, Arc::default(), Arc::default()).expect("state")
+        crate::terminal::state::test_state(dir)
     }
 
     fn get(path: &str, query: Option<&str>, inm: Option<&str>) -> ApiRequest {

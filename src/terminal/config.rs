@@ -773,27 +773,33 @@ fn resolve_all(
 }
 
 fn resolve_user(entry: &IdOrName) -> Result<u32, String> {
-    match entry {
-        IdOrName::Id(id) => Ok(*id),
-        IdOrName::Name(name) => match nix::unistd::User::from_name(name) {
-            Ok(Some(user)) => Ok(user.uid.as_raw()),
-            Ok(None) => Err(format!(
-                "no user named {name:?} (numeric uids work everywhere)"
-            )),
-            Err(e) => Err(format!("cannot look up user {name:?}: {e}")),
-        },
-    }
+    resolve_id(entry, "user", "uids", |name| {
+        nix::unistd::User::from_name(name).map(|user| user.map(|u| u.uid.as_raw()))
+    })
 }
 
 fn resolve_group(entry: &IdOrName) -> Result<u32, String> {
+    resolve_id(entry, "group", "gids", |name| {
+        nix::unistd::Group::from_name(name).map(|group| group.map(|g| g.gid.as_raw()))
+    })
+}
+
+/// A numeric id as it is, or the id of the `what` (user, group) named, looked up with `lookup`;
+/// the errors say that numeric `ids` work everywhere.
+fn resolve_id(
+    entry: &IdOrName,
+    what: &str,
+    ids: &str,
+    lookup: impl FnOnce(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
     match entry {
         IdOrName::Id(id) => Ok(*id),
-        IdOrName::Name(name) => match nix::unistd::Group::from_name(name) {
-            Ok(Some(group)) => Ok(group.gid.as_raw()),
+        IdOrName::Name(name) => match lookup(name) {
+            Ok(Some(id)) => Ok(id),
             Ok(None) => Err(format!(
-                "no group named {name:?} (numeric gids work everywhere)"
+                "no {what} named {name:?} (numeric {ids} work everywhere)"
             )),
-            Err(e) => Err(format!("cannot look up group {name:?}: {e}")),
+            Err(e) => Err(format!("cannot look up {what} {name:?}: {e}")),
         },
     }
 }
@@ -1133,8 +1139,7 @@ raw_data_command = ["rawdata"]
                 .any(|p| p.starts_with("key_file: cannot read")),
             "{err}"
         );
-        std::fs::write(&key_file, &crate::crypto::test_key(0).private_pem).expect("key");
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        crate::test_support::write_file(&key_file, &crate::crypto::test_key(0).private_pem, 0o644);
         let err = preflight(&config).unwrap_err();
         assert!(err.to_string().contains("mode 644"), "{err}");
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");

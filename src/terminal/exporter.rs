@@ -29,35 +29,16 @@ pub struct TextfileError {
     source: std::io::Error,
 }
 
-/// Writes `page` to `path` atomically: a temporary file in the same directory, renamed over it.
-/// The file is readable by everyone (node_exporter runs as its own user); nothing in it is
-/// secret.
+/// Writes `page` to `path` atomically (a temporary file beside it, fsynced and renamed over
+/// it, as the store writes its copies). The file is readable by everyone (node_exporter runs as
+/// its own user); nothing in it is secret.
 pub fn write_textfile(path: &Path, page: &str) -> Result<(), TextfileError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let err = |source| TextfileError {
-        path: path.to_owned(),
-        source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(err)?;
-    let written = file
-        .write_all(page.as_bytes())
-        .and_then(|()| file.sync_data());
-    drop(file);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+    crate::terminal::store::write_atomically_with_mode(path, page.as_bytes(), 0o644).map_err(
+        |source| TextfileError {
+            path: path.to_owned(),
+            source,
+        },
+    )
 }
 
 /// Keeps the textfile at `path` current until `shutdown`: at once, on every change, and at

@@ -250,24 +250,19 @@ fn log_inspection(i: &wire::Inspection, _now: i64) {
         wire::InspectionResult::Success => {
             tracing::info!(message_id = crate::events::INSPECTION_PASSED, check, result = "SUCCESS", inspect_time = %i.inspect_time, "factory inspection passed");
         }
-        wire::InspectionResult::Warn => {
+        wire::InspectionResult::Warn | wire::InspectionResult::Fail => {
+            let (result, what) = if i.result == wire::InspectionResult::Warn {
+                ("WARN", "reported warnings")
+            } else {
+                ("FAIL", "FAILED")
+            };
             tracing::warn!(message_id = crate::events::INSPECTION_WARNING,
                 check,
-                result = "WARN",
+                result,
                 errors = ?i.errors,
                 warnings = ?i.warnings,
                 inspect_time = %i.inspect_time,
-                "factory inspection reported warnings"
-            )
-        }
-        wire::InspectionResult::Fail => {
-            tracing::warn!(message_id = crate::events::INSPECTION_WARNING,
-                check,
-                result = "FAIL",
-                errors = ?i.errors,
-                warnings = ?i.warnings,
-                inspect_time = %i.inspect_time,
-                "factory inspection FAILED"
+                "factory inspection {what}"
             )
         }
     }
@@ -304,9 +299,8 @@ fn log_licence(l: &wire::Licence, now: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::terminal::proxy_client::BoxFuture;
+    use crate::terminal::proxy_client::fake::{FakeUpstream, Running};
     use crate::terminal::state::lock;
-    use std::sync::Mutex;
     use tokio::time::Instant;
 
     #[test]
@@ -329,35 +323,6 @@ mod tests {
         );
     }
 
-    /// Answers every health route with a licence and records when it was asked.
-    struct Licensed {
-        calls: Mutex<Vec<Instant>>,
-    }
-
-    impl Upstream for Licensed {
-        fn fetch_authinfo<'a>(
-            &'a self,
-            _raw_data: &'a str,
-        ) -> BoxFuture<'a, Result<wire::AuthinfoResponse, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-        fn fetch_health<'a>(
-            &'a self,
-            _route: &'static str,
-        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
-            lock(&self.calls).push(Instant::now());
-            Box::pin(std::future::ready(Ok(serde_json::json!({
-                "device_id": "wd.1", "begin_day": "2026-01-01", "expired_day": "2099-01-01"
-            }))))
-        }
-        fn send_report<'a>(
-            &'a self,
-            _report: &'a wire::Report,
-        ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-    }
-
     /// A daemon restarted 10 s after a licence check does not check again at start: it waits
     /// the rest of `refresh.min_forced_interval`, then checks.
     #[tokio::test(start_paused = true)]
@@ -366,20 +331,20 @@ mod tests {
         let mut config = crate::terminal::config::test_config(dir.path());
         config.health.inspection = false;
         config.health.alipay_binding = false;
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
         let record = CheckRecord::<wire::Licence> {
             last_attempt_at: Some(crate::units::unix_now() - 10),
             last_error: Some("down".into()),
             ..CheckRecord::default()
         };
-        store.save_health("licence", &record).expect("seed");
-        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
-        let upstream = Arc::new(Licensed {
-            calls: Mutex::new(Vec::new()),
+        let state = crate::terminal::state::test_state_with(config, |store| {
+            store.save_health("licence", &record).expect("seed");
         });
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Checker::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        // Every health route answers with a licence.
+        let upstream = FakeUpstream::health(serde_json::json!({
+            "device_id": "wd.1", "begin_day": "2026-01-01", "expired_day": "2099-01-01"
+        }));
+        let running =
+            Running::start(|stop| Checker::new(state.clone(), upstream.clone()).run(stop));
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(45)).await;
         assert!(lock(&upstream.calls).is_empty(), "not at start");
@@ -392,8 +357,7 @@ mod tests {
             "{at:?}"
         );
         assert!(state.health().licence.value.is_some());
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 
     #[test]

@@ -205,6 +205,18 @@ impl ProxyClient {
         self
     }
 
+    /// `POST path` with `body` as JSON; the answer's bytes.
+    async fn post_json(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed {
+            reason: e.to_string(),
+        })?;
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
     /// Sends a signed request; on a 401 `TIMESTAMP_SKEW` with a `Date`, learns the offset and
     /// sends once more.
     async fn call(
@@ -391,15 +403,10 @@ impl Upstream for ProxyClient {
         raw_data: &'a str,
     ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(&AuthinfoRequest {
+            let request = AuthinfoRequest {
                 raw_data: raw_data.to_owned(),
-            })
-            .map_err(|e| UpstreamError::Malformed {
-                reason: e.to_string(),
-            })?;
-            let bytes = self
-                .call(reqwest::Method::POST, wire::ROUTE_AUTHINFO, body)
-                .await?;
+            };
+            let bytes = self.post_json(wire::ROUTE_AUTHINFO, &request).await?;
             read_authinfo(&bytes)
         })
     }
@@ -419,14 +426,166 @@ impl Upstream for ProxyClient {
         report: &'a wire::Report,
     ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(report).map_err(|e| UpstreamError::Malformed {
-                reason: e.to_string(),
-            })?;
-            let bytes = self
-                .call(reqwest::Method::POST, wire::ROUTE_REPORT, body)
-                .await?;
+            let bytes = self.post_json(wire::ROUTE_REPORT, report).await?;
             parse(&bytes)
         })
+    }
+}
+
+/// A scripted [`Upstream`] for the loops' unit tests (refresh, health checks, reports) on
+/// tokio's paused clock: every call is recorded with the time it came and answered as told; a
+/// call it has no answer for never answers, as a proxy that hangs.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use crate::terminal::state::lock;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    /// One answer to `fetch_authinfo`.
+    pub(crate) enum Step {
+        /// This authinfo, with no `expires_in`.
+        Ok(&'static str),
+        /// This HTTP status (retryable when 5xx or 429) and `Retry-After` seconds.
+        Fail(u16, Option<u64>),
+    }
+
+    #[derive(Default)]
+    pub(crate) struct FakeUpstream {
+        /// Answers to `fetch_authinfo`, in order; once they are spent, calls never answer.
+        pub steps: Mutex<VecDeque<Step>>,
+        /// The answer to every `fetch_health`; `None`: they never answer.
+        pub health: Option<serde_json::Value>,
+        /// `send_report` answers 502 instead of a receipt.
+        pub fail_reports: bool,
+        /// When each `fetch_authinfo` and `fetch_health` came.
+        pub calls: Mutex<Vec<Instant>>,
+        /// Each report sent, with when it came.
+        pub reports: Mutex<Vec<(Instant, wire::Report)>>,
+    }
+
+    impl FakeUpstream {
+        /// Answers `fetch_authinfo` with `steps`, in order.
+        pub(crate) fn authinfo(steps: impl IntoIterator<Item = Step>) -> Arc<Self> {
+            Arc::new(Self {
+                steps: Mutex::new(steps.into_iter().collect()),
+                ..Self::default()
+            })
+        }
+
+        /// Answers every `fetch_health` with `answer`.
+        pub(crate) fn health(answer: serde_json::Value) -> Arc<Self> {
+            Arc::new(Self {
+                health: Some(answer),
+                ..Self::default()
+            })
+        }
+
+        /// Takes reports, answering each with a receipt, or with 502 when `fail`.
+        pub(crate) fn reports(fail: bool) -> Arc<Self> {
+            Arc::new(Self {
+                fail_reports: fail,
+                ..Self::default()
+            })
+        }
+    }
+
+    /// A loop (refresh, health checks, reports) running in a task until [`stop`](Self::stop).
+    pub(crate) struct Running {
+        shutdown: tokio_util::sync::CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        /// Spawns `run(shutdown)`.
+        pub(crate) fn start<F>(run: impl FnOnce(tokio_util::sync::CancellationToken) -> F) -> Self
+        where
+            F: Future<Output = ()> + Send + 'static,
+        {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(run(shutdown.clone()));
+            Self { shutdown, task }
+        }
+
+        /// Cancels the loop and waits for it to end.
+        pub(crate) async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.expect("the loop ends on shutdown");
+        }
+    }
+
+    fn refused(
+        status: u16,
+        code: String,
+        message: &str,
+        retry_after: Option<u64>,
+    ) -> UpstreamError {
+        UpstreamError::Refused {
+            status,
+            body: Box::new(ErrorBody {
+                code,
+                message: message.into(),
+                retryable: status >= 500 || status == 429,
+                retry_after_seconds: None,
+                upstream: None,
+            }),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    impl Upstream for FakeUpstream {
+        fn fetch_authinfo<'a>(
+            &'a self,
+            _raw_data: &'a str,
+        ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
+            Box::pin(async move {
+                lock(&self.calls).push(Instant::now());
+                let step = lock(&self.steps).pop_front();
+                match step {
+                    Some(Step::Ok(a)) => Ok(AuthinfoResponse {
+                        authinfo: a.into(),
+                        expires_in: None,
+                    }),
+                    Some(Step::Fail(status, retry_after)) => Err(refused(
+                        status,
+                        format!("HTTP_{status}"),
+                        "scripted",
+                        retry_after,
+                    )),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+
+        fn fetch_health<'a>(
+            &'a self,
+            _route: &'static str,
+        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
+            Box::pin(async move {
+                lock(&self.calls).push(Instant::now());
+                match &self.health {
+                    Some(answer) => Ok(answer.clone()),
+                    None => std::future::pending().await,
+                }
+            })
+        }
+
+        fn send_report<'a>(
+            &'a self,
+            report: &'a wire::Report,
+        ) -> BoxFuture<'a, Result<wire::ReportReceipt, UpstreamError>> {
+            Box::pin(async move {
+                lock(&self.reports).push((Instant::now(), report.clone()));
+                if self.fail_reports {
+                    Err(refused(502, "UPSTREAM_UNAVAILABLE".into(), "down", None))
+                } else {
+                    Ok(wire::ReportReceipt {
+                        received_at: "2026-01-01T00:00:00Z".into(),
+                    })
+                }
+            })
+        }
     }
 }
 

@@ -415,79 +415,40 @@ async fn run_raw_data_command(command: &[String], timeout: Duration) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::terminal::proxy_client::BoxFuture;
+    use crate::terminal::proxy_client::fake::{FakeUpstream, Running, Step};
     use crate::terminal::state::lock;
     use crate::units::unix_now;
-    use crate::wire::{AuthinfoResponse, ErrorBody};
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
 
     // === the loop, on tokio's paused clock, against a scripted upstream ===
 
-    enum Step {
-        Ok(&'static str),
-        Fail(u16, Option<u64>),
-    }
-
-    struct Scripted {
-        steps: Mutex<VecDeque<Step>>,
-        /// Monotonic times of each call, relative to the test's start.
-        calls: Mutex<Vec<Instant>>,
-    }
-
-    impl Upstream for Scripted {
-        fn fetch_authinfo<'a>(
-            &'a self,
-            _raw_data: &'a str,
-        ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
-            Box::pin(async move {
-                lock(&self.calls).push(Instant::now());
-                let step = lock(&self.steps).pop_front();
-                match step {
-                    Some(Step::Ok(a)) => Ok(AuthinfoResponse {
-                        authinfo: a.into(),
-                        expires_in: None,
-                    }),
-                    Some(Step::Fail(status, retry_after)) => Err(UpstreamError::Refused {
-                        status,
-                        body: Box::new(ErrorBody {
-                            code: format!("HTTP_{status}"),
-                            message: "scripted".into(),
-                            retryable: status >= 500 || status == 429,
-                            retry_after_seconds: None,
-                            upstream: None,
-                        }),
-                        retry_after: retry_after.map(Duration::from_secs),
-                    }),
-                    None => std::future::pending().await,
-                }
-            })
-        }
-        fn fetch_health<'a>(
-            &'a self,
-            _route: &'static str,
-        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-        fn send_report<'a>(
-            &'a self,
-            _report: &'a crate::wire::Report,
-        ) -> BoxFuture<'a, Result<crate::wire::ReportReceipt, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-    }
-
     fn state_with_raw_data(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        store
-            .save_raw_data(&RawData {
-                value: "RAW".into(),
-                received_at: 0,
-                source: "socket".into(),
-            })
-            .expect("raw");
-        State::load(config, store, Arc::default(), Arc::default()).expect("state")
+        crate::terminal::state::test_state_with(config, |store| {
+            store
+                .save_raw_data(&RawData {
+                    value: "RAW".into(),
+                    received_at: 0,
+                    source: "socket".into(),
+                })
+                .expect("raw");
+        })
+    }
+
+    /// An authinfo "OLD" fetched `age` seconds ago, valid for `runway` more seconds.
+    fn old_authinfo(age: i64, runway: i64) -> HeldAuthinfo {
+        HeldAuthinfo {
+            authinfo: "OLD".into(),
+            fetched_at: unix_now() - age,
+            expires_at: unix_now() + runway,
+            expires_in: None,
+            proxy_fetched_at: None,
+        }
+    }
+
+    /// The refresher of `state` running against `upstream`.
+    fn refreshing(state: &Arc<State>, upstream: &Arc<FakeUpstream>) -> Running {
+        let refresher = Refresher::new(state.clone(), upstream.clone());
+        Running::start(|stop| refresher.run(stop))
     }
 
     fn max_random() -> f64 {
@@ -501,25 +462,20 @@ mod tests {
     async fn backoff_and_retry_after_bounds_hold_on_the_paused_clock() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let upstream = Arc::new(Scripted {
-            steps: Mutex::new(VecDeque::from([
-                Step::Ok("FIRST"),
-                Step::Fail(500, None),
-                Step::Fail(500, None),
-                Step::Fail(500, None),
-                Step::Fail(429, Some(100)),
-                Step::Ok("SECOND"),
-            ])),
-            calls: Mutex::new(Vec::new()),
-        });
+        let upstream = FakeUpstream::authinfo([
+            Step::Ok("FIRST"),
+            Step::Fail(500, None),
+            Step::Fail(500, None),
+            Step::Fail(500, None),
+            Step::Fail(429, Some(100)),
+            Step::Ok("SECOND"),
+        ]);
         let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        let running = Running::start(|stop| refresher.run(stop));
         let start = Instant::now();
         // Let the schedule play out: 1 h interval (+10 %) then the backoffs.
         tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
 
         let calls: Vec<Duration> = lock(&upstream.calls)
             .iter()
@@ -567,28 +523,16 @@ mod tests {
         for (age, expect_immediate) in [(600, false), (4000, true)] {
             let dir = tempfile::tempdir().expect("tempdir");
             let state = state_with_raw_data(dir.path());
-            state.publish(HeldAuthinfo {
-                authinfo: "OLD".into(),
-                fetched_at: unix_now() - age,
-                expires_at: unix_now() + 3600,
-                expires_in: None,
-                proxy_fetched_at: None,
-            });
-            let upstream = Arc::new(Scripted {
-                steps: Mutex::new(VecDeque::from([Step::Ok("NEW")])),
-                calls: Mutex::new(Vec::new()),
-            });
-            let shutdown = CancellationToken::new();
-            let task =
-                tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+            state.publish(old_authinfo(age, 3600));
+            let upstream = FakeUpstream::authinfo([Step::Ok("NEW")]);
+            let running = refreshing(&state, &upstream);
             tokio::time::sleep(Duration::from_secs(60)).await;
             assert_eq!(
                 lock(&upstream.calls).len() == 1,
                 expect_immediate,
                 "age {age}"
             );
-            shutdown.cancel();
-            task.await.expect("join");
+            running.stop().await;
         }
     }
 
@@ -597,13 +541,8 @@ mod tests {
     async fn permanent_error_holds_until_new_raw_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let upstream = Arc::new(Scripted {
-            steps: Mutex::new(VecDeque::from([Step::Fail(400, None), Step::Ok("GOOD")])),
-            calls: Mutex::new(Vec::new()),
-        });
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let upstream = FakeUpstream::authinfo([Step::Fail(400, None), Step::Ok("GOOD")]);
+        let running = refreshing(&state, &upstream);
         tokio::time::sleep(Duration::from_secs(1800)).await;
         assert_eq!(
             lock(&upstream.calls).len(),
@@ -615,8 +554,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(lock(&upstream.calls).len(), 2);
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 
     /// `POST /v1/refresh?wait=true` through the socket API's handler, as a face app sends it.
@@ -659,13 +597,8 @@ mod tests {
     async fn a_face_app_flooding_refresh_makes_one_proxy_call_a_minute() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let upstream = Arc::new(Scripted {
-            steps: Mutex::new((0..100).map(|_| Step::Ok("NEW")).collect()),
-            calls: Mutex::new(Vec::new()),
-        });
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Ok("NEW")));
+        let running = refreshing(&state, &upstream);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(lock(&upstream.calls).len(), 1, "the refresh at start");
         let answers = flood(&state, Duration::from_secs(121)).await;
@@ -690,8 +623,7 @@ mod tests {
             "{answers:?}"
         );
         assert_eq!(state.metrics.refreshes("ok"), 3);
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 
     /// Without a fresh authinfo (the proxy failing), the flood is held to the backoff: with the
@@ -701,13 +633,9 @@ mod tests {
     async fn without_a_fresh_authinfo_a_flood_is_held_to_the_backoff() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let upstream = Arc::new(Scripted {
-            steps: Mutex::new((0..100).map(|_| Step::Fail(500, None)).collect()),
-            calls: Mutex::new(Vec::new()),
-        });
-        let shutdown = CancellationToken::new();
+        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
         let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
-        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        let running = Running::start(|stop| refresher.run(stop));
         let start = Instant::now();
         let answers = flood(&state, Duration::from_secs(60)).await;
         let calls: Vec<Duration> = lock(&upstream.calls)
@@ -726,8 +654,7 @@ mod tests {
             answers.iter().all(|(s, _)| matches!(s, 429 | 502)),
             "{answers:?}"
         );
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 
     /// New raw_data right after a permanent refusal is stored and its refresh deferred, not
@@ -736,13 +663,8 @@ mod tests {
     async fn raw_data_within_the_limit_starts_its_refresh_when_the_limit_allows() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        let upstream = Arc::new(Scripted {
-            steps: Mutex::new(VecDeque::from([Step::Fail(400, None), Step::Ok("GOOD")])),
-            calls: Mutex::new(Vec::new()),
-        });
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        let upstream = FakeUpstream::authinfo([Step::Fail(400, None), Step::Ok("GOOD")]);
+        let running = refreshing(&state, &upstream);
         let start = Instant::now();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(state.status().refresh.last_error_permanent);
@@ -763,8 +685,7 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert!(calls[1].duration_since(start) >= Duration::from_secs(5));
         assert_eq!(state.current().expect("held").held.authinfo, "GOOD");
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 
     /// The first raw_data's refresh starts at once and is reported so, however soon the loop
@@ -788,21 +709,10 @@ mod tests {
     async fn refresh_requests_during_a_refresh_join_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = state_with_raw_data(dir.path());
-        state.publish(HeldAuthinfo {
-            authinfo: "OLD".into(),
-            fetched_at: unix_now(),
-            expires_at: unix_now() + 7200,
-            expires_in: None,
-            proxy_fetched_at: None,
-        });
-        let upstream = Arc::new(Scripted {
-            // The first call never answers: the refresh stays in flight.
-            steps: Mutex::new(VecDeque::new()),
-            calls: Mutex::new(Vec::new()),
-        });
-        let shutdown = CancellationToken::new();
-        let task =
-            tokio::spawn(Refresher::new(state.clone(), upstream.clone()).run(shutdown.clone()));
+        state.publish(old_authinfo(0, 7200));
+        // The first call never answers: the refresh stays in flight.
+        let upstream = FakeUpstream::authinfo([]);
+        let running = refreshing(&state, &upstream);
         let first = state.request_refresh();
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(state.refresh_status().in_flight);
@@ -813,7 +723,6 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(lock(&upstream.calls).len(), 1);
-        shutdown.cancel();
-        task.await.expect("join");
+        running.stop().await;
     }
 }

@@ -182,56 +182,8 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::terminal::proxy_client::BoxFuture;
+    use crate::terminal::proxy_client::fake::{FakeUpstream, Running};
     use crate::terminal::state::lock;
-    use crate::wire::{AuthinfoResponse, ErrorBody};
-    use std::sync::Mutex;
-
-    /// An upstream that records reports and answers them as told; nothing else is called.
-    struct Recording {
-        reports: Mutex<Vec<(Instant, Report)>>,
-        fail: bool,
-    }
-
-    impl Upstream for Recording {
-        fn fetch_authinfo<'a>(
-            &'a self,
-            _raw_data: &'a str,
-        ) -> BoxFuture<'a, Result<AuthinfoResponse, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-        fn fetch_health<'a>(
-            &'a self,
-            _route: &'static str,
-        ) -> BoxFuture<'a, Result<serde_json::Value, UpstreamError>> {
-            Box::pin(std::future::pending())
-        }
-        fn send_report<'a>(
-            &'a self,
-            report: &'a Report,
-        ) -> BoxFuture<'a, Result<ReportReceipt, UpstreamError>> {
-            Box::pin(async move {
-                lock(&self.reports).push((Instant::now(), report.clone()));
-                if self.fail {
-                    Err(UpstreamError::Refused {
-                        status: 502,
-                        body: Box::new(ErrorBody {
-                            code: "UPSTREAM_UNAVAILABLE".into(),
-                            message: "down".into(),
-                            retryable: true,
-                            retry_after_seconds: None,
-                            upstream: None,
-                        }),
-                        retry_after: None,
-                    })
-                } else {
-                    Ok(ReportReceipt {
-                        received_at: "2026-01-01T00:00:00Z".into(),
-                    })
-                }
-            })
-        }
-    }
 
     fn state(dir: &std::path::Path) -> Arc<State> {
         let config = crate::terminal::config::test_config(dir);
@@ -252,16 +204,12 @@ mod tests {
         for fail in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
             let state = state(dir.path());
-            let upstream = Arc::new(Recording {
-                reports: Mutex::new(Vec::new()),
-                fail,
-            });
+            let upstream = FakeUpstream::reports(fail);
             let start = Instant::now();
             let interval = Duration::from_secs(900);
             let reporter = Reporter::new(state.clone(), upstream.clone())
                 .with_timing(interval, Duration::from_secs(2));
-            let shutdown = CancellationToken::new();
-            let task = tokio::spawn(reporter.run(shutdown.clone()));
+            let running = Running::start(|stop| reporter.run(stop));
             tokio::time::sleep(Duration::from_secs(10)).await;
             // Four triggers in a second: one report, two seconds after the first.
             for _ in 0..4 {
@@ -271,8 +219,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             // Then nothing for an hour: periodic reports only.
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            shutdown.cancel();
-            task.await.expect("reporter");
+            running.stop().await;
             let at: Vec<u64> = lock(&upstream.reports)
                 .iter()
                 .map(|(t, _)| t.duration_since(start).as_secs())

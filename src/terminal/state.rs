@@ -806,6 +806,21 @@ pub fn whole_seconds_up(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// A daemon state for unit tests: [`test_config`](super::config::test_config) in `dir`, a fresh
+/// store and the system clock.
+#[cfg(test)]
+pub(crate) fn test_state(dir: &std::path::Path) -> Arc<State> {
+    test_state_with(super::config::test_config(dir), |_| {})
+}
+
+/// [`test_state`] with `config`, loaded from a store `seed` wrote to first.
+#[cfg(test)]
+pub(crate) fn test_state_with(config: Config, seed: impl FnOnce(&Store)) -> Arc<State> {
+    let (store, _) = Store::open(&config.state_dir).expect("store");
+    seed(&store);
+    State::load(config, store, Arc::default(), Arc::default()).expect("state")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

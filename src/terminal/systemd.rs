@@ -211,9 +211,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn loops_alive_needs_both_heartbeats_within_a_minute() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = crate::terminal::config::test_config(dir.path());
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
+        let state = crate::terminal::state::test_state(dir.path());
         let beat = |slot: &std::sync::atomic::AtomicU64| {
             crate::terminal::state::Heartbeats::beat(
                 slot,
@@ -241,9 +239,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn status_follows_a_change_without_waiting_for_the_tick() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = crate::terminal::config::test_config(dir.path());
-        let (store, _) = crate::terminal::store::Store::open(&config.state_dir).expect("store");
-        let state = State::load(config, store, Arc::default(), Arc::default()).expect("state");
+        let state = crate::terminal::state::test_state(dir.path());
         let path = dir.path().join("notify");
         let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
         receiver.set_nonblocking(true).expect("nonblocking");

@@ -5,9 +5,10 @@
 //! signature = base64(SHA256withRSA(device key, "METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n"))
 //! ```
 //!
-//! Owns: the signing string, the header's text form (format and a strict parser), the device
-//! signer and the pure checks the proxy applies (signature, timestamp window). The proxy keeps
-//! the nonce cache; this module only defines the window.
+//! Owns: the header's text form (format and a strict parser), the device signer and the pure
+//! checks the proxy applies (signature, timestamp window). The signing string is
+//! [`crypto::request_signing_string`], shared with WeChat Pay's scheme. The proxy keeps the nonce
+//! cache; this module only defines the window.
 
 use std::fmt;
 
@@ -20,29 +21,10 @@ pub const TIMESTAMP_WINDOW_SECS: i64 = 300;
 /// Longest Authorization header accepted (a 4096-bit signature is 684 base64 characters).
 pub const MAX_HEADER_LEN: usize = 2048;
 
-/// The string a device signs: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`. `path_and_query`
-/// is the request target as sent (`/v1/licence`, or `/v1/x?a=b`); a GET has an empty body, so
-/// its string ends in `\n\n`.
-pub fn signing_string(
-    method: &str,
-    path_and_query: &str,
-    timestamp: i64,
-    nonce: &str,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut s = Vec::with_capacity(64 + path_and_query.len() + nonce.len() + body.len());
-    s.extend_from_slice(method.as_bytes());
-    s.push(b'\n');
-    s.extend_from_slice(path_and_query.as_bytes());
-    s.push(b'\n');
-    s.extend_from_slice(timestamp.to_string().as_bytes());
-    s.push(b'\n');
-    s.extend_from_slice(nonce.as_bytes());
-    s.push(b'\n');
-    s.extend_from_slice(body);
-    s.push(b'\n');
-    s
-}
+/// The string a device signs: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`, WeChat Pay's shape.
+/// `path_and_query` is the request target as sent (`/v1/licence`, or `/v1/x?a=b`); a GET has an
+/// empty body, so its string ends in `\n\n`.
+pub use crate::crypto::request_signing_string as signing_string;
 
 /// The parameters of an `AUTHINFOD-SHA256-RSA2048` Authorization header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,8 +231,6 @@ mod tests {
     use super::*;
     use crate::crypto::RsaSigner;
     use proptest::prelude::*;
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
 
     fn key() -> &'static crypto::GeneratedKey {
         crypto::test_key(0)
@@ -275,9 +255,6 @@ mod tests {
     /// signing string with the same key (PKCS#1 v1.5 is deterministic).
     #[test]
     fn signature_matches_openssl_dgst_sha256_sign() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key_path = dir.path().join("device.key");
-        std::fs::write(&key_path, &key().private_pem).expect("write key");
         let body = br#"{"raw_data":"RAW"}"#;
         let header = signer()
             .authorize_with_nonce(
@@ -296,24 +273,12 @@ mod tests {
             "ABCDEFGHIJKLMNOP0123",
             body,
         );
-        let mut child = Command::new("openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key_path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("openssl must be installed (scripts/setup installs it)");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(&message)
-            .expect("write");
-        let out = child.wait_with_output().expect("openssl");
-        assert!(out.status.success());
         assert_eq!(
             parsed.signature,
-            base64::Engine::encode(&crypto::BASE64, &out.stdout)
+            base64::Engine::encode(
+                &crypto::BASE64,
+                crypto::openssl_sign(&key().private_pem, &message)
+            )
         );
         assert!(parsed.verify(&key().public, "POST", "/v1/authinfo", body));
         assert!(!parsed.verify(&key().public, "POST", "/v1/authinfo", b"{}"));

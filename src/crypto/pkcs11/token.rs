@@ -328,6 +328,27 @@ fn find_token(pkcs11: &Pkcs11, uri: &Pkcs11Uri) -> Result<FoundToken, TokenError
     }
 }
 
+/// The mechanism every key is used with, and its name for errors.
+const SIGNING: (MechanismType, &str) = (
+    MechanismType::SHA256_RSA_PKCS,
+    "CKM_SHA256_RSA_PKCS (SHA256withRSA) signing",
+);
+
+/// Reads the PIN, loads the module and finds the one token `uri` names, which must have each
+/// of `mechanisms` (checked in order; the first it lacks is the error).
+fn open_token(
+    uri: &Pkcs11Uri,
+    mechanisms: &[(MechanismType, &'static str)],
+) -> Result<(Option<AuthPin>, Pkcs11, FoundToken), TokenError> {
+    let pin = read_pin(uri)?;
+    let pkcs11 = load_module(&uri.module_path)?;
+    let token = find_token(&pkcs11, uri)?;
+    for &(mechanism, name) in mechanisms {
+        require_mechanism(&pkcs11, &token, mechanism, name)?;
+    }
+    Ok((pin, pkcs11, token))
+}
+
 fn require_mechanism(
     pkcs11: &Pkcs11,
     token: &FoundToken,
@@ -598,15 +619,7 @@ impl TokenSigner {
     /// checks that the token signs SHA256withRSA, and signs a test message that must verify
     /// with the key's public half: everything signing at run time needs, checked now.
     pub fn open(uri: &Pkcs11Uri) -> Result<Self, TokenError> {
-        let pin = read_pin(uri)?;
-        let pkcs11 = load_module(&uri.module_path)?;
-        let token = find_token(&pkcs11, uri)?;
-        require_mechanism(
-            &pkcs11,
-            &token,
-            MechanismType::SHA256_RSA_PKCS,
-            "CKM_SHA256_RSA_PKCS (SHA256withRSA) signing",
-        )?;
+        let (pin, pkcs11, token) = open_token(uri, &[SIGNING])?;
         let session = open_session(&pkcs11, &token, pin.as_ref(), false)?;
         let key = find_key(&session, uri, &token)?;
         let wanted = uri.object_description();
@@ -755,21 +768,11 @@ pub fn generate_key(uri: &Pkcs11Uri, bits: u64, force: bool) -> Result<TokenSign
     if uri.object.is_none() && uri.id.is_none() {
         return Err(TokenError::Unnamed);
     }
-    let pin = read_pin(uri)?;
-    let pkcs11 = load_module(&uri.module_path)?;
-    let token = find_token(&pkcs11, uri)?;
-    require_mechanism(
-        &pkcs11,
-        &token,
+    let key_generation = (
         MechanismType::RSA_PKCS_KEY_PAIR_GEN,
         "CKM_RSA_PKCS_KEY_PAIR_GEN (RSA key generation)",
-    )?;
-    require_mechanism(
-        &pkcs11,
-        &token,
-        MechanismType::SHA256_RSA_PKCS,
-        "CKM_SHA256_RSA_PKCS (SHA256withRSA) signing",
-    )?;
+    );
+    let (pin, pkcs11, token) = open_token(uri, &[key_generation, SIGNING])?;
     let session = open_session(&pkcs11, &token, pin.as_ref(), true)?;
     let failed = |during, source| TokenError::Pkcs11 {
         token: token.label.clone(),

@@ -258,8 +258,6 @@ impl WechatPayClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
 
     /// A known-answer vector derived with Python's `cryptography` (OpenSSL underneath), an
     /// implementation independent of ring:
@@ -339,26 +337,13 @@ else:
 "#;
 
     fn python(input: serde_json::Value) -> String {
-        let mut child = Command::new("python3")
-            .args(["-c", PYTHON_AESGCM])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 must be installed (scripts/setup)");
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(input.to_string().as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("python3");
-        assert!(
-            out.status.success(),
-            "python3 cryptography failed (scripts/setup installs python3-cryptography): {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = crate::test_support::run_piped(
+            "python3",
+            &["-c", PYTHON_AESGCM],
+            input.to_string().as_bytes(),
+            "scripts/setup installs python3 and python3-cryptography",
         );
-        String::from_utf8(out.stdout).expect("utf-8")
+        String::from_utf8(out).expect("utf-8")
     }
 
     /// At test time, with a fresh key and text: what Python encrypts, ring opens; what the

@@ -8,39 +8,17 @@
 //! Owns: the signing string and the header's text form. It must not parse headers (that is the
 //! platform's side, simulated in [`crate::sandbox::wechatpay`]) and signs only through
 //! [`Signer`] (ring, or a PKCS#11 token). The terminal's own scheme in `wire::auth` has the same
-//! signing-string shape but is kept apart: `platform` does not depend on the wire contract.
+//! signing-string shape, so the string itself lives in [`crate::crypto`], which both use:
+//! `platform` does not depend on the wire contract.
 
 use crate::crypto::{CryptoError, Signer};
 
 /// The authentication scheme name.
 pub const SCHEME: &str = "WECHATPAY2-SHA256-RSA2048";
 
-/// The string a request signature covers: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`.
-/// `path_and_query` is the request target exactly as sent; a GET has an empty body, so its
-/// string ends in `\n\n`.
-pub fn signing_string(
-    method: &str,
-    path_and_query: &str,
-    timestamp: i64,
-    nonce: &str,
-    body: &[u8],
-) -> Vec<u8> {
-    let timestamp = timestamp.to_string();
-    let mut s = Vec::with_capacity(
-        method.len() + path_and_query.len() + timestamp.len() + nonce.len() + body.len() + 5,
-    );
-    for line in [
-        method.as_bytes(),
-        path_and_query.as_bytes(),
-        timestamp.as_bytes(),
-        nonce.as_bytes(),
-        body,
-    ] {
-        s.extend_from_slice(line);
-        s.push(b'\n');
-    }
-    s
-}
+/// The string a request signature covers: `METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n`
+/// (the device scheme in `wire::auth` signs the same shape).
+pub use crate::crypto::request_signing_string as signing_string;
 
 /// The merchant's signing identity: merchant id, API certificate serial and API private key.
 #[derive(Debug)]
@@ -96,8 +74,6 @@ mod tests {
     use super::*;
     use crate::crypto::{self, BASE64, RsaSigner};
     use base64::Engine as _;
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
 
     /// The RSA test key published in the official Go SDK (wechatpay-apiv3/wechatpay-go,
     /// `core/auth/signers/sha256withrsa_signer_test.go`, `testPrivateKeyStr`). A public test
@@ -222,9 +198,6 @@ BDa+8mDLkWu5nHEhOxy2JJZl
     #[test]
     fn request_signature_matches_openssl_dgst_sha256_sign() {
         let key = crypto::test_key(0);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key_path = dir.path().join("apiclient_key.pem");
-        std::fs::write(&key_path, &key.private_pem).expect("write key");
         let body = br#"{"sp_appid":"wx1","raw_data":"RAW"}"#;
         let message = signing_string(
             "POST",
@@ -237,21 +210,9 @@ BDa+8mDLkWu5nHEhOxy2JJZl
             .expect("key")
             .sign_base64(&message)
             .expect("sign");
-        let mut child = Command::new("openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key_path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("openssl must be installed");
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(&message)
-            .expect("write");
-        let out = child.wait_with_output().expect("openssl");
-        assert!(out.status.success(), "openssl failed");
-        assert_eq!(ours, BASE64.encode(&out.stdout));
+        assert_eq!(
+            ours,
+            BASE64.encode(crypto::openssl_sign(&key.private_pem, &message))
+        );
     }
 }

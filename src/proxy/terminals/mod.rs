@@ -437,34 +437,25 @@ fn log_entered(device_id: &str, risk: &Risk, was: Option<Severity>) {
         risk.message.as_str(),
     );
     let previous = was.map(Severity::as_str);
+    // `tracing::event!` takes its level as a constant: one call per severity, the same fields.
+    macro_rules! entered {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                message_id = id,
+                device_id,
+                risk = risk_name,
+                severity,
+                previous_severity = previous,
+                detail = message,
+                "terminal entered a risk"
+            )
+        };
+    }
     match risk.severity {
-        Severity::Critical => tracing::error!(
-            message_id = id,
-            device_id,
-            risk = risk_name,
-            severity,
-            previous_severity = previous,
-            detail = message,
-            "terminal entered a risk"
-        ),
-        Severity::Warning => tracing::warn!(
-            message_id = id,
-            device_id,
-            risk = risk_name,
-            severity,
-            previous_severity = previous,
-            detail = message,
-            "terminal entered a risk"
-        ),
-        Severity::Info => tracing::info!(
-            message_id = id,
-            device_id,
-            risk = risk_name,
-            severity,
-            previous_severity = previous,
-            detail = message,
-            "terminal entered a risk"
-        ),
+        Severity::Critical => entered!(tracing::Level::ERROR),
+        Severity::Warning => entered!(tracing::Level::WARN),
+        Severity::Info => entered!(tracing::Level::INFO),
     }
 }
 

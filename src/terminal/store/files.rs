@@ -83,13 +83,19 @@ pub fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreErr
 /// file beside it, fsynced, renamed over `path`, and the directory fsynced so the rename is
 /// durable. A failed write removes its temporary file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_with_mode(path, bytes, 0o600)
+}
+
+/// [`write_atomically`] with the new file's `mode` (before the umask), for a file that is not
+/// private (the metrics textfile, 0644).
+pub fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = temporary_name(path);
     let result = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;

@@ -37,6 +37,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::sync::CancellationToken;
 
 use self::files::FileId;
+pub(crate) use self::files::write_atomically_with_mode;
 pub use self::probe::{PROBE_ENV, PROBE_PARENT_ENV, child as probe_child};
 pub use self::records::{AttemptRecord, HeldAuthinfo, RawData};
 use self::records::{KEY_COPY, KEY_GENERATION, KEY_SCHEMA, SCHEMA, Snapshot, encode};
@@ -1169,7 +1170,6 @@ mod tests {
     /// clears any number of them, and one that dies moves the store aside at the first.
     #[test]
     fn with_a_probe_a_death_inside_the_open_is_damage_only_when_the_probe_dies_too() {
-        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         filled(&state);
@@ -1186,8 +1186,7 @@ mod tests {
         drop(store);
 
         let aborts = dir.path().join("aborts");
-        std::fs::write(&aborts, "#!/bin/sh\nkill -ABRT $$\n").expect("script");
-        std::fs::set_permissions(&aborts, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::test_support::write_file(&aborts, "#!/bin/sh\nkill -ABRT $$\n", 0o755);
         let dies = StoreOptions {
             probe: Some(aborts),
             ..StoreOptions::default()

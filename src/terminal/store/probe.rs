@@ -123,12 +123,10 @@ fn open_and_read(state_dir: &Path) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt as _;
 
     fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
         let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        crate::test_support::write_file(&path, format!("#!/bin/sh\n{body}\n"), 0o755);
         path
     }
 
@@ -173,11 +171,9 @@ mod tests {
     /// not a death inside sled's open.
     #[test]
     fn exit_127_is_a_probe_that_could_not_run() {
-        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let script = dir.path().join("exec-failed");
-        std::fs::write(&script, "#!/bin/sh\nexit 127\n").expect("write");
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        crate::test_support::write_file(&script, "#!/bin/sh\nexit 127\n", 0o700);
         let got = run(&script, dir.path(), TIMEOUT);
         assert!(matches!(got, Outcome::Unavailable(_)), "{got:?}");
     }
