@@ -201,8 +201,18 @@ fn run(options: &Options) -> anyhow::Result<()> {
     );
     println!();
 
+    let unit_env = unit_environment()?;
+    println!(
+        "  environment {} (systemd/authinfod.service's Environment=, as the unit runs it)",
+        unit_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let mut daemon = Process::spawn(
         Command::new(&binary)
+            .envs(unit_env)
             .arg("run")
             .arg("--config")
             .arg(&setup.config)
@@ -992,4 +1002,17 @@ mod baseline {
             }
         })
     }
+}
+
+/// The `Environment=` settings of the shipped unit, so the daemon runs as systemd runs it.
+fn unit_environment() -> anyhow::Result<Vec<(String, String)>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/authinfod.service");
+    let unit = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    Ok(unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
 }
