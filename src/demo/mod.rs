@@ -4,12 +4,15 @@
 //! merchant's fleet view of the terminal.
 //!
 //! - [`lab`]: the setup (keys, certificates, config files, servers) the demo and tests share.
+//! - [`simulated`]: simulated terminals reporting to a proxy (`authinfo-proxy sandbox
+//!   --simulate-terminals`).
 //!
 //! Owns: the story and its narration. It must not reach into the daemon's internals: it talks
 //! to the daemon over its socket like the face app and `authinfod status` do, and reads the
 //! fleet view from the proxy's admin listener like `authinfo-proxy terminals`.
 
 pub mod lab;
+pub mod simulated;
 
 use std::future::Future;
 use std::io::Write;
