@@ -21,7 +21,8 @@
 //! - `proxy` (feature `merchant`): the signing proxy: device registry, fleet sync and its daily
 //!   budget, platform certificates, its store, HTTPS server.
 //! - `sandbox` (feature `merchant`): simulated platforms that verify signatures like the real ones.
-//! - `demo` (feature `merchant`): the whole chain in one process.
+//! - `demo` (feature `merchant`): the whole chain in one process, and the sandbox's simulated
+//!   terminals.
 //! - `test_support` (unit tests only): helpers the modules' tests share.
 //!
 //! Dependencies point one way: `terminal` and `proxy` use `wire`; `proxy` and `sandbox` use

@@ -354,6 +354,44 @@ async fn the_demo_plays_the_whole_story() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    assert_fleet_view_narrated(&text);
+}
+
+/// The demo names the proxy's admin listener and ends its story with the fleet table, the
+/// demo's terminal in it, healthy and freshly reported.
+fn assert_fleet_view_narrated(text: &str) {
+    let admin = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("authinfo-proxy admin listener"))
+        .unwrap_or_else(|| panic!("no admin listener line in:\n{text}"));
+    assert!(
+        admin.contains("http://127.0.0.1:") && admin.contains("GET /terminals"),
+        "{admin}"
+    );
+    let (_, table) = text
+        .split_once("The fleet view, as the merchant sees it")
+        .unwrap_or_else(|| panic!("no fleet view step in:\n{text}"));
+    let mut lines = table.lines().skip(1);
+    let header = lines.next().unwrap_or_default();
+    assert!(
+        header.contains("SEVERITY") && header.contains("DEVICE_ID") && header.contains("RISKS"),
+        "{table}"
+    );
+    let row = lines.next().unwrap_or_default();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.first(), Some(&"ok"), "{table}");
+    assert_eq!(
+        cells.get(1),
+        Some(&authinfod::demo::lab::DEVICE_ID),
+        "{table}"
+    );
+    assert!(row.contains("fresh"), "{table}");
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.contains("1 terminal(s): 1 ok, 0 at risk")),
+        "{table}"
+    );
 }
 
 /// The README's first command, as the binary runs it: `authinfod demo` starts its own runtime
@@ -376,4 +414,5 @@ fn binary_demo_plays_the_story_and_exits_0() {
         stdout.contains("Stopped. Everything the demo made is deleted."),
         "{stdout}"
     );
+    assert_fleet_view_narrated(&stdout);
 }

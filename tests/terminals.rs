@@ -1,8 +1,8 @@
 //! The fleet view end to end: a real daemon's reports reach the proxy over device-signed TLS and
 //! show in `GET /terminals`, `authinfo-proxy terminals`, `/metrics` and the dashboard; forged,
 //! replayed, oversized and flooding reports are refused; what terminals report is escaped on the
-//! page; the admin listener needs its token off loopback; and the journal tells when a terminal
-//! enters and leaves a risk.
+//! page; the admin listener needs its token off loopback; the journal tells when a terminal
+//! enters and leaves a risk; and the sandbox's simulated terminals show their spread of risks.
 
 use std::time::Duration;
 
@@ -750,4 +750,122 @@ async fn the_dashboard_renders_in_a_real_browser() {
         std::fs::copy(&png, out).expect("copy the screenshot");
     }
     lab.stop().await;
+}
+
+/// `authinfo-proxy sandbox --simulate-terminals 12`: the simulated terminals, enrolled in the
+/// registry the sandbox writes, wait for the proxy (saying so once), and once a proxy runs from
+/// the written config they fetch authinfos and report, and `GET /terminals` shows the spread of
+/// risks they pretend, the silent one never seen.
+#[tokio::test]
+async fn the_sandbox_simulates_terminals_reporting_assorted_risks() {
+    use authinfod::demo::lab::{StandaloneOptions, StandaloneSandbox};
+    let (logs, _guard) = capture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let options = StandaloneOptions {
+        listen: "127.0.0.1:0".into(),
+        proxy_listen: format!("127.0.0.1:{proxy_port}"),
+        admin_listen: "127.0.0.1:0".into(),
+        devices: 0,
+        simulate_terminals: 12,
+        keys: Some(crate::support::lab_keys().clone()),
+        ..StandaloneOptions::new(dir.path())
+    };
+    let sandbox = StandaloneSandbox::start(&options).await.expect("sandbox");
+    assert!(
+        sandbox
+            .next_steps()
+            .contains("12 simulated terminals (SIM-001 to SIM-012"),
+        "{}",
+        sandbox.next_steps()
+    );
+    crate::support::wait_until("the simulator waits for the proxy", || {
+        !logs
+            .lines_with("simulated terminals wait for the proxy")
+            .is_empty()
+    })
+    .await;
+    let config = authinfod::proxy::config::load_with_env(
+        &sandbox.proxy_config,
+        &authinfod::proxy::config::no_environment,
+    )
+    .expect("the written proxy config");
+    let proxy = authinfod::proxy::start(config).await.expect("proxy");
+
+    let deadline = tokio::time::Instant::now() + crate::support::GENEROUS;
+    let list = loop {
+        let list = authinfod::proxy::admin_terminals(proxy.admin_addr, None, false)
+            .await
+            .expect("GET /terminals");
+        let reported = list.terminals.iter().filter(|t| t.report.is_some()).count();
+        if reported == 11 {
+            break list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{reported} of 11 simulated terminals reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        list.summary.terminals, 13,
+        "the lab's terminal and 12 simulated"
+    );
+    let terminal = |id: &str| {
+        list.terminals
+            .iter()
+            .find(|t| t.device_id == id)
+            .unwrap_or_else(|| panic!("{id} is not in the fleet view"))
+    };
+    let has = |id: &str, risk: RiskKind, severity: Severity| {
+        let t = terminal(id);
+        assert!(
+            t.risks
+                .iter()
+                .any(|r| r.risk == risk && r.severity == severity),
+            "{id} is not in {risk:?} ({severity:?}): {:?}",
+            t.risks
+        );
+    };
+    has("SIM-002", RiskKind::LicenceExpiring, Severity::Critical);
+    has("SIM-003", RiskKind::InspectionFailed, Severity::Warning);
+    has("SIM-004", RiskKind::NeverSeen, Severity::Warning);
+    has("SIM-005", RiskKind::OutdatedVersion, Severity::Info);
+    has("SIM-007", RiskKind::LicenceExpiring, Severity::Warning);
+    has("SIM-008", RiskKind::InspectionFailed, Severity::Critical);
+    has("SIM-010", RiskKind::AlipayUnbound, Severity::Warning);
+    has("SIM-011", RiskKind::AuthinfoExpiring, Severity::Critical);
+    for id in ["SIM-001", "SIM-006", "SIM-009", "SIM-012"] {
+        let t = terminal(id);
+        assert!(t.risks.is_empty(), "{id} is healthy: {:?}", t.risks);
+        assert!(t.last_issued_at.is_some(), "{id} fetched an authinfo");
+        let report = t.report.as_ref().expect("a report");
+        assert_eq!(report.authinfo.state, HeldState::Fresh, "{id}");
+        assert_eq!(report.version, env!("CARGO_PKG_VERSION"));
+    }
+    assert_eq!(terminal("SIM-004").last_seen_at, None, "the silent one");
+    assert!(list.summary.ok >= 5, "{:?}", list.summary);
+    assert!(list.summary.critical >= 3, "{:?}", list.summary);
+    assert_eq!(
+        logs.lines_with("simulated terminals wait for the proxy")
+            .len(),
+        1,
+        "said once while waiting"
+    );
+    crate::support::wait_until("the round's log line", || {
+        !logs.lines_with("simulated terminals reported").is_empty()
+    })
+    .await;
+    let rounds = logs.lines_with("simulated terminals reported");
+    assert!(
+        rounds
+            .first()
+            .is_some_and(|l| l.contains("reported=11") && l.contains("refused=0")),
+        "one line for the round: {rounds:?}"
+    );
+    proxy.stop().await;
+    sandbox.stop().await;
 }

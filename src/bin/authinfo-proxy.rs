@@ -34,7 +34,18 @@ fn main() -> ExitCode {
             proxy_listen,
             devices,
             authinfo_per_minute,
-        } => sandbox(&dir, &listen, &proxy_listen, devices, authinfo_per_minute),
+            simulate_terminals,
+        } => sandbox(authinfod::demo::lab::StandaloneOptions {
+            listen,
+            proxy_listen,
+            devices,
+            simulate_terminals: usize::from(simulate_terminals),
+            authinfo_limit: authinfo_per_minute.map(|requests| authinfod::sandbox::AuthinfoLimit {
+                requests,
+                window: std::time::Duration::from_secs(60),
+            }),
+            ..authinfod::demo::lab::StandaloneOptions::new(&dir)
+        }),
     };
     match result {
         Ok(code) => code,
@@ -221,24 +232,10 @@ fn certificates(path: &std::path::Path, out: Option<&std::path::Path>) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-fn sandbox(
-    dir: &std::path::Path,
-    listen: &str,
-    proxy_listen: &str,
-    devices: usize,
-    authinfo_per_minute: Option<usize>,
-) -> anyhow::Result<ExitCode> {
+fn sandbox(options: authinfod::demo::lab::StandaloneOptions) -> anyhow::Result<ExitCode> {
     init_logging("info");
-    let authinfo_limit = authinfo_per_minute.map(|requests| authinfod::sandbox::AuthinfoLimit {
-        requests,
-        window: std::time::Duration::from_secs(60),
-    });
     runtime()?.block_on(authinfod::demo::lab::run_standalone_sandbox(
-        dir,
-        listen,
-        proxy_listen,
-        devices,
-        authinfo_limit,
+        &options,
         shutdown_signal(),
     ))?;
     Ok(ExitCode::SUCCESS)

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::simulated::{self, MAX_SIMULATED_TERMINALS, SimulatedTerminal};
 
 use crate::crypto::{self, CryptoError, GeneratedKey};
 use crate::platform::alipay::DeviceBinding;
@@ -61,15 +64,16 @@ pub enum LabError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{asked} simulated terminals asked for; at most {max}")]
+    TooManyTerminals { asked: usize, max: usize },
+    #[error("the key generation task failed")]
+    KeyTask(#[source] tokio::task::JoinError),
 }
 
-/// What the simulated platforms know in the lab: the demo device, activated, with a passing
-/// inspection, an Alipay binding and a licence `licence_days` from expiry, among `extra_devices`
-/// other devices of the merchant.
-pub fn world(extra_devices: usize, licence_days: i64) -> World {
-    let today = time::OffsetDateTime::now_utc().date();
-    let day = |d: time::Date| crate::platform::aliyun::format_day(d).replace('-', "");
-    let listed = |sn: String, status: &str| Device {
+/// A device as WeChat Pay's fleet list has it in the lab: a canteen terminal of the lab's
+/// merchant, `status` (`ACTIVATED`, `INACTIVATED`).
+fn listed(sn: String, status: &str) -> Device {
+    Device {
         device_sn: Some(sn),
         device_category: Some("团餐设备".into()),
         device_category_code: Some("8".into()),
@@ -83,7 +87,15 @@ pub fn world(extra_devices: usize, licence_days: i64) -> World {
         mchid: Some("1900000001".into()),
         sub_mchid: Some("1900000002".into()),
         ..Device::default()
-    };
+    }
+}
+
+/// What the simulated platforms know in the lab: the demo device, activated, with a passing
+/// inspection, an Alipay binding and a licence `licence_days` from expiry, among `extra_devices`
+/// other devices of the merchant.
+pub fn world(extra_devices: usize, licence_days: i64) -> World {
+    let today = time::OffsetDateTime::now_utc().date();
+    let day = |d: time::Date| crate::platform::aliyun::format_day(d).replace('-', "");
     let mut devices = vec![listed(DEVICE_SN.into(), "ACTIVATED")];
     devices.extend((0..extra_devices).map(|i| {
         listed(
@@ -185,6 +197,8 @@ pub struct GeneratedLab {
     pub sandbox_pki: GeneratedPki,
     pub device_public: crypto::RsaVerifier,
     pub aliyun_access_key_id: String,
+    /// The CA of the proxy's certificate (also `proxy-ca.pem`): what its clients pin.
+    pub proxy_ca_pem: String,
 }
 
 impl std::fmt::Debug for GeneratedLab {
@@ -269,6 +283,7 @@ pub fn write_keys_for(
         sandbox_pki,
         device_public: device.public.clone(),
         aliyun_access_key_id: secrets.aliyun_access_key_id,
+        proxy_ca_pem: proxy_pki.ca_pem,
     })
 }
 
@@ -285,15 +300,30 @@ impl LabFiles {
 
     /// Writes the registry (`devices.toml`) enrolling the demo device with `device_public`.
     pub fn write_registry(&self, device_public: &crypto::RsaVerifier) -> Result<PathBuf, LabError> {
+        self.write_registry_with(device_public, &[])
+    }
+
+    /// [`write_registry`](Self::write_registry), also enrolling `simulated` terminals.
+    pub fn write_registry_with(
+        &self,
+        device_public: &crypto::RsaVerifier,
+        simulated: &[SimulatedTerminal],
+    ) -> Result<PathBuf, LabError> {
         let path = self.path("devices.toml");
-        write(
-            &path,
-            &format!(
-                "# Devices enrolled with this proxy (made by the lab).\n[[device]]\ndevice_id = \"{DEVICE_ID}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{DEVICE_SN}\"\nsub_mchid = \"1900000002\"\nsub_appid = \"wxsandboxsubapp0001\"\norganization_id = \"ORG-CANTEEN-01\"\n\n[device.alipay]\nbiz_tid = \"{BIZ_TID}\"\n\n[device.aliyun]\ndevice_id = \"{CLOUDAUTH_DEVICE_ID}\"\nbiz_type = \"FACE_PAY\"\n",
-                device_public.to_pem()
-            ),
-            0o644,
-        )?;
+        let mut text = format!(
+            "# Devices enrolled with this proxy (made by the lab).\n[[device]]\ndevice_id = \"{DEVICE_ID}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{DEVICE_SN}\"\nsub_mchid = \"1900000002\"\nsub_appid = \"wxsandboxsubapp0001\"\norganization_id = \"ORG-CANTEEN-01\"\n\n[device.alipay]\nbiz_tid = \"{BIZ_TID}\"\n\n[device.aliyun]\ndevice_id = \"{CLOUDAUTH_DEVICE_ID}\"\nbiz_type = \"FACE_PAY\"\n",
+            device_public.to_pem()
+        );
+        for t in simulated {
+            text.push_str(&format!(
+                "\n# Simulated ({:?}).\n[[device]]\ndevice_id = \"{}\"\npublic_key = \"\"\"\n{}\"\"\"\ndevice_sn = \"{}\"\nsub_mchid = \"1900000002\"\nsub_appid = \"wxsandboxsubapp0001\"\norganization_id = \"ORG-CANTEEN-02\"\n",
+                t.profile,
+                t.device_id,
+                t.key.public.to_pem(),
+                t.device_sn
+            ));
+        }
+        write(&path, &text, 0o644)?;
         Ok(path)
     }
 
@@ -607,74 +637,249 @@ impl Lab {
     }
 }
 
-/// `authinfo-proxy sandbox`: generates a lab in `dir` (keys, proxy config for a proxy on
-/// `proxy_listen`, registry, terminal config), serves the simulated platforms on `listen` with
-/// `devices` extra fleet devices (and the merchant's `authinfo_limit`, if any), and prints what
-/// to run next; until `shutdown`.
+/// Default: where `authinfo-proxy sandbox` serves the simulated platforms.
+pub const SANDBOX_LISTEN: &str = "127.0.0.1:8600";
+/// Default: where the config `authinfo-proxy sandbox` writes makes the proxy listen.
+pub const SANDBOX_PROXY_LISTEN: &str = "127.0.0.1:8443";
+/// Default: extra devices in the simulated WeChat Pay fleet list of `authinfo-proxy sandbox`.
+pub const SANDBOX_DEVICES: usize = 250;
+
+/// What `authinfo-proxy sandbox` is started with.
+#[derive(Debug, Clone)]
+pub struct StandaloneOptions {
+    /// Where the keys and configs are written (created if missing).
+    pub dir: PathBuf,
+    /// Where the simulated platforms listen.
+    pub listen: String,
+    /// Where the written config makes the proxy listen (and the simulated terminals reach it).
+    pub proxy_listen: String,
+    /// Where the written config puts the proxy's admin listener.
+    pub admin_listen: String,
+    /// Extra devices in the simulated WeChat Pay fleet list.
+    pub devices: usize,
+    /// The merchant's authinfo limit at simulated WeChat Pay.
+    pub authinfo_limit: Option<crate::sandbox::AuthinfoLimit>,
+    /// Terminals enrolled in the registry and reporting to the proxy once it runs, with
+    /// assorted risks (at most [`MAX_SIMULATED_TERMINALS`]).
+    pub simulate_terminals: usize,
+    /// The lab's RSA keys; `None`: fresh ones (tests pass theirs).
+    pub keys: Option<LabKeys>,
+}
+
+impl StandaloneOptions {
+    /// The defaults of `authinfo-proxy sandbox --dir DIR`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            listen: SANDBOX_LISTEN.into(),
+            proxy_listen: SANDBOX_PROXY_LISTEN.into(),
+            admin_listen: crate::proxy::config::DEFAULT_ADMIN_LISTEN.into(),
+            devices: SANDBOX_DEVICES,
+            authinfo_limit: None,
+            simulate_terminals: 0,
+            keys: None,
+        }
+    }
+}
+
+/// A running `authinfo-proxy sandbox`: the simulated platforms, the files written for the proxy
+/// and the terminal, and the simulated terminals' loop (when asked for).
+pub struct StandaloneSandbox {
+    pub sandbox_url: String,
+    pub sandbox: RunningSandbox,
+    pub files: LabFiles,
+    pub proxy_config: PathBuf,
+    pub daemon_config: PathBuf,
+    /// Where the simulated terminals reach the proxy.
+    pub proxy_url: String,
+    pub admin_listen: String,
+    /// How many terminals are simulated.
+    pub simulated: usize,
+    stop_simulator: CancellationToken,
+    simulator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StandaloneSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandaloneSandbox")
+            .field("dir", &self.files.dir)
+            .field("simulated", &self.simulated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandaloneSandbox {
+    /// Generates a lab in `options.dir` (keys, a proxy config for a proxy on `proxy_listen`, the
+    /// registry with the simulated terminals, a terminal config), serves the simulated
+    /// platforms on `listen`, and starts the simulated terminals' loop.
+    pub async fn start(options: &StandaloneOptions) -> Result<Self, LabError> {
+        let n = options.simulate_terminals;
+        if n > MAX_SIMULATED_TERMINALS {
+            return Err(LabError::TooManyTerminals {
+                asked: n,
+                max: MAX_SIMULATED_TERMINALS,
+            });
+        }
+        let listener = TcpListener::bind(&options.listen)
+            .await
+            .map_err(LabError::Listen)?;
+        let sandbox_url = format!(
+            "https://{}",
+            listener.local_addr().map_err(LabError::Listen)?
+        );
+        // Terminals connect to the proxy at `proxy_listen`, so its certificate must name that
+        // host (an unspecified address like 0.0.0.0 names nothing a terminal can connect to:
+        // the simulated terminals use loopback then).
+        let proxy_addr = options.proxy_listen.parse::<SocketAddr>().ok();
+        let proxy_host = proxy_addr
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .map(|ip| ip.to_string());
+        let proxy_url = match proxy_addr {
+            Some(a) if a.ip().is_unspecified() => format!("https://127.0.0.1:{}", a.port()),
+            _ => format!("https://{}", options.proxy_listen),
+        };
+        let keys = match &options.keys {
+            Some(keys) => keys.clone(),
+            None => LabKeys::generate()?,
+        };
+        let simulated = if n == 0 {
+            Vec::new()
+        } else {
+            tracing::info!(
+                terminals = n,
+                "generating an RSA-2048 key for each simulated terminal"
+            );
+            tokio::task::spawn_blocking(move || simulated::generate(n))
+                .await
+                .map_err(LabError::KeyTask)??
+        };
+        let generated = write_keys_for(&options.dir, &keys, proxy_host.as_deref())?;
+        let files = LabFiles {
+            dir: options.dir.clone(),
+        };
+        files.write_registry_with(&generated.device_public, &simulated)?;
+        let proxy_config = files.write_proxy_config(
+            &generated,
+            &sandbox_url,
+            &options.proxy_listen,
+            &options.admin_listen,
+            "",
+            WechatVerification::PublicKey,
+        )?;
+        let daemon_config =
+            files.write_daemon_config(&format!("https://{}", options.proxy_listen), "")?;
+        let mut world = World {
+            authinfo_limit: options.authinfo_limit,
+            ..world(options.devices, 45)
+        };
+        world
+            .wechat_devices
+            .extend(simulated.iter().map(|t| Device {
+                sub_merchant_shortname: Some(CANTEENS[t.index % CANTEENS.len()].into()),
+                ..listed(
+                    t.device_sn.clone(),
+                    if t.profile.activated() {
+                        "ACTIVATED"
+                    } else {
+                        "INACTIVATED"
+                    },
+                )
+            }));
+        let tls = crate::tls::client_config_pinned(&generated.proxy_ca_pem, "proxy-ca.pem")?;
+        let sandbox = start_sandbox(
+            generated.sandbox_keys,
+            &generated.sandbox_pki,
+            listener,
+            world,
+        )?;
+        let stop_simulator = CancellationToken::new();
+        let simulator = (!simulated.is_empty()).then(|| {
+            let (url, stop) = (proxy_url.clone(), stop_simulator.clone());
+            tokio::spawn(async move {
+                if let Err(error) =
+                    simulated::run(simulated, &url, &tls, SIMULATED_TIMEOUT, stop).await
+                {
+                    tracing::error!(error = %crate::error_chain(&error), "the simulated terminals stopped");
+                }
+            })
+        });
+        Ok(Self {
+            sandbox_url,
+            sandbox,
+            files,
+            proxy_config,
+            daemon_config,
+            proxy_url,
+            admin_listen: options.admin_listen.clone(),
+            simulated: n,
+            stop_simulator,
+            simulator,
+        })
+    }
+
+    /// What to run next, for people.
+    pub fn next_steps(&self) -> String {
+        let proxy = self.proxy_config.display();
+        let mut out = format!(
+            "Simulated WeChat Pay, Alipay and Alibaba Cloud at {}\nFresh keys, certificates and configs in {}:\n",
+            self.sandbox_url,
+            self.files.dir.display()
+        );
+        out.push_str(&format!(
+            "  proxy:     authinfo-proxy serve --config {proxy}\n"
+        ));
+        out.push_str(&format!(
+            "  terminal:  authinfod run --config {}\n",
+            self.daemon_config.display()
+        ));
+        out.push_str(&format!(
+            "  fleet:     authinfo-proxy devices --config {proxy}\n"
+        ));
+        out.push_str(&format!(
+            "  terminals: authinfo-proxy terminals --config {proxy}   (dashboard: http://{}/)\n",
+            self.admin_listen
+        ));
+        out.push_str(&format!(
+            "  face app:  curl --unix-socket {} -X PUT -d '{{\"raw_data\":\"R\"}}' http://localhost/v1/raw-data\n",
+            self.files.path("authinfod.sock").display()
+        ));
+        if self.simulated > 0 {
+            out.push_str(&format!(
+                "{} simulated terminals (SIM-001 to SIM-{:03}, assorted risks) report to the proxy at {} once it runs, every {}.\n",
+                self.simulated,
+                self.simulated,
+                self.proxy_url,
+                crate::units::format_duration(simulated::ROUND_EVERY)
+            ));
+        }
+        out.push_str("Ctrl-C stops the sandbox.\n");
+        out
+    }
+
+    /// Stops the simulated terminals and the platforms.
+    pub async fn stop(self) {
+        self.stop_simulator.cancel();
+        if let Some(task) = self.simulator {
+            let _ = task.await;
+        }
+        self.sandbox.stop().await;
+    }
+}
+
+/// The short names WeChat Pay lists for the simulated terminals' sub-merchants.
+const CANTEENS: [&str; 3] = ["一食堂", "二食堂", "教工餐厅"];
+/// The simulated terminals' timeout of a call to the proxy.
+const SIMULATED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `authinfo-proxy sandbox`: starts a [`StandaloneSandbox`], prints what to run next, and
+/// serves until `shutdown`.
 pub async fn run_standalone_sandbox(
-    dir: &Path,
-    listen: &str,
-    proxy_listen: &str,
-    devices: usize,
-    authinfo_limit: Option<crate::sandbox::AuthinfoLimit>,
+    options: &StandaloneOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LabError> {
-    let listener = TcpListener::bind(listen).await.map_err(LabError::Listen)?;
-    let sandbox_url = format!(
-        "https://{}",
-        listener.local_addr().map_err(LabError::Listen)?
-    );
-    // Terminals connect to the proxy at `proxy_listen`, so its certificate must name that host
-    // (an unspecified address like 0.0.0.0 names nothing a terminal can connect to).
-    let proxy_host = proxy_listen
-        .parse::<SocketAddr>()
-        .ok()
-        .map(|a| a.ip())
-        .filter(|ip| !ip.is_unspecified())
-        .map(|ip| ip.to_string());
-    let generated = write_keys_for(dir, &LabKeys::generate()?, proxy_host.as_deref())?;
-    let files = LabFiles {
-        dir: dir.to_owned(),
-    };
-    files.write_registry(&generated.device_public)?;
-    let admin = "127.0.0.1:9464";
-    let proxy_config = files.write_proxy_config(
-        &generated,
-        &sandbox_url,
-        proxy_listen,
-        admin,
-        "",
-        WechatVerification::PublicKey,
-    )?;
-    let daemon_config = files.write_daemon_config(&format!("https://{proxy_listen}"), "")?;
-    let sandbox = start_sandbox(
-        generated.sandbox_keys,
-        &generated.sandbox_pki,
-        listener,
-        World {
-            authinfo_limit,
-            ..world(devices, 45)
-        },
-    )?;
-    println!("Simulated WeChat Pay, Alipay and Alibaba Cloud at {sandbox_url}");
-    println!("Fresh keys, certificates and configs in {}:", dir.display());
-    println!(
-        "  proxy:    authinfo-proxy serve --config {}",
-        proxy_config.display()
-    );
-    println!(
-        "  terminal: authinfod run --config {}",
-        daemon_config.display()
-    );
-    println!(
-        "  fleet:    authinfo-proxy devices --config {}",
-        proxy_config.display()
-    );
-    println!(
-        "  face app: curl --unix-socket {} -X PUT -d '{{\"raw_data\":\"R\"}}' http://localhost/v1/raw-data",
-        files.path("authinfod.sock").display()
-    );
-    println!("Ctrl-C stops the sandbox.");
+    let sandbox = StandaloneSandbox::start(options).await?;
+    print!("{}", sandbox.next_steps());
     shutdown.await;
     sandbox.stop().await;
     Ok(())

@@ -1,13 +1,18 @@
 //! `authinfod demo`: the whole chain in one process — simulated platforms, the signing proxy and
 //! the daemon — on temporary directories and sockets with keys made on the spot, playing the
-//! story a newcomer needs: first fetch, a face-app read, the network cut, recovery.
+//! story a newcomer needs: first fetch, a face-app read, the network cut, recovery, and the
+//! merchant's fleet view of the terminal.
 //!
 //! - [`lab`]: the setup (keys, certificates, config files, servers) the demo and tests share.
+//! - [`simulated`]: simulated terminals reporting to a proxy (`authinfo-proxy sandbox
+//!   --simulate-terminals`).
 //!
 //! Owns: the story and its narration. It must not reach into the daemon's internals: it talks
-//! to the daemon over its socket like the face app and `authinfod status` do.
+//! to the daemon over its socket like the face app and `authinfod status` do, and reads the
+//! fleet view from the proxy's admin listener like `authinfo-proxy terminals`.
 
 pub mod lab;
+pub mod simulated;
 
 use std::future::Future;
 use std::io::Write;
@@ -16,6 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::proxy::terminals::doc::{TerminalDoc, TerminalsList, render_table};
 use crate::terminal::client::{self, ClientError};
 use crate::terminal::config::SocketAddress;
 use crate::terminal::doc::{CheckState, HeldState, StatusDoc};
@@ -32,6 +38,8 @@ pub enum DemoError {
     Daemon(#[from] terminal::DaemonError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("cannot read the fleet view")]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("{0}")]
     Story(String),
     #[error("cannot write the story")]
@@ -87,6 +95,10 @@ async fn run_in(
     story.say(&format!(
         "  authinfo-proxy                              https://{}   holds the merchant keys, authenticates the terminal",
         lab.proxy.addr
+    ))?;
+    story.say(&format!(
+        "  authinfo-proxy admin listener               http://{}/   the fleet dashboard; GET /terminals is its JSON",
+        lab.proxy.admin_addr
     ))?;
     story.say(&format!(
         "  network between terminal and proxy          127.0.0.1:{}   (a relay the demo can cut)",
@@ -329,7 +341,43 @@ async fn play(
             + lab.proxy.app.metrics.requests("/v1/licence", "OK"),
         lab.sandbox.state.received().iter().filter(|r| r.signature_ok).count()
     ))?;
+
+    story.step("The fleet view, as the merchant sees it (authinfo-proxy terminals)")?;
+    let fleet = wait_fleet_view(lab.proxy.admin_addr, STEP_LIMIT, |t| {
+        t.device_id == lab::DEVICE_ID
+            && t.report.as_ref().is_some_and(|r| {
+                r.authinfo.state == HeldState::Fresh && r.refresh.last_attempt_ok == Some(true)
+            })
+    })
+    .await?;
+    for line in render_table(&fleet.terminals, &fleet.summary).lines() {
+        story.say(&format!("  {line}"))?;
+    }
     Ok(())
+}
+
+/// Asks the proxy's admin listener for the fleet view (`GET /terminals`, as `authinfo-proxy
+/// terminals` does) until a terminal in it passes `cond` (at most `limit`): the daemon reports
+/// soon after each refresh attempt.
+async fn wait_fleet_view(
+    admin: std::net::SocketAddr,
+    limit: Duration,
+    cond: impl Fn(&TerminalDoc) -> bool,
+) -> Result<TerminalsList, DemoError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = crate::proxy::admin_terminals(admin, None, false).await;
+        match answer {
+            Ok(list) if list.terminals.iter().any(&cond) => return Ok(list),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            _ if Instant::now() >= deadline => {
+                return Err(DemoError::Story(
+                    "gave up waiting for the terminal's report in the fleet view".into(),
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Where the demo keeps its files while it runs.

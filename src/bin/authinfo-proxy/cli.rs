@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use authinfod::demo::lab;
+use authinfod::demo::simulated::MAX_SIMULATED_TERMINALS;
 use authinfod::help_table;
 use authinfod::proxy::config;
 use clap::{Parser, Subcommand};
@@ -124,23 +126,33 @@ pub enum Command {
         config: PathBuf,
     },
     /// Run the simulated platforms and write a ready proxy config, registry and terminal config
-    /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them.
+    /// (with fresh keys) into DIR, for trying `serve` and `authinfod run` against them; with
+    /// --simulate-terminals, also a simulated fleet that reports to that proxy.
     Sandbox {
         /// The directory to write the configs and keys into (created if missing).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
         /// Where the simulated platforms listen.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8600")]
+        #[arg(long, value_name = "ADDR", default_value = lab::SANDBOX_LISTEN)]
         listen: String,
         /// Where the written proxy config makes the proxy listen.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        #[arg(long, value_name = "ADDR", default_value = lab::SANDBOX_PROXY_LISTEN)]
         proxy_listen: String,
         /// Extra devices in the simulated WeChat Pay fleet list.
-        #[arg(long, value_name = "N", default_value_t = 250)]
+        #[arg(long, value_name = "N", default_value_t = lab::SANDBOX_DEVICES)]
         devices: usize,
         /// Make simulated WeChat Pay refuse the merchant's authinfo requests beyond N a minute
         /// (429 FREQUENCY_LIMITED), as its per-merchant limits do. Default: no limit.
         #[arg(long, value_name = "N")]
         authinfo_per_minute: Option<usize>,
+        /// Also enrol N simulated terminals (SIM-001, ...) in the registry written, each with
+        /// its own fresh key, and once the proxy answers on the proxy address, have them fetch
+        /// authinfos and report every 5 minutes with assorted risks (healthy, licence lapsing,
+        /// inspection WARN or FAIL, Alipay unbound, authinfo expired or short, an older version,
+        /// clock skew, store not persisting, not activated, never seen), for trying the fleet
+        /// view (`terminals`, the admin dashboard). At most 200.
+        #[arg(long, value_name = "N", default_value_t = 0,
+              value_parser = clap::value_parser!(u16).range(..=MAX_SIMULATED_TERMINALS as i64))]
+        simulate_terminals: u16,
     },
 }
