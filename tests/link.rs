@@ -479,6 +479,16 @@ async fn exercise(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // ...and the tracker has recorded it. Its task shares this runtime with the other faults'
+    // scenarios and may run late: a clean attempt recorded after the fault was made would count
+    // as a success through the fault, carrying the start of the attempt after it (seen once with
+    // the black hole on a loaded machine).
+    while !attempts.lock().expect("attempts").iter().any(|a| a.ok) {
+        if Instant::now() > deadline {
+            return Err(t("the clean refresh was never recorded"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let first = state.current().ok_or("no authinfo")?.held.authinfo.clone();
     let held: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec![first.clone()]));
 
