@@ -56,23 +56,39 @@ fn swap_health<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(
     *slot(&mut state.health()) = before;
 }
 
+/// The read routes.
+const READ_ROUTES: [&str; 5] = [
+    "/v1/authinfo",
+    "/v1/status",
+    "/v1/device",
+    "/healthz",
+    "/metrics",
+];
+
+fn get(path: &str) -> authinfod::terminal::api::ApiResponse {
+    daemon::handle(ApiRequest {
+        method: http::Method::GET,
+        path: path.into(),
+        ..ApiRequest::default()
+    })
+}
+
 /// Every read route, answered within the contract.
 fn serve_all(secret: &str) {
-    for path in [
-        "/v1/authinfo",
-        "/v1/status",
-        "/v1/device",
-        "/healthz",
-        "/metrics",
-    ] {
-        let req = ApiRequest {
-            method: http::Method::GET,
-            path: path.into(),
-            ..ApiRequest::default()
-        };
-        let response = daemon::handle(req);
-        check_api_response(&http::Method::GET, path, &response, secret);
+    for path in READ_ROUTES {
+        check_api_response(&http::Method::GET, path, &get(path), secret);
     }
+}
+
+/// Whether some read route's answer holds `text` while the daemon does not hold it: text the
+/// answers carry anyway (a gauge's line, say), which no check can tell from a leaked secret.
+fn answers_hold(text: &str) -> bool {
+    READ_ROUTES.iter().any(|path| {
+        get(path)
+            .body
+            .windows(text.len())
+            .any(|w| w == text.as_bytes())
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -93,10 +109,13 @@ fuzz_target!(|data: &[u8]| {
             if let Some(held) = decode::<HeldAuthinfo>(key, bytes) {
                 let restore = state.current().map(|s| s.held.clone());
                 let held_secret = held.authinfo.clone();
+                // The record's own authinfo is the secret once held (unless it is too short to
+                // tell apart from the text of the answers, "authinfo" itself, say, or the
+                // answers hold it before it is held: the fuzzer once made it the start-time
+                // gauge's line of GET /metrics).
+                let telling = held_secret.len() >= 24 && !answers_hold(&held_secret);
                 state.publish(held);
-                // The record's own authinfo is the secret now (unless it is too short to tell
-                // apart from the text of the answers, "authinfo" itself, say).
-                let own = if held_secret.len() >= 24 {
+                let own = if telling {
                     held_secret.as_str()
                 } else {
                     secret
