@@ -239,6 +239,23 @@ fn decode_count(bytes: Option<&[u8]>) -> u32 {
         .map_or(0, u32::from_be_bytes)
 }
 
+/// Opens the store at `dir` that a dropped `Store` held (tests that reopen one). sled lets go of
+/// its file lock when its IO threads drop their handles, a moment after the last `Db` is dropped
+/// (long moments under emulation): the daemon's store retries for the same reason.
+#[cfg(test)]
+pub(crate) fn open_when_released(dir: &Path) -> Store {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open again once released: {e:?}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,19 +285,7 @@ mod tests {
         assert!(matches!(second, StoreError::Locked { .. }), "{second:?}");
         assert!(second.to_string().contains("in use"), "{second}");
         drop(first);
-        // sled lets go of its file lock when its IO threads drop their handles, a moment after
-        // the last `Db` is dropped (long moments under emulation): the daemon's store retries
-        // for the same reason.
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open(dir.path()) {
-                Ok(_) => break,
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < until => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("open again once released: {e:?}"),
-            }
-        }
+        open_when_released(dir.path());
     }
 
     #[tokio::test]
@@ -298,7 +303,7 @@ mod tests {
             .await
             .expect("save");
         drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = open_when_released(dir.path());
         assert_eq!(
             store.fleet().expect("read").and_then(|s| s.synced_at),
             Some(7)

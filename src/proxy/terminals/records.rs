@@ -231,7 +231,8 @@ mod tests {
             assert_eq!(gone, 1);
             records.flush().await.expect("flush");
         }
-        let records = StoredRecords::open(Store::open(dir.path()).expect("store")).expect("reopen");
+        let records = StoredRecords::open(crate::proxy::store::open_when_released(dir.path()))
+            .expect("reopen");
         let all = records.snapshot().await.expect("snapshot");
         assert_eq!(all.len(), 1, "{all:?}");
         let t1 = records.get("T-1").await.expect("get").expect("T-1 kept");
