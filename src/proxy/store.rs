@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::fleet::FleetSnapshot;
+use super::fleet::list::FleetSnapshot;
 use super::terminals::record::TerminalRecord;
 
 /// Why the store failed.
