@@ -67,6 +67,10 @@ pub const REGISTRY_RELOAD_FAILED: &str = "3b89119462724f3c954c959fe90f202a";
 pub const FLEET_SYNCED: &str = "9ab9617144c6465eb5f640c159c9c07f";
 /// A fleet sync failed; the cached list stays.
 pub const FLEET_SYNC_FAILED: &str = "649500c3953b4ac4b3ca48be2c46fb53";
+/// The replicas' Redis (`[cluster]`) stopped answering; terminal requests get a retryable 503.
+pub const CLUSTER_UNAVAILABLE: &str = "57d7ef4afbc546b99ac47c5bc99144ba";
+/// The replicas' Redis answers again.
+pub const CLUSTER_RECOVERED: &str = "8aa95fd876604e909408bf4b6c1dc38b";
 /// A terminal's request was refused (authentication, fleet, or the platform's answer).
 pub const TERMINAL_REFUSED: &str = "afe374d2a5d043f8a738d293a83e46ed";
 /// A terminal's requests are refused by a rate limit (logged once per device per minute).
@@ -114,6 +118,8 @@ pub const ALL: &[(&str, &str)] = &[
     (REGISTRY_RELOAD_FAILED, "REGISTRY_RELOAD_FAILED"),
     (FLEET_SYNCED, "FLEET_SYNCED"),
     (FLEET_SYNC_FAILED, "FLEET_SYNC_FAILED"),
+    (CLUSTER_UNAVAILABLE, "CLUSTER_UNAVAILABLE"),
+    (CLUSTER_RECOVERED, "CLUSTER_RECOVERED"),
     (TERMINAL_REFUSED, "TERMINAL_REFUSED"),
     (TERMINAL_RATE_LIMITED, "TERMINAL_RATE_LIMITED"),
     (

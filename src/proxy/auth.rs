@@ -4,14 +4,17 @@
 //!
 //! Owns: the order of checks (header shape, known device, signature, timestamp, nonce — the nonce
 //! is recorded only for requests that verified, so strangers cannot fill the cache) and the nonce
-//! cache. It must not decide what a device may ask: routes use the device it returns, so a
-//! device can only ever ask about itself.
+//! cache ([`Nonces`]: this process's, or the replicas' shared one in Redis, where a nonce is
+//! recorded with one atomic set-if-absent, so a nonce used at one replica is refused at every
+//! other; when Redis cannot answer, no nonce is accepted). It must not decide what a device may
+//! ask: routes use the device it returns, so a device can only ever ask about itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::wire::auth::{Authorization, HeaderError, TIMESTAMP_WINDOW_SECS};
 
+use super::cluster::{Cluster, ClusterError};
 use super::registry::{Device, Registry};
 
 /// The most nonces remembered; beyond it the oldest are dropped (they are older than any
@@ -65,9 +68,7 @@ impl NonceCache {
         if inner.seen.contains_key(&key) {
             return false;
         }
-        // A request is admitted while |now - timestamp| <= window, so its nonce must be
-        // remembered until timestamp + window (plus a second for the edge).
-        let forget_at = timestamp.max(now) + TIMESTAMP_WINDOW_SECS + 1;
+        let forget_at = remember_until(timestamp, now);
         inner.seen.insert(key, forget_at);
         inner
             .order
@@ -84,16 +85,72 @@ impl NonceCache {
     }
 }
 
-/// Authenticates one request; returns the enrolled device that signed it.
-pub fn authenticate(
+/// How long a nonce first used at `now` in a request stamped `timestamp` must be remembered: a
+/// request is admitted while |now - timestamp| <= window, so until timestamp + window (plus a
+/// second for the edge).
+fn remember_until(timestamp: i64, now: i64) -> i64 {
+    timestamp.max(now) + TIMESTAMP_WINDOW_SECS + 1
+}
+
+/// Where the nonces of verified requests are remembered.
+#[derive(Debug)]
+pub enum Nonces {
+    /// This process only: one proxy (a replay at another replica would not be seen).
+    Local(NonceCache),
+    /// The replicas' Redis: a nonce is refused at every replica once used at one.
+    Shared(Arc<Cluster>),
+}
+
+/// Why a nonce was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum NonceError {
+    #[error("the nonce was already used")]
+    Replayed,
+    /// The shared cache did not answer: the request is refused (retryable), never admitted
+    /// unchecked.
+    #[error("the replicas' nonce cache cannot be checked: {0}")]
+    Unavailable(#[from] ClusterError),
+}
+
+impl Nonces {
+    /// Records `header`'s nonce at `now` unless it was used before.
+    pub async fn record(&self, header: &Authorization, now: i64) -> Result<(), NonceError> {
+        match self {
+            Self::Local(cache) => cache
+                .check_and_record(&header.device_id, &header.nonce, header.timestamp, now)
+                .then_some(())
+                .ok_or(NonceError::Replayed),
+            Self::Shared(cluster) => {
+                let ttl = remember_until(header.timestamp, now) - now;
+                let name = format!("nonce:{}:{}", header.device_id, header.nonce);
+                let fresh = cluster
+                    .set_if_absent(&name, std::time::Duration::from_secs(ttl.max(1) as u64))
+                    .await?;
+                fresh.then_some(()).ok_or(NonceError::Replayed)
+            }
+        }
+    }
+
+    /// The nonces this process remembers (`None` when they are in Redis).
+    pub fn local_len(&self) -> Option<usize> {
+        match self {
+            Self::Local(cache) => Some(cache.len()),
+            Self::Shared(_) => None,
+        }
+    }
+}
+
+/// Checks one request's header, signature and timestamp (everything but the nonce); returns the
+/// enrolled device that signed it and the parsed header, whose nonce the caller records next
+/// ([`Nonces::record`]).
+pub fn verify(
     registry: &Registry,
-    nonces: &NonceCache,
     authorization: Option<&str>,
     method: &str,
     path_and_query: &str,
     body: &[u8],
     now: i64,
-) -> Result<Arc<Device>, AuthError> {
+) -> Result<(Arc<Device>, Authorization), AuthError> {
     let header = Authorization::parse(authorization.ok_or(HeaderError::Missing)?)?;
     let device = registry
         .get(&header.device_id)
@@ -104,6 +161,21 @@ pub fn authenticate(
     if let Some(skew) = header.skew(now) {
         return Err(AuthError::Skewed { skew });
     }
+    Ok((device, header))
+}
+
+/// Authenticates one request against this process's nonce cache ([`verify`], then the nonce);
+/// returns the enrolled device that signed it.
+pub fn authenticate(
+    registry: &Registry,
+    nonces: &NonceCache,
+    authorization: Option<&str>,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Arc<Device>, AuthError> {
+    let (device, header) = verify(registry, authorization, method, path_and_query, body, now)?;
     if !nonces.check_and_record(&header.device_id, &header.nonce, header.timestamp, now) {
         return Err(AuthError::Replayed);
     }

@@ -58,6 +58,20 @@ struct RawConfig {
     admin_token_file: Option<PathBuf>,
     #[serde(default)]
     terminals: RawTerminals,
+    cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: the replicas' shared Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+    lease: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +234,8 @@ pub struct Config {
     pub admin_token: Option<AdminToken>,
     /// The fleet view's settings (`[terminals]`).
     pub terminals: TerminalsConfig,
+    /// The replicas' shared Redis (`[cluster]`); `None`: one proxy on its own store.
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 /// `[terminals]`: the fleet view's risk thresholds and each terminal's report rate.
@@ -506,6 +522,14 @@ impl Validator<'_> {
             ));
         }
         let terminals = self.terminals(raw.terminals);
+        let mchid = wechatpay
+            .as_ref()
+            .map_or("", |w| w.mchid.as_str())
+            .to_owned();
+        let cluster = match raw.cluster {
+            Some(c) => self.cluster(c, &mchid).map(Some),
+            None => Some(None),
+        };
         Some(Config {
             listen: listen?,
             admin_listen: admin_listen?,
@@ -521,7 +545,67 @@ impl Validator<'_> {
             aliyun: aliyun?,
             admin_token: admin_token?,
             terminals: terminals?,
+            cluster: cluster?,
         })
+    }
+
+    /// `[cluster]`: the URL (a password in it makes the config file a secret), the password
+    /// file (mode 0600), the CA for `rediss://`, the key prefix (the merchant's by default), the
+    /// lease and the timeout.
+    fn cluster(&mut self, raw: RawCluster, mchid: &str) -> Option<super::cluster::ClusterConfig> {
+        use super::cluster::{ClusterConfig, DEFAULT_LEASE, DEFAULT_TIMEOUT};
+        let url = self.required("cluster.redis_url", raw.redis_url)?;
+        if reqwest::Url::parse(&url).is_ok_and(|u| u.password().is_some())
+            && let Err(e) = crate::config_file::check_private_file(self.path)
+        {
+            self.problem(format!(
+                "cluster.redis_url: holds a password, so the config file is a secret: {e} (or move the password to cluster.password_file)"
+            ));
+        }
+        let password = self
+            .read_optional("cluster.password_file", raw.password_file, true)?
+            .map(|p| p.trim().to_owned());
+        if password.as_deref() == Some("") {
+            self.problem("cluster.password_file: is empty".into());
+        }
+        let ca_pem = self.read_optional("cluster.ca_file", raw.ca_file, false)?;
+        let prefix = raw
+            .key_prefix
+            .unwrap_or_else(|| format!("authinfo-proxy:{mchid}"));
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.problem(format!(
+                "cluster.key_prefix: {prefix:?} must be non-empty, without spaces"
+            ));
+        }
+        let lease = self
+            .problems
+            .positive("cluster.lease", raw.lease, DEFAULT_LEASE);
+        if lease < Duration::from_secs(3) {
+            self.problem(
+                "cluster.lease: must be at least 3s (it is renewed every third of it)".into(),
+            );
+        }
+        let timeout = self
+            .problems
+            .positive("cluster.timeout", raw.timeout, DEFAULT_TIMEOUT);
+        if timeout >= lease {
+            self.problem("cluster.timeout: must be shorter than cluster.lease".into());
+        }
+        match ClusterConfig::new(
+            &url,
+            raw.username.as_deref(),
+            password.as_deref(),
+            ca_pem,
+            prefix,
+            lease,
+            timeout,
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.problem(format!("cluster.redis_url: {e}"));
+                None
+            }
+        }
     }
 
     /// `[terminals]`: the fleet view's thresholds.

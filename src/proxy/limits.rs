@@ -206,6 +206,35 @@ impl RateLimitStore for MemoryLimits {
     }
 }
 
+/// The buckets in the replicas' Redis (`[cluster]`): one GCRA time per key on Redis's clock,
+/// so a device's budget and the merchant's ceilings are shared by every replica.
+#[derive(Debug)]
+pub struct SharedLimits {
+    cluster: Arc<crate::proxy::cluster::Cluster>,
+}
+
+impl SharedLimits {
+    pub fn new(cluster: Arc<crate::proxy::cluster::Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+impl RateLimitStore for SharedLimits {
+    fn take<'a>(&'a self, key: &'a LimitKey, bucket: Bucket) -> LimitFuture<'a> {
+        Box::pin(async move {
+            let wait = self
+                .cluster
+                .gcra(&format!("limit:{key}"), bucket.every, bucket.burst)
+                .await
+                .map_err(|e| LimitError::Shared(e.to_string()))?;
+            Ok(match wait {
+                None => Admission::Admitted,
+                Some(retry_after) => Admission::Limited { retry_after },
+            })
+        })
+    }
+}
+
 // === the policy ===
 
 /// The limits as configured (`[limits]`).

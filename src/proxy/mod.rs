@@ -13,15 +13,20 @@
 //! - [`metrics`]: Prometheus series.
 //! - [`periodic`]: the loop background duties run in (interval, jitter, backoff).
 //!
-//! Stateless apart from caches (nonces, fleet list) and its store (the day's device-list count,
-//! downloaded platform certificates), so several replicas can run behind any load balancer; the
-//! nonce cache and the store are per replica, so a replay is caught only by the replica that saw
-//! the first use (route a terminal to one replica, or accept that window), and each replica
-//! counts its own device-list budget until a shared [`fleet::DailyBudget`] replaces the store's,
-//! and its own request limits until a shared [`limits::RateLimitStore`] replaces the memory one.
+//! - [`cluster`]: the replicas' shared state in Redis (`[cluster] redis_url`).
+//!
+//! One proxy keeps its state in memory and its sled store (the nonce cache, the limits, the
+//! fleet list, the day's device-list count, the fleet view's records, downloaded platform
+//! certificates). With `[cluster]`, several replicas behind one load balancer share all of it
+//! but the certificates through Redis ([`cluster`]): a nonce is refused at every replica once
+//! used at one, one replica at a time holds the fleet-sync lease and pages the list for all,
+//! WeChat Pay's limits are counted once for the merchant, and every replica's fleet view shows
+//! what any of them saw. When Redis does not answer, terminal requests get a retryable 503 (no
+//! nonce is accepted unchecked) and everything recovers by itself when it answers again.
 
 pub mod auth;
 pub mod certificates;
+pub mod cluster;
 pub mod config;
 pub mod fleet;
 pub mod limits;
@@ -88,6 +93,8 @@ pub enum ProxyError {
         path: std::path::PathBuf,
         admin: SocketAddr,
     },
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -174,6 +181,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         alipay = config.alipay.is_some(),
         aliyun = config.aliyun.is_some(),
         egress = %config.upstream.egress.redacted(),
+        cluster = config.cluster.as_ref().map_or("none (one proxy on its own store)", |c| c.redacted_url.as_str()),
         trust = ?config.upstream.trust,
         "authinfo-proxy starting"
     );
@@ -213,26 +221,66 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         )?),
         None => None,
     };
+    let cluster = config
+        .cluster
+        .map(cluster::Cluster::new)
+        .transpose()?
+        .map(Arc::new);
+    if let Some(cluster) = &cluster {
+        match cluster.ping().await {
+            Ok(()) => tracing::info!(
+                replica = cluster.replica(),
+                prefix = %cluster.config().prefix,
+                "redis answers: nonces, limits, the fleet list and the fleet view are shared with the other replicas"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "redis does not answer yet: terminal requests get a retryable 503 until it does")
+            }
+        }
+    }
     let store = Store::open(&config.state_dir).map_err(FleetError::from)?;
     let keeper = match apiv3_key {
         Some(key) => Some(start_certificates(configured_keys, key, store.clone(), &wechat).await),
         None => None,
     };
-    let records =
-        terminals::records::StoredRecords::open(store.clone()).map_err(FleetError::from)?;
+    let records: Arc<dyn terminals::records::TerminalRecords> = match &cluster {
+        Some(cluster) => Arc::new(terminals::records::SharedRecords::new(cluster.clone())),
+        None => Arc::new(
+            terminals::records::StoredRecords::open(store.clone()).map_err(FleetError::from)?,
+        ),
+    };
     let health = Arc::new(terminals::FleetHealth::new(
-        Arc::new(records),
+        records,
         config.terminals.thresholds,
         fleet::system_clock(),
     ));
-    let fleet = Arc::new(Fleet::new(
-        store,
-        config.fleet.requests_per_second,
-        config.fleet.requests_per_day,
-    )?);
+    let fleet = Arc::new(match &cluster {
+        Some(cluster) => Fleet::clustered(
+            store,
+            cluster.clone(),
+            config.fleet.requests_per_second,
+            config.fleet.requests_per_day,
+        )?,
+        None => Fleet::new(
+            store,
+            config.fleet.requests_per_second,
+            config.fleet.requests_per_day,
+        )?,
+    });
+    let (nonces, limit_store): (auth::Nonces, Arc<dyn limits::RateLimitStore>) = match &cluster {
+        Some(cluster) => (
+            auth::Nonces::Shared(cluster.clone()),
+            Arc::new(limits::SharedLimits::new(cluster.clone())),
+        ),
+        None => (
+            auth::Nonces::Local(auth::NonceCache::default()),
+            Arc::new(limits::MemoryLimits::default()),
+        ),
+    };
     let app = Arc::new(App {
         registry,
-        nonces: auth::NonceCache::default(),
+        nonces,
+        cluster: cluster.clone(),
         fleet: fleet.clone(),
         fleet_enabled: config.fleet.enabled,
         wechat: wechat.clone(),
@@ -247,7 +295,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
             } else {
                 0
             },
-            Arc::new(limits::MemoryLimits::default()),
+            limit_store,
         ),
         started: tokio::time::Instant::now(),
         health: health.clone(),
@@ -291,7 +339,7 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
     }
     tracker.spawn(terminals::run(health, fleet_inputs(&app), shutdown.clone()));
     if config.fleet.enabled {
-        tracker.spawn(fleet::run_sync(
+        tracker.spawn(fleet::run_shared_sync(
             fleet,
             wechat,
             config.fleet.sync_interval,
@@ -431,11 +479,21 @@ pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapsh
         Err(e) => return Err(FleetError::from(e).into()),
     };
     let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
-    let fleet = Fleet::new(
-        store,
-        config.fleet.requests_per_second,
-        config.fleet.requests_per_day,
-    )?;
+    let fleet = match config.cluster {
+        // Clustered: the merchant's one budget and the lease are in Redis, so this pages only
+        // when no replica holds the lease, and counts where the replicas count.
+        Some(c) => Fleet::clustered(
+            store,
+            Arc::new(cluster::Cluster::new(c)?),
+            config.fleet.requests_per_second,
+            config.fleet.requests_per_day,
+        )?,
+        None => Fleet::new(
+            store,
+            config.fleet.requests_per_second,
+            config.fleet.requests_per_day,
+        )?,
+    };
     fleet.sync(&client).await?;
     Ok((*fleet.snapshot()).clone())
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::auth::{AuthError, NonceCache, authenticate};
+use super::auth::{AuthError, NonceError, Nonces, verify};
 use super::config::AdminToken;
 use super::fleet::{Fleet, FleetStatus, SyncRefusal, SyncRefusalCode};
 use super::limits::{Limited, LimitedRoute, Limits, Platform};
@@ -42,7 +42,9 @@ use crate::wire::{self, ErrorBody, UpstreamDetail, codes};
 #[derive(Debug)]
 pub struct App {
     pub registry: SharedRegistry,
-    pub nonces: NonceCache,
+    pub nonces: Nonces,
+    /// The replicas' Redis (`[cluster]`), for `/healthz` and `/metrics`.
+    pub cluster: Option<Arc<super::cluster::Cluster>>,
     pub fleet: Arc<Fleet>,
     pub fleet_enabled: bool,
     pub wechat: Arc<WechatPayClient>,
@@ -101,6 +103,10 @@ pub enum RequestError {
     ReportRateLimited { retry_after: std::time::Duration },
     #[error("the fleet view's store failed: {0}")]
     Store(String),
+    /// The replicas' Redis did not answer, so the request could not be checked (its nonce, its
+    /// limits): refused, retryable.
+    #[error("the proxy cannot check the request now ({0}); retry later")]
+    ClusterUnavailable(String),
     /// A limit refused `device_id`'s request before anything was forwarded.
     #[error("{limited}; retry in {} s", whole_seconds(limited.retry_after()))]
     Limited { device_id: String, limited: Limited },
@@ -138,6 +144,9 @@ impl RequestError {
                 (S::TOO_MANY_REQUESTS, codes::REPORT_RATE_LIMITED, true)
             }
             Self::Store(_) => (S::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE, true),
+            Self::ClusterUnavailable(_) => {
+                (S::SERVICE_UNAVAILABLE, codes::CLUSTER_UNAVAILABLE, true)
+            }
             Self::Limited {
                 limited: Limited::Device { .. },
                 ..
@@ -177,6 +186,11 @@ impl RequestError {
             ),
             Self::ReportRateLimited { retry_after } => (Some(retry_after.as_secs().max(1)), None),
             Self::Limited { limited, .. } => (Some(whole_seconds(limited.retry_after())), None),
+            // Spread over 15-45 s, so a fleet refused together does not come back together.
+            Self::ClusterUnavailable(_) => (
+                Some(CLUSTER_RETRY_MIN + (crate::crypto::random_unit() * 30.0) as u64),
+                None,
+            ),
             _ => (None, None),
         };
         ErrorBody {
@@ -210,6 +224,9 @@ impl IntoResponse for RequestError {
         response
     }
 }
+
+/// The shortest `Retry-After` of a `CLUSTER_UNAVAILABLE` refusal (seconds; up to 30 more).
+const CLUSTER_RETRY_MIN: u64 = 15;
 
 /// `d` in whole seconds, rounded up and at least 1: what a client is told to wait.
 fn whole_seconds(d: std::time::Duration) -> u64 {
@@ -256,15 +273,19 @@ impl FromRequest<Arc<App>> for Signed {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let device = authenticate(
+        let now = unix_now();
+        let (device, header) = verify(
             &app.registry.current(),
-            &app.nonces,
             authorization,
             parts.method.as_str(),
             path_and_query,
             &body,
-            unix_now(),
+            now,
         )?;
+        app.nonces.record(&header, now).await.map_err(|e| match e {
+            NonceError::Replayed => RequestError::Auth(AuthError::Replayed),
+            NonceError::Unavailable(e) => RequestError::ClusterUnavailable(e.to_string()),
+        })?;
         tracing::Span::current().record("device_id", device.device_id.as_str());
         app.health.seen(&device.device_id).await;
         let route = parts
@@ -852,7 +873,8 @@ async fn dashboard(
     Ok(response)
 }
 
-/// The answer to `GET /healthz`.
+/// The answer to `GET /healthz`: 200 while the proxy can serve terminals, 503 (with the
+/// reason in `cluster`) while the replicas' Redis does not answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthzDoc {
     pub status: Health,
@@ -865,31 +887,85 @@ pub struct HealthzDoc {
     pub fleet_devices: usize,
     /// When the fleet list was synced (RFC 3339); `null` before the first sync.
     pub fleet_synced_at: Option<String>,
+    /// The replicas' Redis (`[cluster]`); absent for one proxy on its own store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterHealthDoc>,
 }
 
-/// What `/healthz` reports: the admin listener answers only while the proxy serves.
+/// What `/healthz` says of the replicas' Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterHealthDoc {
+    /// The URL, without its password.
+    pub redis: String,
+    /// Whether Redis answered this `/healthz`'s `PING`.
+    pub redis_up: bool,
+    /// Since when it answers, or has not answered (RFC 3339).
+    pub since: String,
+    /// Why it does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// This replica's name in the fleet-sync lease.
+    pub replica: String,
+    /// The replica holding the fleet-sync lease (`null`: none, or Redis does not answer).
+    pub lease_holder: Option<String>,
+}
+
+/// What `/healthz` reports: the admin listener answers only while the proxy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Ok,
+    /// The replicas' Redis does not answer: terminal requests are refused (retryable).
+    Unavailable,
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> Json<HealthzDoc> {
+async fn healthz(State(app): State<Arc<App>>) -> Response {
     let snapshot = app.fleet.snapshot();
-    Json(HealthzDoc {
-        status: Health::Ok,
+    let cluster = match &app.cluster {
+        None => None,
+        Some(cluster) => {
+            let up = cluster.ping().await.is_ok();
+            let holder = if up {
+                cluster.holder(super::fleet::LEASE).await.ok().flatten()
+            } else {
+                None
+            };
+            let (since, error) = match cluster.availability() {
+                super::cluster::Availability::Up { since } => (since, None),
+                super::cluster::Availability::Down { since, error } => (since, Some(error)),
+            };
+            Some(ClusterHealthDoc {
+                redis: cluster.config().redacted_url.clone(),
+                redis_up: up,
+                since: crate::units::rfc3339(since),
+                error,
+                replica: cluster.replica().to_owned(),
+                lease_holder: holder,
+            })
+        }
+    };
+    let up = cluster.as_ref().is_none_or(|c| c.redis_up);
+    let doc = HealthzDoc {
+        status: if up { Health::Ok } else { Health::Unavailable },
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: app.started.elapsed().as_secs(),
         registry_devices: app.registry.current().len(),
         fleet_enabled: app.fleet_enabled,
         fleet_devices: snapshot.devices.len(),
         fleet_synced_at: snapshot.synced_at.map(crate::units::rfc3339),
-    })
+        cluster,
+    };
+    let status = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(doc)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let snapshot = app.fleet.snapshot();
-    let gauges = [
+    let mut gauges = vec![
         (
             "authinfo_proxy_registry_devices",
             "Devices enrolled in the registry.",
@@ -902,8 +978,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         ),
         (
             "authinfo_proxy_nonces",
-            "Nonces remembered for replay detection.",
-            app.nonces.len() as f64,
+            "Nonces this process remembers for replay detection (NaN: they are in Redis).",
+            app.nonces.local_len().map_or(f64::NAN, |n| n as f64),
         ),
         (
             "authinfo_proxy_fleet_age_seconds",
@@ -913,6 +989,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
                 .map_or(f64::NAN, |t| (unix_now() - t) as f64),
         ),
     ];
+    if let Some(cluster) = &app.cluster {
+        gauges.push((
+            "authinfo_proxy_cluster_up",
+            "1 while the replicas' Redis answered the last call, else 0.",
+            f64::from(u8::from(matches!(
+                cluster.availability(),
+                super::cluster::Availability::Up { .. }
+            ))),
+        ));
+    }
     let mut text = app.metrics.render(&gauges);
     match app.fleet_view().await {
         Ok(view) => text.push_str(&super::terminals::render_metrics(&view)),
@@ -943,6 +1029,7 @@ async fn fleet_sync(State(app): State<Arc<App>>) -> Response {
             let status = match refusal.code {
                 SyncRefusalCode::DailyBudgetSpent => StatusCode::TOO_MANY_REQUESTS,
                 SyncRefusalCode::SyncFailed => StatusCode::BAD_GATEWAY,
+                SyncRefusalCode::LeaseHeld => StatusCode::CONFLICT,
             };
             (status, Json(refusal)).into_response()
         }

@@ -30,6 +30,15 @@ pub enum StoreError {
     Io(#[from] sled::Error),
     #[error("cannot encode the {what} record: {reason}")]
     Encode { what: &'static str, reason: String },
+    /// The replicas' shared store (Redis, `[cluster]`) failed.
+    #[error("the replicas' shared store failed: {0}")]
+    Shared(String),
+}
+
+impl From<super::cluster::ClusterError> for StoreError {
+    fn from(e: super::cluster::ClusterError) -> Self {
+        Self::Shared(e.to_string())
+    }
 }
 
 /// The key of the fleet snapshot (JSON), as older versions wrote it.

@@ -483,6 +483,9 @@ pub mod codes {
     pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
     /// 503: the proxy cannot keep the report now (its store failed); retryable.
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+    /// 503: the proxy replicas' shared Redis does not answer, so the request cannot be checked
+    /// (a nonce is never accepted unchecked); retryable, `Retry-After` says when.
+    pub const CLUSTER_UNAVAILABLE: &str = "CLUSTER_UNAVAILABLE";
     /// 422: the platform refused the request as such (bad raw_data, unknown device there).
     pub const UPSTREAM_REJECTED: &str = "UPSTREAM_REJECTED";
     /// 429: the platform rate-limited the merchant.

@@ -23,6 +23,7 @@ pub mod list;
 pub use self::list::{
     FleetIndex, FleetSnapshot, FleetStatus, columns, display_width, is_activated, render_table,
 };
+use super::cluster::{Cluster, ClusterError};
 use super::store::{Store, StoreError};
 use crate::platform::FailureClass;
 use crate::platform::wechatpay::{Device, MAX_PAGE_LIMIT, WechatPayClient, WechatPayError};
@@ -52,6 +53,15 @@ pub enum FleetError {
     DailyBudget { limit: u32, day: String },
     #[error("the device list did not end within {MAX_PAGES} pages")]
     TooManyPages,
+    #[error("the replicas' Redis failed")]
+    Cluster(#[from] ClusterError),
+    #[error(
+        "another replica ({}) holds the fleet-sync lease and pages the list; its list is shared through Redis",
+        holder.as_deref().unwrap_or("unknown")
+    )]
+    LeaseHeld { holder: Option<String> },
+    #[error("this replica lost the fleet-sync lease while paging; the replica that took it syncs")]
+    LeaseLost,
 }
 
 /// Why the running proxy did not sync on an admin's `POST /fleet/sync` (the admin listener's
@@ -70,12 +80,16 @@ pub enum SyncRefusalCode {
     DailyBudgetSpent,
     /// WeChat Pay or the store failed part-way; the cached list is unchanged.
     SyncFailed,
+    /// Another replica holds the fleet-sync lease (`[cluster]`): it pages the list, and this
+    /// replica takes its list from Redis.
+    LeaseHeld,
 }
 
 impl std::fmt::Display for SyncRefusalCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::DailyBudgetSpent => "DAILY_BUDGET_SPENT",
+            Self::LeaseHeld => "LEASE_HELD",
             Self::SyncFailed => "SYNC_FAILED",
         })
     }
@@ -86,6 +100,7 @@ impl From<&FleetError> for SyncRefusal {
         Self {
             code: match error {
                 FleetError::DailyBudget { .. } => SyncRefusalCode::DailyBudgetSpent,
+                FleetError::LeaseHeld { .. } => SyncRefusalCode::LeaseHeld,
                 _ => SyncRefusalCode::SyncFailed,
             },
             message: crate::error_chain(error),
@@ -165,6 +180,54 @@ impl DailyBudget for StoredBudget {
     }
 }
 
+/// The budget in the replicas' Redis (`[cluster]`): one count per Beijing day for the merchant,
+/// whichever replica (or `devices --live`) pages.
+#[derive(Clone)]
+pub struct SharedBudget {
+    cluster: Arc<Cluster>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for SharedBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBudget")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a day's count is kept in Redis (the day and the next, for a clock near midnight).
+const BUDGET_TTL: Duration = Duration::from_secs(2 * 86_400);
+
+impl SharedBudget {
+    pub fn new(cluster: Arc<Cluster>, clock: Clock) -> Self {
+        Self { cluster, clock }
+    }
+}
+
+impl DailyBudget for SharedBudget {
+    fn take(&self, limit: u32) -> BudgetFuture<'_, ()> {
+        Box::pin(async move {
+            let day = beijing_day((self.clock)());
+            let before = self
+                .cluster
+                .take_count(&format!("budget:{day}"), limit, BUDGET_TTL)
+                .await?;
+            if before >= limit {
+                return Err(FleetError::DailyBudget { limit, day });
+            }
+            Ok(())
+        })
+    }
+
+    fn used(&self) -> BudgetFuture<'_, u32> {
+        Box::pin(async move {
+            let day = beijing_day((self.clock)());
+            Ok(self.cluster.count(&format!("budget:{day}")).await?)
+        })
+    }
+}
+
 /// A budget in memory: this process only (tests).
 pub struct MemoryBudget {
     today: Mutex<(String, u32)>,
@@ -240,6 +303,9 @@ pub struct RateLimiter {
     budget: Arc<dyn DailyBudget>,
     /// Woken when a request completes (a slot may have opened).
     completed: tokio::sync::Notify,
+    /// The replicas' pacing in Redis, when clustered: a request is also taken from one shared
+    /// bucket, so replicas together stay within `per_second` (during a lease hand-over, say).
+    shared_pace: Option<Arc<Cluster>>,
 }
 
 /// The per-second window: requests in flight and completion times of the last second.
@@ -276,7 +342,15 @@ impl RateLimiter {
             second: Mutex::new(SecondWindow::default()),
             budget,
             completed: tokio::sync::Notify::new(),
+            shared_pace: None,
         }
+    }
+
+    /// Paces in the replicas' Redis too, on a bucket of one request every
+    /// `(1 s + margin) / per_second`: at most `per_second` in any second across replicas.
+    pub fn shared(mut self, cluster: Arc<Cluster>) -> Self {
+        self.shared_pace = Some(cluster);
+        self
     }
 
     /// The day's budget this limiter counts in.
@@ -290,6 +364,14 @@ impl RateLimiter {
     pub async fn acquire(&self) -> Result<Permit<'_>, FleetError> {
         self.budget.take(self.per_day).await?;
         let hold = Duration::from_secs(1) + SECOND_WINDOW_MARGIN;
+        if let Some(cluster) = &self.shared_pace {
+            while let Some(wait) = cluster
+                .gcra("fleet:pace", hold / self.per_second, 1)
+                .await?
+            {
+                tokio::time::sleep(wait).await;
+            }
+        }
         loop {
             // Registered before the window is read, so a completion in between still wakes us.
             let completed = self.completed.notified();
@@ -342,7 +424,14 @@ pub struct Fleet {
     syncing: tokio::sync::Mutex<()>,
     /// Syncs that succeeded, so a caller that waited for one knows it has a fresh list.
     synced: std::sync::atomic::AtomicU64,
+    /// The replicas' Redis, when clustered: a sync needs the lease, and the list is shared.
+    shared: Option<Arc<Cluster>>,
 }
+
+/// The name of the fleet-sync lease in Redis.
+pub const LEASE: &str = "fleet:lease";
+/// The name of the shared fleet list in Redis.
+const SHARED_LIST: &str = "fleet:list";
 
 /// A synced list and its lookup by serial (activated or not).
 #[derive(Debug, Default)]
@@ -382,9 +471,67 @@ impl Fleet {
             limiter,
             syncing: tokio::sync::Mutex::new(()),
             synced: std::sync::atomic::AtomicU64::new(0),
+            shared: None,
         };
         fleet.install(snapshot);
         Ok(fleet)
+    }
+
+    /// The fleet of one replica among several (`[cluster]`): its list cached in `store` too (a
+    /// replica that starts while Redis is down has its last list), the budget and the pacing in
+    /// `cluster`, a sync only under the lease.
+    pub fn clustered(
+        store: Store,
+        cluster: Arc<Cluster>,
+        per_second: u32,
+        per_day: u32,
+    ) -> Result<Self, FleetError> {
+        let budget = Arc::new(SharedBudget::new(cluster.clone(), system_clock()));
+        let limiter = RateLimiter::new(per_second, per_day, budget).shared(cluster.clone());
+        let mut fleet = Self::with_limiter(store, limiter)?;
+        fleet.shared = Some(cluster);
+        Ok(fleet)
+    }
+
+    /// The replicas' Redis, when clustered.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.shared.as_ref()
+    }
+
+    /// Takes the list stored in Redis when it is newer than this replica's (a follower's step;
+    /// the holder wrote it). Returns whether it was taken.
+    pub async fn adopt_shared(&self) -> Result<bool, FleetError> {
+        let Some(cluster) = &self.shared else {
+            return Ok(false);
+        };
+        let Some(bytes) = cluster.get(SHARED_LIST).await? else {
+            return Ok(false);
+        };
+        let Ok(snapshot) = serde_json::from_slice::<FleetSnapshot>(&bytes) else {
+            tracing::warn!(
+                "the fleet list in redis does not decode; the lease holder's next sync replaces it"
+            );
+            return Ok(false);
+        };
+        if snapshot.synced_at <= self.snapshot().synced_at {
+            return Ok(false);
+        }
+        self.store.save_fleet(&snapshot).await?;
+        self.install(snapshot);
+        Ok(true)
+    }
+
+    /// When the list in Redis was synced (`None`: there is none, as after Redis restarted
+    /// empty).
+    pub async fn shared_synced_at(&self) -> Result<Option<i64>, FleetError> {
+        let Some(cluster) = &self.shared else {
+            return Ok(self.snapshot().synced_at);
+        };
+        Ok(cluster
+            .get(SHARED_LIST)
+            .await?
+            .and_then(|b| serde_json::from_slice::<FleetSnapshot>(&b).ok())
+            .and_then(|s| s.synced_at))
     }
 
     /// A fleet in a temporary store, with WeChat Pay's limits (tests).
@@ -429,16 +576,54 @@ impl Fleet {
         if self.synced.load(Ordering::SeqCst) != succeeded_before {
             return Ok(self.snapshot().devices.len());
         }
-        let devices = fetch_all(client, &self.limiter).await?;
+        let devices = match &self.shared {
+            None => fetch_all(client, &self.limiter).await?,
+            Some(cluster) => under_lease(cluster, fetch_all(client, &self.limiter)).await?,
+        };
         let snapshot = FleetSnapshot {
             synced_at: Some(unix_now()),
             devices,
         };
+        if let Some(cluster) = &self.shared {
+            let bytes = serde_json::to_vec(&snapshot).map_err(|e| StoreError::Encode {
+                what: "fleet",
+                reason: e.to_string(),
+            })?;
+            cluster.set(SHARED_LIST, &bytes).await?;
+        }
         self.store.save_fleet(&snapshot).await?;
         let n = snapshot.devices.len();
         self.install(snapshot);
         self.synced.fetch_add(1, Ordering::SeqCst);
         Ok(n)
+    }
+}
+
+/// Runs `paging` while this replica holds the fleet-sync lease: taken first (refused with
+/// [`FleetError::LeaseHeld`] when another replica holds it), renewed every third of the lease
+/// time, and `paging` abandoned with [`FleetError::LeaseLost`] when a renewal fails, so two
+/// replicas never page the list at once for longer than a lease.
+async fn under_lease<T>(
+    cluster: &Cluster,
+    paging: impl Future<Output = Result<T, FleetError>>,
+) -> Result<T, FleetError> {
+    if !cluster.lease(LEASE).await? {
+        return Err(FleetError::LeaseHeld {
+            holder: cluster.holder(LEASE).await.ok().flatten(),
+        });
+    }
+    let renew = async {
+        loop {
+            tokio::time::sleep(cluster.config().lease / 3).await;
+            match cluster.lease(LEASE).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        result = paging => result,
+        () = renew => Err(FleetError::LeaseLost),
     }
 }
 
@@ -533,6 +718,110 @@ pub async fn run_sync(
         },
     )
     .await;
+}
+
+/// The fleet sync of one replica among several: every third of the lease time it takes or
+/// renews the lease; the holder syncs when the shared list is an interval old (or missing, as
+/// after Redis restarted empty), retrying a failed sync with backoff; the others take the list
+/// the holder stored. When the holder dies, its lease runs out and another replica takes it at
+/// its next step (within the lease time). At shutdown the lease is given up.
+pub async fn run_shared_sync(
+    fleet: Arc<Fleet>,
+    client: Arc<WechatPayClient>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let Some(cluster) = fleet.cluster().cloned() else {
+        return run_sync(fleet, client, interval, shutdown).await;
+    };
+    let step_every = cluster.config().lease / 3;
+    let mut backoff = crate::schedule::Backoff::new(crate::schedule::Schedule {
+        interval,
+        jitter: 0.0,
+        backoff_min: Duration::from_secs(30),
+        backoff_max: interval.min(Duration::from_secs(1800)),
+    });
+    let mut retry_at: Option<Instant> = None;
+    let mut held = false;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(step_every) => {}
+            }
+        }
+        first = false;
+        let step = async {
+            let holds = cluster.lease(LEASE).await?;
+            if holds != held {
+                held = holds;
+                tracing::info!(
+                    replica = cluster.replica(),
+                    holds,
+                    "{}",
+                    if holds {
+                        "this replica holds the fleet-sync lease: it pages the device list"
+                    } else {
+                        "another replica holds the fleet-sync lease: this one takes its list"
+                    }
+                );
+            }
+            let due = match fleet.shared_synced_at().await? {
+                None => true,
+                Some(at) => unix_now() - at >= interval.as_secs() as i64,
+            };
+            if holds && due && retry_at.is_none_or(|t| Instant::now() >= t) {
+                let started = Instant::now();
+                let n = fleet.sync(&client).await?;
+                tracing::info!(
+                    message_id = crate::events::FLEET_SYNCED,
+                    devices = n,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    replica = cluster.replica(),
+                    "fleet synced from wechat pay and shared with the replicas"
+                );
+                return Ok::<bool, FleetError>(true);
+            }
+            if fleet.adopt_shared().await? {
+                tracing::info!(
+                    devices = fleet.snapshot().devices.len(),
+                    "fleet list taken from the replica holding the lease"
+                );
+            }
+            Ok(false)
+        };
+        let result = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = step => r,
+        };
+        match result {
+            Ok(true) => {
+                backoff.succeeded(0.0);
+                retry_at = None;
+            }
+            Ok(false) => {}
+            Err(FleetError::Cluster(_)) => {
+                // Logged once by the cluster when Redis stops answering; retried next step.
+            }
+            Err(error) => {
+                let delay = backoff
+                    .failed(None, crate::crypto::random_unit())
+                    .max(Duration::from_secs(30));
+                retry_at = Some(Instant::now() + delay);
+                tracing::warn!(
+                    message_id = crate::events::FLEET_SYNC_FAILED,
+                    error = %crate::error_chain(&error),
+                    attempt = backoff.failures(),
+                    backoff_ms = delay.as_millis() as u64,
+                    "fleet sync failed; keeping the cached list"
+                );
+            }
+        }
+    }
+    if held && let Err(error) = cluster.release(LEASE).await {
+        tracing::warn!(%error, "cannot give the fleet-sync lease up; another replica takes it when it runs out");
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //! calls every few seconds and at shutdown: a report is not flushed on arrival (that fsync would
 //! cap ingestion far below a large fleet's rate), and a crash loses at most the last seconds of
 //! reports, which the terminals send again within 15 minutes. Replicas that share state
-//! (`[cluster]`, issue 16) need one more implementation of this trait on Redis (a hash per
-//! device, written through); the routes, the rules and the pages do not change.
+//! (`[cluster]`) use [`SharedRecords`]: a hash per device in Redis, written through, so every
+//! replica's fleet view shows what any replica saw; the routes, the rules and the pages do not
+//! change.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -19,6 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use super::record::{Announced, ReceivedReport, TerminalRecord};
+use crate::proxy::cluster::{Cluster, Fields};
 use crate::proxy::store::{Store, StoreError};
 use crate::sync::lock;
 
@@ -187,6 +189,134 @@ impl TerminalRecords for StoredRecords {
             }
             Ok(())
         })
+    }
+}
+
+/// The records in the replicas' Redis (`[cluster]`), written through: one hash per device
+/// (`first_seen`, `last_seen`, `last_issued` kept by an atomic script that never moves a time
+/// back; `report` and `announced` as JSON) and the set of their ids.
+#[derive(Debug)]
+pub struct SharedRecords {
+    cluster: Arc<Cluster>,
+}
+
+/// The set (and the hash prefix) of terminal records in Redis.
+const SET: &str = "terminals";
+
+impl SharedRecords {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+/// A record from its hash's fields; a field that does not decode is left out (the device's
+/// next request or report writes it again).
+fn decode(fields: &Fields) -> TerminalRecord {
+    let time = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+    };
+    TerminalRecord {
+        first_seen: time("first_seen"),
+        last_seen: time("last_seen"),
+        last_issued: time("last_issued"),
+        report: fields
+            .get("report")
+            .and_then(|v| serde_json::from_slice(v).ok()),
+        announced: fields
+            .get("announced")
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .unwrap_or_default(),
+    }
+}
+
+fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+impl TerminalRecords for SharedRecords {
+    fn seen(&self, device_id: &str, at: i64) -> RecordsFuture<'_, ()> {
+        let device_id = device_id.to_owned();
+        Box::pin(async move { Ok(self.cluster.seen(SET, &device_id, at, false).await?) })
+    }
+
+    fn issued(&self, device_id: &str, at: i64) -> RecordsFuture<'_, ()> {
+        let device_id = device_id.to_owned();
+        Box::pin(async move { Ok(self.cluster.seen(SET, &device_id, at, true).await?) })
+    }
+
+    fn report(&self, device_id: &str, report: ReceivedReport) -> RecordsFuture<'_, ()> {
+        let device_id = device_id.to_owned();
+        Box::pin(async move {
+            let bytes = encode("report", &report)?;
+            self.cluster
+                .seen(SET, &device_id, report.received_at, false)
+                .await?;
+            Ok(self
+                .cluster
+                .set_field(SET, &device_id, "report", &bytes)
+                .await?)
+        })
+    }
+
+    fn announce(&self, device_id: &str, announced: Vec<Announced>) -> RecordsFuture<'_, ()> {
+        let device_id = device_id.to_owned();
+        Box::pin(async move {
+            let bytes = encode("announced", &announced)?;
+            Ok(self
+                .cluster
+                .set_field(SET, &device_id, "announced", &bytes)
+                .await?)
+        })
+    }
+
+    fn get(&self, device_id: &str) -> RecordsFuture<'_, Option<Arc<TerminalRecord>>> {
+        let device_id = device_id.to_owned();
+        Box::pin(async move {
+            let fields = self.cluster.fields(SET, &device_id).await?;
+            Ok((!fields.is_empty()).then(|| Arc::new(decode(&fields))))
+        })
+    }
+
+    fn snapshot(&self) -> RecordsFuture<'_, Snapshot> {
+        Box::pin(async move {
+            Ok(self
+                .cluster
+                .members(SET)
+                .await?
+                .into_iter()
+                .map(|(id, fields)| (Arc::from(id), Arc::new(decode(&fields))))
+                .collect())
+        })
+    }
+
+    fn retain<'a>(
+        &'a self,
+        enrolled: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> RecordsFuture<'a, usize> {
+        Box::pin(async move {
+            let gone: Vec<String> = self
+                .cluster
+                .members(SET)
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .filter(|id| !enrolled(id))
+                .collect();
+            self.cluster.remove_members(SET, &gone).await?;
+            Ok(gone.len())
+        })
+    }
+
+    fn flush(&self) -> RecordsFuture<'_, ()> {
+        // Written through: every change is in Redis when its call returns (Redis's own
+        // persistence, `appendonly`, makes it durable there).
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
