@@ -133,7 +133,7 @@ fn authorization_for(device: &DeviceSigner, body: &[u8]) -> String {
         .expect("sign")
 }
 
-fn authinfo_body(raw_data: &str) -> Vec<u8> {
+pub(crate) fn authinfo_body(raw_data: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "raw_data": raw_data })).expect("json")
 }
 
@@ -166,7 +166,12 @@ impl ProxyConnection {
     }
 
     async fn open_to(lab: &Lab, addr: SocketAddr) -> Self {
-        let ca = std::fs::read_to_string(lab.files.path("proxy-ca.pem")).expect("proxy CA");
+        Self::open_at(&lab.files, addr).await
+    }
+
+    /// To the proxy (or a replica) at `addr`, trusting the proxy CA in `files`.
+    pub(crate) async fn open_at(files: &lab::LabFiles, addr: SocketAddr) -> Self {
+        let ca = std::fs::read_to_string(files.path("proxy-ca.pem")).expect("proxy CA");
         let tls = authinfod::tls::client_config_pinned(&ca, "proxy-ca.pem").expect("tls config");
         let tcp = tokio::net::TcpStream::connect(addr)
             .await

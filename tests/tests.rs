@@ -4,6 +4,7 @@
 mod support;
 
 mod certificates;
+mod cluster;
 mod crash;
 mod daemon;
 mod egress;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::wire::auth::{Authorization, HeaderError, TIMESTAMP_WINDOW_SECS};
 
-use super::cluster::{Cluster, ClusterError};
+use super::cluster::{Cluster, ClusterError, NonceAnswer};
 use super::registry::{Device, Registry};
 
 /// The most nonces remembered; beyond it the oldest are dropped (they are older than any
@@ -110,6 +110,12 @@ pub enum NonceError {
     /// unchecked.
     #[error("the replicas' nonce cache cannot be checked: {0}")]
     Unavailable(#[from] ClusterError),
+    /// Stamped before the shared cache's nonces start (Redis restarted empty): whether it is a
+    /// replay cannot be told, so it is refused (retryable: a request signed now passes).
+    #[error(
+        "the replicas' nonce cache starts at {epoch} (Redis restarted empty), after this request's timestamp: sign it again"
+    )]
+    BeforeEpoch { epoch: i64 },
 }
 
 impl Nonces {
@@ -123,10 +129,12 @@ impl Nonces {
             Self::Shared(cluster) => {
                 let ttl = remember_until(header.timestamp, now) - now;
                 let name = format!("nonce:{}:{}", header.device_id, header.nonce);
-                let fresh = cluster
-                    .set_if_absent(&name, std::time::Duration::from_secs(ttl.max(1) as u64))
-                    .await?;
-                fresh.then_some(()).ok_or(NonceError::Replayed)
+                let ttl = std::time::Duration::from_secs(ttl.max(1) as u64);
+                match cluster.nonce(&name, header.timestamp, ttl).await? {
+                    NonceAnswer::Fresh => Ok(()),
+                    NonceAnswer::Replayed => Err(NonceError::Replayed),
+                    NonceAnswer::BeforeEpoch { epoch } => Err(NonceError::BeforeEpoch { epoch }),
+                }
             }
         }
     }

@@ -227,8 +227,8 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         .transpose()?
         .map(Arc::new);
     if let Some(cluster) = &cluster {
-        match cluster.ping().await {
-            Ok(()) => tracing::info!(
+        match cluster.start_nonce_epoch().await {
+            Ok(_) => tracing::info!(
                 replica = cluster.replica(),
                 prefix = %cluster.config().prefix,
                 "redis answers: nonces, limits, the fleet list and the fleet view are shared with the other replicas"

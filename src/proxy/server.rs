@@ -284,7 +284,9 @@ impl FromRequest<Arc<App>> for Signed {
         )?;
         app.nonces.record(&header, now).await.map_err(|e| match e {
             NonceError::Replayed => RequestError::Auth(AuthError::Replayed),
-            NonceError::Unavailable(e) => RequestError::ClusterUnavailable(e.to_string()),
+            e @ (NonceError::Unavailable(_) | NonceError::BeforeEpoch { .. }) => {
+                RequestError::ClusterUnavailable(e.to_string())
+            }
         })?;
         tracing::Span::current().record("device_id", device.device_id.as_str());
         app.health.seen(&device.device_id).await;

@@ -8,6 +8,7 @@ pub mod fake_proxy;
 pub mod logs;
 pub mod netem;
 pub mod netns;
+pub mod redis;
 pub mod softhsm;
 
 use std::path::{Path, PathBuf};

@@ -140,6 +140,37 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// A nonce KEYS[1] used by a request stamped ARGV[2] (Unix seconds), remembered ARGV[1]
+/// seconds: 1 when new, 0 when used before, -1 when the request is stamped before KEYS[2], the
+/// time this Redis's nonces start from (set when missing: a Redis restarted empty has lost the
+/// nonces of requests stamped before it, so those cannot be told from replays).
+const NONCE: &str = r"
+local t = redis.call('TIME')
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '')
+if epoch == nil then
+  epoch = tonumber(t[1])
+  redis.call('SET', KEYS[2], epoch)
+end
+if tonumber(ARGV[2]) < epoch then return -1 end
+if redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 1 end
+return 0
+";
+
+/// What the shared nonce cache says of a nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceAnswer {
+    /// Used for the first time: recorded.
+    Fresh,
+    /// Used before.
+    Replayed,
+    /// The request is stamped before this Redis's nonces start (it restarted empty, or was
+    /// flushed): a replay could not be told, so it is refused; a request signed now passes.
+    BeforeEpoch { epoch: i64 },
+}
+
+/// The key of the time this Redis's nonces start from.
+const EPOCH: &str = "nonce-epoch";
+
 /// Counts one more under KEYS[1] unless ARGV[1] are counted (the count expires after ARGV[2]
 /// seconds); returns the count before.
 const BUDGET_TAKE: &str = r"
@@ -328,24 +359,63 @@ impl Cluster {
         .map(drop)
     }
 
-    /// Records `name` unless it is recorded already, for `ttl`: true when it was not (a nonce
-    /// used for the first time). Atomic across replicas (`SET NX EX`).
-    pub async fn set_if_absent(&self, name: &str, ttl: Duration) -> Result<bool, ClusterError> {
+    /// Records the nonce `name` of a request stamped `timestamp`, for `ttl`, unless it was
+    /// recorded already. Atomic across replicas (`SET NX EX` in one script with the epoch check).
+    pub async fn nonce(
+        &self,
+        name: &str,
+        timestamp: i64,
+        ttl: Duration,
+    ) -> Result<NonceAnswer, ClusterError> {
         let mut conn = self.conn();
-        let key = self.key(name);
+        let (key, epoch) = (self.key(name), self.key(EPOCH));
         let seconds = ttl.as_secs().max(1);
-        self.call("set_if_absent", async move {
-            let set: Option<String> = redis::cmd("SET")
+        let answer: i64 = self
+            .call("nonce", async move {
+                Script::new(NONCE)
+                    .key(&key)
+                    .key(&epoch)
+                    .arg(seconds)
+                    .arg(timestamp)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(match answer {
+            1 => NonceAnswer::Fresh,
+            0 => NonceAnswer::Replayed,
+            _ => NonceAnswer::BeforeEpoch {
+                epoch: self.nonce_epoch().await?.unwrap_or(0),
+            },
+        })
+    }
+
+    /// Sets the time this Redis's nonces start from to now when it is not set (a replica's
+    /// start; whether Redis lost nonces before cannot be known, so requests stamped before now
+    /// are not trusted). Returns it.
+    pub async fn start_nonce_epoch(&self) -> Result<i64, ClusterError> {
+        let mut conn = self.conn();
+        let key = self.key(EPOCH);
+        self.call("start_nonce_epoch", async move {
+            let (seconds, _): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+            let _: Option<String> = redis::cmd("SET")
                 .arg(&key)
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
                 .arg(seconds)
+                .arg("NX")
                 .query_async(&mut conn)
                 .await?;
-            Ok(set.is_some())
+            let epoch: Option<i64> = conn.get(&key).await?;
+            Ok(epoch.unwrap_or(seconds))
         })
         .await
+    }
+
+    /// The time this Redis's nonces start from, when set.
+    async fn nonce_epoch(&self) -> Result<Option<i64>, ClusterError> {
+        let mut conn = self.conn();
+        let key = self.key(EPOCH);
+        self.call("nonce_epoch", async move { conn.get(&key).await })
+            .await
     }
 
     /// Counts one more under `name` unless `limit` are counted; returns the count before. The

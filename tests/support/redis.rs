@@ -1,0 +1,104 @@
+//! A real `redis-server` (Debian's package, installed by scripts/setup) for the cluster tests:
+//! started on a free loopback port in a temporary directory, without persistence, stopped (and
+//! restarted empty on the same port) by the test, killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port under `dir`.
+    pub async fn start(dir: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self {
+            port,
+            dir: dir.to_owned(),
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// The URL a replica's `[cluster] redis_url` gives.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again, empty: no persistence) on its port and waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::File::create(self.dir.join(format!("redis-{}.log", self.port)))
+            .expect("redis log");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup installs it)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + super::GENEROUS;
+        while self.ping().await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server on port {} never answered",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills it (as a crash would) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `PING` over a raw connection: the server's own answer, independent of the code under test.
+    pub async fn ping(&self) -> std::io::Result<()> {
+        let answer = self.command(&["PING"]).await?;
+        if answer.starts_with("+PONG") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(answer))
+        }
+    }
+
+    /// One command in RESP over a raw connection; the reply as text.
+    pub async fn command(&self, args: &[&str]) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let mut request = format!("*{}\r\n", args.len());
+        for a in args {
+            request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::other("no answer"))??;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
