@@ -605,3 +605,122 @@ impl Drop for ReplicaProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `examples/haproxy.cfg` is valid, and as written (only its addresses changed) it carries
+/// terminals' TLS through to two replicas: signed requests are served, a replay through it is
+/// refused, and when one replica stops the other serves on.
+#[tokio::test]
+async fn binary_the_example_haproxy_config_passes_tls_through_to_the_replicas() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/haproxy.cfg");
+    let check = std::process::Command::new(haproxy())
+        .args(["-c", "-f", example])
+        .output()
+        .expect("haproxy (scripts/setup installs it)");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let lab = ClusterLab::start(lab::world(0, 45), "[fleet]\nenabled = false\n").await;
+    let a = lab.replica("a").await;
+    let b = lab.replica("b").await;
+    let front = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let text = std::fs::read_to_string(example).expect("example");
+    let mut config = String::new();
+    for line in text.lines() {
+        let line = match line.trim_start() {
+            "bind :443" => format!("    bind {front}"),
+            l if l.starts_with("default-server ") => l
+                .replace(" port 9464", "")
+                .replace("default-server", "    default-server"),
+            l if l.starts_with("server proxy1 ") => {
+                format!(
+                    "    server proxy1 {} check port {}",
+                    a.addr,
+                    a.admin_addr.port()
+                )
+            }
+            l if l.starts_with("server proxy2 ") => {
+                format!(
+                    "    server proxy2 {} check port {}",
+                    b.addr,
+                    b.admin_addr.port()
+                )
+            }
+            l if l.starts_with("server proxy3 ") => continue,
+            _ => line.to_owned(),
+        };
+        config.push_str(&line);
+        config.push('\n');
+    }
+    let path = lab.files.path("haproxy.cfg");
+    std::fs::write(&path, config).expect("write");
+    let _haproxy = KillOnDrop(
+        std::process::Command::new(haproxy())
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy"),
+    );
+    let device = lab.device();
+    // Until HAProxy listens and has checked both replicas up.
+    let deadline = Instant::now() + GENEROUS;
+    while tokio::net::TcpStream::connect(front).await.is_err() {
+        assert!(Instant::now() < deadline, "haproxy never listened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut served = 0;
+    for i in 0..6 {
+        let (body, authorization) = signed_authinfo(&device, &format!("RAW-{i}"));
+        let reply = send(&lab.files, front, &body, &authorization).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        served += 1;
+        if i == 5 {
+            let replay = send(&lab.files, front, &body, &authorization).await;
+            assert_refused(&replay, 401, codes::REPLAYED_NONCE);
+        }
+    }
+    assert_eq!(lab.authinfo_calls(), served);
+    a.stop().await;
+    for i in 0..4 {
+        let (body, authorization) = signed_authinfo(&device, &format!("AFTER-{i}"));
+        let reply = send(&lab.files, front, &body, &authorization).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "with one replica stopped: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    b.stop().await;
+}
+
+/// A child process killed on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Debian's haproxy is in /usr/sbin, which a user's PATH may not hold.
+fn haproxy() -> &'static str {
+    if std::path::Path::new("/usr/sbin/haproxy").exists() {
+        "/usr/sbin/haproxy"
+    } else {
+        "haproxy"
+    }
+}
