@@ -36,7 +36,7 @@
 
 mod common;
 
-use common::{load_average, machine_ticks};
+use common::{load_average, machine_ticks, on_cpu};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -543,12 +543,7 @@ impl Run {
 
     /// The nearest-rank percentile `p` (0 to 100).
     fn percentile(&self, p: f64) -> Duration {
-        let n = self.latencies.len();
-        if n == 0 {
-            return Duration::ZERO;
-        }
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.latencies[rank.clamp(1, n) - 1]
+        common::percentile(&self.latencies, p)
     }
 
     fn max(&self) -> Duration {
@@ -633,17 +628,6 @@ impl CpuSnapshot {
             capacity: Duration::from_secs_f64(total.max(0.0)),
         }
     }
-}
-
-/// A thread's time on a CPU: the first field of its `schedstat`, in nanoseconds.
-fn on_cpu(schedstat: &std::path::Path) -> anyhow::Result<Duration> {
-    let text = std::fs::read_to_string(schedstat)
-        .with_context(|| format!("cannot read {}", schedstat.display()))?;
-    text.split_whitespace()
-        .next()
-        .and_then(|ns| ns.parse().ok())
-        .map(Duration::from_nanos)
-        .ok_or_else(|| anyhow!("unexpected {}", schedstat.display()))
 }
 
 // === the signing cost ===

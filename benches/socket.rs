@@ -591,13 +591,7 @@ impl Sample {
 
     /// The nearest-rank percentile `p` (0 to 100).
     fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let n = self.latencies.len();
-        // Nearest rank: the smallest value with at least p % of the sample at or below it.
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.latencies[rank.clamp(1, n) - 1]
+        common::percentile(&self.latencies, p)
     }
 
     fn max(&self) -> Duration {

@@ -1,4 +1,8 @@
-//! What both benchmarks read from `/proc` about the machine they run on.
+//! What the benchmarks read from `/proc` about the machine they run on, and how they rank
+//! their latencies.
+
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 
@@ -27,4 +31,28 @@ pub fn load_average() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
+}
+
+/// A thread's time on a CPU: the first field of its `schedstat`, in nanoseconds.
+// benches/socket.rs measures its daemon from /proc/PID/stat and does not read thread times.
+#[allow(dead_code)]
+pub fn on_cpu(schedstat: &Path) -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string(schedstat)
+        .with_context(|| format!("cannot read {}", schedstat.display()))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .map(Duration::from_nanos)
+        .ok_or_else(|| anyhow!("unexpected {}", schedstat.display()))
+}
+
+/// The nearest-rank percentile `p` (0 to 100) of `sorted` (shortest first): the smallest value
+/// with at least p % of the sample at or below it; zero for an empty sample.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let n = sorted.len();
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    sorted[rank.clamp(1, n) - 1]
 }
