@@ -1116,6 +1116,10 @@ mod tests {
         assert!(t.licence_warning_days.is_some() && t.licence_critical_days.is_some());
         assert!(t.clock_skew_above.is_some() && t.report_burst.is_some());
         assert!(t.report_refill.is_some());
+        let c = raw.cluster.expect("the example has a commented [cluster]");
+        assert!(c.redis_url.is_some() && c.username.is_some() && c.password_file.is_some());
+        assert!(c.ca_file.is_some() && c.key_prefix.is_some());
+        assert!(c.lease.is_some() && c.timeout.is_some());
         assert!(wechatpay.merchant_certificate.is_some() && wechatpay.apiv3_key_file.is_some());
         assert!(
             alipay.ca_file.is_some() && aliyun.ca_file.is_some() && wechatpay.ca_file.is_some()

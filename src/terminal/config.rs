@@ -1210,6 +1210,16 @@ raw_data_command = ["rawdata"]
                 {
                     rest
                 }
+                // An optional section's header (`# [cluster]`), alone on its line.
+                Some(rest)
+                    if rest.starts_with('[')
+                        && rest.ends_with(']')
+                        && rest[1..rest.len() - 1]
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b == b'_') =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .collect::<Vec<_>>()
