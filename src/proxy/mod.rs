@@ -254,19 +254,12 @@ pub async fn start(config: Config) -> Result<RunningProxy, ProxyError> {
         config.terminals.thresholds,
         fleet::system_clock(),
     ));
-    let fleet = Arc::new(match &cluster {
-        Some(cluster) => Fleet::clustered(
-            store,
-            cluster.clone(),
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
-        )?,
-        None => Fleet::new(
-            store,
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
-        )?,
-    });
+    let fleet = Arc::new(Fleet::open(
+        store,
+        cluster.clone(),
+        config.fleet.requests_per_second,
+        config.fleet.requests_per_day,
+    )?);
     let (nonces, limit_store): (auth::Nonces, Arc<dyn limits::RateLimitStore>) = match &cluster {
         Some(cluster) => (
             auth::Nonces::Shared(cluster.clone()),
@@ -479,21 +472,19 @@ pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapsh
         Err(e) => return Err(FleetError::from(e).into()),
     };
     let client = wechat_client(config.wechatpay, &config.upstream, config.upstream_timeout)?;
-    let fleet = match config.cluster {
-        // Clustered: the merchant's one budget and the lease are in Redis, so this pages only
-        // when no replica holds the lease, and counts where the replicas count.
-        Some(c) => Fleet::clustered(
-            store,
-            Arc::new(cluster::Cluster::new(c)?),
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
-        )?,
-        None => Fleet::new(
-            store,
-            config.fleet.requests_per_second,
-            config.fleet.requests_per_day,
-        )?,
-    };
+    // Clustered: the merchant's one budget and the lease are in Redis, so this pages only when
+    // no replica holds the lease, and counts where the replicas count.
+    let cluster = config
+        .cluster
+        .map(cluster::Cluster::new)
+        .transpose()?
+        .map(Arc::new);
+    let fleet = Fleet::open(
+        store,
+        cluster,
+        config.fleet.requests_per_second,
+        config.fleet.requests_per_day,
+    )?;
     fleet.sync(&client).await?;
     Ok((*fleet.snapshot()).clone())
 }

@@ -432,6 +432,9 @@ pub struct Fleet {
 pub const LEASE: &str = "fleet:lease";
 /// The name of the shared fleet list in Redis.
 const SHARED_LIST: &str = "fleet:list";
+/// When the shared list was synced (Unix seconds), written after it: replicas read this small
+/// key every step and fetch the list (megabytes for a large fleet) only when it is newer.
+const SHARED_SYNCED_AT: &str = "fleet:synced_at";
 
 /// A synced list and its lookup by serial (activated or not).
 #[derive(Debug, Default)]
@@ -493,6 +496,19 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// [`Fleet::clustered`] with a cluster, else [`Fleet::new`].
+    pub fn open(
+        store: Store,
+        cluster: Option<Arc<Cluster>>,
+        per_second: u32,
+        per_day: u32,
+    ) -> Result<Self, FleetError> {
+        match cluster {
+            Some(cluster) => Self::clustered(store, cluster, per_second, per_day),
+            None => Self::new(store, per_second, per_day),
+        }
+    }
+
     /// The replicas' Redis, when clustered.
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.shared.as_ref()
@@ -504,6 +520,12 @@ impl Fleet {
         let Some(cluster) = &self.shared else {
             return Ok(false);
         };
+        let Some(at) = self.shared_synced_at().await? else {
+            return Ok(false);
+        };
+        if Some(at) <= self.snapshot().synced_at {
+            return Ok(false);
+        }
         let Some(bytes) = cluster.get(SHARED_LIST).await? else {
             return Ok(false);
         };
@@ -528,10 +550,10 @@ impl Fleet {
             return Ok(self.snapshot().synced_at);
         };
         Ok(cluster
-            .get(SHARED_LIST)
+            .get(SHARED_SYNCED_AT)
             .await?
-            .and_then(|b| serde_json::from_slice::<FleetSnapshot>(&b).ok())
-            .and_then(|s| s.synced_at))
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|t| t.parse().ok()))
     }
 
     /// A fleet in a temporary store, with WeChat Pay's limits (tests).
@@ -590,6 +612,8 @@ impl Fleet {
                 reason: e.to_string(),
             })?;
             cluster.set(SHARED_LIST, &bytes).await?;
+            let at = snapshot.synced_at.unwrap_or_default().to_string();
+            cluster.set(SHARED_SYNCED_AT, at.as_bytes()).await?;
         }
         self.store.save_fleet(&snapshot).await?;
         let n = snapshot.devices.len();
