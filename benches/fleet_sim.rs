@@ -3,18 +3,26 @@
 //! requests that reach the proxy per minute.
 //!
 //! Each terminal runs what its refresh loop and its health checker run: a refresh when the held
-//! authinfo is one interval old (up to `jitter` early), full-jitter exponential backoff after a
-//! failure, and three device health checks at start and then every `health.interval` on the
-//! same backoff. The fleet starts with each terminal's authinfo fetched at a uniformly random
-//! time in the last interval and its health checks at a random time in the last day, and runs
+//! authinfo is one interval old (up to `jitter` early), and after a failure the backoff the
+//! refresher asks for (`Backoff::failed_with_runway` with the held authinfo's runway: the
+//! doubling, then a share of the runway); three device health checks at start and then every
+//! `health.interval`, retried as the checker retries them (against `health::CHECK_RUNWAY`).
+//! Each terminal holds an authinfo (fetched at, expires at fetched + the default
+//! `assumed_validity`, as the sandbox's `expires_in`), replaced on each success. The fleet
+//! starts with each terminal's authinfo fetched at a uniformly random time in the last interval
+//! and its next health checks at a random time within one (jittered) health interval, and runs
 //! `--warmup-hours` (3) before counting, so that what is counted is the schedule's own spread,
-//! not the initial draw's. A proxy outage makes every call in its window
-//! fail (the daemon's backoff then runs as it would on `PROXY_UNREACHABLE`).
+//! not the initial draw's. A
+//! proxy outage makes every call in its window fail (the daemon's backoff then runs as it would
+//! on `PROXY_UNREACHABLE`).
 //!
 //! Two runs: 24 h undisturbed, where each minute's load must stay within ±15 % of the mean, and
 //! 24 h with a one-hour outage, where the recovery peak must stay at most 3× the mean of the
-//! undisturbed run. It prints both figures and, with `--plot FILE.png` and gnuplot installed,
-//! writes a plot of requests per minute (both runs).
+//! undisturbed run. It prints both figures, how many terminals' authinfo expired (during the
+//! outage, which a long enough outage makes unavoidable, and after it ended, which the backoff
+//! must never cause) and the longest time from the proxy's return to a terminal's successful
+//! refresh; with `--plot FILE.png` and gnuplot installed, it writes a plot of requests per
+//! minute (both runs).
 //!
 //! A measurement, not a test: it exits 0 whatever the figures. Options: `--terminals N`
 //! (100000), `--hours H` (24), `--outage-at H` (12), `--outage-hours H` (1), `--seed S`,
@@ -26,6 +34,7 @@ use std::time::Duration;
 
 use authinfod::schedule::{Backoff, Schedule};
 use authinfod::terminal::config as defaults;
+use authinfod::terminal::health::CHECK_RUNWAY;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -82,9 +91,37 @@ enum Task {
     Health,
 }
 
-/// One run's requests per minute reaching the proxy (calls into an outage count too: they are
-/// connection attempts the proxy's host sees when it comes back up halfway).
-fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
+/// What one run measured.
+struct Run {
+    /// Requests per minute reaching the proxy (calls into an outage count too: they are
+    /// connection attempts the proxy's host sees when it comes back up halfway).
+    per_minute: Vec<u64>,
+    /// Terminals whose authinfo expired before the outage ended (and before they refreshed).
+    expired_in_outage: usize,
+    /// Terminals whose authinfo expired after the outage ended, before they refreshed: what a
+    /// backoff that waits too long would cause.
+    expired_after_outage: usize,
+    /// The longest time from the end of the outage to a terminal's successful refresh, among
+    /// the terminals that failed in it, seconds.
+    longest_recovery: f64,
+    /// The shortest runway a failed terminal had left when it refreshed after the outage (among
+    /// those whose authinfo had not expired), seconds.
+    least_runway_at_recovery: f64,
+    /// The smallest share of the runway it had when the proxy came back that a failed terminal
+    /// still had when it refreshed (the schedule promises at least `1 - RUNWAY_SHARE`).
+    least_share_kept: f64,
+}
+
+/// A terminal's held authinfo and its two loops' backoffs.
+struct Terminal {
+    refresh: Backoff,
+    health: Backoff,
+    /// When the held authinfo expires, seconds on the virtual clock.
+    expires_at: f64,
+}
+
+/// Runs the fleet, with the proxy down over `outage` (seconds into the counted run).
+fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Run {
     let refresh = Schedule {
         interval: defaults::DEFAULT_INTERVAL,
         jitter: defaults::DEFAULT_JITTER,
@@ -98,28 +135,42 @@ fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
     let warmup = Duration::from_secs(args.warmup_hours * 3600).as_secs_f64();
     let end = warmup + Duration::from_secs(args.hours * 3600).as_secs_f64();
     let mut random = Random(args.seed);
-    let mut backoffs: Vec<(Backoff, Backoff)> = Vec::with_capacity(args.terminals);
+    let validity = defaults::DEFAULT_ASSUMED_VALIDITY.as_secs_f64();
+    let mut terminals: Vec<Terminal> = Vec::with_capacity(args.terminals);
     // (due time in ms, terminal, task): a min-heap of every terminal's next call.
     let mut queue = BinaryHeap::with_capacity(args.terminals * 2);
     let ms = |secs: f64| (secs * 1000.0) as u64;
     for id in 0..args.terminals {
-        backoffs.push((Backoff::new(refresh), Backoff::new(health)));
         // Fetched `age` ago: due when it turns one interval old, as `Refresher::initial_due`.
         let age = random.unit() * refresh.next_interval(random.unit()).as_secs_f64();
+        terminals.push(Terminal {
+            refresh: Backoff::new(refresh),
+            health: Backoff::new(health),
+            expires_at: validity - age,
+        });
         queue.push(Reverse((
             ms(refresh.interval.as_secs_f64() - age),
             id,
             Task::Refresh,
         )));
-        let checked = random.unit() * health.interval.as_secs_f64();
-        queue.push(Reverse((
-            ms(health.interval.as_secs_f64() - checked),
-            id,
-            Task::Health,
-        )));
+        // The next check within one jittered interval, as for the refresh: the warm-up is
+        // shorter than a day, so a draw over a plain `health.interval` would leave its second
+        // round (up to `jitter` early) piled on the last 2.4 h of its first, inside the counted
+        // day (up to a tenth more load for two hours: seed 2 missed ±15 % by it).
+        let next_check = random.unit() * health.next_interval(random.unit()).as_secs_f64();
+        queue.push(Reverse((ms(next_check), id, Task::Health)));
     }
     let minutes = (args.hours * 60) as usize;
     let mut per_minute = vec![0u64; minutes];
+    let mut run = Run {
+        per_minute: Vec::new(),
+        expired_in_outage: 0,
+        expired_after_outage: 0,
+        longest_recovery: 0.0,
+        least_runway_at_recovery: f64::INFINITY,
+        least_share_kept: f64::INFINITY,
+    };
+    let outage_end = outage.map(|(_, to)| warmup + to);
     while let Some(Reverse((at, id, task))) = queue.pop() {
         let now = at as f64 / 1000.0;
         if now >= end {
@@ -133,27 +184,59 @@ fn simulate(args: &Args, outage: Option<(f64, f64)>) -> Vec<u64> {
             per_minute[((now - warmup) / 60.0) as usize] += calls;
         }
         let down = outage.is_some_and(|(from, to)| now >= warmup + from && now < warmup + to);
-        let backoff = match task {
-            Task::Refresh => &mut backoffs[id].0,
-            Task::Health => &mut backoffs[id].1,
-        };
-        let wait = if down {
-            backoff.failed(None, random.unit())
-        } else {
-            backoff.succeeded(random.unit())
+        let terminal = &mut terminals[id];
+        let unit = random.unit();
+        let wait = match (task, down) {
+            // As `Refresher::runway`: zero once expired.
+            (Task::Refresh, true) => {
+                let runway = Duration::from_secs_f64((terminal.expires_at - now).max(0.0));
+                terminal
+                    .refresh
+                    .failed_with_runway(None, Some(runway), unit)
+            }
+            (Task::Refresh, false) => {
+                if let Some(end) = outage_end
+                    && now >= end
+                    && terminal.refresh.failures() > 0
+                {
+                    run.longest_recovery = run.longest_recovery.max(now - end);
+                    let runway = terminal.expires_at - now;
+                    if runway >= 0.0 {
+                        run.least_runway_at_recovery = run.least_runway_at_recovery.min(runway);
+                        let at_return = terminal.expires_at - end;
+                        if now > end && at_return > 0.0 {
+                            run.least_share_kept = run.least_share_kept.min(runway / at_return);
+                        }
+                    } else if terminal.expires_at < end {
+                        run.expired_in_outage += 1;
+                    } else {
+                        run.expired_after_outage += 1;
+                    }
+                }
+                terminal.expires_at = now + validity;
+                terminal.refresh.succeeded(unit)
+            }
+            (Task::Health, true) => {
+                terminal
+                    .health
+                    .failed_with_runway(None, Some(CHECK_RUNWAY), unit)
+            }
+            (Task::Health, false) => terminal.health.succeeded(unit),
         };
         queue.push(Reverse((at + ms(wait.as_secs_f64()).max(1), id, task)));
     }
-    per_minute
+    run.per_minute = per_minute;
+    run
 }
 
 fn main() {
     let args = Args::parse();
     let started = std::time::Instant::now();
-    let steady = simulate(&args, None);
+    let steady = simulate(&args, None).per_minute;
     let from = args.outage_at * 3600.0;
     let to = from + args.outage_hours * 3600.0;
-    let disturbed = simulate(&args, Some((from, to)));
+    let outage = simulate(&args, Some((from, to)));
+    let disturbed = &outage.per_minute;
     let mean = steady.iter().sum::<u64>() as f64 / steady.len() as f64;
     let (lo, hi) = steady
         .iter()
@@ -167,13 +250,16 @@ fn main() {
         .max_by_key(|(_, n)| **n)
         .map_or((after, 0), |(m, n)| (m, *n));
     println!(
-        "fleet: {} terminals, {} h, default schedule (interval {}, jitter {}, backoff {}..{}), health every {}",
+        "fleet: {} terminals, {} h, seed {}, default schedule (interval {}, jitter {}, backoff {}..{}, then {} of the runway; validity {}), health every {}",
         args.terminals,
         args.hours,
+        args.seed,
         authinfod::units::format_duration(defaults::DEFAULT_INTERVAL),
         defaults::DEFAULT_JITTER,
         authinfod::units::format_duration(defaults::DEFAULT_BACKOFF_MIN),
         authinfod::units::format_duration(defaults::DEFAULT_BACKOFF_MAX),
+        authinfod::schedule::RUNWAY_SHARE,
+        authinfod::units::format_duration(defaults::DEFAULT_ASSUMED_VALIDITY),
         authinfod::units::format_duration(defaults::DEFAULT_HEALTH_INTERVAL),
     );
     println!(
@@ -193,12 +279,37 @@ fn main() {
             "MISSED"
         }
     );
+    println!(
+        "outage: authinfo expired in {} terminals before it ended, in {} after it ended (target 0): {}",
+        outage.expired_in_outage,
+        outage.expired_after_outage,
+        if outage.expired_after_outage == 0 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    println!(
+        "outage: longest from the proxy's return to a terminal's refresh {:.1} min; least runway left at that refresh {:.1} min",
+        outage.longest_recovery / 60.0,
+        outage.least_runway_at_recovery / 60.0,
+    );
+    let floor = 1.0 - authinfod::schedule::RUNWAY_SHARE;
+    println!(
+        "outage: least share of its runway at the proxy's return a terminal still had at its refresh {:.3} (target ≥ {floor:.2}): {}",
+        outage.least_share_kept,
+        if outage.least_share_kept >= floor - 1e-9 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
     println!("simulated in {:.1} s", started.elapsed().as_secs_f64());
     let csv: String = std::iter::once("minute,undisturbed,outage\n".to_owned())
         .chain(
             steady
                 .iter()
-                .zip(&disturbed)
+                .zip(disturbed)
                 .enumerate()
                 .map(|(m, (a, b))| format!("{m},{a},{b}\n")),
         )
@@ -236,9 +347,13 @@ fn plot(png: &std::path::Path, csv: &str, mean: f64, from: f64, to: f64) {
         data.display(),
         3.0 * mean,
     );
+    // A script file, not `-e`: gnuplot 5.4 reads one line of `-e` only.
+    let commands = dir.path().join("fleet.gp");
+    if let Err(e) = std::fs::write(&commands, script) {
+        return eprintln!("fleet: no plot: {e}");
+    }
     match std::process::Command::new("gnuplot")
-        .arg("-e")
-        .arg(&script)
+        .arg(&commands)
         .status()
     {
         Ok(s) if s.success() => println!("plot: {}", png.display()),

@@ -49,7 +49,10 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JITTER: f64 = 0.10;
 /// Default first retry bound after a failure.
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(5);
-/// Default retry bound ceiling.
+/// Default ceiling of the doubling, and of the retries of a terminal holding no valid authinfo
+/// (or one less than `backoff_max / RUNWAY_SHARE`, 6 min 15 s, from expiry). In an outage
+/// ([`crate::schedule::OUTAGE_FAILURES`]) a terminal holding one waits for a share of its
+/// runway instead, at most one interval.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Default assumed validity of an authinfo when the platform gives no `expires_in`. WeChat
 /// Pay documents none; two hours is twice the refresh interval, so the runway shown to an

@@ -1,8 +1,8 @@
 //! The device health checks: the factory inspection (WeChat Pay), the Alipay binding and the
 //! face SDK licence (Alibaba Cloud), fetched through the proxy at start, then every
-//! `health.interval` less jitter, a failed check retried with backoff like authinfo. Nothing
-//! else asks for a check, except a restart: a check attempted less than
-//! `refresh.min_forced_interval` before the start waits out the rest of it
+//! `health.interval` less jitter, a failed check retried with backoff like authinfo (against
+//! [`CHECK_RUNWAY`]). Nothing else asks for a check, except a restart: a check attempted less
+//! than `refresh.min_forced_interval` before the start waits out the rest of it
 //! ([`first_check_delay`]), so a daemon restarted in a loop cannot repeat the checks faster.
 //!
 //! Owns: the check loops, reading each answer into its typed value, and the log lines an
@@ -44,6 +44,13 @@ pub fn licence_severity(days_left: i64) -> LicenceSeverity {
         LicenceSeverity::Ok
     }
 }
+
+/// The runway a failed check retries against ([`crate::schedule`]): a check holds no deadline
+/// (its previous result stays shown, with its age, and nothing stops working while it is old),
+/// so in an outage ([`crate::schedule::OUTAGE_FAILURES`]) a check waits as a refresh with an
+/// hour of runway would, up to [`crate::schedule::RUNWAY_SHARE`] of an hour (48 min). A fleet's
+/// checks failing through an outage then do not all come back within `backoff_max` of its end.
+pub const CHECK_RUNWAY: Duration = Duration::from_secs(3600);
 
 // === impl Checker ===
 
@@ -116,7 +123,9 @@ async fn check_loop(
         let unit = crate::crypto::random_unit();
         let delay = match check_once(check, &state, upstream.as_ref()).await {
             Ok(()) | Err(Disposition::Permanent) => backoff.succeeded(unit),
-            Err(Disposition::Retry { after }) => backoff.failed(after, unit),
+            Err(Disposition::Retry { after }) => {
+                backoff.failed_with_runway(after, Some(CHECK_RUNWAY), unit)
+            }
         };
         tokio::select! {
             () = shutdown.cancelled() => break,

@@ -1,10 +1,12 @@
 //! The refresh loop: keeps a fresh authinfo, on the monotonic clock.
 //!
-//! Owns: the schedule (every interval, up to `jitter` early; at once when the held authinfo is older than the
-//! interval, at start and after a suspend or clock jump), exponential backoff with full jitter
-//! on failure (honouring `Retry-After`), the hold on permanent errors, and the "never worse"
-//! rule: only a good answer reaches the store, and it is flushed before it is served. It must
-//! not serve anything itself; the socket reads what [`State::publish`] made current.
+//! Owns: the schedule (every interval, up to `jitter` early; at once when the held authinfo is
+//! older than the interval, at start and after a suspend or clock jump), exponential backoff
+//! with full jitter on failure (honouring `Retry-After`), stretched to a share of the held
+//! authinfo's runway in an outage ([`crate::schedule`]), the hold on permanent
+//! errors, and the "never worse" rule: only a good answer reaches the store, and it is flushed
+//! before it is served. It must not serve anything itself; the socket reads what
+//! [`State::publish`] made current.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +82,15 @@ impl Refresher {
                 None => Some(now),
             },
         }
+    }
+
+    /// The held authinfo's runway (the time until it expires; zero once it has), which a
+    /// retry in an outage waits a share of ([`Schedule::retry_delay_with_runway`]); `None`
+    /// when nothing is held.
+    fn runway(&self) -> Option<Duration> {
+        self.state
+            .current()
+            .map(|served| Duration::from_secs(served.runway(self.state.time())))
     }
 
     fn can_get_raw_data(&self) -> bool {
@@ -159,10 +170,12 @@ impl Refresher {
             next = match outcome {
                 Outcome::Fetched | Outcome::Permanent => Some(now + backoff.succeeded(unit)),
                 Outcome::Retry { after } => {
-                    let delay = backoff.failed(after, unit);
+                    let runway = self.runway();
+                    let delay = backoff.failed_with_runway(after, runway, unit);
                     tracing::info!(
                         attempt = backoff.failures(),
                         backoff_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        runway_seconds = runway.map(|r| r.as_secs()),
                         "next refresh attempt scheduled"
                     );
                     Some(now + delay)
@@ -515,6 +528,101 @@ mod tests {
         );
         assert_eq!(state.current().expect("held").held.authinfo, "SECOND");
         assert_eq!(state.metrics.refreshes("retryable_error"), 4);
+    }
+
+    /// The calls `upstream` saw, as times since `start`, and the gaps between them.
+    fn call_gaps(upstream: &FakeUpstream, start: Instant) -> (Vec<Duration>, Vec<Duration>) {
+        let calls: Vec<Duration> = lock(&upstream.calls)
+            .iter()
+            .map(|t| t.duration_since(start))
+            .collect();
+        let gaps = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        (calls, gaps)
+    }
+
+    /// In an outage (every call fails) a terminal whose authinfo has an hour left backs off past
+    /// `backoff_max` once the doubling has reached it (the 7th failure), to a share of that hour,
+    /// while one whose authinfo has 4 minutes left keeps retrying within them. (The paused clock
+    /// does not move the wall clock, so each runway stays what it was at start.)
+    #[tokio::test(start_paused = true)]
+    async fn in_an_outage_a_fresh_authinfo_backs_off_longer_and_one_near_expiry_does_not() {
+        let backoff_max = crate::terminal::config::DEFAULT_BACKOFF_MAX;
+        for (runway, shortest_last_gap, longest_gap) in [
+            // 0.8 of an hour, up to 10 % early.
+            (3600, 2591, 2880),
+            // 0.8 of 240 s: within the runway and within backoff_max.
+            (240, 172, 192),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let state = state_with_raw_data(dir.path());
+            // Older than the interval: refreshed at once.
+            state.publish(old_authinfo(7200 - runway, runway));
+            let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
+            let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+            let running = Running::start(|stop| refresher.run(stop));
+            let start = Instant::now();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            running.stop().await;
+
+            let (calls, gaps) = call_gaps(&upstream, start);
+            assert!(calls[0] < Duration::from_secs(1), "{calls:?}");
+            // The doubling first, as without a runway: 5 s to 160 s.
+            for (gap, ceiling) in gaps[..6].iter().zip([5, 10, 20, 40, 80, 160]) {
+                let ceiling = Duration::from_secs(ceiling);
+                assert!(*gap >= ceiling.mul_f64(0.99) && *gap <= ceiling, "{gaps:?}");
+            }
+            // Then the share of the runway.
+            let shortest = Duration::from_secs(shortest_last_gap);
+            let longest = Duration::from_secs(longest_gap);
+            assert!(
+                gaps[6..].iter().all(|g| *g >= shortest && *g <= longest),
+                "runway {runway}: {gaps:?}"
+            );
+            if runway > 3000 {
+                assert!(gaps[6] > backoff_max, "{gaps:?}");
+                assert_eq!(calls.len(), 8, "one long wait fits after the doubling");
+            } else {
+                assert!(gaps.iter().all(|g| *g <= backoff_max), "{gaps:?}");
+                assert!(calls.len() > 20, "{}", calls.len());
+            }
+            assert_eq!(state.current().expect("held").held.authinfo, "OLD");
+        }
+    }
+
+    /// The runway wait binds the schedule only: a forced refresh asked during it starts at
+    /// once (its own limit, `min_forced_interval`, has long passed), not 45 min later.
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_refresh_during_the_runway_wait_is_not_held_by_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        state.publish(old_authinfo(3600, 3600));
+        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let running = Running::start(|stop| refresher.run(stop));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let (calls, gaps) = call_gaps(&upstream, start);
+        assert_eq!(
+            calls.len(),
+            7,
+            "the doubling (5 s to 160 s), then the runway wait: {calls:?}"
+        );
+        let next = state.refresh_status().next_attempt_at.expect("scheduled");
+        assert!(
+            next - state.now() > 2000,
+            "the schedule waits for 0.8 of the runway: {next} {gaps:?}"
+        );
+        let asked = Instant::now() - start;
+        let answer = forced_refresh(&state).await;
+        assert_eq!(
+            answer.status, 502,
+            "the forced attempt ran and failed: {answer:?}"
+        );
+        let (calls, _) = call_gaps(&upstream, start);
+        assert_eq!(calls.len(), 8, "{calls:?}");
+        assert!(calls[7] - asked < Duration::from_secs(1), "{calls:?}");
+        running.stop().await;
+        assert_eq!(state.current().expect("held").held.authinfo, "OLD");
     }
 
     /// A held authinfo younger than the interval is not refreshed at start; one older is.
