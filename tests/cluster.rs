@@ -41,6 +41,20 @@ impl ClusterLab {
     /// `[cluster]` and `extra`.
     async fn start(world: World, extra: &str) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let redis = RedisServer::start(dir.path()).await;
+        let cluster = format!("[cluster]\nredis_url = \"{}\"\n", redis.url());
+        Self::assemble(dir, redis, &cluster, world, extra).await
+    }
+
+    /// [`Self::start`] with a Redis already started in `dir` and the `cluster` section's
+    /// first lines (the lease and the timeout are added).
+    async fn assemble(
+        dir: Arc<tempfile::TempDir>,
+        redis: RedisServer,
+        cluster: &str,
+        world: World,
+        extra: &str,
+    ) -> Self {
         let generated =
             lab::write_keys_for(dir.path(), lab_keys(), Some("127.0.0.1")).expect("lab keys");
         let files = LabFiles {
@@ -49,7 +63,6 @@ impl ClusterLab {
         files
             .write_registry(&generated.device_public)
             .expect("registry");
-        let redis = RedisServer::start(dir.path()).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -58,8 +71,7 @@ impl ClusterLab {
             listener.local_addr().expect("addr").port()
         );
         let cluster = format!(
-            "[cluster]\nredis_url = \"{}\"\nlease = \"{}s\"\ntimeout = \"1s\"\n\n{extra}",
-            redis.url(),
+            "{cluster}lease = \"{}s\"\ntimeout = \"1s\"\n\n{extra}",
             LEASE.as_secs()
         );
         files
@@ -90,8 +102,23 @@ impl ClusterLab {
 
     /// Replica `name`'s config: the shared one with its own state directory and listeners.
     fn replica_config(&self, name: &str, listen: &str, admin: &str) -> PathBuf {
-        let shared =
+        self.replica_config_with(name, listen, admin, &[])
+    }
+
+    /// [`Self::replica_config`] with whole lines replaced (`(old, new)`).
+    fn replica_config_with(
+        &self,
+        name: &str,
+        listen: &str,
+        admin: &str,
+        replace: &[(&str, &str)],
+    ) -> PathBuf {
+        let mut shared =
             std::fs::read_to_string(self.files.path("authinfo-proxy.toml")).expect("config");
+        for (old, new) in replace {
+            assert!(shared.contains(old), "{old} is in the config");
+            shared = shared.replace(old, new);
+        }
         let own: String = shared
             .lines()
             .map(|line| {
@@ -119,7 +146,12 @@ impl ClusterLab {
 
     /// Replica `name`, in this process.
     async fn replica(&self, name: &str) -> RunningProxy {
-        let path = self.replica_config(name, "127.0.0.1:0", "127.0.0.1:0");
+        self.replica_with(name, &[]).await
+    }
+
+    /// Replica `name` with whole lines of the shared config replaced.
+    async fn replica_with(&self, name: &str, replace: &[(&str, &str)]) -> RunningProxy {
+        let path = self.replica_config_with(name, "127.0.0.1:0", "127.0.0.1:0", replace);
         let config = proxy_lib::config::load_with_env(&path, &proxy_lib::config::no_environment)
             .expect("replica config");
         proxy_lib::start(config)
@@ -492,6 +524,142 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
 }
 
 /// A replica process killed with SIGKILL while it holds the fleet-sync lease (it cannot give it
+/// `rediss://` against a Redis that speaks only TLS to the replicas and requires a user and
+/// a password: with the CA from `ca_file` and the password from `password_file` (0600) a replica
+/// serves and a replay is refused through it (the nonce is in Redis, read back by the test as
+/// that user); a wrong password or a server certificate from another CA are a retryable 503
+/// with the reason in `/healthz`, and nothing is forwarded.
+#[tokio::test]
+async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_without() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.display().to_string()
+    };
+    let pki = authinfod::tls::generate_pki("redis test CA", &["127.0.0.1"]).expect("pki");
+    let other = authinfod::tls::generate_pki("another CA", &["127.0.0.1"]).expect("pki");
+    let cert = write("redis.crt", &pki.cert_pem, 0o644);
+    let key = write("redis.key", &pki.key_pem, 0o600);
+    let ca = write("redis-ca.pem", &pki.ca_pem, 0o644);
+    let other_ca = write("other-ca.pem", &other.ca_pem, 0o644);
+    let password = "correct horse battery staple";
+    let password_file = write("redis-password", &format!("{password}\n"), 0o600);
+    let wrong_password_file = write("wrong-password", "hunter2\n", 0o600);
+    let tls_port = crate::support::redis::free_port();
+    let args = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        // The replicas' user; the default user (no password) is switched off.
+        "--user",
+        "authinfo",
+        "on",
+        &format!(">{password}"),
+        "~*",
+        "&*",
+        "+@all",
+        "--user",
+        "default",
+        "off",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let redis = RedisServer::start_with(dir.path(), args).await;
+    assert!(
+        redis
+            .command(&["PING"])
+            .await
+            .expect("PING")
+            .starts_with("-NOAUTH"),
+        "no command without the password"
+    );
+    let cluster = format!(
+        "[cluster]\nredis_url = \"rediss://127.0.0.1:{tls_port}/0\"\nusername = \"authinfo\"\npassword_file = \"{password_file}\"\nca_file = \"{ca}\"\n"
+    );
+    let lab = ClusterLab::assemble(
+        dir.clone(),
+        redis,
+        &cluster,
+        lab::world(0, 45),
+        "[fleet]\nenabled = false\n",
+    )
+    .await;
+
+    let good = lab.replica("good").await;
+    let device = lab.device();
+    let (body, authorization) = signed_authinfo(&device, "RAW-1");
+    let first = send(&lab.files, good.addr, &body, &authorization).await;
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let replay = send(&lab.files, good.addr, &body, &authorization).await;
+    assert_refused(&replay, 401, codes::REPLAYED_NONCE);
+    let keys = lab
+        .redis
+        .command_as("authinfo", password, &["KEYS", "*"])
+        .await
+        .expect("KEYS as the replicas' user");
+    assert!(keys.contains(":nonce:T-1001:"), "{keys}");
+    let (status, doc) = healthz(good.admin_addr).await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["cluster"]["redis_up"], true, "{doc}");
+    assert!(
+        !doc.to_string().contains(password),
+        "no password in /healthz: {doc}"
+    );
+
+    let password_line = format!("password_file = \"{password_file}\"");
+    let wrong_password_line = format!("password_file = \"{wrong_password_file}\"");
+    let ca_line = format!("ca_file = \"{ca}\"");
+    let other_ca_line = format!("ca_file = \"{other_ca}\"");
+    for (name, replace, reason) in [
+        (
+            "wrong-password",
+            [(password_line.as_str(), wrong_password_line.as_str())],
+            "authentication failed",
+        ),
+        (
+            "other-ca",
+            [(ca_line.as_str(), other_ca_line.as_str())],
+            "certificate",
+        ),
+    ] {
+        let replica = lab.replica_with(name, &replace).await;
+        let (body, authorization) = signed_authinfo(&device, name);
+        let refused = send(&lab.files, replica.addr, &body, &authorization).await;
+        let refusal = assert_refused(&refused, 503, codes::CLUSTER_UNAVAILABLE);
+        assert!(refusal.retryable, "{name}: {refusal:?}");
+        let (status, doc) = healthz(replica.admin_addr).await;
+        assert_eq!(status, 503, "{name}: {doc}");
+        assert_eq!(doc["cluster"]["redis_up"], false, "{name}: {doc}");
+        let error = doc["cluster"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(reason),
+            "{name}: the error says why: {error}"
+        );
+        replica.stop().await;
+    }
+    assert_eq!(
+        lab.authinfo_calls(),
+        1,
+        "only the good replica's first request was forwarded"
+    );
+    good.stop().await;
+}
+
 /// up): another takes the lease within the lease time and can sync; the third is refused.
 #[tokio::test]
 async fn binary_a_killed_lease_holder_is_replaced_within_the_lease_time() {

@@ -709,12 +709,7 @@ pub async fn run_sync(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let schedule = crate::schedule::Schedule {
-        interval,
-        jitter: 0.1,
-        backoff_min: Duration::from_secs(30),
-        backoff_max: interval.min(Duration::from_secs(1800)),
-    };
+    let schedule = sync_schedule(interval, 0.1);
     let age = fleet
         .snapshot()
         .synced_at
@@ -729,19 +724,43 @@ pub async fn run_sync(
         shutdown,
         crate::events::FLEET_SYNC_FAILED,
         "fleet sync failed; keeping the cached list",
-        || async {
-            let started = Instant::now();
-            let n = fleet.sync(&client).await?;
-            tracing::info!(
-                message_id = crate::events::FLEET_SYNCED,
-                devices = n,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "fleet synced from wechat pay"
-            );
-            Ok::<(), FleetError>(())
-        },
+        || async { sync_logged(&fleet, &client, None).await.map(|_| ()) },
     )
     .await;
+}
+
+/// The fleet sync's timing: every `interval` (with `jitter`), a failure retried from 30 s
+/// doubling to at most 30 min (or the interval).
+fn sync_schedule(interval: Duration, jitter: f64) -> crate::schedule::Schedule {
+    crate::schedule::Schedule {
+        interval,
+        jitter,
+        backoff_min: Duration::from_secs(30),
+        backoff_max: interval.min(Duration::from_secs(1800)),
+    }
+}
+
+/// One sync, logged with its size and time (and the replica that made it, with `[cluster]`).
+async fn sync_logged(
+    fleet: &Fleet,
+    client: &WechatPayClient,
+    replica: Option<&str>,
+) -> Result<usize, FleetError> {
+    let started = Instant::now();
+    let n = fleet.sync(client).await?;
+    tracing::info!(
+        message_id = crate::events::FLEET_SYNCED,
+        devices = n,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        replica,
+        "{}",
+        if replica.is_some() {
+            "fleet synced from wechat pay and shared with the replicas"
+        } else {
+            "fleet synced from wechat pay"
+        }
+    );
+    Ok(n)
 }
 
 /// The fleet sync of one replica among several: every third of the lease time it takes or
@@ -759,12 +778,7 @@ pub async fn run_shared_sync(
         return run_sync(fleet, client, interval, shutdown).await;
     };
     let step_every = cluster.config().lease / 3;
-    let mut backoff = crate::schedule::Backoff::new(crate::schedule::Schedule {
-        interval,
-        jitter: 0.0,
-        backoff_min: Duration::from_secs(30),
-        backoff_max: interval.min(Duration::from_secs(1800)),
-    });
+    let mut backoff = crate::schedule::Backoff::new(sync_schedule(interval, 0.0));
     let mut retry_at: Option<Instant> = None;
     let mut held = false;
     let mut first = true;
@@ -796,15 +810,7 @@ pub async fn run_shared_sync(
                 Some(at) => unix_now() - at >= interval.as_secs() as i64,
             };
             if holds && due && retry_at.is_none_or(|t| Instant::now() >= t) {
-                let started = Instant::now();
-                let n = fleet.sync(&client).await?;
-                tracing::info!(
-                    message_id = crate::events::FLEET_SYNCED,
-                    devices = n,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    replica = cluster.replica(),
-                    "fleet synced from wechat pay and shared with the replicas"
-                );
+                sync_logged(&fleet, &client, Some(cluster.replica())).await?;
                 return Ok::<bool, FleetError>(true);
             }
             if fleet.adopt_shared().await? {
