@@ -37,15 +37,17 @@
 
 mod common;
 
-use common::{load_average, machine_ticks, on_cpu, percentile};
+use common::https::{
+    RAISED_LIMITS, RAISED_LIMITS_NOTE, Signed, Target, check, code_of, connect, drain, post, sign,
+};
+use common::{load_average, machine_ticks, on_cpu, parallel, percentile, positive};
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -57,21 +59,11 @@ use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{ROUTE_AUTHINFO, codes};
 use bytes::Bytes;
-use http::HeaderValue;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 
 /// The replicas, by the name of their state directory and their runtime's threads.
 const REPLICAS: [&str; 2] = ["replica-a", "replica-b"];
 /// The sandbox runtime's thread name (at most 15 bytes: Linux truncates thread names).
 const SANDBOX_THREAD: &str = "sandbox";
-/// Limits raised for the load, appended to the replicas' config: a terminal may send as many
-/// requests as the run gives it, and the merchant's WeChat Pay ceiling (default 100/s, shared
-/// by the replicas in Redis) is above any rate two cores reach.
-const RAISED_LIMITS: &str =
-    "[limits]\nauthinfo_burst = 100000\nauthinfo_every = \"1s\"\nwechatpay_per_second = 100000\n";
 /// Untimed requests each connection sends before the window.
 const WARMUP_PER_CONNECTION: usize = 2;
 /// How long the replicas get to hold the fleet list.
@@ -119,14 +111,6 @@ struct Options {
     bench: bool,
 }
 
-/// A positive whole number.
-fn positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{text:?} is not a positive whole number")),
-    }
-}
-
 /// A positive even number (one half per replica).
 fn even(text: &str) -> Result<usize, String> {
     match positive(text)? {
@@ -160,7 +144,7 @@ fn run(options: &Options) -> anyhow::Result<Verdict> {
         options.connections / 2,
     );
     println!(
-        "  raised      limits.authinfo_burst = 100000, authinfo_every = 1s, wechatpay_per_second = 100000 (defaults 20, 120s, 100); fleet check on; sandbox without an authinfo limit"
+        "  raised      {RAISED_LIMITS_NOTE}; fleet check on; sandbox without an authinfo limit"
     );
 
     let started = Instant::now();
@@ -201,7 +185,8 @@ fn run(options: &Options) -> anyhow::Result<Verdict> {
             .iter()
             .find(|t| t.replica == r)
             .ok_or_else(|| anyhow!("no terminal for replica {}", REPLICAS[r]))?;
-        client.block_on(check(target, &terminal.signer))?;
+        let body = Bytes::from_static(br#"{"raw_data":"CLUSTER-BENCH-CHECK"}"#);
+        client.block_on(check(target, &terminal.signer, body))?;
     }
     println!("one request checked at each replica: 200 with an authinfo");
 
@@ -253,36 +238,7 @@ fn run(options: &Options) -> anyhow::Result<Verdict> {
 /// The lab's five keys and one per terminal, generated on `threads` threads.
 fn generate_keys(terminals: usize, threads: usize) -> anyhow::Result<(LabKeys, Vec<GeneratedKey>)> {
     let total = terminals + 5;
-    let next = AtomicUsize::new(0);
-    let chunks: Vec<anyhow::Result<Vec<(usize, GeneratedKey)>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            return Ok(mine);
-                        }
-                        mine.push((i, crypto::generate_rsa_key(2048)?));
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow!("a key generation thread panicked")))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(total);
-    for chunk in chunks {
-        all.extend(chunk?);
-    }
-    all.sort_unstable_by_key(|(i, _)| *i);
-    let mut keys = all.into_iter().map(|(_, k)| k);
+    let mut keys = parallel(total, threads, |_| Ok(crypto::generate_rsa_key(2048)?))?.into_iter();
     let mut lab_key = || keys.next().ok_or_else(|| anyhow!("a lab key is missing"));
     let lab_keys = LabKeys {
         wechat_merchant: lab_key()?,
@@ -459,19 +415,9 @@ impl Cluster {
 
     /// How to reach each replica, trusting only the lab's proxy CA (as a terminal does).
     fn targets(&self) -> anyhow::Result<Vec<Target>> {
-        let ca = std::fs::read_to_string(self.files.path("proxy-ca.pem"))
-            .context("cannot read the lab's proxy CA")?;
-        let tls = authinfod::tls::client_config_pinned(&ca, "proxy-ca.pem")
-            .context("cannot build the client TLS config")?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
-        Ok(self
-            .replicas
-            .iter()
-            .map(|r| Target {
-                addr: r.addr,
-                tls: tls.clone(),
-            })
-            .collect())
+        let first = self.replicas.first().context("no replica")?;
+        let pinned = Target::pinned(first.addr, &self.files.path("proxy-ca.pem"))?;
+        Ok(self.replicas.iter().map(|r| pinned.at(r.addr)).collect())
     }
 
     /// Requests the sandbox received that start with `prefix`.
@@ -619,131 +565,26 @@ fn process_cpu(pid: u32) -> Duration {
 
 // === the terminals' side ===
 
-/// Where a replica listens and how to reach it.
-#[derive(Clone)]
-struct Target {
-    addr: SocketAddr,
-    tls: tokio_rustls::TlsConnector,
-}
-
-type Sender = SendRequest<Full<Bytes>>;
-
-/// Opens one keep-alive HTTPS connection; its driver runs as a task on the current runtime.
-async fn connect(target: &Target) -> anyhow::Result<Sender> {
-    let tcp = tokio::net::TcpStream::connect(target.addr)
-        .await
-        .with_context(|| format!("cannot connect to {}", target.addr))?;
-    tcp.set_nodelay(true).context("cannot set TCP_NODELAY")?;
-    let name = rustls_pki_types::ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
-    let tls = target
-        .tls
-        .connect(name, tcp)
-        .await
-        .context("TLS handshake with the replica failed")?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .context("HTTP/1.1 handshake failed")?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-/// One signed request, ready to send, and the replica its terminal talks to.
-struct Signed {
-    authorization: HeaderValue,
-    body: Bytes,
+/// One signed request and the replica its terminal talks to.
+struct Routed {
+    signed: Signed,
     replica: usize,
 }
 
-/// Sends one request on a kept-alive connection: its status and the body read to the end.
-async fn post(sender: &mut Sender, signed: &Signed) -> anyhow::Result<(u16, Bytes)> {
-    sender
-        .ready()
-        .await
-        .context("the connection closed between requests")?;
-    let request = hyper::Request::post(ROUTE_AUTHINFO)
-        .header(HOST, "127.0.0.1")
-        .header(CONTENT_TYPE, "application/json")
-        .header(AUTHORIZATION, signed.authorization.clone())
-        .body(Full::new(signed.body.clone()))
-        .context("cannot build the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .context("the request failed")?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .context("cannot read the answer")?
-        .to_bytes();
-    Ok((status, body))
-}
-
-/// The authinfo in a 200 answer's body, if there is one.
-fn has_authinfo(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|doc| doc.get("authinfo")?.as_str().map(|a| !a.is_empty()))
-        .unwrap_or(false)
-}
-
-/// The proxy's error code in a refusal's body.
-fn code_of(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|doc| doc.get("code")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "(no code)".to_owned())
-}
-
-/// Signs `body` for `POST /v1/authinfo` at `timestamp` with a fresh nonce.
-fn sign(terminal: &Terminal, timestamp: i64, body: Bytes) -> anyhow::Result<Signed> {
-    let nonce = crypto::nonce()?;
-    let header = terminal.signer.authorize_with_nonce(
-        "POST",
-        ROUTE_AUTHINFO,
-        timestamp,
-        &nonce,
-        body.as_ref(),
-    )?;
-    Ok(Signed {
-        authorization: HeaderValue::from_str(&header)
-            .context("the Authorization header is not a valid header value")?,
-        body,
+/// Signs `body` for `POST /v1/authinfo` at `timestamp` with a fresh nonce, by `terminal`.
+fn sign_for(terminal: &Terminal, timestamp: i64, body: Bytes) -> anyhow::Result<Routed> {
+    Ok(Routed {
+        signed: sign(&terminal.signer, ROUTE_AUTHINFO, timestamp, body)?,
         replica: terminal.replica,
     })
-}
-
-/// Sends one request from `terminal` signed now; anything but a 200 with an authinfo is a
-/// setup failure.
-async fn check(target: &Target, terminal: &DeviceSigner) -> anyhow::Result<()> {
-    let mut sender = connect(target).await?;
-    let body = Bytes::from_static(br#"{"raw_data":"CLUSTER-BENCH-CHECK"}"#);
-    let nonce = crypto::nonce()?;
-    let header =
-        terminal.authorize_with_nonce("POST", ROUTE_AUTHINFO, unix_now(), &nonce, &body)?;
-    let signed = Signed {
-        authorization: HeaderValue::from_str(&header)?,
-        body,
-        replica: 0,
-    };
-    let (status, body) = post(&mut sender, &signed).await?;
-    if status != 200 || !has_authinfo(&body) {
-        bail!(
-            "the check request at {} answered {status}: {}",
-            target.addr,
-            String::from_utf8_lossy(&body)
-        );
-    }
-    Ok(())
 }
 
 /// The run's requests, signed before it with one timestamp.
 struct Presigned {
     /// `WARMUP_PER_CONNECTION` per connection, each replica's first.
-    warmup: Vec<Signed>,
+    warmup: Vec<Routed>,
     /// Request `k` is terminal `k % terminals`'s.
-    timed: Vec<Signed>,
+    timed: Vec<Routed>,
     timestamp: i64,
     took: Duration,
 }
@@ -763,34 +604,10 @@ fn presign(terminals: &[Terminal], options: &Options, threads: usize) -> anyhow:
             &terminals[(i - warmups) % terminals.len()]
         }
     };
-    let per_thread = count.div_ceil(threads.max(1));
-    let chunks: Vec<anyhow::Result<Vec<Signed>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..count)
-            .step_by(per_thread.max(1))
-            .map(|from| {
-                let to = (from + per_thread).min(count);
-                scope.spawn(move || {
-                    (from..to)
-                        .map(|i| {
-                            let body = format!(r#"{{"raw_data":"CLUSTER-BENCH-{i:07}"}}"#);
-                            sign(terminal_of(i), timestamp, Bytes::from(body))
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow!("a signing thread panicked")))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(count);
-    for chunk in chunks {
-        all.extend(chunk?);
-    }
+    let mut all = parallel(count, threads, |i| {
+        let body = format!(r#"{{"raw_data":"CLUSTER-BENCH-{i:07}"}}"#);
+        sign_for(terminal_of(i), timestamp, Bytes::from(body))
+    })?;
     let took = started.elapsed();
     let timed = all.split_off(warmups);
     Ok(Presigned {
@@ -799,22 +616,6 @@ fn presign(terminals: &[Terminal], options: &Options, threads: usize) -> anyhow:
         timestamp,
         took,
     })
-}
-
-/// What one connection saw in the timed window.
-#[derive(Default)]
-struct Tally {
-    latencies: Vec<Duration>,
-    /// Indices (into the timed requests) answered 200 with an authinfo.
-    accepted: Vec<usize>,
-    /// Answers other than a 200 with an authinfo, by what they were.
-    failures: BTreeMap<String, usize>,
-}
-
-impl Tally {
-    fn fail(&mut self, what: String) {
-        *self.failures.entry(what).or_default() += 1;
-    }
 }
 
 /// The timed run: each replica's connections send their warm-up requests, then take that
@@ -868,7 +669,8 @@ async fn load(
                 let setup = async {
                     let mut sender = connect(&target).await?;
                     for &w in &mine {
-                        let (status, body) = post(&mut sender, &presigned.warmup[w]).await?;
+                        let (status, body) =
+                            post(&mut sender, ROUTE_AUTHINFO, &presigned.warmup[w].signed).await?;
                         if status != 200 {
                             bail!("a warm-up request answered {status} {}", code_of(&body));
                         }
@@ -878,32 +680,11 @@ async fn load(
                 .await;
                 ready.wait().await;
                 go.wait().await;
-                let mut sender = setup?;
-                let mut tally = Tally::default();
-                loop {
-                    let at = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&k) = queue.get(at) else { break };
-                    let start = Instant::now();
-                    match post(&mut sender, &presigned.timed[k]).await {
-                        Ok((200, body)) if has_authinfo(&body) => tally.accepted.push(k),
-                        Ok((200, _)) => tally.fail("200 without an authinfo".to_owned()),
-                        Ok((status, body)) => tally.fail(format!("{status} {}", code_of(&body))),
-                        Err(e) => {
-                            tally.fail(format!("transport: {e:#}"));
-                            tally.latencies.push(start.elapsed());
-                            match connect(&target).await {
-                                Ok(new) => sender = new,
-                                Err(e) => {
-                                    // The replica's other connections take this one's share.
-                                    tally.fail(format!("connection stopped: {e:#}"));
-                                    break;
-                                }
-                            }
-                            continue;
-                        }
-                    }
-                    tally.latencies.push(start.elapsed());
-                }
+                let tally = drain(setup?, &target, &next, |at| {
+                    let &k = queue.get(at)?;
+                    Some((k, &presigned.timed[k].signed))
+                })
+                .await;
                 anyhow::Ok(tally)
             });
         }
@@ -1000,7 +781,7 @@ async fn replay(
         let k = accepted[s * accepted.len() / sample];
         let signed = &presigned.timed[k];
         for r in [signed.replica, 1 - signed.replica] {
-            let (status, body) = post(&mut senders[r], signed).await?;
+            let (status, body) = post(&mut senders[r], ROUTE_AUTHINFO, &signed.signed).await?;
             replays.sent += 1;
             let code = code_of(&body);
             if status == 401 && code == codes::REPLAYED_NONCE {

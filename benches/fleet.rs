@@ -17,13 +17,16 @@
 //! Run it with `scripts/bench-fleet` (or `cargo bench --bench fleet`); options after `--`:
 //! `--reports N` (6000), `--clients N` (8), `--terminals N` (100000), `--page-runs N` (7).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+mod common;
+
+use common::https::{Signed, Target, connect, post, sign};
+use common::parallel;
+use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use authinfod::crypto::{self, RsaSigner};
+use authinfod::crypto::RsaSigner;
 use authinfod::demo::lab::{self, DEVICE_ID, Lab};
 use authinfod::proxy::registry::{Device, Registry};
 use authinfod::proxy::terminals::record::ReceivedReport;
@@ -31,10 +34,6 @@ use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
 use authinfod::wire::{HeldState, InspectionResult, ROUTE_REPORT, Report};
 use bytes::Bytes;
-use http::HeaderValue;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
 
 /// The lab's proxy: no fleet sync, and a report limit one device cannot reach in this run.
 const PROXY_EXTRA: &str =
@@ -121,7 +120,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the client runtime")?;
-    let target = Target::new(&lab)?;
+    let target = Target::pinned(lab.proxy.addr, &lab.files.path("proxy-ca.pem"))?;
     let took = client.block_on(ingest(&target, options.clients, requests))?;
     let kept = lab.proxy.app.metrics.requests(ROUTE_REPORT, "OK");
     println!(
@@ -228,65 +227,16 @@ fn day(now: i64, days: i64) -> String {
 }
 
 /// `n` report requests of `device`, each with its own nonce, signed on `threads` threads.
-fn presign(
-    device: &DeviceSigner,
-    n: usize,
-    threads: usize,
-) -> anyhow::Result<Vec<(HeaderValue, Bytes)>> {
+fn presign(device: &DeviceSigner, n: usize, threads: usize) -> anyhow::Result<Vec<Signed>> {
     let now = unix_now();
     let body = Bytes::from(serde_json::to_vec(&Report::healthy(
         "0.1.0",
         now,
         &day(now, 200),
     ))?);
-    let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let body = body.clone();
-                s.spawn(move || {
-                    (t * per..((t + 1) * per).min(n))
-                        .map(|_| {
-                            let nonce = crypto::nonce()?;
-                            let header = device.authorize_with_nonce(
-                                "POST",
-                                ROUTE_REPORT,
-                                now,
-                                &nonce,
-                                &body,
-                            )?;
-                            Ok((HeaderValue::from_str(&header)?, body.clone()))
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for h in handles {
-            all.extend(
-                h.join()
-                    .map_err(|_| anyhow!("a signing thread panicked"))??,
-            );
-        }
-        Ok(all)
+    parallel(n, threads, |_| {
+        sign(device, ROUTE_REPORT, now, body.clone())
     })
-}
-
-#[derive(Clone)]
-struct Target {
-    addr: SocketAddr,
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl Target {
-    fn new(lab: &Lab) -> anyhow::Result<Self> {
-        let ca = std::fs::read_to_string(lab.files.path("proxy-ca.pem")).context("proxy CA")?;
-        let tls = authinfod::tls::client_config_pinned(&ca, "proxy-ca.pem")?;
-        Ok(Self {
-            addr: lab.proxy.addr,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        })
-    }
 }
 
 /// Sends every request over `clients` keep-alive connections (opened before the clock starts);
@@ -294,19 +244,13 @@ impl Target {
 async fn ingest(
     target: &Target,
     clients: usize,
-    requests: Vec<(HeaderValue, Bytes)>,
+    requests: Vec<Signed>,
 ) -> anyhow::Result<Duration> {
     let mut senders = Vec::new();
     for _ in 0..clients {
-        let tcp = tokio::net::TcpStream::connect(target.addr).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls_pki_types::ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
-        let tls = target.tls.connect(name, tcp).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
-        senders.push(sender);
+        senders.push(connect(target).await?);
     }
-    let mut shares: Vec<Vec<(HeaderValue, Bytes)>> = (0..clients).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<Signed>> = (0..clients).map(|_| Vec::new()).collect();
     for (i, r) in requests.into_iter().enumerate() {
         shares[i % clients].push(r);
     }
@@ -314,16 +258,8 @@ async fn ingest(
     let mut tasks = Vec::new();
     for (mut sender, share) in senders.into_iter().zip(shares) {
         tasks.push(tokio::spawn(async move {
-            for (authorization, body) in share {
-                sender.ready().await?;
-                let request = hyper::Request::post(ROUTE_REPORT)
-                    .header(HOST, "127.0.0.1")
-                    .header(CONTENT_TYPE, "application/json")
-                    .header(AUTHORIZATION, authorization)
-                    .body(Full::new(body))?;
-                let response = sender.send_request(request).await?;
-                let status = response.status().as_u16();
-                let body = response.into_body().collect().await?.to_bytes();
+            for signed in share {
+                let (status, body) = post(&mut sender, ROUTE_REPORT, &signed).await?;
                 if status != 200 {
                     bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
                 }

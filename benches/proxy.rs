@@ -36,16 +36,18 @@
 
 mod common;
 
-use common::{load_average, machine_ticks, on_cpu};
+use common::https::{
+    RAISED_LIMITS, RAISED_LIMITS_NOTE, Signed, Target, check, code_of, connect, drain, post, sign,
+};
+use common::{load_average, machine_ticks, on_cpu, parallel, positive, seconds};
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use authinfod::crypto::{self, RsaSigner};
 use authinfod::demo::lab::{self, DEVICE_ID, Lab};
 use authinfod::sandbox::Platform;
@@ -53,11 +55,6 @@ use authinfod::units::unix_now;
 use authinfod::wire::ROUTE_AUTHINFO;
 use authinfod::wire::auth::{DeviceSigner, signing_string};
 use bytes::Bytes;
-use http::HeaderValue;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 
 /// Appended to the lab's proxy config: no fleet sync, so the only upstream calls are the
 /// measured ones.
@@ -111,24 +108,6 @@ struct Options {
     bench: bool,
 }
 
-/// A positive whole number.
-fn positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{text:?} is not a positive whole number")),
-    }
-}
-
-/// A positive whole number of seconds.
-fn seconds(text: &str) -> Result<Duration, String> {
-    match text.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err(format!(
-            "{text:?} is not a positive whole number of seconds"
-        )),
-    }
-}
-
 fn run(options: &Options) -> anyhow::Result<()> {
     check_openssl_parser()?;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -137,6 +116,7 @@ fn run(options: &Options) -> anyhow::Result<()> {
         "  machine     {cores} CPUs, load average {} before the run",
         load_average()
     );
+    println!("  raised      {RAISED_LIMITS_NOTE}");
     println!(
         "  runs        {} timed requests per run, clients {}, {WARMUP_PER_CLIENT} untimed requests per client first",
         options.requests,
@@ -178,10 +158,15 @@ fn run(options: &Options) -> anyhow::Result<()> {
         .context("cannot start the lab runtime")?;
     let started = Instant::now();
     let lab = lab_runtime
-        .block_on(Lab::start(dir.path(), lab::world(0, 90), PROXY_EXTRA, ""))
+        .block_on(Lab::start(
+            dir.path(),
+            lab::world(0, 90),
+            &format!("{PROXY_EXTRA}\n{RAISED_LIMITS}"),
+            "",
+        ))
         .context("cannot start the lab")?;
     let lab_start = started.elapsed();
-    let target = Target::new(&lab)?;
+    let target = Target::pinned(lab.proxy.addr, &lab.files.path("proxy-ca.pem"))?;
     let device = DeviceSigner::new(
         DEVICE_ID.to_owned(),
         RsaSigner::from_file(&lab.files.path("device.key"))
@@ -191,7 +176,11 @@ fn run(options: &Options) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the client runtime")?;
-    let checked = client.block_on(check(&target, &device))?;
+    let checked = client.block_on(check(
+        &target,
+        &device,
+        Bytes::from_static(br#"{"raw_data":"BENCH-RAW-DATA-CHECK"}"#),
+    ))?;
     println!(
         "lab started in {:.1} s (keys, certificates, sandbox {}, proxy https://{}); one request checked: 200, authinfo of {} characters",
         lab_start.as_secs_f64(),
@@ -236,118 +225,8 @@ fn run(options: &Options) -> anyhow::Result<()> {
 
 // === the lab and its client ===
 
-/// Where the proxy listens and how to reach it.
-#[derive(Clone)]
-struct Target {
-    addr: SocketAddr,
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl Target {
-    /// The proxy's terminal listener, trusting only the lab's proxy CA (as a terminal does).
-    fn new(lab: &Lab) -> anyhow::Result<Self> {
-        let ca = std::fs::read_to_string(lab.files.path("proxy-ca.pem"))
-            .context("cannot read the lab's proxy CA")?;
-        let tls = authinfod::tls::client_config_pinned(&ca, "proxy-ca.pem")
-            .context("cannot build the client TLS config")?;
-        Ok(Self {
-            addr: lab.proxy.addr,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        })
-    }
-}
-
-type Sender = SendRequest<Full<Bytes>>;
-
-/// Opens one keep-alive HTTPS connection to the proxy; its driver runs as a task on the current
-/// runtime.
-async fn connect(target: &Target) -> anyhow::Result<Sender> {
-    let tcp = tokio::net::TcpStream::connect(target.addr)
-        .await
-        .with_context(|| format!("cannot connect to {}", target.addr))?;
-    tcp.set_nodelay(true).context("cannot set TCP_NODELAY")?;
-    let name = rustls_pki_types::ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
-    let tls = target
-        .tls
-        .connect(name, tcp)
-        .await
-        .context("TLS handshake with the proxy failed")?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .context("HTTP/1.1 handshake failed")?;
-    tokio::spawn(conn);
-    Ok(sender)
-}
-
-/// One signed request, ready to send.
-struct Signed {
-    authorization: HeaderValue,
-    body: Bytes,
-}
-
-/// Sends one request on a kept-alive connection: its status and the body read to the end.
-async fn post(sender: &mut Sender, signed: &Signed) -> anyhow::Result<(u16, Bytes)> {
-    sender
-        .ready()
-        .await
-        .context("the connection closed between requests")?;
-    let request = hyper::Request::post(ROUTE_AUTHINFO)
-        .header(HOST, "127.0.0.1")
-        .header(CONTENT_TYPE, "application/json")
-        .header(AUTHORIZATION, signed.authorization.clone())
-        .body(Full::new(signed.body.clone()))
-        .context("cannot build the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .context("the request failed")?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .context("cannot read the answer")?
-        .to_bytes();
-    Ok((status, body))
-}
-
-/// The authinfo in a 200 answer's body, if there is one.
-fn authinfo_of(body: &[u8]) -> Option<String> {
-    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-    doc.get("authinfo")?
-        .as_str()
-        .filter(|a| !a.is_empty())
-        .map(str::to_owned)
-}
-
-/// Signs `body` for `POST /v1/authinfo` at `timestamp` with a fresh nonce.
-fn sign(device: &DeviceSigner, timestamp: i64, body: Bytes) -> anyhow::Result<Signed> {
-    let nonce = crypto::nonce()?;
-    let header =
-        device.authorize_with_nonce("POST", ROUTE_AUTHINFO, timestamp, &nonce, body.as_ref())?;
-    Ok(Signed {
-        authorization: HeaderValue::from_str(&header)
-            .context("the Authorization header is not a valid header value")?,
-        body,
-    })
-}
-
 fn raw_data_body(run: usize, i: usize) -> Bytes {
     Bytes::from(format!(r#"{{"raw_data":"BENCH-RAW-DATA-{run}-{i:06}"}}"#))
-}
-
-/// Sends one request signed now and returns its authinfo; anything but a 200 with an authinfo
-/// is a setup failure.
-async fn check(target: &Target, device: &DeviceSigner) -> anyhow::Result<String> {
-    let mut sender = connect(target).await?;
-    let body = Bytes::from_static(br#"{"raw_data":"BENCH-RAW-DATA-CHECK"}"#);
-    let signed = sign(device, unix_now(), body)?;
-    let (status, body) = post(&mut sender, &signed).await?;
-    let text = String::from_utf8_lossy(&body);
-    if status != 200 {
-        bail!("the check request answered {status}: {text}");
-    }
-    authinfo_of(&body).ok_or_else(|| anyhow!("the check request's 200 carries no authinfo: {text}"))
 }
 
 /// A run's requests, signed before it.
@@ -372,31 +251,9 @@ fn presign(
     let count = warmups + requests;
     let timestamp = unix_now();
     let started = Instant::now();
-    let per_thread = count.div_ceil(threads.max(1));
-    let chunks: Vec<anyhow::Result<Vec<Signed>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..count)
-            .step_by(per_thread.max(1))
-            .map(|from| {
-                let to = (from + per_thread).min(count);
-                scope.spawn(move || {
-                    (from..to)
-                        .map(|i| sign(device, timestamp, raw_data_body(run, i)))
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow!("a signing thread panicked")))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(count);
-    for chunk in chunks {
-        all.extend(chunk?);
-    }
+    let mut all = parallel(count, threads, |i| {
+        sign(device, ROUTE_AUTHINFO, timestamp, raw_data_body(run, i))
+    })?;
     let took = started.elapsed();
     let timed = all.split_off(warmups);
     Ok(Presigned {
@@ -405,29 +262,6 @@ fn presign(
         count,
         took,
     })
-}
-
-/// What one client saw in the timed window.
-#[derive(Default)]
-struct ClientTally {
-    latencies: Vec<Duration>,
-    /// Answers other than a 200 with an authinfo, by what they were.
-    failures: BTreeMap<String, usize>,
-}
-
-impl ClientTally {
-    fn fail(&mut self, what: String) {
-        *self.failures.entry(what).or_default() += 1;
-    }
-}
-
-/// What a non-200 answer was: its status and the proxy's error code.
-fn failure_of(status: u16, body: &[u8]) -> String {
-    let code = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|doc| doc.get("code")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "(no code)".to_owned());
-    format!("{status} {code}")
 }
 
 /// One run: `clients` keep-alive connections each send their warm-up requests, then all take
@@ -455,9 +289,9 @@ async fn load(target: &Target, clients: usize, presigned: Presigned) -> anyhow::
             let setup = async {
                 let mut sender = connect(&target).await?;
                 for signed in &mine {
-                    let (status, body) = post(&mut sender, signed).await?;
+                    let (status, body) = post(&mut sender, ROUTE_AUTHINFO, signed).await?;
                     if status != 200 {
-                        bail!("a warm-up request answered {}", failure_of(status, &body));
+                        bail!("a warm-up request answered {status} {}", code_of(&body));
                     }
                 }
                 anyhow::Ok(sender)
@@ -465,35 +299,7 @@ async fn load(target: &Target, clients: usize, presigned: Presigned) -> anyhow::
             .await;
             ready.wait().await;
             go.wait().await;
-            let mut sender = setup?;
-            let mut tally = ClientTally {
-                latencies: Vec::with_capacity(timed.len()),
-                ..ClientTally::default()
-            };
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(signed) = timed.get(i) else { break };
-                let start = Instant::now();
-                match post(&mut sender, signed).await {
-                    Ok((200, body)) if authinfo_of(&body).is_some() => {}
-                    Ok((200, _)) => tally.fail("200 without an authinfo".to_owned()),
-                    Ok((status, body)) => tally.fail(failure_of(status, &body)),
-                    Err(e) => {
-                        tally.fail(format!("transport: {e:#}"));
-                        tally.latencies.push(start.elapsed());
-                        match connect(&target).await {
-                            Ok(new) => sender = new,
-                            Err(e) => {
-                                // The other clients take this one's share of the queue.
-                                tally.fail(format!("client stopped: cannot reconnect: {e:#}"));
-                                break;
-                            }
-                        }
-                        continue;
-                    }
-                }
-                tally.latencies.push(start.elapsed());
-            }
+            let tally = drain(setup?, &target, &next, |i| Some((i, timed.get(i)?))).await;
             anyhow::Ok(tally)
         });
     }

@@ -28,7 +28,7 @@ mod common;
 #[path = "socket/modes.rs"]
 mod modes;
 
-use common::{load_average, machine_ticks};
+use common::{load_average, machine_ticks, positive, seconds};
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -148,24 +148,6 @@ enum Mode {
     Abuse,
     /// The concurrent load against the daemon and nginx, alternating in rounds.
     Nginx,
-}
-
-/// A positive whole number.
-fn positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{text:?} is not a positive whole number")),
-    }
-}
-
-/// A positive whole number of seconds.
-fn seconds(text: &str) -> Result<Duration, String> {
-    match text.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err(format!(
-            "{text:?} is not a positive whole number of seconds"
-        )),
-    }
 }
 
 fn run(options: &Options) -> anyhow::Result<()> {
