@@ -31,9 +31,9 @@ pub const RUNWAY_SHARE: f64 = 0.8;
 /// retries through a short fault.
 pub const OUTAGE_FAILURES: u32 = 7;
 
-/// The shortest ceiling a runway makes: a terminal seconds from expiry retries this often rather
-/// than wait for `backoff_min` and lapse (full jitter under `backoff_min` retries this soon
-/// anyway), but never faster.
+/// The shortest ceiling a runway makes: a terminal seconds from expiry waits at most this long
+/// rather than wait for `backoff_min` and lapse. It is a ceiling, not a floor: the draw under
+/// it may be shorter (full jitter, or up to `jitter` early), as under `backoff_min`.
 pub const RUNWAY_MIN_CEILING: Duration = Duration::from_secs(1);
 
 /// The timing rules, pure so they can be checked exhaustively.
@@ -113,7 +113,8 @@ impl Schedule {
     /// the interval, up to `jitter` early and never late, so that a fleet failing through a
     /// long outage comes back spread evenly over its ceilings (under full jitter, twice as many
     /// come back in the first minute as in an even spread). `Retry-After` is a floor as in
-    /// `retry_delay`.
+    /// `retry_delay`, but never past [`RUNWAY_SHARE`] of a runway: a proxy's limit (429, up to
+    /// `authinfo_every`) or a 503 must not make a terminal wait out the authinfo it holds.
     pub fn retry_delay_with_runway(
         &self,
         failures: u32,
@@ -127,8 +128,11 @@ impl Schedule {
         } else {
             ceiling.mul_f64(unit)
         };
+        let most = self
+            .runway_share(runway)
+            .map_or(self.interval, |share| share.min(self.interval));
         match retry_after {
-            Some(after) => jittered.max(after.min(self.interval)),
+            Some(after) => jittered.max(after.min(most)),
             None => jittered,
         }
     }
@@ -285,10 +289,13 @@ mod tests {
             s.runway_ceiling(9, Some(Duration::from_secs(86400))),
             s.interval
         );
-        // Retry-After is still a floor capped at the interval.
+        // Retry-After is still a floor, capped at the interval and at the runway's share.
+        let day = Some(Duration::from_secs(86400));
+        assert_eq!(s.retry_delay_with_runway(9, day, day, 0.0), s.interval);
         assert_eq!(
-            s.retry_delay_with_runway(9, Some(Duration::from_secs(86400)), hour, 0.0),
-            s.interval
+            s.retry_delay_with_runway(9, day, hour, 0.999_999),
+            Duration::from_secs(2880),
+            "the floor beats the early draw, up to the share"
         );
         assert_eq!(
             s.retry_delay_with_runway(9, Some(Duration::from_secs(1)), hour, 0.0),
@@ -390,6 +397,45 @@ mod tests {
             assert!(ceilings.windows(2).all(|w| w[0] <= w[1]), "{failures}");
         }
         assert!(s.runway_ceiling(7, Some(30 * MINUTE)) > s.backoff_max);
+    }
+
+    /// A `Retry-After` is a floor, but not past the runway share: a terminal with 30 s left is
+    /// not parked for the proxy's 120 s; with an hour left the 120 s hold.
+    #[test]
+    fn retry_after_never_parks_a_terminal_past_its_runway_share() {
+        let s = schedule();
+        let after = Some(Duration::from_secs(120));
+        for failures in [1, 3, 7, 20] {
+            assert_eq!(
+                s.retry_delay_with_runway(failures, after, Some(Duration::from_secs(30)), 0.0),
+                Duration::from_secs(24),
+                "{failures}"
+            );
+            assert!(
+                s.retry_delay_with_runway(failures, after, Some(Duration::from_secs(3600)), 0.0)
+                    >= Duration::from_secs(120),
+                "{failures}"
+            );
+            // Without a runway, as before: the floor capped at one interval.
+            assert_eq!(
+                s.retry_delay_with_runway(failures, after, None, 0.0),
+                Duration::from_secs(120)
+            );
+        }
+        for runway in runways().filter(|r| !r.is_zero()) {
+            let share = runway.mul_f64(RUNWAY_SHARE).max(RUNWAY_MIN_CEILING);
+            for failures in [1, 7, 40] {
+                for after in [1, 45, 120, 86_400] {
+                    let wait = s.retry_delay_with_runway(
+                        failures,
+                        Some(Duration::from_secs(after)),
+                        Some(runway),
+                        0.5,
+                    );
+                    assert!(wait <= share, "{runway:?} {failures} {after}: {wait:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -523,12 +523,11 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
     b.stop().await;
 }
 
-/// A replica process killed with SIGKILL while it holds the fleet-sync lease (it cannot give it
 /// `rediss://` against a Redis that speaks only TLS to the replicas and requires a user and
 /// a password: with the CA from `ca_file` and the password from `password_file` (0600) a replica
 /// serves and a replay is refused through it (the nonce is in Redis, read back by the test as
-/// that user); a wrong password or a server certificate from another CA are a retryable 503
-/// with the reason in `/healthz`, and nothing is forwarded.
+/// that user); no credentials, a wrong password or a server certificate from another CA are a
+/// retryable 503 with the reason in `/healthz`, and nothing is forwarded.
 #[tokio::test]
 async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_without() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -625,18 +624,27 @@ async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_with
     let wrong_password_line = format!("password_file = \"{wrong_password_file}\"");
     let ca_line = format!("ca_file = \"{ca}\"");
     let other_ca_line = format!("ca_file = \"{other_ca}\"");
-    for (name, replace, reason) in [
+    let user_line = "username = \"authinfo\"";
+    // (replica, config lines replaced, what /healthz must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 3] = [
+        (
+            "no-credentials",
+            vec![(user_line, ""), (password_line.as_str(), "")],
+            "NOAUTH",
+        ),
         (
             "wrong-password",
-            [(password_line.as_str(), wrong_password_line.as_str())],
+            vec![(password_line.as_str(), wrong_password_line.as_str())],
             "authentication failed",
         ),
         (
             "other-ca",
-            [(ca_line.as_str(), other_ca_line.as_str())],
-            "certificate",
+            vec![(ca_line.as_str(), other_ca_line.as_str())],
+            "invalid peer certificate: UnknownIssuer",
         ),
-    ] {
+    ];
+    for (name, replace, reason) in cases {
         let replica = lab.replica_with(name, &replace).await;
         let (body, authorization) = signed_authinfo(&device, name);
         let refused = send(&lab.files, replica.addr, &body, &authorization).await;
@@ -660,6 +668,7 @@ async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_with
     good.stop().await;
 }
 
+/// A replica process killed with SIGKILL while it holds the fleet-sync lease (it cannot give it
 /// up): another takes the lease within the lease time and can sync; the third is refused.
 #[tokio::test]
 async fn binary_a_killed_lease_holder_is_replaced_within_the_lease_time() {

@@ -86,11 +86,14 @@ impl Refresher {
 
     /// The held authinfo's runway (the time until it expires; zero once it has), which a
     /// retry in an outage waits a share of ([`Schedule::retry_delay_with_runway`]); `None`
-    /// when nothing is held.
+    /// when nothing is held, or when its age is unknown (the wall clock behind its fetch and
+    /// the proxy's clock not known): a runway that may be shorter than it looks must not
+    /// stretch a retry, so such a terminal retries as one holding nothing.
     fn runway(&self) -> Option<Duration> {
-        self.state
-            .current()
-            .map(|served| Duration::from_secs(served.runway(self.state.time())))
+        let now = self.state.time();
+        let served = self.state.current()?;
+        served.age(now).seconds?;
+        Some(Duration::from_secs(served.runway(now)))
     }
 
     fn can_get_raw_data(&self) -> bool {
@@ -181,7 +184,7 @@ impl Refresher {
                     Some(now + delay)
                 }
                 Outcome::NoRawData if self.state.config.refresh.raw_data_command.is_some() => {
-                    Some(now + backoff.failed(None, unit))
+                    Some(now + backoff.failed_with_runway(None, self.runway(), unit))
                 }
                 Outcome::NoRawData => None,
             };
@@ -587,6 +590,84 @@ mod tests {
             }
             assert_eq!(state.current().expect("held").held.authinfo, "OLD");
         }
+    }
+
+    /// With the wall clock moving with the paused one, the runway shrinks as the outage goes
+    /// on: every wait is at most 0.8 of the runway left when it starts, the retries come ever
+    /// closer before expiry (the last within 2 s of it), and once expired the terminal retries
+    /// at the doubling capped at `backoff_max`.
+    #[tokio::test(start_paused = true)]
+    async fn in_an_outage_the_waits_shrink_with_the_runway_until_expiry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        let runway = 240;
+        state.publish(old_authinfo(7200 - runway, runway));
+        let expires_at = state.current().expect("held").held.expires_at;
+        let upstream = FakeUpstream::authinfo((0..200).map(|_| Step::Fail(500, None)));
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let running = Running::start(|stop| refresher.run(stop));
+        let start = Instant::now();
+        let wall_start = state.now();
+        // The wall clock follows the paused clock, a second at a time (no jump is seen).
+        for _ in 0..1200 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            state.wall_clock().shift(1);
+        }
+        running.stop().await;
+        let (calls, gaps) = call_gaps(&upstream, start);
+        // Unix seconds of each call on the moved wall clock.
+        let at: Vec<i64> = calls
+            .iter()
+            .map(|c| wall_start + i64::try_from(c.as_secs()).expect("secs"))
+            .collect();
+        let before: Vec<usize> = (0..at.len()).filter(|&i| at[i] < expires_at).collect();
+        assert!(before.len() >= 9, "{calls:?}");
+        for &i in &before[..before.len() - 1] {
+            let left = Duration::from_secs(u64::try_from(expires_at - at[i]).expect("left"));
+            let most = left.mul_f64(crate::schedule::RUNWAY_SHARE) + Duration::from_secs(1);
+            assert!(
+                gaps[i] <= most,
+                "call {i} with {left:?} left waited {:?}",
+                gaps[i]
+            );
+        }
+        let last = *before.last().expect("a call before expiry");
+        assert!(expires_at - at[last] <= 2, "{at:?} {expires_at}");
+        let backoff_max = crate::terminal::config::DEFAULT_BACKOFF_MAX;
+        for gap in &gaps[last + 1..] {
+            assert!(*gap <= backoff_max + Duration::from_secs(1), "{gaps:?}");
+        }
+        assert!(
+            calls.len() > before.len() + 2,
+            "it goes on after expiry: {calls:?}"
+        );
+    }
+
+    /// An authinfo whose age is unknown (fetched in the wall clock's future: the clock was set
+    /// back, and the proxy's clock is not known) has no runway to trust: in an outage the
+    /// terminal retries at the doubling capped at `backoff_max`, not for 48 min.
+    #[tokio::test(start_paused = true)]
+    async fn in_an_outage_an_authinfo_of_unknown_age_gives_no_runway_to_wait_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = state_with_raw_data(dir.path());
+        state.publish(HeldAuthinfo {
+            authinfo: "OLD".into(),
+            fetched_at: unix_now() + 3600,
+            expires_at: unix_now() + 3600 + 7200,
+            expires_in: None,
+            proxy_fetched_at: None,
+        });
+        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let running = Running::start(|stop| refresher.run(stop));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        running.stop().await;
+        let (calls, gaps) = call_gaps(&upstream, start);
+        let backoff_max = crate::terminal::config::DEFAULT_BACKOFF_MAX;
+        assert!(calls.len() > 12, "{calls:?}");
+        assert!(gaps.iter().all(|g| *g <= backoff_max), "{gaps:?}");
+        assert_eq!(state.current().expect("held").held.authinfo, "OLD");
     }
 
     /// The runway wait binds the schedule only: a forced refresh asked during it starts at

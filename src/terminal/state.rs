@@ -439,6 +439,12 @@ impl State {
         }
     }
 
+    /// The wall clock this state reads (tests move it).
+    #[cfg(test)]
+    pub fn wall_clock(&self) -> &WallClock {
+        &self.clock
+    }
+
     /// The proxy's clock minus ours, in seconds, once an answer has told it.
     pub fn clock_skew(&self) -> Option<i64> {
         let now = self.time();
