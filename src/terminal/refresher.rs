@@ -543,6 +543,18 @@ mod tests {
         (calls, gaps)
     }
 
+    /// The refresher of `state` (the worst-case draw) through an hour of the paused clock in
+    /// which every call fails: the calls' times since the start, and the gaps between them.
+    async fn through_an_hour_of_outage(state: &Arc<State>) -> (Vec<Duration>, Vec<Duration>) {
+        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
+        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
+        let running = Running::start(|stop| refresher.run(stop));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        running.stop().await;
+        call_gaps(&upstream, start)
+    }
+
     /// In an outage (every call fails) a terminal whose authinfo has an hour left backs off past
     /// `backoff_max` once the doubling has reached it (the 7th failure), to a share of that hour,
     /// while one whose authinfo has 4 minutes left keeps retrying within them. (The paused clock
@@ -560,14 +572,7 @@ mod tests {
             let state = state_with_raw_data(dir.path());
             // Older than the interval: refreshed at once.
             state.publish(old_authinfo(7200 - runway, runway));
-            let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
-            let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
-            let running = Running::start(|stop| refresher.run(stop));
-            let start = Instant::now();
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            running.stop().await;
-
-            let (calls, gaps) = call_gaps(&upstream, start);
+            let (calls, gaps) = through_an_hour_of_outage(&state).await;
             assert!(calls[0] < Duration::from_secs(1), "{calls:?}");
             // The doubling first, as without a runway: 5 s to 160 s.
             for (gap, ceiling) in gaps[..6].iter().zip([5, 10, 20, 40, 80, 160]) {
@@ -657,13 +662,7 @@ mod tests {
             expires_in: None,
             proxy_fetched_at: None,
         });
-        let upstream = FakeUpstream::authinfo((0..100).map(|_| Step::Fail(500, None)));
-        let refresher = Refresher::new(state.clone(), upstream.clone()).with_random(max_random);
-        let running = Running::start(|stop| refresher.run(stop));
-        let start = Instant::now();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        running.stop().await;
-        let (calls, gaps) = call_gaps(&upstream, start);
+        let (calls, gaps) = through_an_hour_of_outage(&state).await;
         let backoff_max = crate::terminal::config::DEFAULT_BACKOFF_MAX;
         assert!(calls.len() > 12, "{calls:?}");
         assert!(gaps.iter().all(|g| *g <= backoff_max), "{gaps:?}");
