@@ -76,13 +76,18 @@ impl Schedule {
         )
     }
 
-    /// Whether the retry after `failures` waits for a share of `runway`: in an outage (the
-    /// doubling at `backoff_max` after at least [`OUTAGE_FAILURES`]) while something valid is
-    /// held.
-    fn waits_for_runway(&self, failures: u32, runway: Option<Duration>) -> bool {
-        failures >= OUTAGE_FAILURES
-            && self.backoff_ceiling(failures) >= self.backoff_max
-            && self.runway_share(runway).is_some()
+    /// The ceiling after `failures` with `runway`, whether it is a wait for the runway's share
+    /// (in an outage: the doubling at `backoff_max` after at least [`OUTAGE_FAILURES`], while
+    /// something valid is held), and that share.
+    fn plan(&self, failures: u32, runway: Option<Duration>) -> (Duration, bool, Option<Duration>) {
+        let doubling = self.backoff_ceiling(failures);
+        let share = self.runway_share(runway);
+        let outage = failures >= OUTAGE_FAILURES && doubling >= self.backoff_max;
+        match share {
+            None => (doubling, false, None),
+            Some(share) if outage => (share, true, Some(share)),
+            Some(share) => (doubling.min(share), false, Some(share)),
+        }
     }
 
     /// The backoff ceiling after `failures` consecutive failures while what the loop holds is
@@ -92,12 +97,7 @@ impl Schedule {
     /// runway, at most one interval (or `backoff_max` if longer). Without a runway it is
     /// [`Self::backoff_ceiling`].
     pub fn runway_ceiling(&self, failures: u32, runway: Option<Duration>) -> Duration {
-        let doubling = self.backoff_ceiling(failures);
-        match self.runway_share(runway) {
-            None => doubling,
-            Some(share) if self.waits_for_runway(failures, runway) => share,
-            Some(share) => doubling.min(share),
-        }
+        self.plan(failures, runway).0
     }
 
     /// The wait before retrying: full jitter (uniform in [0, ceiling)), but never less than a
@@ -122,15 +122,13 @@ impl Schedule {
         runway: Option<Duration>,
         unit: f64,
     ) -> Duration {
-        let ceiling = self.runway_ceiling(failures, runway);
-        let jittered = if self.waits_for_runway(failures, runway) {
+        let (ceiling, outage, share) = self.plan(failures, runway);
+        let jittered = if outage {
             ceiling.mul_f64(1.0 - self.jitter * unit)
         } else {
             ceiling.mul_f64(unit)
         };
-        let most = self
-            .runway_share(runway)
-            .map_or(self.interval, |share| share.min(self.interval));
+        let most = share.map_or(self.interval, |share| share.min(self.interval));
         match retry_after {
             Some(after) => jittered.max(after.min(most)),
             None => jittered,

@@ -207,6 +207,23 @@ async fn send(
         .await
 }
 
+/// [`send`], which must be served (200); `what` says which request, when it is not.
+async fn send_served(
+    files: &LabFiles,
+    addr: SocketAddr,
+    body: &[u8],
+    authorization: &str,
+    what: &str,
+) {
+    let reply = send(files, addr, body, authorization).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{what}: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
+
 /// One admin call over plain HTTP/1.0: (status, body).
 async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -249,13 +266,14 @@ async fn a_nonce_used_at_one_replica_is_refused_at_every_other_and_reaches_the_p
     ];
     let device = lab.device();
     let (body, authorization) = signed_authinfo(&device, "RAW-1");
-    let first = send(&lab.files, replicas[0].addr, &body, &authorization).await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    send_served(
+        &lab.files,
+        replicas[0].addr,
+        &body,
+        &authorization,
+        "the first use",
+    )
+    .await;
     for replica in &replicas[1..] {
         let again = send(&lab.files, replica.addr, &body, &authorization).await;
         let refusal = assert_refused(&again, 401, codes::REPLAYED_NONCE);
@@ -264,13 +282,14 @@ async fn a_nonce_used_at_one_replica_is_refused_at_every_other_and_reaches_the_p
     assert_eq!(lab.authinfo_calls(), 1, "only the first use was forwarded");
     for replica in &replicas[1..] {
         let (body, authorization) = signed_authinfo(&device, "RAW-2");
-        let fresh = send(&lab.files, replica.addr, &body, &authorization).await;
-        assert_eq!(
-            fresh.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&fresh.body)
-        );
+        send_served(
+            &lab.files,
+            replica.addr,
+            &body,
+            &authorization,
+            "signed afresh",
+        )
+        .await;
     }
     assert_eq!(lab.authinfo_calls(), 3);
     // The nonce is in Redis under the merchant's prefix, with the window's expiry; no secret is.
@@ -422,13 +441,14 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
     let syncs_before = lab.list_calls();
     let device = lab.device();
     let (used_body, used_authorization) = signed_authinfo(&device, "RAW-1");
-    let first = send(&lab.files, a.addr, &used_body, &used_authorization).await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    send_served(
+        &lab.files,
+        a.addr,
+        &used_body,
+        &used_authorization,
+        "the first use",
+    )
+    .await;
 
     lab.redis.stop();
     let (body, authorization) = signed_authinfo(&device, "RAW-2");
@@ -490,13 +510,14 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
     // Signed in a later second than the epoch: admitted.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (body, authorization) = signed_authinfo(&device, "RAW-4");
-    let now_signed = send(&lab.files, a.addr, &body, &authorization).await;
-    assert_eq!(
-        now_signed.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&now_signed.body)
-    );
+    send_served(
+        &lab.files,
+        a.addr,
+        &body,
+        &authorization,
+        "signed after the restart",
+    )
+    .await;
     let replay = send(&lab.files, b.addr, &body, &authorization).await;
     assert_refused(&replay, 401, codes::REPLAYED_NONCE);
     // The shared list was lost with Redis: the lease holder pages it again, once.
@@ -597,13 +618,14 @@ async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_with
     let good = lab.replica("good").await;
     let device = lab.device();
     let (body, authorization) = signed_authinfo(&device, "RAW-1");
-    let first = send(&lab.files, good.addr, &body, &authorization).await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    send_served(
+        &lab.files,
+        good.addr,
+        &body,
+        &authorization,
+        "the first use",
+    )
+    .await;
     let replay = send(&lab.files, good.addr, &body, &authorization).await;
     assert_refused(&replay, 401, codes::REPLAYED_NONCE);
     let keys = lab
@@ -850,13 +872,14 @@ async fn binary_the_example_haproxy_config_passes_tls_through_to_the_replicas() 
     let mut served = 0;
     for i in 0..6 {
         let (body, authorization) = signed_authinfo(&device, &format!("RAW-{i}"));
-        let reply = send(&lab.files, front, &body, &authorization).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        send_served(
+            &lab.files,
+            front,
+            &body,
+            &authorization,
+            "through the load balancer",
+        )
+        .await;
         served += 1;
         if i == 5 {
             let replay = send(&lab.files, front, &body, &authorization).await;
@@ -867,13 +890,14 @@ async fn binary_the_example_haproxy_config_passes_tls_through_to_the_replicas() 
     a.stop().await;
     for i in 0..4 {
         let (body, authorization) = signed_authinfo(&device, &format!("AFTER-{i}"));
-        let reply = send(&lab.files, front, &body, &authorization).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "with one replica stopped: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        send_served(
+            &lab.files,
+            front,
+            &body,
+            &authorization,
+            "with one replica stopped",
+        )
+        .await;
     }
     b.stop().await;
 }

@@ -515,12 +515,10 @@ impl Fleet {
     }
 
     /// Takes the list stored in Redis when it is newer than this replica's (a follower's step;
-    /// the holder wrote it). Returns whether it was taken.
-    pub async fn adopt_shared(&self) -> Result<bool, FleetError> {
-        let Some(cluster) = &self.shared else {
-            return Ok(false);
-        };
-        let Some(at) = self.shared_synced_at().await? else {
+    /// the holder wrote it), given `shared_at`, what [`Self::shared_synced_at`] read this step.
+    /// Returns whether it was taken.
+    pub async fn adopt_shared(&self, shared_at: Option<i64>) -> Result<bool, FleetError> {
+        let (Some(cluster), Some(at)) = (&self.shared, shared_at) else {
             return Ok(false);
         };
         if Some(at) <= self.snapshot().synced_at {
@@ -805,7 +803,8 @@ pub async fn run_shared_sync(
                     }
                 );
             }
-            let due = match fleet.shared_synced_at().await? {
+            let shared_at = fleet.shared_synced_at().await?;
+            let due = match shared_at {
                 None => true,
                 Some(at) => unix_now() - at >= interval.as_secs() as i64,
             };
@@ -813,7 +812,7 @@ pub async fn run_shared_sync(
                 sync_logged(&fleet, &client, Some(cluster.replica())).await?;
                 return Ok::<bool, FleetError>(true);
             }
-            if fleet.adopt_shared().await? {
+            if fleet.adopt_shared(shared_at).await? {
                 tracing::info!(
                     devices = fleet.snapshot().devices.len(),
                     "fleet list taken from the replica holding the lease"
