@@ -46,6 +46,28 @@ impl Text {
         let _ = writeln!(self.0, " {value}");
     }
 
+    /// A family of `kind`: its header, then one sample per `(label values, value)`, the values
+    /// in the order of `labels`.
+    pub fn labelled<K: LabelValues, V: Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        labels: &[&str],
+        samples: impl IntoIterator<Item = (K, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (key, value) in samples {
+            let values = key.values();
+            let pairs: Vec<(&str, &dyn Display)> = labels
+                .iter()
+                .zip(&values)
+                .map(|(label, v)| (*label, v as &dyn Display))
+                .collect();
+            self.sample(name, &pairs, value);
+        }
+    }
+
     /// A family with one unlabelled sample.
     pub fn single(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
         self.family(name, kind, help);
@@ -120,6 +142,41 @@ impl Text {
     /// The page, ready to serve.
     pub fn finish(self) -> String {
         self.0
+    }
+}
+
+/// The label values of one sample: a single value, or a tuple of them (a counter map's key).
+pub trait LabelValues {
+    fn values(&self) -> Vec<String>;
+}
+
+impl LabelValues for str {
+    fn values(&self) -> Vec<String> {
+        vec![self.to_owned()]
+    }
+}
+
+impl LabelValues for String {
+    fn values(&self) -> Vec<String> {
+        vec![self.clone()]
+    }
+}
+
+impl<K: LabelValues + ?Sized> LabelValues for &K {
+    fn values(&self) -> Vec<String> {
+        (**self).values()
+    }
+}
+
+impl<A: Display, B: Display> LabelValues for (A, B) {
+    fn values(&self) -> Vec<String> {
+        vec![self.0.to_string(), self.1.to_string()]
+    }
+}
+
+impl<A: Display, B: Display, C: Display> LabelValues for (A, B, C) {
+    fn values(&self) -> Vec<String> {
+        vec![self.0.to_string(), self.1.to_string(), self.2.to_string()]
     }
 }
 

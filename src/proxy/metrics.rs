@@ -99,46 +99,37 @@ impl ProxyMetrics {
         let mut t = Text::default();
         t.build_info("authinfo_proxy", "Version of the running proxy.");
         t.gauges(gauges);
-        let name = "authinfo_proxy_requests_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfo_proxy_requests_total",
             "counter",
             "Terminal requests by route, HTTP status and outcome (the answer's code, lower case).",
+            &["route", "status", "outcome"],
+            lock(&self.requests).iter(),
         );
-        for ((route, status, outcome), n) in lock(&self.requests).iter() {
-            t.sample(
-                name,
-                &[("route", route), ("status", status), ("outcome", outcome)],
-                n,
-            );
-        }
-        let name = "authinfo_proxy_auth_failures_total";
-        t.family(
-            name,
+        let auth_failures = lock(&self.auth_failures);
+        t.labelled(
+            "authinfo_proxy_auth_failures_total",
             "counter",
             "Refused terminal authentications (signature, skew, replay, unknown device) by reason.",
+            &["reason"],
+            auth_failures
+                .iter()
+                .map(|(code, n)| (code.to_ascii_lowercase(), n)),
         );
-        for (code, n) in lock(&self.auth_failures).iter() {
-            t.sample(name, &[("reason", &code.to_ascii_lowercase())], n);
-        }
-        let name = "authinfo_proxy_rate_limited_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfo_proxy_rate_limited_total",
             "counter",
             "Terminal requests refused before forwarding by a per-device bucket (limit=device) or the merchant's ceiling (limit=merchant), by route.",
+            &["route", "limit"],
+            lock(&self.rate_limited).iter(),
         );
-        for ((route, limit), n) in lock(&self.rate_limited).iter() {
-            t.sample(name, &[("route", route), ("limit", limit)], n);
-        }
-        let name = "authinfo_proxy_upstream_failures_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfo_proxy_upstream_failures_total",
             "counter",
             "Platform call failures by platform and class.",
+            &["platform", "class"],
+            lock(&self.upstream_failures).iter(),
         );
-        for ((platform, class), n) in lock(&self.upstream_failures).iter() {
-            t.sample(name, &[("platform", platform), ("class", class)], n);
-        }
         let name = "authinfo_proxy_upstream_seconds";
         t.family(name, "histogram", "Platform call latency.");
         for (platform, h) in lock(&self.upstream).iter() {

@@ -462,7 +462,14 @@ const ADMIN_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 /// `serve` then finds. sled admits one process at a time, so a store held by a process that
 /// does not answer on `admin` is [`ProxyError::StoreBusy`], never a second, separate count.
 pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapshot, ProxyError> {
-    match admin_post_sync(admin, config.admin_token.as_ref()).await {
+    let synced = admin_call(
+        reqwest::Method::POST,
+        admin,
+        config.admin_token.as_ref(),
+        "/fleet/sync",
+        ADMIN_SYNC_TIMEOUT,
+    );
+    match synced.await {
         Err(ProxyError::Http { source, .. }) if source.is_connect() => {}
         answered => return answered,
     }
@@ -487,21 +494,6 @@ pub async fn fleet_live(config: Config, admin: SocketAddr) -> Result<FleetSnapsh
     )?;
     fleet.sync(&client).await?;
     Ok((*fleet.snapshot()).clone())
-}
-
-/// Asks a running proxy's admin listener to sync now and answer with the new list.
-async fn admin_post_sync(
-    admin: SocketAddr,
-    token: Option<&config::AdminToken>,
-) -> Result<FleetSnapshot, ProxyError> {
-    admin_call(
-        reqwest::Method::POST,
-        admin,
-        token,
-        "/fleet/sync",
-        ADMIN_SYNC_TIMEOUT,
-    )
-    .await
 }
 
 /// Asks a running proxy's admin listener for its cached fleet (`devices`).

@@ -83,9 +83,19 @@ pub struct Admission {
     table: Mutex<Table>,
     /// Orders idle connections: each one going idle takes the next tick (no clock read).
     idle_clock: AtomicU64,
-    lingering: AtomicUsize,
-    waiting: AtomicUsize,
-    denied: AtomicUsize,
+    /// Places held under each [`Counted`] limit, indexed by it.
+    counted: [AtomicUsize; 3],
+}
+
+/// The limits that only count their holders: a [`Place`] of each is taken with `try_place`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// A 503 answer lingering for its client to read it (`max_pending_connections`).
+    Lingering,
+    /// A request waiting for the daemon's answer (`max_waiting_requests`).
+    Waiting,
+    /// A denied peer's connection being answered (`max_denied_connections`).
+    Denied,
 }
 
 impl Admission {
@@ -94,9 +104,7 @@ impl Admission {
             limits,
             table: Mutex::default(),
             idle_clock: AtomicU64::new(1),
-            lingering: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            denied: AtomicUsize::new(0),
+            counted: Default::default(),
         })
     }
 
@@ -126,10 +134,8 @@ impl Admission {
     }
 
     /// Room to linger over one more 503 answer, if fewer than `max_pending_connections` are.
-    pub fn try_linger(self: &Arc<Self>) -> Option<Lingering> {
-        increment_below(&self.lingering, self.limits.max_pending_connections).then(|| Lingering {
-            admission: self.clone(),
-        })
+    pub fn try_linger(self: &Arc<Self>) -> Option<Place> {
+        self.try_place(Counted::Lingering)
     }
 
     /// A slot for a connection of `uid` that sent its first byte; makes room by evicting the
@@ -178,18 +184,31 @@ impl Admission {
     }
 
     /// Room for one more waiting request, if fewer than `max_waiting_requests` wait.
-    pub fn try_wait(self: &Arc<Self>) -> Option<Waiting> {
-        increment_below(&self.waiting, self.limits.max_waiting_requests).then(|| Waiting {
-            admission: self.clone(),
-        })
+    pub fn try_wait(self: &Arc<Self>) -> Option<Place> {
+        self.try_place(Counted::Waiting)
     }
 
     /// Room to answer one more denied peer, if fewer than `max_denied_connections` are being
     /// answered.
-    pub fn try_deny(self: &Arc<Self>) -> Option<Denied> {
-        increment_below(&self.denied, self.limits.max_denied_connections).then(|| Denied {
-            admission: self.clone(),
-        })
+    pub fn try_deny(self: &Arc<Self>) -> Option<Place> {
+        self.try_place(Counted::Denied)
+    }
+
+    fn try_place(self: &Arc<Self>, counted: Counted) -> Option<Place> {
+        let max = match counted {
+            Counted::Lingering => self.limits.max_pending_connections,
+            Counted::Waiting => self.limits.max_waiting_requests,
+            Counted::Denied => self.limits.max_denied_connections,
+        };
+        self.counted[counted as usize]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+            .then(|| Place {
+                admission: self.clone(),
+                counted,
+            })
     }
 
     /// Slots held now (tests).
@@ -201,14 +220,6 @@ impl Admission {
     pub fn pending(&self) -> usize {
         lock(&self.table).pending.len()
     }
-}
-
-fn increment_below(counter: &AtomicUsize, max: usize) -> bool {
-    counter
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
 }
 
 /// A pending connection: registered until it takes a slot, closes, or is evicted.
@@ -231,15 +242,17 @@ impl Drop for Pending {
     }
 }
 
-/// A 503 answer lingering for its client to read it, released on drop.
+/// A place under one of the counted limits (a lingering 503, a waiting request, a denied peer
+/// being answered), released on drop.
 #[derive(Debug)]
-pub struct Lingering {
+pub struct Place {
     admission: Arc<Admission>,
+    counted: Counted,
 }
 
-impl Drop for Lingering {
+impl Drop for Place {
     fn drop(&mut self) {
-        self.admission.lingering.fetch_sub(1, Ordering::AcqRel);
+        self.admission.counted[self.counted as usize].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -271,30 +284,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         lock(&self.admission.table).release(self.ticket.id);
-    }
-}
-
-/// A waiting request's place, released on drop.
-#[derive(Debug)]
-pub struct Waiting {
-    admission: Arc<Admission>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.admission.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A denied peer's connection being answered, released on drop.
-#[derive(Debug)]
-pub struct Denied {
-    admission: Arc<Admission>,
-}
-
-impl Drop for Denied {
-    fn drop(&mut self) {
-        self.admission.denied.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

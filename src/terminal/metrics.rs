@@ -238,65 +238,55 @@ impl Metrics {
         for (name, help, value) in counters {
             t.single(name, "counter", help, value);
         }
-        let name = "authinfod_socket_requests_total";
-        t.family(name, "counter", "Socket API requests by route and status.");
-        for ((route, status), n) in self.request_samples() {
-            t.sample(name, &[("route", &route), ("status", &status)], n);
-        }
-        let name = "authinfod_refresh_attempts_total";
-        t.family(name, "counter", "Authinfo refresh attempts by outcome.");
-        for (outcome, n) in crate::sync::lock(&self.refreshes).iter() {
-            t.sample(name, &[("outcome", outcome)], n);
-        }
-        let name = "authinfod_health_checks_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfod_socket_requests_total",
+            "counter",
+            "Socket API requests by route and status.",
+            &["route", "status"],
+            self.request_samples(),
+        );
+        t.labelled(
+            "authinfod_refresh_attempts_total",
+            "counter",
+            "Authinfo refresh attempts by outcome.",
+            &["outcome"],
+            crate::sync::lock(&self.refreshes).iter(),
+        );
+        t.labelled(
+            "authinfod_health_checks_total",
             "counter",
             "Device health checks by check and outcome.",
+            &["check", "outcome"],
+            crate::sync::lock(&self.checks).iter(),
         );
-        for ((check, outcome), n) in crate::sync::lock(&self.checks).iter() {
-            t.sample(name, &[("check", check), ("outcome", outcome)], n);
-        }
-        let name = "authinfod_reports_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfod_reports_total",
             "counter",
             "Health reports to the proxy's fleet view by outcome.",
+            &["outcome"],
+            crate::sync::lock(&self.reports).iter(),
         );
-        for (outcome, n) in crate::sync::lock(&self.reports).iter() {
-            t.sample(name, &[("outcome", outcome)], n);
-        }
-        let name = "authinfod_socket_peers_denied_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfod_socket_peers_denied_total",
             "counter",
             "Socket connections refused at accept by the peer-credential check, by reason.",
+            &["reason"],
+            Denial::ALL.map(|r| (r.label(), self.denials(r))),
         );
-        for reason in Denial::ALL {
-            t.sample(name, &[("reason", &reason.label())], self.denials(reason));
-        }
-        let name = "authinfod_socket_busy_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfod_socket_busy_total",
             "counter",
             "503 BUSY answers on the socket, by the limit that was reached.",
+            &["reason"],
+            Busy::ALL.map(|r| (r.label(), self.busy_answers(r))),
         );
-        for reason in Busy::ALL {
-            t.sample(
-                name,
-                &[("reason", &reason.label())],
-                self.busy_answers(reason),
-            );
-        }
-        let name = "authinfod_socket_connections_closed_total";
-        t.family(
-            name,
+        t.labelled(
+            "authinfod_socket_connections_closed_total",
             "counter",
             "Socket connections the daemon closed of its own accord, by reason.",
+            &["reason"],
+            Closed::ALL.map(|r| (r.label(), self.closed(r))),
         );
-        for reason in Closed::ALL {
-            t.sample(name, &[("reason", &reason.label())], self.closed(reason));
-        }
         t.single(
             "authinfod_socket_connections_open",
             "gauge",

@@ -484,32 +484,25 @@ pub fn render_metrics(view: &FleetView) -> String {
         "Terminals enrolled in the registry (the fleet view's terminals).",
         view.terminals.len(),
     );
-    let name = "authinfo_proxy_terminals";
-    text.family(
-        name,
+    text.labelled(
+        "authinfo_proxy_terminals",
         "gauge",
         "Terminals in each risk, by the risk's severity (a terminal counts once per risk it is in).",
+        &["risk", "severity"],
+        RiskKind::ALL.into_iter().flat_map(|kind| {
+            Severity::ALL.map(|severity| {
+                let n = counts.get(&(kind, severity)).copied().unwrap_or(0);
+                ((kind.as_str(), severity.as_str()), n)
+            })
+        }),
     );
-    for kind in RiskKind::ALL {
-        for severity in Severity::ALL {
-            let n = counts.get(&(kind, severity)).copied().unwrap_or(0);
-            text.sample(
-                name,
-                &[("risk", &kind.as_str()), ("severity", &severity.as_str())],
-                n,
-            );
-        }
-    }
-    let name = "authinfo_proxy_terminals_at_risk";
-    text.family(
-        name,
+    text.labelled(
+        "authinfo_proxy_terminals_at_risk",
         "gauge",
         "Terminals by the severity of their worst risk.",
+        &["severity"],
+        Severity::ALL.map(|s| (s.as_str(), worst.get(&s).copied().unwrap_or(0))),
     );
-    for severity in Severity::ALL {
-        let n = worst.get(&severity).copied().unwrap_or(0);
-        text.sample(name, &[("severity", &severity.as_str())], n);
-    }
     let name = "authinfo_proxy_terminal_report_age_seconds";
     text.family(
         name,
