@@ -1,8 +1,22 @@
-//! Helpers the unit tests of several modules share: a file written with a given mode, and
+//! Helpers the unit tests of several modules share: a path in a fresh folder, a file written
+//! with a given mode and a file's mode read back, and
 //! running the independent implementations (openssl, python3's cryptography) the known-answer
 //! tests compare with. Compiled for tests only.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A fresh temporary folder and the path of `name` in it; the folder goes when the guard drops.
+pub(crate) fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
+/// The permission bits of `path` (`0o600`).
+pub(crate) fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
 
 /// Writes `contents` to `path` and sets its mode to `mode` (whatever the umask).
 pub(crate) fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) {

@@ -159,21 +159,13 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), LabError> {
 
 /// The RSA keys of a lab: the sandbox's four and the device's. Generating them is the slow part
 /// of a lab; tests make one set and share it across their labs.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct LabKeys {
     pub wechat_merchant: GeneratedKey,
     pub wechat_platform: GeneratedKey,
     pub alipay_app: GeneratedKey,
     pub alipay_platform: GeneratedKey,
     pub device: GeneratedKey,
-}
-
-impl std::fmt::Debug for LabKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LabKeys")
-            .field("device", &self.device.public)
-            .finish_non_exhaustive()
-    }
 }
 
 impl LabKeys {
@@ -506,6 +498,7 @@ pub struct LabOptions<'a> {
 
 /// A running lab: sandbox, proxy, and a network cutter in front of the proxy. The daemon config
 /// is written; starting the daemon is the caller's (the demo, a test).
+#[derive(Debug)]
 pub struct Lab {
     pub files: LabFiles,
     pub sandbox: RunningSandbox,
@@ -516,14 +509,6 @@ pub struct Lab {
     pub proxy_config: PathBuf,
     /// The device's public key, as enrolled.
     pub device_public: crypto::RsaVerifier,
-}
-
-impl std::fmt::Debug for Lab {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lab")
-            .field("dir", &self.files.dir)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Lab {

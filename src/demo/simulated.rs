@@ -147,6 +147,7 @@ impl Profile {
 }
 
 /// One simulated terminal as enrolled.
+#[derive(Debug)]
 pub struct SimulatedTerminal {
     pub index: usize,
     /// `SIM-001`, ...
@@ -155,15 +156,6 @@ pub struct SimulatedTerminal {
     pub device_sn: String,
     pub profile: Profile,
     pub key: GeneratedKey,
-}
-
-impl std::fmt::Debug for SimulatedTerminal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimulatedTerminal")
-            .field("device_id", &self.device_id)
-            .field("profile", &self.profile)
-            .finish_non_exhaustive()
-    }
 }
 
 impl SimulatedTerminal {

@@ -376,6 +376,7 @@ pub struct SignedRequest {
 // === impl AliyunClient ===
 
 /// A client of one Alibaba Cloud RPC endpoint with one AccessKey.
+#[derive(Debug)]
 pub struct AliyunClient {
     endpoint: reqwest::Url,
     /// `host[:port]` as sent in `Host` and signed.
@@ -383,16 +384,6 @@ pub struct AliyunClient {
     access_key: AccessKey,
     scheme: SignatureScheme,
     http: reqwest::Client,
-}
-
-impl fmt::Debug for AliyunClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AliyunClient")
-            .field("endpoint", &self.endpoint.as_str())
-            .field("access_key", &self.access_key)
-            .field("scheme", &self.scheme)
-            .finish_non_exhaustive()
-    }
 }
 
 impl AliyunClient {

@@ -1501,8 +1501,7 @@ mod tests {
     /// listed beside it.
     #[test]
     fn a_public_key_without_its_id_names_the_missing_field() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("authinfo-proxy.toml");
+        let (_dir, path) = crate::test_support::temp_path("authinfo-proxy.toml");
         for (wechatpay, missing) in [
             (
                 "public_key = \"pub.pem\"",
@@ -1533,8 +1532,7 @@ mod tests {
     #[test]
     fn key_files_readable_by_others_are_refused_by_name() {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("apiclient_key.pem");
+        let (_dir, path) = crate::test_support::temp_path("apiclient_key.pem");
         crate::test_support::write_file(&path, "x", 0o640);
         let err = crate::config_file::check_private_file(&path)
             .unwrap_err()

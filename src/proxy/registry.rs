@@ -334,8 +334,7 @@ mod tests {
 
     #[test]
     fn a_bad_reload_keeps_the_old_registry() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("devices.toml");
+        let (_dir, path) = crate::test_support::temp_path("devices.toml");
         std::fs::write(&path, entry("T1", &key_pem(0), "")).expect("write");
         let shared = SharedRegistry::load(&path).expect("load");
         std::fs::write(&path, "[[device]]\nthis is not toml").expect("write");

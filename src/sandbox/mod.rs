@@ -372,7 +372,7 @@ fn issue_certificate(
 
 /// A platform certificate the simulated WeChat Pay publishes (`GET /v3/certificates`) and may
 /// sign its answers with.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SandboxCertificate {
     /// Upper-case hex, as WeChat Pay names it in `Wechatpay-Serial`.
     pub serial: String,
@@ -381,16 +381,6 @@ pub struct SandboxCertificate {
     pub not_before: i64,
     pub not_after: i64,
     signer: Arc<RsaSigner>,
-}
-
-impl std::fmt::Debug for SandboxCertificate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxCertificate")
-            .field("serial", &self.serial)
-            .field("not_before", &self.not_before)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
-    }
 }
 
 impl SandboxCertificate {

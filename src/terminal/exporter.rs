@@ -125,13 +125,11 @@ mod tests {
 
     #[test]
     fn the_textfile_is_replaced_whole_and_readable_by_the_collector() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("authinfod.prom");
+        let (dir, path) = crate::test_support::temp_path("authinfod.prom");
         write_textfile(&path, "a 1\n").expect("write");
         write_textfile(&path, "a 2\n").expect("rewrite");
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "a 2\n");
-        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        let mode = crate::test_support::mode_of(&path);
         assert_eq!(mode, 0o644);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .expect("dir")

@@ -175,15 +175,14 @@ pub fn enrolment_text(public: &RsaVerifier, device_id: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt as _;
+    use crate::test_support::mode_of as mode;
 
     #[test]
     fn keygen_writes_a_0600_key_ring_can_sign_with_and_refuses_to_overwrite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("device.key");
+        let (_dir, path) = crate::test_support::temp_path("device.key");
         let public = keygen(&path, false).expect("keygen");
         assert_eq!(
-            std::fs::metadata(&path).expect("meta").mode() & 0o777,
+            crate::test_support::mode_of(&path),
             0o600
         );
         let signer = crypto::RsaSigner::from_file(&path).expect("ring loads it");
@@ -199,17 +198,13 @@ mod tests {
         let replaced = keygen(&path, true).expect("forced");
         assert_ne!(replaced, public);
         assert_eq!(
-            std::fs::metadata(&path).expect("meta").mode() & 0o777,
+            crate::test_support::mode_of(&path),
             0o600
         );
         let text = enrolment_text(&replaced, Some("T9"));
         assert!(text.contains("device_id = \"T9\""));
         assert!(text.contains(&replaced.fingerprint()));
         assert!(!text.contains("PRIVATE"));
-    }
-
-    fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).expect("meta").mode() & 0o777
     }
 
     /// The README's plain-binary install: nothing has made /var/lib/authinfod yet.

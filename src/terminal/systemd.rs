@@ -191,8 +191,7 @@ mod tests {
 
     #[test]
     fn notifications_reach_the_notify_socket_and_absent_socket_is_a_no_op() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify");
+        let (_dir, path) = crate::test_support::temp_path("notify");
         let receiver = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
         let notifier = Notifier::new(Some(path.into_os_string()));
         assert!(notifier.enabled());

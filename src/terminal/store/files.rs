@@ -247,13 +247,12 @@ mod tests {
 
     #[test]
     fn an_atomic_write_replaces_the_file_whole_and_private() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("copy");
+        let (_dir, path) = crate::test_support::temp_path("copy");
         write_atomically(&path, b"one").expect("write");
         write_atomically(&path, b"two").expect("write");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
         assert_eq!(
-            std::fs::metadata(&path).expect("meta").mode() & 0o777,
+            crate::test_support::mode_of(&path),
             0o600
         );
         assert!(!temporary_name(&path).exists());
@@ -261,8 +260,7 @@ mod tests {
 
     #[test]
     fn markers_read_back_what_was_written() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("marker");
+        let (_dir, path) = crate::test_support::temp_path("marker");
         assert_eq!(read_marker(&path), Marker::Absent);
         write_marker(&path, 2);
         assert_eq!(read_marker(&path), Marker::Died { starts: 2 });

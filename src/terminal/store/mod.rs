@@ -968,11 +968,11 @@ mod tests {
         let (store, _) = Store::open(&state).expect("open");
         store.save_authinfo(&held("A", 1)).expect("save");
         assert_eq!(
-            std::fs::metadata(&state).expect("meta").mode() & 0o777,
+            crate::test_support::mode_of(&state),
             0o700
         );
         assert_eq!(
-            std::fs::metadata(store.copy_path()).expect("meta").mode() & 0o777,
+            crate::test_support::mode_of(&store.copy_path()),
             0o600
         );
         let mut files = 0;
