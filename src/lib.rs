@@ -85,6 +85,19 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// The exit codes both binaries share (sysexits.h where one fits); each binary's `cli` adds its
+/// own and says what each means for it.
+pub mod exit {
+    /// The command failed.
+    pub const FAILURE: u8 = 1;
+    /// clap's code for a usage error.
+    pub const USAGE: u8 = 2;
+    /// EX_UNAVAILABLE: the running daemon or proxy cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_CONFIG: the configuration (or a file it names) is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
 /// `Heading:` and one indented, aligned line per `(name, meaning)`: the binaries' `--help`
 /// footers (exit codes, environment), which their man pages show as sections.
 pub fn help_table<K: std::fmt::Display>(heading: &str, rows: &[(K, &str)]) -> String {

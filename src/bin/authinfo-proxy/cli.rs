@@ -10,17 +10,8 @@ use authinfod::help_table;
 use authinfod::proxy::config;
 use clap::{Parser, Subcommand};
 
-/// Exit codes (sysexits.h where one fits).
-pub mod exit {
-    /// The command failed.
-    pub const FAILURE: u8 = 1;
-    /// clap's code for a usage error.
-    pub const USAGE: u8 = 2;
-    /// EX_UNAVAILABLE: the running proxy cannot be reached.
-    pub const UNAVAILABLE: u8 = 69;
-    /// EX_CONFIG: the configuration (or a file it names) is invalid.
-    pub const CONFIG: u8 = 78;
-}
+/// Exit codes: the shared ones (sysexits.h where one fits).
+pub use authinfod::exit;
 
 /// Every exit code and what it means, for `--help` and the man page's EXIT STATUS.
 pub const EXIT_STATUS: &[(u8, &str)] = &[

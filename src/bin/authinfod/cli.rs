@@ -9,20 +9,13 @@ use authinfod::help_table;
 use authinfod::terminal::config;
 use clap::{Parser, Subcommand};
 
-/// Exit codes (sysexits.h where one fits).
+/// Exit codes: the shared ones (sysexits.h where one fits) and the daemon's own.
 pub mod exit {
-    /// The command failed.
-    pub const FAILURE: u8 = 1;
-    /// clap's code for a usage error.
-    pub const USAGE: u8 = 2;
+    pub use authinfod::exit::*;
     /// `get`: no authinfo is held, or only an expired one; `refresh --wait`: the refresh failed.
     pub const NO_AUTHINFO: u8 = 3;
-    /// EX_UNAVAILABLE: the daemon cannot be reached.
-    pub const UNAVAILABLE: u8 = 69;
     /// EX_TEMPFAIL: `refresh`: the daemon's forced-refresh limit holds it; try again later.
     pub const TEMPFAIL: u8 = 75;
-    /// EX_CONFIG: the configuration (or a file it names) is invalid.
-    pub const CONFIG: u8 = 78;
 }
 
 /// Every exit code and what it means, for `--help` and the man page's EXIT STATUS.
