@@ -58,31 +58,21 @@ impl Check {
 
 /// One check's stored record: the last good value and the last attempt's error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(bound(deserialize = "T: serde::de::DeserializeOwned"))]
+#[serde(default, bound(deserialize = "T: serde::de::DeserializeOwned"))]
 pub struct CheckRecord<T> {
     /// The last good answer.
-    #[serde(default = "none")]
     pub value: Option<T>,
     /// Unix seconds when `value` was fetched.
-    #[serde(default)]
     pub fetched_at: Option<i64>,
     /// Unix seconds of the last attempt.
-    #[serde(default)]
     pub last_attempt_at: Option<i64>,
     /// The last attempt's error, when it failed.
-    #[serde(default)]
     pub last_error: Option<String>,
     /// The last attempt's error code, when it failed: the platform's own (`DEVICE_NOT_EXIST`)
     /// when it answered, else the proxy's or the daemon's (`PROXY_UNREACHABLE`).
-    #[serde(default)]
     pub last_error_code: Option<String>,
     /// The proxy said this platform is not configured for the device.
-    #[serde(default)]
     pub not_configured: bool,
-}
-
-fn none<T>() -> Option<T> {
-    None
 }
 
 impl<T> Default for CheckRecord<T> {

@@ -259,16 +259,13 @@ pub struct ReportedAuthinfo {
 }
 
 /// The refresh loop in a [`Report`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReportedRefresh {
-    #[serde(default)]
     pub last_attempt_ok: Option<bool>,
     /// The last attempt's error code (`PROXY_UNREACHABLE`, `UPSTREAM_REJECTED`, ...).
-    #[serde(default)]
     pub last_error_code: Option<String>,
-    #[serde(default)]
     pub last_error_permanent: bool,
-    #[serde(default)]
     pub consecutive_failures: u32,
 }
 

@@ -18,6 +18,7 @@ use super::FleetView;
 use super::doc::{Summary, TerminalDoc, TerminalsPage, TerminalsQuery, short_age};
 use super::record::{RiskKind, Severity};
 use super::risk::licence_days_left;
+use crate::wire::ReportedCheck;
 
 /// How often the page reloads itself.
 pub const REFRESH_SECONDS: u32 = 30;
@@ -555,31 +556,21 @@ fn detail(h: &mut Html, t: &TerminalDoc) {
         );
         field(h, "store", Some(r.store.as_str().into()));
         field(h, "uptime", Some(short_age(r.uptime_seconds)));
-        field(
-            h,
-            "inspection",
-            Some(format!(
-                "{}{}",
-                r.inspection.state.as_str(),
-                r.inspection
-                    .value
-                    .map_or(String::new(), |v| format!(": {}", v.as_str()))
-            )),
-        );
-        field(
-            h,
-            "Alipay binding",
-            Some(format!(
-                "{}{}",
-                r.alipay_binding.state.as_str(),
-                r.alipay_binding
-                    .value
-                    .map_or(String::new(), |v| format!(": {}", v.as_str()))
-            )),
-        );
+        let inspection = check_text(&r.inspection, |v| v.as_str());
+        field(h, "inspection", Some(inspection));
+        let binding = check_text(&r.alipay_binding, |v| v.as_str());
+        field(h, "Alipay binding", Some(binding));
         field(h, "licence until", r.licence.value.clone());
     }
     h.raw("</dl></details>");
+}
+
+/// A reported check as `state`, or `state: value` when it holds one.
+fn check_text<T: Copy>(check: &ReportedCheck<T>, value: fn(T) -> &'static str) -> String {
+    match check.value {
+        Some(v) => format!("{}: {}", check.state.as_str(), value(v)),
+        None => check.state.as_str().to_owned(),
+    }
 }
 
 fn legend(h: &mut Html) {

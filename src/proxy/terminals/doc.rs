@@ -25,21 +25,16 @@ pub const MAX_PER_PAGE: usize = 1000;
 
 /// The query of `GET /terminals` (and of the dashboard's table).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TerminalsQuery {
     /// Only terminals in this risk.
-    #[serde(default)]
     pub risk: Option<RiskKind>,
     /// Only terminals whose worst risk is at least this severe.
-    #[serde(default)]
     pub severity: Option<Severity>,
     /// Only terminals at risk (a warning or worse).
-    #[serde(default)]
     pub at_risk: Option<bool>,
     /// 1-based.
-    #[serde(default)]
     pub page: Option<usize>,
-    #[serde(default)]
     pub per_page: Option<usize>,
 }
 

@@ -12,21 +12,17 @@ use crate::wire;
 
 /// The proxy's record of one enrolled terminal. Times are Unix seconds on the proxy's clock.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TerminalRecord {
     /// Its first authenticated request.
-    #[serde(default)]
     pub first_seen: Option<i64>,
     /// Its last authenticated request (any route).
-    #[serde(default)]
     pub last_seen: Option<i64>,
     /// The last authinfo this proxy handed it.
-    #[serde(default)]
     pub last_issued: Option<i64>,
     /// Its last report.
-    #[serde(default)]
     pub report: Option<ReceivedReport>,
     /// The risks last announced in the journal (entering and leaving are logged once each).
-    #[serde(default)]
     pub announced: Vec<Announced>,
 }
 
