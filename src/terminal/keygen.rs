@@ -181,10 +181,7 @@ mod tests {
     fn keygen_writes_a_0600_key_ring_can_sign_with_and_refuses_to_overwrite() {
         let (_dir, path) = crate::test_support::temp_path("device.key");
         let public = keygen(&path, false).expect("keygen");
-        assert_eq!(
-            crate::test_support::mode_of(&path),
-            0o600
-        );
+        assert_eq!(crate::test_support::mode_of(&path), 0o600);
         let signer = crypto::RsaSigner::from_file(&path).expect("ring loads it");
         assert_eq!(signer.public_key().expect("pub"), public);
         let sig = signer.sign(b"m").expect("sign");
@@ -197,10 +194,7 @@ mod tests {
             .expect("chmod");
         let replaced = keygen(&path, true).expect("forced");
         assert_ne!(replaced, public);
-        assert_eq!(
-            crate::test_support::mode_of(&path),
-            0o600
-        );
+        assert_eq!(crate::test_support::mode_of(&path), 0o600);
         let text = enrolment_text(&replaced, Some("T9"));
         assert!(text.contains("device_id = \"T9\""));
         assert!(text.contains(&replaced.fingerprint()));

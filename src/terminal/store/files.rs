@@ -251,10 +251,7 @@ mod tests {
         write_atomically(&path, b"one").expect("write");
         write_atomically(&path, b"two").expect("write");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
-        assert_eq!(
-            crate::test_support::mode_of(&path),
-            0o600
-        );
+        assert_eq!(crate::test_support::mode_of(&path), 0o600);
         assert!(!temporary_name(&path).exists());
     }
 
