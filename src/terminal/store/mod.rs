@@ -968,7 +968,7 @@ mod tests {
         let (store, _) = Store::open(&state).expect("open");
         store.save_authinfo(&held("A", 1)).expect("save");
         assert_eq!(crate::test_support::mode_of(&state), 0o700);
-        assert_eq!(crate::test_support::mode_of(&store.copy_path()), 0o600);
+        assert_eq!(crate::test_support::mode_of(store.copy_path()), 0o600);
         let mut files = 0;
         for entry in std::fs::read_dir(store.path()).expect("read_dir").flatten() {
             let meta = entry.metadata().expect("meta");
