@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use authinfod::crypto::{self, GeneratedKey, RsaSigner};
-use authinfod::demo::lab::{self, LabFiles, LabKeys, MerchantKeys, WechatVerification};
+use authinfod::demo::lab::{self, LabFiles, LabKeys, ProxyConfigSpec};
 use authinfod::proxy::{self as proxy_lib, RunningProxy};
 use authinfod::sandbox::RunningSandbox;
 use authinfod::units::unix_now;
@@ -335,14 +335,12 @@ impl Cluster {
             redis.url()
         );
         files
-            .write_proxy_config_with_keys(
+            .write_proxy_config(
                 &generated,
-                &sandbox_url,
-                "127.0.0.1:0",
-                "127.0.0.1:0",
-                &extra,
-                WechatVerification::PublicKey,
-                MerchantKeys::default(),
+                &ProxyConfigSpec {
+                    extra: &extra,
+                    ..ProxyConfigSpec::new(&sandbox_url)
+                },
             )
             .context("cannot write the proxy config")?;
         let sandbox = sandbox_runtime

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authinfod::crypto::RsaSigner;
-use authinfod::demo::lab::{self, DEVICE_ID, LabFiles, MerchantKeys, WechatVerification};
+use authinfod::demo::lab::{self, DEVICE_ID, LabFiles, ProxyConfigSpec};
 use authinfod::proxy::{self as proxy_lib, RunningProxy};
 use authinfod::sandbox::{RunningSandbox, World};
 use authinfod::units::unix_now;
@@ -75,14 +75,12 @@ impl ClusterLab {
             LEASE.as_secs()
         );
         files
-            .write_proxy_config_with_keys(
+            .write_proxy_config(
                 &generated,
-                &sandbox_url,
-                "127.0.0.1:0",
-                "127.0.0.1:0",
-                &cluster,
-                WechatVerification::PublicKey,
-                MerchantKeys::default(),
+                &ProxyConfigSpec {
+                    extra: &cluster,
+                    ..ProxyConfigSpec::new(&sandbox_url)
+                },
             )
             .expect("proxy config");
         let sandbox = lab::start_sandbox(

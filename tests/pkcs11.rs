@@ -381,16 +381,14 @@ fn wrong_pin_missing_token_missing_object_and_missing_module_exit_78() {
         .expect("registry");
     let wrong = hsm.uri("terminal", "device", &wrong_pin);
     let config = files
-        .write_proxy_config_with_keys(
+        .write_proxy_config(
             &generated,
-            "https://127.0.0.1:9",
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            "",
-            lab::WechatVerification::PublicKey,
-            MerchantKeys {
-                wechat_merchant: &wrong,
-                ..MerchantKeys::default()
+            &lab::ProxyConfigSpec {
+                keys: MerchantKeys {
+                    wechat_merchant: &wrong,
+                    ..MerchantKeys::default()
+                },
+                ..lab::ProxyConfigSpec::new("https://127.0.0.1:9")
             },
         )
         .expect("proxy config");

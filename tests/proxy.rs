@@ -1491,11 +1491,11 @@ fn check_config_passes_the_lab_config_and_refuses_a_key_readable_by_others_by_na
     let config = files
         .write_proxy_config(
             &generated,
-            "https://127.0.0.1:8600",
-            "127.0.0.1:8443",
-            "127.0.0.1:9464",
-            "",
-            lab::WechatVerification::PublicKey,
+            &lab::ProxyConfigSpec {
+                listen: "127.0.0.1:8443",
+                admin_listen: "127.0.0.1:9464",
+                ..lab::ProxyConfigSpec::new("https://127.0.0.1:8600")
+            },
         )
         .expect("config");
     let check = || {

@@ -319,42 +319,23 @@ impl LabFiles {
         Ok(path)
     }
 
-    /// Writes `authinfo-proxy.toml` for a proxy on `listen` / `admin_listen` whose three
-    /// platforms are the sandbox at `sandbox_url`, WeChat Pay's answers verified as
-    /// `verification` says, followed by `extra` TOML.
+    /// Writes `authinfo-proxy.toml` for a proxy as `spec` says: on its `listen` /
+    /// `admin_listen`, its three platforms the sandbox at its `sandbox_url`, WeChat Pay's
+    /// answers verified as its `verification` says, its merchant keys where its `keys` say,
+    /// followed by its `extra` TOML.
     pub fn write_proxy_config(
         &self,
         generated: &GeneratedLab,
-        sandbox_url: &str,
-        listen: &str,
-        admin_listen: &str,
-        extra: &str,
-        verification: WechatVerification,
+        spec: &ProxyConfigSpec<'_>,
     ) -> Result<PathBuf, LabError> {
-        self.write_proxy_config_with_keys(
-            generated,
+        let ProxyConfigSpec {
             sandbox_url,
             listen,
             admin_listen,
             extra,
             verification,
-            MerchantKeys::default(),
-        )
-    }
-
-    /// [`write_proxy_config`](Self::write_proxy_config) with the merchant's private keys where
-    /// `keys` says (a PKCS#11 token's, say).
-    #[allow(clippy::too_many_arguments)]
-    pub fn write_proxy_config_with_keys(
-        &self,
-        generated: &GeneratedLab,
-        sandbox_url: &str,
-        listen: &str,
-        admin_listen: &str,
-        extra: &str,
-        verification: WechatVerification,
-        keys: MerchantKeys<'_>,
-    ) -> Result<PathBuf, LabError> {
+            keys,
+        } = *spec;
         let path = self.path("authinfo-proxy.toml");
         let k = &generated.sandbox_keys;
         let verification = match verification {
@@ -444,6 +425,33 @@ pub fn start_sandbox(
 ) -> Result<RunningSandbox, LabError> {
     let tls = Arc::new(crate::tls::server_config_generated(pki)?);
     sandbox::start(listener, Some(tls), SandboxState::new(keys, world)).map_err(LabError::Listen)
+}
+
+/// What [`LabFiles::write_proxy_config`] writes a proxy config for: the sandbox's URL, and what
+/// [`ProxyConfigSpec::new`] defaults (both listeners on a free loopback port, no extra TOML,
+/// WeChat Pay's public key, the lab's key files).
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyConfigSpec<'a> {
+    pub sandbox_url: &'a str,
+    pub listen: &'a str,
+    pub admin_listen: &'a str,
+    pub extra: &'a str,
+    pub verification: WechatVerification,
+    pub keys: MerchantKeys<'a>,
+}
+
+impl<'a> ProxyConfigSpec<'a> {
+    /// A proxy of the sandbox at `sandbox_url`, with the defaults.
+    pub fn new(sandbox_url: &'a str) -> Self {
+        Self {
+            sandbox_url,
+            listen: "127.0.0.1:0",
+            admin_listen: "127.0.0.1:0",
+            extra: "",
+            verification: WechatVerification::default(),
+            keys: MerchantKeys::default(),
+        }
+    }
 }
 
 /// How the lab's proxy verifies WeChat Pay's answers.
@@ -575,15 +583,15 @@ impl Lab {
                 .map_err(LabError::Listen)?
                 .port()
         );
-        let proxy_config = files.write_proxy_config_with_keys(
-            &generated,
-            &sandbox_url,
-            &SocketAddr::new(proxy_host, 0).to_string(),
-            "127.0.0.1:0",
-            proxy_extra,
-            wechat,
-            merchant_keys,
-        )?;
+        let listen = SocketAddr::new(proxy_host, 0).to_string();
+        let spec = ProxyConfigSpec {
+            listen: &listen,
+            extra: proxy_extra,
+            verification: wechat,
+            keys: merchant_keys,
+            ..ProxyConfigSpec::new(&sandbox_url)
+        };
+        let proxy_config = files.write_proxy_config(&generated, &spec)?;
         let device_public = generated.device_public.clone();
         let sandbox = start_sandbox(
             generated.sandbox_keys,
@@ -744,14 +752,12 @@ impl StandaloneSandbox {
             dir: options.dir.clone(),
         };
         files.write_registry_with(&generated.device_public, &simulated)?;
-        let proxy_config = files.write_proxy_config(
-            &generated,
-            &sandbox_url,
-            &options.proxy_listen,
-            &options.admin_listen,
-            "",
-            WechatVerification::PublicKey,
-        )?;
+        let spec = ProxyConfigSpec {
+            listen: &options.proxy_listen,
+            admin_listen: &options.admin_listen,
+            ..ProxyConfigSpec::new(&sandbox_url)
+        };
+        let proxy_config = files.write_proxy_config(&generated, &spec)?;
         let daemon_config =
             files.write_daemon_config(&format!("https://{}", options.proxy_listen), "")?;
         let mut world = World {

@@ -88,22 +88,36 @@ async fn run_in(
         DAEMON_EXTRA,
     )
     .await?;
-    story.say(&format!(
-        "  sandbox (WeChat Pay, Alipay, Alibaba Cloud)  {}   verifies the proxy's signatures like the real platforms",
-        lab.sandbox.base_url
-    ))?;
-    story.say(&format!(
-        "  authinfo-proxy                              https://{}   holds the merchant keys, authenticates the terminal",
-        lab.proxy.addr
-    ))?;
-    story.say(&format!(
-        "  authinfo-proxy admin listener               http://{}/   the fleet dashboard; GET /terminals is its JSON",
-        lab.proxy.admin_addr
-    ))?;
-    story.say(&format!(
-        "  network between terminal and proxy          127.0.0.1:{}   (a relay the demo can cut)",
-        lab.net.addr.port()
-    ))?;
+    let parts = [
+        (
+            "sandbox (WeChat Pay, Alipay, Alibaba Cloud)",
+            lab.sandbox.base_url.clone(),
+            "verifies the proxy's signatures like the real platforms",
+        ),
+        (
+            "authinfo-proxy",
+            format!("https://{}", lab.proxy.addr),
+            "holds the merchant keys, authenticates the terminal",
+        ),
+        (
+            "authinfo-proxy admin listener",
+            format!("http://{}/", lab.proxy.admin_addr),
+            "the fleet dashboard; GET /terminals is its JSON",
+        ),
+        (
+            "network between terminal and proxy",
+            format!("127.0.0.1:{}", lab.net.addr.port()),
+            "(a relay the demo can cut)",
+        ),
+    ];
+    let width = parts
+        .iter()
+        .map(|(name, _, _)| name.len())
+        .max()
+        .unwrap_or(0);
+    for (name, address, what) in &parts {
+        story.say(&format!("  {name:<width$}  {address}   {what}"))?;
+    }
     story.say(&format!("  configs and keys in {}", dir.display()))?;
 
     story.step("Starting authinfod (the terminal daemon)")?;

@@ -21,7 +21,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, on};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use serde_json::json;
@@ -48,26 +48,17 @@ enum SimulatorError {
     Header(&'static str),
 }
 
-/// The simulator's routes.
+/// The simulator's routes: one per [`Endpoint`].
 pub fn router(state: Arc<SandboxState>) -> Router {
-    Router::new()
-        .route(
-            "/v3/offlineface/authinfo",
-            post(|s, m, u, h, b| handle(Endpoint::Authinfo, s, m, u, h, b)),
-        )
-        .route(
-            "/v3/iotmanage/device-inspections/{device_sn}",
-            get(|s, m, u, h, b| handle(Endpoint::Inspection, s, m, u, h, b)),
-        )
-        .route(
-            "/v3/iotmanage/devices",
-            get(|s, m, u, h, b| handle(Endpoint::Devices, s, m, u, h, b)),
-        )
-        .route(
-            "/v3/certificates",
-            get(|s, m, u, h, b| handle(Endpoint::Certificates, s, m, u, h, b)),
-        )
-        .with_state(state)
+    let mut router = Router::new();
+    for endpoint in Endpoint::ALL {
+        let (method, path) = endpoint.route();
+        router = router.route(
+            path,
+            on(method, move |s, m, u, h, b| handle(endpoint, s, m, u, h, b)),
+        );
+    }
+    router.with_state(state)
 }
 
 /// A received request, as the signature check needs it.
@@ -84,6 +75,28 @@ enum Endpoint {
     Inspection,
     Devices,
     Certificates,
+}
+
+impl Endpoint {
+    const ALL: [Self; 4] = [
+        Self::Authinfo,
+        Self::Inspection,
+        Self::Devices,
+        Self::Certificates,
+    ];
+
+    /// Its method and path (in axum's syntax).
+    fn route(self) -> (MethodFilter, &'static str) {
+        match self {
+            Self::Authinfo => (MethodFilter::POST, "/v3/offlineface/authinfo"),
+            Self::Inspection => (
+                MethodFilter::GET,
+                "/v3/iotmanage/device-inspections/{device_sn}",
+            ),
+            Self::Devices => (MethodFilter::GET, "/v3/iotmanage/devices"),
+            Self::Certificates => (MethodFilter::GET, "/v3/certificates"),
+        }
+    }
 }
 
 /// Every route reads the same parts and goes through [`serve`].
