@@ -106,15 +106,14 @@ impl ProxyMetrics {
             &["route", "status", "outcome"],
             lock(&self.requests).iter(),
         );
-        let auth_failures = lock(&self.auth_failures);
         t.labelled(
             "authinfo_proxy_auth_failures_total",
             "counter",
             "Refused terminal authentications (signature, skew, replay, unknown device) by reason.",
             &["reason"],
-            auth_failures
+            lock(&self.auth_failures)
                 .iter()
-                .map(|(code, n)| (code.to_ascii_lowercase(), n)),
+                .map(|(code, n)| (code.to_ascii_lowercase(), *n)),
         );
         t.labelled(
             "authinfo_proxy_rate_limited_total",
