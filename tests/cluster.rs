@@ -18,7 +18,7 @@ use authinfod::proxy::{self as proxy_lib, RunningProxy};
 use authinfod::sandbox::{RunningSandbox, World};
 use authinfod::units::unix_now;
 use authinfod::wire::auth::DeviceSigner;
-use authinfod::wire::codes;
+use authinfod::wire::{ErrorBody, codes};
 use tokio::time::Instant;
 
 use crate::proxy::{ProxyConnection, assert_refused, authinfo_body};
@@ -205,21 +205,35 @@ async fn send(
         .await
 }
 
-/// [`send`], which must be served (200); `what` says which request, when it is not.
+/// Signs `POST /v1/authinfo` for `raw` now ([`signed_authinfo`]) and sends it to the replica at
+/// `addr`, which must serve it (200; `what` says which request, when it is not). Returns the
+/// request, to replay.
 async fn send_served(
     files: &LabFiles,
     addr: SocketAddr,
-    body: &[u8],
-    authorization: &str,
+    device: &DeviceSigner,
+    raw: &str,
     what: &str,
-) {
-    let reply = send(files, addr, body, authorization).await;
+) -> (Vec<u8>, String) {
+    let (body, authorization) = signed_authinfo(device, raw);
+    let reply = send(files, addr, &body, &authorization).await;
     assert_eq!(
         reply.status,
         200,
         "{what}: {}",
         String::from_utf8_lossy(&reply.body)
     );
+    (body, authorization)
+}
+
+/// Sends `request` again, to the replica at `addr`: refused as a replay (401 REPLAYED_NONCE).
+async fn assert_replayed(
+    files: &LabFiles,
+    addr: SocketAddr,
+    (body, authorization): &(Vec<u8>, String),
+) -> ErrorBody {
+    let reply = send(files, addr, body, authorization).await;
+    assert_refused(&reply, 401, codes::REPLAYED_NONCE)
 }
 
 /// One admin call over plain HTTP/1.0: (status, body).
@@ -263,31 +277,21 @@ async fn a_nonce_used_at_one_replica_is_refused_at_every_other_and_reaches_the_p
         lab.replica("c").await,
     ];
     let device = lab.device();
-    let (body, authorization) = signed_authinfo(&device, "RAW-1");
-    send_served(
+    let used = send_served(
         &lab.files,
         replicas[0].addr,
-        &body,
-        &authorization,
+        &device,
+        "RAW-1",
         "the first use",
     )
     .await;
     for replica in &replicas[1..] {
-        let again = send(&lab.files, replica.addr, &body, &authorization).await;
-        let refusal = assert_refused(&again, 401, codes::REPLAYED_NONCE);
+        let refusal = assert_replayed(&lab.files, replica.addr, &used).await;
         assert!(!refusal.retryable);
     }
     assert_eq!(lab.authinfo_calls(), 1, "only the first use was forwarded");
     for replica in &replicas[1..] {
-        let (body, authorization) = signed_authinfo(&device, "RAW-2");
-        send_served(
-            &lab.files,
-            replica.addr,
-            &body,
-            &authorization,
-            "signed afresh",
-        )
-        .await;
+        send_served(&lab.files, replica.addr, &device, "RAW-2", "signed afresh").await;
     }
     assert_eq!(lab.authinfo_calls(), 3);
     // The nonce is in Redis under the merchant's prefix, with the window's expiry; no secret is.
@@ -438,15 +442,8 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
     .await;
     let syncs_before = lab.list_calls();
     let device = lab.device();
-    let (used_body, used_authorization) = signed_authinfo(&device, "RAW-1");
-    send_served(
-        &lab.files,
-        a.addr,
-        &used_body,
-        &used_authorization,
-        "the first use",
-    )
-    .await;
+    let (used_body, used_authorization) =
+        send_served(&lab.files, a.addr, &device, "RAW-1", "the first use").await;
 
     lab.redis.stop();
     let (body, authorization) = signed_authinfo(&device, "RAW-2");
@@ -507,17 +504,15 @@ async fn with_redis_down_requests_get_a_retryable_503_and_everything_recovers_wh
     assert!(refusal.message.contains("restarted empty"), "{refusal:?}");
     // Signed in a later second than the epoch: admitted.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (body, authorization) = signed_authinfo(&device, "RAW-4");
-    send_served(
+    let used = send_served(
         &lab.files,
         a.addr,
-        &body,
-        &authorization,
+        &device,
+        "RAW-4",
         "signed after the restart",
     )
     .await;
-    let replay = send(&lab.files, b.addr, &body, &authorization).await;
-    assert_refused(&replay, 401, codes::REPLAYED_NONCE);
+    assert_replayed(&lab.files, b.addr, &used).await;
     // The shared list was lost with Redis: the lease holder pages it again, once.
     let keys = || async {
         lab.redis
@@ -615,17 +610,8 @@ async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_with
 
     let good = lab.replica("good").await;
     let device = lab.device();
-    let (body, authorization) = signed_authinfo(&device, "RAW-1");
-    send_served(
-        &lab.files,
-        good.addr,
-        &body,
-        &authorization,
-        "the first use",
-    )
-    .await;
-    let replay = send(&lab.files, good.addr, &body, &authorization).await;
-    assert_refused(&replay, 401, codes::REPLAYED_NONCE);
+    let used = send_served(&lab.files, good.addr, &device, "RAW-1", "the first use").await;
+    assert_replayed(&lab.files, good.addr, &used).await;
     let keys = lab
         .redis
         .command_as("authinfo", password, &["KEYS", "*"])
@@ -869,30 +855,27 @@ async fn binary_the_example_haproxy_config_passes_tls_through_to_the_replicas() 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut served = 0;
     for i in 0..6 {
-        let (body, authorization) = signed_authinfo(&device, &format!("RAW-{i}"));
-        send_served(
+        let used = send_served(
             &lab.files,
             front,
-            &body,
-            &authorization,
+            &device,
+            &format!("RAW-{i}"),
             "through the load balancer",
         )
         .await;
         served += 1;
         if i == 5 {
-            let replay = send(&lab.files, front, &body, &authorization).await;
-            assert_refused(&replay, 401, codes::REPLAYED_NONCE);
+            assert_replayed(&lab.files, front, &used).await;
         }
     }
     assert_eq!(lab.authinfo_calls(), served);
     a.stop().await;
     for i in 0..4 {
-        let (body, authorization) = signed_authinfo(&device, &format!("AFTER-{i}"));
         send_served(
             &lab.files,
             front,
-            &body,
-            &authorization,
+            &device,
+            &format!("AFTER-{i}"),
             "with one replica stopped",
         )
         .await;
