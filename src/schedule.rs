@@ -10,8 +10,9 @@
 //!
 //! The doubling (`backoff_min` to `backoff_max`, full jitter) covers a blip. Once it has reached
 //! `backoff_max` and [`OUTAGE_FAILURES`] attempts in a row have failed, the failure is an
-//! outage, and a loop that holds a valid authinfo waits for a share of its runway instead ([`RUNWAY_SHARE`], at least a second, at most one interval),
-//! drawn like the interval (up to `jitter` early, never late). A fleet that failed for an hour
+//! outage, and a loop that holds a valid authinfo waits for a share of its runway instead
+//! ([`RUNWAY_SHARE`], at least a second, at most one interval), drawn like the interval (up to
+//! `jitter` early, never late). A fleet that failed for an hour
 //! then comes back spread over its runways, not within `backoff_max` of the proxy's return
 //! (`benches/fleet_sim.rs` measures it). A retry never waits past that share of the runway,
 //! so a terminal near expiry retries sooner than `backoff_max`, and it is left with at least
@@ -76,17 +77,20 @@ impl Schedule {
         )
     }
 
-    /// The ceiling after `failures` with `runway`, whether it is a wait for the runway's share
-    /// (in an outage: the doubling at `backoff_max` after at least [`OUTAGE_FAILURES`], while
-    /// something valid is held), and that share.
-    fn plan(&self, failures: u32, runway: Option<Duration>) -> (Duration, bool, Option<Duration>) {
+    /// What `failures` and `runway` make of the next wait.
+    fn plan(&self, failures: u32, runway: Option<Duration>) -> Plan {
         let doubling = self.backoff_ceiling(failures);
         let share = self.runway_share(runway);
-        let outage = failures >= OUTAGE_FAILURES && doubling >= self.backoff_max;
-        match share {
-            None => (doubling, false, None),
-            Some(share) if outage => (share, true, Some(share)),
-            Some(share) => (doubling.min(share), false, Some(share)),
+        let outage = share.is_some() && failures >= OUTAGE_FAILURES && doubling >= self.backoff_max;
+        let ceiling = match share {
+            None => doubling,
+            Some(share) if outage => share,
+            Some(share) => doubling.min(share),
+        };
+        Plan {
+            ceiling,
+            outage,
+            share,
         }
     }
 
@@ -97,7 +101,7 @@ impl Schedule {
     /// runway, at most one interval (or `backoff_max` if longer). Without a runway it is
     /// [`Self::backoff_ceiling`].
     pub fn runway_ceiling(&self, failures: u32, runway: Option<Duration>) -> Duration {
-        self.plan(failures, runway).0
+        self.plan(failures, runway).ceiling
     }
 
     /// The wait before retrying: full jitter (uniform in [0, ceiling)), but never less than a
@@ -122,18 +126,30 @@ impl Schedule {
         runway: Option<Duration>,
         unit: f64,
     ) -> Duration {
-        let (ceiling, outage, share) = self.plan(failures, runway);
-        let jittered = if outage {
-            ceiling.mul_f64(1.0 - self.jitter * unit)
+        let plan = self.plan(failures, runway);
+        let jittered = if plan.outage {
+            plan.ceiling.mul_f64(1.0 - self.jitter * unit)
         } else {
-            ceiling.mul_f64(unit)
+            plan.ceiling.mul_f64(unit)
         };
-        let most = share.map_or(self.interval, |share| share.min(self.interval));
+        let most = plan
+            .share
+            .map_or(self.interval, |share| share.min(self.interval));
         match retry_after {
             Some(after) => jittered.max(after.min(most)),
             None => jittered,
         }
     }
+}
+
+/// The next wait's ceiling; whether it is an outage's wait for the runway's share (the doubling
+/// at `backoff_max` after at least [`OUTAGE_FAILURES`], while something valid is held); and that
+/// share, when there is a runway.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    ceiling: Duration,
+    outage: bool,
+    share: Option<Duration>,
 }
 
 /// A loop's consecutive failures and what they make it wait: the one backoff the refresh loop,
