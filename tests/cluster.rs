@@ -561,7 +561,7 @@ async fn a_replica_reaches_a_tls_redis_with_a_user_and_password_and_refuses_with
     let password = "correct horse battery staple";
     let password_file = write("redis-password", &format!("{password}\n"), 0o600);
     let wrong_password_file = write("wrong-password", "hunter2\n", 0o600);
-    let tls_port = crate::support::redis::free_port();
+    let tls_port = crate::support::free_port();
     let args = [
         "--tls-port",
         &tls_port.to_string(),
@@ -748,11 +748,7 @@ struct ReplicaProcess {
 
 impl ReplicaProcess {
     async fn start(lab: &ClusterLab, name: &str) -> Self {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-        };
+        let free = || SocketAddr::from(([127, 0, 0, 1], crate::support::free_port()));
         let (listen, admin) = (free(), free());
         let config = lab.replica_config(name, &listen.to_string(), &admin.to_string());
         let log =
@@ -802,9 +798,7 @@ async fn binary_the_example_haproxy_config_passes_tls_through_to_the_replicas() 
     let lab = ClusterLab::start(lab::world(0, 45), "[fleet]\nenabled = false\n").await;
     let a = lab.replica("a").await;
     let b = lab.replica("b").await;
-    let front = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let front = SocketAddr::from(([127, 0, 0, 1], crate::support::free_port()));
     let text = std::fs::read_to_string(example).expect("example");
     let mut config = String::new();
     for line in text.lines() {

@@ -761,10 +761,7 @@ async fn the_sandbox_simulates_terminals_reporting_assorted_risks() {
     use authinfod::demo::lab::{StandaloneOptions, StandaloneSandbox};
     let (logs, _guard) = capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let proxy_port = crate::support::free_port();
     let options = StandaloneOptions {
         listen: "127.0.0.1:0".into(),
         proxy_listen: format!("127.0.0.1:{proxy_port}"),

@@ -21,6 +21,15 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
+/// A free loopback port, for a server the test starts that must be told its port (Redis, a
+/// replica process, a load balancer's front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// One device key for every test in this binary (generation is the slow part).
 pub fn device_key() -> &'static GeneratedKey {
     static KEY: OnceLock<GeneratedKey> = OnceLock::new();

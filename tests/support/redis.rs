@@ -19,14 +19,6 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-/// A free loopback port (for a test's own listeners: Redis's TLS port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 impl RedisServer {
     /// Starts one on a free port under `dir`.
     pub async fn start(dir: &Path) -> Self {
@@ -36,7 +28,7 @@ impl RedisServer {
     /// Starts one on a free port under `dir` with `extra` arguments.
     pub async fn start_with(dir: &Path, extra: Vec<String>) -> Self {
         let mut server = Self {
-            port: free_port(),
+            port: super::free_port(),
             dir: dir.to_owned(),
             extra,
             child: None,
