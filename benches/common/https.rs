@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use authinfod::wire::ROUTE_AUTHINFO;
 use authinfod::wire::auth::DeviceSigner;
+use authinfod::wire::{AuthinfoResponse, ErrorBody, ROUTE_AUTHINFO};
 use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
@@ -133,11 +133,10 @@ pub async fn post(
 
 /// The authinfo in a 200 answer's body, if there is one.
 pub fn authinfo_of(body: &[u8]) -> Option<String> {
-    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-    doc.get("authinfo")?
-        .as_str()
+    serde_json::from_slice::<AuthinfoResponse>(body)
+        .ok()
+        .map(|answer| answer.authinfo)
         .filter(|a| !a.is_empty())
-        .map(str::to_owned)
 }
 
 /// Sends one `POST /v1/authinfo` of `body` signed now by `device` and returns its authinfo;
@@ -163,10 +162,8 @@ pub async fn check(target: &Target, device: &DeviceSigner, body: Bytes) -> anyho
 
 /// The proxy's error code in a refusal's body.
 pub fn code_of(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|doc| doc.get("code")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "(no code)".to_owned())
+    serde_json::from_slice::<ErrorBody>(body)
+        .map_or_else(|_| "(no code)".to_owned(), |refusal| refusal.code)
 }
 
 /// What one connection saw in a timed run.
